@@ -1,0 +1,98 @@
+"""Masked grouped-query attention and the key/value cache it reads and writes.
+
+Axes: B batch, T query positions, S key slots, N query heads, K key/value heads,
+G query heads per key/value head (N = K * G), H head_dim, L layers.
+
+Cache layout (preallocated, one array per K and V, layers stacked first so the
+layer scan slices it like the parameters):
+
+  k, v    [L, B, S, K, H]  key/value vectors per slot
+  valid   [B, S]           the slot holds a real (non-padding) token
+  index   [B]              the next slot each row writes
+  lengths [B]              real tokens seen so far = the next position id
+
+Rows advance independently (`index` is per row), which lets a scheduler fill a
+freed row with a new request while the others keep decoding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    k: jnp.ndarray  # [L, B, S, K, H]
+    v: jnp.ndarray  # [L, B, S, K, H]
+    valid: jnp.ndarray  # [B, S] bool
+    index: jnp.ndarray  # [B] int32
+    lengths: jnp.ndarray  # [B] int32
+
+    @classmethod
+    def zeros(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32):
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((batch,), jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def write_rows(cache_layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """Write new [B, T, ...] into cache_layer [B, S, ...] at slot index[b] of each row."""
+
+    def one_row(row, update, start):
+        starts = (start,) + (0,) * (row.ndim - 1)
+        return jax.lax.dynamic_update_slice(row, update.astype(row.dtype), starts)
+
+    return jax.vmap(one_row)(cache_layer, new, index)
+
+
+def attention_mask(
+    query_slots: jnp.ndarray,
+    key_valid: jnp.ndarray,
+    sliding_window: int | None = None,
+) -> jnp.ndarray:
+    """Which keys each query may see: [B, T, S] bool.
+
+    Args:
+      query_slots: [B, T] slot of each query token (queries see slots <= their own).
+      key_valid: [B, S] slots holding real tokens.
+      sliding_window: if set, a query sees only the last `sliding_window` slots.
+    """
+    key_slots = jnp.arange(key_valid.shape[1])  # [S]
+    allowed = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
+    if sliding_window is not None:
+        allowed &= query_slots[:, :, None] - key_slots[None, None, :] < sliding_window
+    return allowed
+
+
+def grouped_query_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention with K key/value heads shared by groups of query heads.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k, v: [B, S, K, H] keys and values.
+      allowed: [B, T, S] mask from `attention_mask`.
+    Returns:
+      [B, T, N, H] attended values, in q's dtype. Scores and softmax are float32.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    # A fully masked row (a padding query) gets uniform weights; zero it instead.
+    probs = jnp.where(allowed.any(-1)[:, None, None, :, None], probs, 0.0)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v)
+    return out.reshape(b, t, n, h)

@@ -1,0 +1,251 @@
+"""A Llama-family causal decoder as pure functions over a parameter pytree.
+
+Covers Llama 2/3, Mistral, Qwen2 (biased q/k/v) and SmolLM2: RMSNorm, RoPE with
+scaling, grouped-query attention, SwiGLU, tied or untied embeddings.
+
+Glossary of axes (one letter each in einsums):
+  B batch            T query positions     S key slots (cache length)
+  D embed (model)    F mlp hidden          V vocabulary
+  N query heads      K key/value heads     H head_dim
+  L layers (stacked, scanned)
+
+Parameters (logical axes in brackets; `layers` leaves are stacked over L):
+  embed                    [vocab, embed]
+  layers/attn_norm         [layers, norm]
+  layers/q/kernel          [layers, embed, heads, head_dim]     (+ bias [layers, heads, head_dim])
+  layers/k/kernel          [layers, embed, kv_heads, head_dim]  (+ bias)
+  layers/v/kernel          [layers, embed, kv_heads, head_dim]  (+ bias)
+  layers/o/kernel          [layers, heads, head_dim, embed]     (+ bias [layers, embed])
+  layers/mlp_norm          [layers, norm]
+  layers/gate/kernel       [layers, embed, mlp]
+  layers/up/kernel         [layers, embed, mlp]
+  layers/down/kernel       [layers, mlp, embed]
+  final_norm               [norm]
+  lm_head/kernel           [embed, vocab]   (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from compress.models import attention as attn
+from compress.models.linear import dense
+from compress.models.rope import RopeScaling, apply_rope, inverse_frequencies, rope_tables
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Shape and numerics of a decoder. Field names follow the glossary above."""
+
+    vocab_size: int = 256  # V
+    embed_dim: int = 64  # D, the residual stream width
+    mlp_dim: int = 128  # F, the SwiGLU hidden width
+    num_layers: int = 2  # L
+    num_heads: int = 4  # N
+    num_kv_heads: int = 2  # K; N must be a multiple of K
+    head_dim: int = 16  # H
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    sliding_window: int | None = None  # Mistral v0.1 style local attention
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    o_bias: bool = False  # Llama with attention_bias=True
+    mlp_bias: bool = False
+    architecture: str = "llama"  # one of ARCHITECTURES; decides the export format
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    param_dtype: str = "float32"  # storage dtype of parameters
+    dtype: str = "float32"  # compute dtype of activations (logits are always float32)
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {', '.join(DTYPES)}")
+
+
+class ParamSpec(NamedTuple):
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str  # 'normal', 'ones' or 'zeros'
+
+
+def param_specs(c: DecoderConfig) -> dict[str, Any]:
+    """The parameter tree's shapes, logical axes and initialisers, from the config alone."""
+    L, D, F, V, N, K, H = c.num_layers, c.embed_dim, c.mlp_dim, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim
+
+    def proj(shape, axes, bias_shape=None, bias_axes=None, with_bias=False):
+        p = {"kernel": ParamSpec(shape, axes, "normal")}
+        if with_bias:
+            p["bias"] = ParamSpec(bias_shape, bias_axes, "zeros")
+        return p
+
+    layers = {
+        "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "q": proj((L, D, N, H), ("layers", "embed", "heads", "head_dim"), (L, N, H), ("layers", "heads", "head_dim"), c.qkv_bias),
+        "k": proj((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), (L, K, H), ("layers", "kv_heads", "head_dim"), c.qkv_bias),
+        "v": proj((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), (L, K, H), ("layers", "kv_heads", "head_dim"), c.qkv_bias),
+        "o": proj((L, N, H, D), ("layers", "heads", "head_dim", "embed"), (L, D), ("layers", "embed"), c.o_bias),
+        "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+        "gate": proj((L, D, F), ("layers", "embed", "mlp"), (L, F), ("layers", "mlp"), c.mlp_bias),
+        "up": proj((L, D, F), ("layers", "embed", "mlp"), (L, F), ("layers", "mlp"), c.mlp_bias),
+        "down": proj((L, F, D), ("layers", "mlp", "embed"), (L, D), ("layers", "embed"), c.mlp_bias),
+    }
+    specs = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
+        "layers": layers,
+        "final_norm": ParamSpec((D,), ("norm",), "ones"),
+    }
+    if not c.tie_word_embeddings:
+        specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), "normal")}
+    return specs
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(c: DecoderConfig) -> dict[str, Any]:
+    """Logical axis names of every parameter, in the parameter tree's structure."""
+    return jax.tree.map(lambda s: s.axes, param_specs(c), is_leaf=_is_spec)
+
+
+def param_shapes(c: DecoderConfig) -> dict[str, Any]:
+    """jax.ShapeDtypeStruct of every parameter (no memory allocated)."""
+    dtype = DTYPES[c.param_dtype]
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(c), is_leaf=_is_spec)
+
+
+def init_params(c: DecoderConfig, rng: jax.Array, scale: float = 0.02) -> dict[str, Any]:
+    """Random parameters (normal(0, scale) matrices, unit norms, zero biases).
+
+    To create them already sharded, jit this with `out_shardings`.
+    """
+    specs = param_specs(c)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(rng, len(leaves))
+    dtype = DTYPES[c.param_dtype]
+
+    def make(spec, key):
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, dtype)
+        return (scale * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+
+
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """RMSNorm over the last axis, normalised in float32 and scaled in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class DecoderOutput(NamedTuple):
+    logits: jnp.ndarray  # [B, T, V] float32
+    cache: attn.KVCache | None  # the updated cache when one was passed in
+    hidden_states: jnp.ndarray | None  # [L+1, B, T, D] residual stream after embedding and each layer
+
+
+def init_cache(c: DecoderConfig, batch: int, max_len: int, dtype=None) -> attn.KVCache:
+    """An empty key/value cache of `max_len` slots per row."""
+    return attn.KVCache.zeros(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype or DTYPES[c.dtype])
+
+
+def forward(
+    params: dict[str, Any],
+    tokens: jnp.ndarray,
+    config: DecoderConfig,
+    *,
+    attention_mask: jnp.ndarray | None = None,
+    cache: attn.KVCache | None = None,
+    return_hidden: bool = False,
+) -> DecoderOutput:
+    """Run the decoder.
+
+    Args:
+      params: the parameter tree described in the module docstring.
+      tokens: [B, T] int token ids.
+      config: the model's DecoderConfig.
+      attention_mask: [B, T] 1 for real tokens, 0 for padding (left padding for batches
+        of different lengths). Defaults to all ones.
+      cache: a KVCache to append to; without one the T tokens attend among themselves.
+      return_hidden: also return the residual stream after every layer (for distillation).
+
+    Returns:
+      DecoderOutput with float32 logits [B, T, V], the updated cache (or None) and the
+      hidden states (or None).
+    """
+    c = config
+    dtype = DTYPES[c.dtype]
+    b, t = tokens.shape
+    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+
+    if cache is None:
+        start = jnp.zeros((b,), jnp.int32)
+        past = jnp.zeros((b,), jnp.int32)
+        key_valid = mask  # [B, S=T]
+    else:
+        start, past = cache.index, cache.lengths
+        key_valid = attn.write_rows(cache.valid, mask, start)  # [B, S]
+    positions = past[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
+    query_slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    allowed = attn.attention_mask(query_slots, key_valid, c.sliding_window)  # [B, T, S]
+    inv_freq, attention_factor = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+    cos, sin = rope_tables(positions, inv_freq, attention_factor)  # [B, T, H]
+
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
+
+    def block(x, layer):
+        p, cache_k, cache_v = layer
+        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        q = apply_rope(dense(p["q"], h, "BTD,DNH->BTNH"), cos, sin)  # [B, T, N, H]
+        k = apply_rope(dense(p["k"], h, "BTD,DKH->BTKH"), cos, sin)  # [B, T, K, H]
+        v = dense(p["v"], h, "BTD,DKH->BTKH")  # [B, T, K, H]
+        if cache_k is not None:
+            cache_k = attn.write_rows(cache_k, k, start)  # [B, S, K, H]
+            cache_v = attn.write_rows(cache_v, v, start)
+            k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+        y = attn.grouped_query_attention(q, k, v, allowed)  # [B, T, N, H]
+        x = x + dense(p["o"], y, "BTNH,NHD->BTD")
+        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+        gate = jax.nn.silu(dense(p["gate"], h, "BTD,DF->BTF"))  # [B, T, F]
+        x = x + dense(p["down"], gate * dense(p["up"], h, "BTD,DF->BTF"), "BTF,FD->BTD")
+        return x, (cache_k, cache_v, x if return_hidden else None)
+
+    cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
+    x_embedded = x
+    x, (new_k, new_v, hidden) = jax.lax.scan(block, x, (params["layers"], *cache_kv))
+
+    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+    if c.tie_word_embeddings:
+        logits = jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(dtype), preferred_element_type=jnp.float32)
+    else:
+        logits = dense(params["lm_head"], x, "BTD,DV->BTV").astype(jnp.float32)
+
+    new_cache = None
+    if cache is not None:
+        new_cache = attn.KVCache(
+            k=new_k,
+            v=new_v,
+            valid=key_valid,
+            index=cache.index + t,
+            lengths=cache.lengths + mask.sum(axis=1).astype(jnp.int32),
+        )
+    hidden_states = jnp.concatenate([x_embedded[None], hidden], axis=0) if return_hidden else None
+    return DecoderOutput(logits.astype(jnp.float32), new_cache, hidden_states)
