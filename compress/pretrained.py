@@ -1,0 +1,58 @@
+"""Load a decoder (config, sharded parameters, tokenizer) from a name, directory or GGUF file."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jax.sharding import Mesh
+
+from compress.formats import gguf_decoder, hf_decoder
+from compress.formats.gguf_file import GGUFFile
+from compress.formats.safetensors_file import SafetensorsSet
+from compress.models import decoder
+from compress.placement import materialize
+from compress.registry import ModelLocation, resolve
+
+
+@dataclasses.dataclass
+class Pretrained:
+    config: decoder.DecoderConfig
+    params: Any
+    tokenizer: Any  # a transformers tokenizer (chat template included when the model has one)
+    location: ModelLocation
+
+
+def load_decoder(
+    name_or_path: str,
+    *,
+    mesh: Mesh | None = None,
+    param_dtype: str = "float32",
+    dtype: str = "float32",
+    with_tokenizer: bool = True,
+) -> Pretrained:
+    """Load a decoder with each parameter placed directly onto its sharding on `mesh`.
+
+    Args:
+      name_or_path: a bundled name (`press models`), a Hugging Face directory or a .gguf file.
+      mesh: a (data, fsdp, tensor) mesh from `compress.sharding.make_mesh`; default one device.
+      param_dtype, dtype: storage and compute dtypes ('float32', 'bfloat16', 'float16').
+    """
+    location = resolve(name_or_path)
+    if location.format == "gguf":
+        source = GGUFFile(location.path)
+        config = gguf_decoder.config_from_gguf(source)
+        recipes = gguf_decoder.decoder_recipes(config, permuted_qk=config.architecture in ("llama", "mistral"))
+        tokenizer = gguf_decoder.load_tokenizer(location.path) if with_tokenizer else None
+    else:
+        source = SafetensorsSet(location.path)
+        config = hf_decoder.read_config(location.path)
+        recipes, _ = hf_decoder.decoder_recipes(config)
+        tokenizer = None
+        if with_tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(location.path)
+    config = dataclasses.replace(config, param_dtype=param_dtype, dtype=dtype)
+    params = materialize(recipes, source, decoder.param_shapes(config), decoder.param_axes(config), mesh)
+    return Pretrained(config, params, tokenizer, location)
