@@ -13,6 +13,7 @@ from compress.formats.safetensors_file import SafetensorsSet
 from compress.models import decoder
 from compress.placement import materialize
 from compress.registry import ModelLocation, resolve
+from compress.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -43,16 +44,11 @@ def load_decoder(
         source = GGUFFile(location.path)
         config = gguf_decoder.config_from_gguf(source)
         recipes = gguf_decoder.decoder_recipes(config, permuted_qk=config.architecture in ("llama", "mistral"))
-        tokenizer = gguf_decoder.load_tokenizer(location.path) if with_tokenizer else None
     else:
         source = SafetensorsSet(location.path)
         config = hf_decoder.read_config(location.path)
         recipes, _ = hf_decoder.decoder_recipes(config)
-        tokenizer = None
-        if with_tokenizer:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(location.path)
+    tokenizer = load_tokenizer(location) if with_tokenizer else None
     config = dataclasses.replace(config, param_dtype=param_dtype, dtype=dtype)
     params = materialize(recipes, source, decoder.param_shapes(config), decoder.param_axes(config), mesh)
     return Pretrained(config, params, tokenizer, location)

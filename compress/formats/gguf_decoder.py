@@ -7,7 +7,6 @@ those rows are permuted back on import.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -119,13 +118,3 @@ def decoder_recipes(c: DecoderConfig, permuted_qk: bool) -> dict[str, Any]:
     if not c.tie_word_embeddings:
         recipes["lm_head"] = {"kernel": Recipe("output.weight", lambda w: w.T)}
     return recipes
-
-
-def load_tokenizer(path: str):
-    """The Hugging Face tokenizer (with chat template) that transformers builds from GGUF metadata."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    except Exception as e:  # noqa: BLE001
-        raise FormatError(f"{path}: cannot build a tokenizer from the GGUF metadata: {e}") from e

@@ -1,0 +1,105 @@
+"""The real bundled SmolLM2-135M-Instruct (GGUF Q4_1) against transformers on the same file."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compress.formats import hf_decoder
+from compress.models import decoder
+from compress.pretrained import load_decoder
+from compress.registry import resolve
+from serve.generate import GreedyDecoder
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "In 1905, Albert Einstein published four papers that",
+    "Ingredients: 2 cups of flour, 1 cup of sugar,",
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve("smollm2-135m-instruct").path
+    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return load_decoder("smollm2-135m-instruct"), ref.eval()
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text)["input_ids"]
+
+
+def test_logits_match_transformers(models):
+    import torch
+
+    ours, ref = models
+    for prompt in PROMPTS:
+        ids = np.asarray([_ids(ours.tokenizer, prompt)])
+        with torch.no_grad():
+            expected = ref(torch.tensor(ids)).logits.numpy()
+        got = np.asarray(decoder.forward(ours.params, jnp.asarray(ids), ours.config).logits)
+        relative = np.abs(got - expected).max() / np.abs(expected).max()
+        assert relative <= 1e-3, (prompt, relative)
+        np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_greedy_continuation_equals_transformers_generate(models):
+    import torch
+
+    ours, ref = models
+    tok = ours.tokenizer
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    chat = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompts = [chat, PROMPTS[2]]
+    gen = GreedyDecoder(ours.params, ours.config)
+    for prompt in prompts:
+        ids = _ids(tok, prompt)
+        with torch.no_grad():
+            expected = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        got = gen.generate([ids], max_new_tokens=32, eos_ids=ours.config.eos_token_ids)[0]
+        assert got.token_ids == expected, (tok.decode(got.token_ids), tok.decode(expected))
+        assert len(got.token_ids) == 32 and got.finish_reason == "length"
+
+
+def test_left_padded_batch_generates_like_single_prompts(models):
+    ours, _ = models
+    gen = GreedyDecoder(ours.params, ours.config)
+    prompts = [_ids(ours.tokenizer, p) for p in PROMPTS[:3]]
+    batched = gen.generate(prompts, max_new_tokens=12)
+    for prompt, together in zip(prompts, batched):
+        assert together.token_ids == gen.generate([prompt], max_new_tokens=12)[0].token_ids
+
+
+def test_chat_stops_at_end_of_turn(models):
+    ours, _ = models
+    tok = ours.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    out = GreedyDecoder(ours.params, ours.config).generate([ids], 48, eos_ids=ours.config.eos_token_ids)[0]
+    assert out.finish_reason == "stop"
+    assert "Paris" in tok.decode(out.token_ids)
+
+
+def test_export_to_hf_directory_gives_the_same_logits(models, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ours, _ = models
+    hf_decoder.export(ours.params, ours.config, str(tmp_path), tokenizer=ours.tokenizer)
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = np.asarray([_ids(ours.tokenizer, PROMPTS[0])])
+    with torch.no_grad():
+        expected = exported(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(decoder.forward(ours.params, jnp.asarray(ids), ours.config).logits)
+    assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-4
+    # The tokenizer and chat template travel with the export.
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == ours.tokenizer.chat_template
