@@ -10,16 +10,18 @@ logical axis is split over. Mesh axes:
 
 Logical axes:
 
-  batch     examples in a batch            -> (data, fsdp)
-  seq       token positions                -> replicated
-  layers    stacked transformer blocks     -> replicated (scanned over)
-  vocab     vocabulary rows/columns        -> tensor
-  embed     the residual stream width      -> fsdp
-  mlp       feed-forward hidden width      -> tensor
-  heads     query heads                    -> tensor
-  kv_heads  key/value heads                -> tensor
-  head_dim  width of one head              -> replicated
-  norm      scale vectors of norms         -> replicated
+  batch        examples in a batch            -> (data, fsdp)
+  seq          token positions                -> replicated
+  layers       stacked transformer blocks     -> replicated (scanned over)
+  vocab        vocabulary rows/columns        -> tensor
+  embed        the residual stream width      -> fsdp
+  mlp          feed-forward hidden width      -> tensor
+  heads        query heads                    -> tensor
+  kv_heads     key/value heads                -> tensor
+  head_dim     width of one head              -> replicated
+  norm         norm scales and biases         -> replicated
+  positions    position-embedding rows        -> replicated (BERT; small, looked up)
+  token_types  token-type-embedding rows      -> replicated (BERT's segments)
 
 A dimension whose size the chosen mesh axes do not divide is replicated
 instead (SmolLM2 has 3 KV heads; a tensor axis of 2 cannot split them).
@@ -48,6 +50,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("positions", None),
+    ("token_types", None),
 )
 
 Axes = tuple[str | None, ...]
