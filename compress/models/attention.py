@@ -97,12 +97,41 @@ def grouped_query_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allo
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
-    # Prefill: repeating K/V to every query head gives XLA plain batched matmuls, which
-    # run about twice as fast on CPU as the grouped 5-D contraction.
-    k = jnp.repeat(k, n // kv_heads, axis=2)  # [B, S, N, H]
-    v = jnp.repeat(v, n // kv_heads, axis=2)
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+    # Prefill: K/V repeated to every query head and heads moved ahead of positions give
+    # XLA plain [B*N] batched matmuls (about twice as fast on CPU as the grouped 5-D form).
+    q, k, v = _heads_first(q, k, v)  # [B, N, T, H], [B, N, S, H]
+    return _softmax_attention(q, k, v, allowed).transpose(0, 2, 1, 3)  # [B, T, N, H]
+
+
+def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray, block: int = 256):
+    """`grouped_query_attention` when queries and keys are the same T positions (no cache).
+
+    Causality leaves the upper triangle of the scores unused; query block i attends only
+    to keys up to its own end, skipping that work (25% of it at two blocks, 44% at eight).
+    Returns [B, T, N, H].
+    """
+    t = q.shape[1]
+    if t != k.shape[1] or t < 2 * block or t % block:
+        return grouped_query_attention(q, k, v, allowed)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    q, k, v = _heads_first(q, k, v)
+    blocks = [
+        _softmax_attention(q[:, :, s : s + block], k[:, :, : s + block], v[:, :, : s + block], allowed[:, s : s + block, : s + block])
+        for s in range(0, t, block)
+    ]  # each [B, N, block, H]
+    return jnp.concatenate(blocks, axis=2).transpose(0, 2, 1, 3)
+
+
+def _heads_first(q, k, v):
+    """[B, T, N, H] and [B, S, K, H] -> [B, N, T, H] and K/V repeated to [B, N, S, H]."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(x, groups, axis=2).transpose(0, 2, 1, 3) for x in (k, v))
+    return q.transpose(0, 2, 1, 3), k, v
+
+
+def _softmax_attention(q, k, v, allowed):
+    """q [B, N, T, H] (already scaled), k/v [B, N, S, H], allowed [B, T, S] -> [B, N, T, H]."""
+    scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(allowed[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
-
+    return jnp.einsum("BNTS,BNSH->BNTH", probs, v)

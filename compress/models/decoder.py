@@ -221,7 +221,10 @@ def forward(
             cache_k = attn.write_rows(cache_k, k, start)  # [B, S, K, H]
             cache_v = attn.write_rows(cache_v, v, start)
             k, v = cache_k.astype(dtype), cache_v.astype(dtype)
-        y = attn.grouped_query_attention(q, k, v, allowed)  # [B, T, N, H]
+        if cache_k is None:
+            y = attn.causal_attention(q, k, v, allowed)  # [B, T, N, H]
+        else:
+            y = attn.grouped_query_attention(q, k, v, allowed)
         x = x + dense(p["o"], y, "BTNH,NHD->BTD")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         gate = jax.nn.silu(dense(p["gate"], h, "BTD,DF->BTF"))  # [B, T, F]
