@@ -23,13 +23,13 @@ class Generation:
     token_ids: list[int]  # generated tokens, the stopping EOS excluded
     finish_reason: str  # 'stop' (an EOS token) or 'length' (max_new_tokens reached)
     prompt_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
+    prefill_seconds: float  # includes compilation on a new shape
+    decode_seconds: float  # decode steps after the first (which may compile)
+    decode_steps: int  # the steps timed in decode_seconds
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = max(len(self.token_ids) - 1, 0)  # the first token comes from the prefill
-        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else float("nan")
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -96,7 +96,7 @@ class GreedyDecoder:
         outputs: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, bool)
         finish = ["length"] * batch
-        start = time.perf_counter()
+        start, timed_steps = None, 0
         for i in range(max_new_tokens):
             for row in range(batch):
                 if done[row]:
@@ -112,7 +112,11 @@ class GreedyDecoder:
                 break
             token, cache = self._step(self.params, token, cache)
             token_host = np.asarray(token)
-        decode_seconds = time.perf_counter() - start
+            if start is None:  # time from the end of the first step: it compiles on a new shape
+                start = time.perf_counter()
+            else:
+                timed_steps += 1
+        decode_seconds = time.perf_counter() - start if start is not None else 0.0
         return [
-            Generation(outputs[r], finish[r], len(prompts[r]), prefill_seconds, decode_seconds) for r in range(batch)
+            Generation(outputs[r], finish[r], len(prompts[r]), prefill_seconds, decode_seconds, timed_steps) for r in range(batch)
         ]
