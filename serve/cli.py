@@ -38,76 +38,59 @@ def _generate_config(args: argparse.Namespace) -> GenerateConfig:
         overrides.append(_quoted("system", args.system))
     if args.chat:
         overrides.append("chat=true")
-    if args.max_new_tokens is not None:
-        overrides.append(f"max_new_tokens={args.max_new_tokens}")
+    for flag in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"sampling.{flag}={getattr(args, flag)}")
+    if args.stop:
+        overrides.append(_quoted("sampling.stop", args.stop))
     config = cfg.load(GenerateConfig, args.config, [*overrides, *args.overrides])
     if not config.prompt:
         raise cfg.ConfigError("prompt is empty: pass --prompt TEXT (or prompt=... / a config file)")
     return config
 
 
-def prompt_ids(tokenizer, prompt: str, *, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids of a plain prompt, or of a user message in the model's chat template."""
-    if not chat:
-        return tokenizer(prompt)["input_ids"]
-    if not getattr(tokenizer, "chat_template", None):
-        raise FormatError("this model's tokenizer has no chat template; run without --chat")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def run_generate(config: GenerateConfig, *, as_json: bool, out=None) -> dict:
-    out = out or sys.stdout
     import time
 
-    from compress.pretrained import load_decoder
-    from serve.generate import GreedyDecoder
+    from serve.engine import Engine
 
+    out = out or sys.stdout
     start = time.perf_counter()
-    model = load_decoder(config.model.name, param_dtype=config.model.param_dtype, dtype=config.model.dtype)
+    m = config.model
+    engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=1, max_seq_len=config.max_seq_len)
     load_seconds = time.perf_counter() - start
-    tok = model.tokenizer
-    ids = prompt_ids(tok, config.prompt, chat=config.chat, system=config.system)
-
-    streamed: list[int] = []
-    printed = [0]
-
-    def on_token(_row: int, token: int) -> None:
-        # Print the newly completed text; decoding the whole tail keeps multi-token characters whole.
-        streamed.append(token)
-        text = tok.decode(streamed, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            out.write(text[printed[0] :])
-            out.flush()
-            printed[0] = len(text)
-
-    stream = config.stream and not as_json
-    result = GreedyDecoder(model.params, model.config).generate(
-        [ids], config.max_new_tokens, eos_ids=model.config.eos_token_ids, on_token=on_token if stream else None
-    )[0]
-    text = tok.decode(result.token_ids, skip_special_tokens=True)
+    prompt = config.prompt
+    if config.chat:
+        prompt = ([{"role": "system", "content": config.system}] if config.system else []) + [
+            {"role": "user", "content": config.prompt}
+        ]
+    with engine:
+        request = engine.submit(prompt, config.sampling)
+        if config.stream and not as_json:
+            for delta in request.deltas():
+                out.write(delta)
+                out.flush()
+        result = request.result()
+    if result.finish_reason == "error":
+        raise ValueError(result.error)
     report = {
-        "model": config.model.name,
-        "text": text,
+        "model": m.name,
+        "text": result.text,
         "token_ids": result.token_ids,
-        "prompt_tokens": result.prompt_tokens,
+        "prompt_tokens": len(result.prompt_token_ids),
         "generated_tokens": len(result.token_ids),
         "finish_reason": result.finish_reason,
         "load_seconds": round(load_seconds, 3),
-        "prefill_seconds": round(result.prefill_seconds, 3),
+        "time_to_first_token": round(result.time_to_first_token, 3),
         "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
     }
     if as_json:
         out.write(json.dumps(report) + "\n")
     else:
-        if stream:
-            out.write(text[printed[0] :] + "\n")
-        else:
-            out.write(text + "\n")
+        out.write(("" if config.stream else result.text) + "\n")
         sys.stderr.write(
-            f"[{len(result.token_ids)} tokens, {result.finish_reason}; prompt {result.prompt_tokens} tokens "
-            f"prefilled in {result.prefill_seconds:.2f} s (compile included); "
+            f"[{len(result.token_ids)} tokens, {result.finish_reason}; prompt {len(result.prompt_token_ids)} tokens; "
+            f"first token after {result.time_to_first_token:.2f} s (compilation included on a first run); "
             f"decode {result.decode_tokens_per_second:.1f} tokens/s; load {load_seconds:.1f} s]\n"
         )
     return report
@@ -138,13 +121,18 @@ def parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list bundled models and supported architectures")
     models.add_argument("--json", action="store_true", help="print one JSON object")
 
-    gen = sub.add_parser("generate", help="greedy-decode one prompt with a KV cache")
+    gen = sub.add_parser("generate", help="generate from one prompt (greedy unless --temperature)")
     gen.add_argument("--config", help="a YAML file of GenerateConfig values (see configs/)")
     gen.add_argument("--model", help="bundled name, Hugging Face directory or .gguf file")
     gen.add_argument("--prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--system", help="system message (with --chat)")
     gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--temperature", type=float, help="0 (default) is greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="a string that ends the text (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings)")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
     return p

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from serve.sampling import SamplingParams
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -17,17 +19,16 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateConfig:
-    """`press generate`: greedy decoding of one prompt with a KV cache."""
+    """`press generate`: one prompt through the engine (greedy unless sampling says otherwise)."""
 
     model: ModelConfig = ModelConfig()
     prompt: str = ""
     chat: bool = False  # wrap the prompt as a user message in the model's chat template
     system: str | None = None  # an optional system message (with chat)
-    max_new_tokens: int = 128
+    sampling: SamplingParams = SamplingParams()
+    max_seq_len: int = 2048  # KV-cache slots (prompt + new tokens), capped by the model's context
     stream: bool = True  # print text as it is generated (ignored with --json)
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.system is not None and not self.chat:
             raise ValueError("system is a chat message; set chat=true to use it")

@@ -31,9 +31,10 @@ def no_loading(monkeypatch):
     "argv, expected",
     [
         (["generate", "--prompt", "hi", "model.dtyp=bfloat16"], "did you mean 'model.dtype'"),
-        (["generate", "--prompt", "hi", "max_new_tokens=many"], "max_new_tokens"),
+        (["generate", "--prompt", "hi", "sampling.max_new_tokens=many"], "max_new_tokens"),
+        (["generate", "--prompt", "hi", "--top-p", "1.5"], "top_p"),
         (["generate", "--prompt", "hi", "model.dtype=float8"], "float32"),
-        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "at least 1"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
         (["generate", "--prompt", "hi", "--system", "be brief"], "chat=true"),
         (["generate"], "prompt is empty"),
         (["generate", "--config", "configs/missing.yaml", "--prompt", "hi"], "configs/missing.yaml"),
@@ -56,21 +57,27 @@ def test_shipped_configs_load():
     from serve.jobs import GenerateConfig
 
     demo = cfg.load(GenerateConfig, "configs/demo.yaml")
-    assert demo.chat and demo.model.name == "smollm2-135m-instruct"
+    assert demo.chat and demo.model.name == "smollm2-135m-instruct" and demo.sampling.greedy
     assert cfg.load(GenerateConfig, "configs/generate.yaml", ['prompt="x: y"']).prompt == "x: y"
 
 
 @pytest.mark.slow
-def test_generate_json_matches_greedy_decoder(capsys):
-    from compress.pretrained import load_decoder
-    from serve.generate import GreedyDecoder
+def test_generate_json_matches_the_engine(capsys):
+    from serve.engine import Engine
+    from serve.sampling import SamplingParams
 
-    assert cli.main(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "12", "--json"]) == 0
+    argv = ["generate", "--prompt", "The capital of France is", "--max-new-tokens", "12", "--json"]
+    assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    model = load_decoder("smollm2-135m-instruct")
-    ids = model.tokenizer("The capital of France is")["input_ids"]
-    want = GreedyDecoder(model.params, model.config).generate([ids], 12, eos_ids=model.config.eos_token_ids)[0]
-    assert report["token_ids"] == want.token_ids
-    assert report["text"] == model.tokenizer.decode(want.token_ids, skip_special_tokens=True)
-    assert report["generated_tokens"] == len(want.token_ids) and report["prompt_tokens"] == len(ids)
+    with Engine.from_pretrained("smollm2-135m-instruct", max_slots=1, max_seq_len=256) as engine:
+        want = engine.generate("The capital of France is", SamplingParams(max_new_tokens=12))[0]
+    assert report["token_ids"] == want.token_ids and report["text"] == want.text
+    assert report["generated_tokens"] == len(want.token_ids) and report["prompt_tokens"] == len(want.prompt_token_ids)
     assert report["decode_tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_generate_streams_chat_text(capsys):
+    assert cli.main(["generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "40"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out and "tokens/s" in captured.err

@@ -10,7 +10,6 @@ from compress.formats import hf_decoder
 from compress.models import decoder
 from compress.pretrained import load_decoder
 from compress.registry import resolve
-from serve.generate import GreedyDecoder
 
 pytestmark = pytest.mark.slow
 
@@ -48,43 +47,6 @@ def test_logits_match_transformers(models):
         relative = np.abs(got - expected).max() / np.abs(expected).max()
         assert relative <= 1e-3, (prompt, relative)
         np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
-
-
-def test_greedy_continuation_equals_transformers_generate(models):
-    import torch
-
-    ours, ref = models
-    tok = ours.tokenizer
-    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
-    chat = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompts = [chat, PROMPTS[2]]
-    gen = GreedyDecoder(ours.params, ours.config)
-    for prompt in prompts:
-        ids = _ids(tok, prompt)
-        with torch.no_grad():
-            expected = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
-        got = gen.generate([ids], max_new_tokens=32, eos_ids=ours.config.eos_token_ids)[0]
-        assert got.token_ids == expected, (tok.decode(got.token_ids), tok.decode(expected))
-        assert len(got.token_ids) == 32 and got.finish_reason == "length"
-
-
-def test_left_padded_batch_generates_like_single_prompts(models):
-    ours, _ = models
-    gen = GreedyDecoder(ours.params, ours.config)
-    prompts = [_ids(ours.tokenizer, p) for p in PROMPTS[:3]]
-    batched = gen.generate(prompts, max_new_tokens=12)
-    for prompt, together in zip(prompts, batched):
-        assert together.token_ids == gen.generate([prompt], max_new_tokens=12)[0].token_ids
-
-
-def test_chat_stops_at_end_of_turn(models):
-    ours, _ = models
-    tok = ours.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    out = GreedyDecoder(ours.params, ours.config).generate([ids], 48, eos_ids=ours.config.eos_token_ids)[0]
-    assert out.finish_reason == "stop"
-    assert "Paris" in tok.decode(out.token_ids)
 
 
 def test_export_to_hf_directory_gives_the_same_logits(models, tmp_path):

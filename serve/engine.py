@@ -1,0 +1,497 @@
+"""The serving engine: jitted prefill and decode over a preallocated KV cache, with continuous batching.
+
+  engine = Engine.from_pretrained("smollm2-135m-instruct", max_slots=8)
+  outputs = engine.generate(["Hello", [{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=32))
+  for delta in engine.stream("Once upon a time", SamplingParams(temperature=0.8, seed=1)):
+      print(delta, end="")
+
+Cache layout: one `KVCache` (compress/models/attention.py) of `max_slots` rows and
+`max_seq_len` slots per row, k/v [L, slots, S, K, H], allocated once, sharded over the mesh
+like the activations (rows over data x fsdp, KV heads over tensor) and donated to every
+step so it is updated in place. A request owns one row from its prefill to its end.
+
+Shapes are bucketed so a new prompt never recompiles:
+  - prefill runs one request at a time, its prompt left-padded to a power of two >= 16;
+  - decode runs the rows [0, Bb) and the slots [0, Sb) in use, Bb and Sb powers of two,
+    so short sequences do not pay for the longest possible context. Freed rows are
+    reused lowest first, which keeps Bb small.
+
+Scheduling (continuous batching): a background thread loops; each turn it prefills waiting
+requests into free rows, then runs one decode step for all active rows. A finished row is
+freed at once and a waiting request is prefilled into it on the next turn, so one long
+request never holds a batch of short ones hostage. Requests with different sampling
+settings share a step (serve/sampling.py samples row by row).
+
+Compiled programs persist across processes in JAX's compilation cache (under the press
+cache directory unless the user has configured one), so a second start does not compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compress import sharding as shd
+from compress.models import decoder
+from compress.models.attention import KVCache
+from serve.sampling import SamplingParams, sample
+
+Prompt = str | Sequence[dict] | Sequence[int]  # text, chat messages, or token ids
+MIN_PREFILL_BUCKET = 16
+MIN_SEQ_BUCKET = 64
+
+
+def power_of_two_at_least(n: int, minimum: int = 1) -> int:
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Point JAX's persistent compilation cache at `directory` unless the user already set one."""
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    from compress.tokenizer import cache_root
+
+    directory = directory or os.path.join(cache_root(), "jax-compilation")
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """The result of one request. Times are seconds; finish_reason is 'stop', 'length' or 'error'."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    error: str | None = None
+    queued_seconds: float = 0.0  # from submit to the start of its prefill
+    time_to_first_token: float = 0.0  # from submit to the first token
+    total_seconds: float = 0.0  # from submit to the end
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        decode = self.total_seconds - self.time_to_first_token
+        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else float("nan")
+
+
+class Request:
+    """A submitted request: iterate `deltas()` for streamed text, or wait on `result()`."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int):
+        self.id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seed = seed
+        self.token_ids: list[int] = []
+        self.text = ""
+        self._emitted = 0  # characters of text already streamed
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self.output: RequestOutput | None = None
+        self.submitted = time.perf_counter()
+        self.started = self.first_token = None
+
+    def deltas(self) -> Iterator[str]:
+        """Yield text as it is generated, until the request finishes."""
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return self.output
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # --- engine side
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self._events.put(text)
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        now = time.perf_counter()
+        self.output = RequestOutput(
+            self.id,
+            self.prompt_ids,
+            self.text,
+            list(self.token_ids),
+            reason,
+            error,
+            queued_seconds=(self.started or now) - self.submitted,
+            time_to_first_token=(self.first_token or now) - self.submitted,
+            total_seconds=now - self.submitted,
+        )
+        self._events.put(None)
+        self._done.set()
+
+
+class Engine:
+    """Continuous-batching generation for one decoder. Thread-safe: submit from any thread."""
+
+    def __init__(
+        self,
+        params: Any,
+        config: decoder.DecoderConfig,
+        tokenizer,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        max_slots: int = 8,
+        max_seq_len: int | None = None,
+        name: str = "model",
+        compilation_cache: bool = True,
+    ):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be at least 1, got {max_slots}")
+        self.params, self.config, self.tokenizer, self.name = params, config, tokenizer, name
+        self.max_slots = max_slots
+        self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
+        self.eos_ids = frozenset(int(e) for e in config.eos_token_ids)
+        self.mesh = mesh
+        if compilation_cache:
+            enable_compilation_cache()
+        self._cache = self._new_cache()
+        self._prefill_insert = jax.jit(self._prefill_insert_fn, donate_argnums=1)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=(8, 9))
+        self._slots: list[Request | None] = [None] * max_slots
+        self._next_token = np.zeros(max_slots, np.int32)  # the token each row feeds next
+        self._index = np.zeros(max_slots, np.int64)  # mirror of cache.index (next write slot per row)
+        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._counter = itertools.count()
+        self.stats = {"prefills": 0, "decode_steps": 0, "generated_tokens": 0}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str = "float32",
+        param_dtype: str | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        **kwargs,
+    ) -> Engine:
+        """Load a bundled name, Hugging Face directory or GGUF file (see `press models`)."""
+        from compress.pretrained import load_decoder
+
+        model = load_decoder(name_or_path, mesh=mesh, param_dtype=param_dtype or dtype, dtype=dtype)
+        return cls(model.params, model.config, model.tokenizer, mesh=mesh, name=name_or_path, **kwargs)
+
+    # --- the compiled steps
+
+    def _new_cache(self) -> KVCache:
+        cache = decoder.init_cache(self.config, self.max_slots, self.max_seq_len)
+        if self.mesh is None:
+            return cache
+        axes = KVCache(
+            k=("layers", "batch", "seq", "kv_heads", "head_dim"),
+            v=("layers", "batch", "seq", "kv_heads", "head_dim"),
+            valid=("batch", "seq"),
+            index=("batch",),
+            lengths=("batch",),
+        )
+        shardings = shd.tree_shardings(self.mesh, axes, cache)
+        return jax.device_put(cache, shardings)
+
+    def _prefill_insert_fn(self, params, cache, tokens, mask, slot, seed, temperature, top_k, top_p):
+        """Prefill one left-padded prompt [1, T] and write its K/V into row `slot` of the cache."""
+        t = tokens.shape[1]
+        fresh = decoder.init_cache(self.config, 1, t, cache.k.dtype)
+        out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh)
+        first = sample(out.logits[:, -1], seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
+        new = out.cache
+        row_valid = jnp.zeros((1, cache.max_len), bool).at[:, :t].set(new.valid)
+        cache = KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, new.k, (0, slot, 0, 0, 0)),
+            v=jax.lax.dynamic_update_slice(cache.v, new.v, (0, slot, 0, 0, 0)),
+            valid=jax.lax.dynamic_update_slice(cache.valid, row_valid, (slot, 0)),
+            index=cache.index.at[slot].set(t),
+            lengths=cache.lengths.at[slot].set(new.lengths[0]),
+        )
+        return first[0], cache
+
+    def _decode_fn(self, params, cache, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int):
+        """One token for rows [0, rows), attending over slots [0, width)."""
+        view = KVCache(
+            k=cache.k[:, :rows, :width],
+            v=cache.v[:, :rows, :width],
+            valid=cache.valid[:rows, :width],
+            index=cache.index[:rows],
+            lengths=cache.lengths[:rows],
+        )
+        out = decoder.forward(params, tokens[:rows, None], self.config, cache=view)
+        nxt = sample(out.logits[:, -1], seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows])
+        new = out.cache
+        cache = KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, new.k, (0, 0, 0, 0, 0)),
+            v=jax.lax.dynamic_update_slice(cache.v, new.v, (0, 0, 0, 0, 0)),
+            valid=jax.lax.dynamic_update_slice(cache.valid, new.valid, (0, 0)),
+            index=cache.index.at[:rows].set(new.index),
+            lengths=cache.lengths.at[:rows].set(new.lengths),
+        )
+        return nxt, cache
+
+    # --- requests
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt, chat messages (the tokenizer's chat template) or ids."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"{self.name} has no chat template; send a text prompt instead of messages")
+            for i, m in enumerate(prompt):
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError(f"message {i} needs string 'role' and 'content' fields, got {m!r}")
+            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+            ids = [int(t) for t in prompt]
+            if max(ids) >= self.config.vocab_size or min(ids) < 0:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        else:
+            raise ValueError("a prompt is a non-empty string, a list of chat messages, or a list of token ids")
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        return ids
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the engine's "
+                f"context of {self.max_seq_len} tokens"
+            )
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None) -> Request:
+        """Queue a request; raises ValueError at once for a bad prompt or settings."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.encode(prompt)
+        self.check_fits(len(ids), params.max_new_tokens)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        request = Request(request_id or f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}", ids, params, seed)
+        self._ensure_running()
+        self._waiting.put(request)
+        self._wake.set()
+        return request
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt or a list of them (all queued at once); outputs in input order.
+
+        A prompt that cannot be queued (bad settings, too long) gets an output with
+        finish_reason 'error' and does not affect the others.
+        """
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], (str, list, tuple))
+        )
+        prompts = [prompts] if single else list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        pending: list[Request | RequestOutput] = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                pending.append(self.submit(prompt, p))
+            except ValueError as e:
+                pending.append(RequestOutput(f"prompt-{i}", [], "", [], "error", str(e)))
+        outputs = []
+        for item in pending:
+            out = item.result() if isinstance(item, Request) else item
+            if on_output is not None:
+                on_output(out)
+            outputs.append(out)
+        return outputs
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one request as they are generated."""
+        return self.submit(prompt, params).deltas()
+
+    def warmup(self, prompt_lengths: Sequence[int] = (16,)) -> None:
+        """Compile prefill for these prompt buckets and decode for a full batch, ahead of traffic."""
+        params = SamplingParams(max_new_tokens=2)
+        for n in prompt_lengths:
+            self.generate([[0] * n] * self.max_slots, params)
+
+    # --- the scheduler
+
+    def _ensure_running(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="press-engine", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stop the scheduler thread; queued and running requests end with finish_reason 'error'."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._admit()
+                if not any(self._slots):
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                self._step()
+        except BaseException as e:  # noqa: BLE001 - never leave callers waiting forever
+            self._fail_all(f"engine error: {type(e).__name__}: {e}")
+            raise
+        self._fail_all("engine closed")
+
+    def _fail_all(self, message: str) -> None:
+        for i, r in enumerate(self._slots):
+            if r is not None:
+                r._finish("error", message)
+                self._slots[i] = None
+        while True:
+            try:
+                self._waiting.get_nowait()._finish("error", message)
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows, lowest row first."""
+        while None in self._slots:
+            try:
+                request = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            slot = self._slots.index(None)
+            try:
+                self._prefill(request, slot)
+            except Exception as e:  # noqa: BLE001 - fail this request, not the engine
+                request._finish("error", f"{type(e).__name__}: {e}")
+
+    def _prefill(self, request: Request, slot: int) -> None:
+        request.started = time.perf_counter()
+        n = len(request.prompt_ids)
+        width = power_of_two_at_least(n, MIN_PREFILL_BUCKET)
+        if width + request.params.max_new_tokens > self.max_seq_len:
+            width = n  # a long prompt near the context limit: exact length (compiles once more)
+        tokens = np.zeros((1, width), np.int32)
+        mask = np.zeros((1, width), np.int32)
+        tokens[0, width - n :] = request.prompt_ids
+        mask[0, width - n :] = 1
+        p = request.params
+        first, self._cache = self._prefill_insert(
+            self.params,
+            self._cache,
+            tokens,
+            mask,
+            np.int32(slot),
+            np.uint32(request.seed),
+            np.float32(p.temperature),
+            np.int32(p.top_k),
+            np.float32(p.top_p),
+        )
+        self.stats["prefills"] += 1
+        self._slots[slot] = request
+        self._index[slot] = width
+        self._accept(slot, int(first))
+
+    def _step(self) -> None:
+        active = [i for i, r in enumerate(self._slots) if r is not None]
+        rows = min(power_of_two_at_least(max(active) + 1), self.max_slots)
+        width = min(power_of_two_at_least(int(self._index[active].max()) + 1, MIN_SEQ_BUCKET), self.max_seq_len)
+        seeds = np.zeros(self.max_slots, np.uint32)
+        counts = np.zeros(self.max_slots, np.int32)
+        temperature = np.zeros(self.max_slots, np.float32)
+        top_k = np.zeros(self.max_slots, np.int32)
+        top_p = np.ones(self.max_slots, np.float32)
+        for i in active:
+            r = self._slots[i]
+            seeds[i], counts[i] = r.seed, len(r.token_ids)
+            temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
+        nxt, self._cache = self._decode(
+            self.params, self._cache, self._next_token, seeds, counts, temperature, top_k, top_p, rows, width
+        )
+        nxt = np.asarray(nxt)
+        self.stats["decode_steps"] += 1
+        for i in active:
+            self._index[i] += 1
+            self._accept(i, int(nxt[i]))
+
+    def _accept(self, slot: int, token: int) -> None:
+        """Record a row's new token; finish and free the row if the request is done."""
+        r = self._slots[slot]
+        if r.first_token is None:
+            r.first_token = time.perf_counter()
+        p = r.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return self._release(slot, "stop")
+        r.token_ids.append(token)
+        self.stats["generated_tokens"] += 1
+        self._next_token[slot] = token
+        text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        for s in p.stop:
+            # Only text that could contain a new match: the tail since the last emission.
+            hit = text.find(s, max(0, r._emitted - len(s) + 1))
+            if hit >= 0:
+                r.text = text[:hit]
+                r._emit(r.text[r._emitted :])
+                r._emitted = len(r.text)
+                return self._release(slot, "stop")
+        r.text = text
+        # Hold back a partial multi-byte character and anything that may start a stop string.
+        safe = len(text) - (1 if text.endswith("\ufffd") else 0)
+        for s in p.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        if safe > r._emitted:
+            r._emit(text[r._emitted : safe])
+            r._emitted = safe
+        if len(r.token_ids) >= p.max_new_tokens:
+            return self._release(slot, "length")
+
+    def _release(self, slot: int, reason: str) -> None:
+        r = self._slots[slot]
+        r.text = r.text.removesuffix("\ufffd") if reason == "stop" else r.text
+        r._emit(r.text[r._emitted :])
+        r._emitted = len(r.text)
+        self._slots[slot] = None
+        r._finish(reason)

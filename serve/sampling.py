@@ -1,0 +1,108 @@
+"""Sampling settings of a request and the jittable sampler that applies them row by row.
+
+Every row of a decode batch carries its own temperature, top-k, top-p and seed, so requests
+with different settings share one compiled step. A row's random key is its seed folded with
+the number of tokens it has generated, so the same seed gives the same text whatever else
+is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+# top-k / top-p choose among at most this many highest-scoring tokens: a full sort of a
+# 50k-256k vocabulary per row and step would cost more than the model on CPU. A nucleus
+# wider than this (top_p near 1 over a very flat distribution) is cut at this many tokens.
+MAX_CANDIDATES = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request.
+
+    temperature 0 is greedy (argmax); top_k 0 and top_p 1 switch those filters off.
+    stop: strings that end the text (not included in it). stop_token_ids: extra token ids
+    that end it, besides the model's EOS tokens (unless ignore_eos).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        # Accept lists (JSON) for the tuple fields; keep the dataclass hashable.
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def sample(
+    logits: jnp.ndarray,
+    seeds: jnp.ndarray,
+    counts: jnp.ndarray,
+    temperature: jnp.ndarray,
+    top_k: jnp.ndarray,
+    top_p: jnp.ndarray,
+) -> jnp.ndarray:
+    """One token per row.
+
+    Args:
+      logits: [B, V] float32.
+      seeds: [B] uint32 per-request seeds; counts: [B] int32 tokens generated so far.
+      temperature: [B] (0 = greedy); top_k: [B] int32 (0 = off); top_p: [B] (1 = off).
+    Returns:
+      [B] int32 token ids.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+
+    # Unfiltered rows sample the whole distribution exactly.
+    full = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    # Filtered rows sample among the highest MAX_CANDIDATES tokens, sorted descending.
+    n = min(MAX_CANDIDATES, logits.shape[-1])
+    top_logits, top_ids = jax.lax.top_k(scaled, n)  # [B, n]
+    probs = jnp.exp(top_logits - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # of the full distribution
+    rank = jnp.arange(n)[None, :]
+    keep = jnp.where(top_k[:, None] > 0, rank < top_k[:, None], True)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < top_p[:, None]  # the smallest set whose mass reaches top_p (always >= 1 token)
+    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, top_logits, -jnp.inf))
+    filtered = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    uses_filter = (top_k > 0) | (top_p < 1)
+    sampled = jnp.where(uses_filter, filtered, full)
+    return jnp.where(temperature > 0, sampled, greedy)
