@@ -11,7 +11,8 @@ like the activations (rows over data x fsdp, KV heads over tensor) and donated t
 step so it is updated in place. A request owns one row from its prefill to its end.
 
 Shapes are bucketed so a new prompt never recompiles:
-  - prefill runs one request at a time, its prompt left-padded to a power of two >= 16;
+  - prefill takes the waiting requests of one length bucket together, prompts left-padded
+    to a power of two >= 16 and the group padded to a power of two rows;
   - decode runs the rows [0, Bb) and the slots [0, Sb) in use, Bb and Sb powers of two,
     so short sequences do not pay for the longest possible context. Freed rows are
     reused lowest first, which keeps Bb small.
@@ -219,43 +220,31 @@ class Engine:
         shardings = shd.tree_shardings(self.mesh, axes, cache)
         return jax.device_put(cache, shardings)
 
-    def _prefill_insert_fn(self, params, cache, tokens, mask, slot, seed, temperature, top_k, top_p):
-        """Prefill one left-padded prompt [1, T] and write its K/V into row `slot` of the cache."""
-        t = tokens.shape[1]
-        fresh = decoder.init_cache(self.config, 1, t, cache.k.dtype)
-        out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh)
-        first = sample(out.logits[:, -1], seed[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
+    def _prefill_insert_fn(self, params, cache, tokens, mask, slots, seeds, temperature, top_k, top_p):
+        """Prefill left-padded prompts [n, T] and write their K/V into rows `slots` of the cache.
+
+        Rows whose slot is out of range (max_slots) are padding: computed, never written.
+        """
+        n, t = tokens.shape
+        fresh = decoder.init_cache(self.config, n, t, cache.k.dtype)
+        out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh, last_logits_only=True)
+        first = sample(out.logits[:, -1], seeds, jnp.zeros((n,), jnp.int32), temperature, top_k, top_p)
         new = out.cache
-        row_valid = jnp.zeros((1, cache.max_len), bool).at[:, :t].set(new.valid)
+        row_valid = jnp.zeros((n, cache.max_len), bool).at[:, :t].set(new.valid)
         cache = KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, new.k, (0, slot, 0, 0, 0)),
-            v=jax.lax.dynamic_update_slice(cache.v, new.v, (0, slot, 0, 0, 0)),
-            valid=jax.lax.dynamic_update_slice(cache.valid, row_valid, (slot, 0)),
-            index=cache.index.at[slot].set(t),
-            lengths=cache.lengths.at[slot].set(new.lengths[0]),
+            k=cache.k.at[:, slots, :t].set(new.k, mode="drop"),
+            v=cache.v.at[:, slots, :t].set(new.v, mode="drop"),
+            valid=cache.valid.at[slots].set(row_valid, mode="drop"),
+            index=cache.index.at[slots].set(t, mode="drop"),
+            lengths=cache.lengths.at[slots].set(new.lengths, mode="drop"),
         )
-        return first[0], cache
+        return first, cache
 
     def _decode_fn(self, params, cache, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int):
         """One token for rows [0, rows), attending over slots [0, width)."""
-        view = KVCache(
-            k=cache.k[:, :rows, :width],
-            v=cache.v[:, :rows, :width],
-            valid=cache.valid[:rows, :width],
-            index=cache.index[:rows],
-            lengths=cache.lengths[:rows],
-        )
-        out = decoder.forward(params, tokens[:rows, None], self.config, cache=view)
+        out = decoder.forward(params, tokens[:rows, None], self.config, cache=cache, attend_len=width)
         nxt = sample(out.logits[:, -1], seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows])
-        new = out.cache
-        cache = KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, new.k, (0, 0, 0, 0, 0)),
-            v=jax.lax.dynamic_update_slice(cache.v, new.v, (0, 0, 0, 0, 0)),
-            valid=jax.lax.dynamic_update_slice(cache.valid, new.valid, (0, 0)),
-            index=cache.index.at[:rows].set(new.index),
-            lengths=cache.lengths.at[:rows].set(new.lengths),
-        )
-        return nxt, cache
+        return nxt, out.cache
 
     # --- requests
 
@@ -393,44 +382,58 @@ class Engine:
                 return
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, lowest row first."""
-        while None in self._slots:
+        """Prefill waiting requests into free rows (lowest first), prompts of one length bucket together."""
+        admitted = []
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        while len(admitted) < len(free):
             try:
-                request = self._waiting.get_nowait()
+                admitted.append(self._waiting.get_nowait())
             except queue.Empty:
-                return
-            slot = self._slots.index(None)
+                break
+        groups: dict[int, list[tuple[int, Request]]] = {}
+        for slot, request in zip(free, admitted):
+            groups.setdefault(self._prefill_width(request), []).append((slot, request))
+        for width, group in sorted(groups.items()):
             try:
-                self._prefill(request, slot)
-            except Exception as e:  # noqa: BLE001 - fail this request, not the engine
-                request._finish("error", f"{type(e).__name__}: {e}")
+                self._prefill(group, width)
+            except Exception as e:  # noqa: BLE001 - fail these requests, not the engine
+                for _, request in group:
+                    request._finish("error", f"{type(e).__name__}: {e}")
 
-    def _prefill(self, request: Request, slot: int) -> None:
-        request.started = time.perf_counter()
+    def _prefill_width(self, request: Request) -> int:
         n = len(request.prompt_ids)
         width = power_of_two_at_least(n, MIN_PREFILL_BUCKET)
         if width + request.params.max_new_tokens > self.max_seq_len:
             width = n  # a long prompt near the context limit: exact length (compiles once more)
-        tokens = np.zeros((1, width), np.int32)
-        mask = np.zeros((1, width), np.int32)
-        tokens[0, width - n :] = request.prompt_ids
-        mask[0, width - n :] = 1
-        p = request.params
+        return width
+
+    def _prefill(self, group: list[tuple[int, Request]], width: int) -> None:
+        rows = power_of_two_at_least(len(group))  # bucketed, the padding rows are dropped
+        tokens = np.zeros((rows, width), np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        slots = np.full(rows, self.max_slots, np.int32)
+        seeds = np.zeros(rows, np.uint32)
+        temperature = np.zeros(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        top_p = np.ones(rows, np.float32)
+        now = time.perf_counter()
+        for row, (slot, request) in enumerate(group):
+            request.started = now
+            n = len(request.prompt_ids)
+            tokens[row, width - n :] = request.prompt_ids
+            mask[row, width - n :] = 1
+            p = request.params
+            slots[row], seeds[row] = slot, request.seed
+            temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
         first, self._cache = self._prefill_insert(
-            self.params,
-            self._cache,
-            tokens,
-            mask,
-            np.int32(slot),
-            np.uint32(request.seed),
-            np.float32(p.temperature),
-            np.int32(p.top_k),
-            np.float32(p.top_p),
+            self.params, self._cache, tokens, mask, slots, seeds, temperature, top_k, top_p
         )
+        first = np.asarray(first)
         self.stats["prefills"] += 1
-        self._slots[slot] = request
-        self._index[slot] = width
-        self._accept(slot, int(first))
+        for row, (slot, request) in enumerate(group):
+            self._slots[slot] = request
+            self._index[slot] = width
+            self._accept(slot, int(first[row]))
 
     def _step(self) -> None:
         active = [i for i, r in enumerate(self._slots) if r is not None]

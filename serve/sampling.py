@@ -86,23 +86,30 @@ def sample(
       [B] int32 token ids.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    sampling = temperature > 0
+    uses_filter = sampling & ((top_k > 0) | (top_p < 1))
 
-    # Unfiltered rows sample the whole distribution exactly.
-    full = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    def sampled(_):
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        # Unfiltered rows sample the whole distribution exactly.
+        full = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        # top_k over the vocabulary is the costliest part: only when some row filters.
+        filtered = jax.lax.cond(uses_filter.any(), _filtered, lambda *_: full, keys, scaled, top_k, top_p)
+        return jnp.where(sampling, jnp.where(uses_filter, filtered, full), greedy)
 
-    # Filtered rows sample among the highest MAX_CANDIDATES tokens, sorted descending.
-    n = min(MAX_CANDIDATES, logits.shape[-1])
-    top_logits, top_ids = jax.lax.top_k(scaled, n)  # [B, n]
+    # Decode batches that are all greedy (the common case) skip the random draws entirely.
+    return jax.lax.cond(sampling.any(), sampled, lambda _: greedy, None)
+
+
+def _filtered(keys, scaled, top_k, top_p):
+    """Sample among the highest MAX_CANDIDATES tokens after the top-k and top-p filters."""
+    n = min(MAX_CANDIDATES, scaled.shape[-1])
+    top_logits, top_ids = jax.lax.top_k(scaled, n)  # [B, n], sorted descending
     probs = jnp.exp(top_logits - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # of the full distribution
     rank = jnp.arange(n)[None, :]
     keep = jnp.where(top_k[:, None] > 0, rank < top_k[:, None], True)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= mass_before < top_p[:, None]  # the smallest set whose mass reaches top_p (always >= 1 token)
     choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, top_logits, -jnp.inf))
-    filtered = jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-    uses_filter = (top_k > 0) | (top_p < 1)
-    sampled = jnp.where(uses_filter, filtered, full)
-    return jnp.where(temperature > 0, sampled, greedy)
+    return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)

@@ -142,3 +142,15 @@ def test_concurrent_submitters(engine):
     assert not errors and len(results) == 12
     for i, out in results.items():
         assert out.token_ids == results[i % 4].token_ids  # greedy: same prompt, same tokens
+
+
+def test_sharded_engine_generates_like_one_device(engine):
+    from compress import sharding as shd
+
+    mesh = shd.make_mesh(2, 2, 2)
+    params = SamplingParams(max_new_tokens=12)
+    with Engine.from_pretrained("smollm2-135m-instruct", mesh=mesh, max_slots=4, max_seq_len=128) as sharded:
+        assert sharded._cache.k.sharding.spec[1] == ("data", "fsdp")  # rows split over data x fsdp
+        got = sharded.generate(PROMPTS, params)
+    want = engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]

@@ -56,6 +56,24 @@ def write_rows(cache_layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -
     return jax.vmap(one_row)(cache_layer, new, index)
 
 
+def scatter_rows(cache: jnp.ndarray, layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+    """Write new [B, T, K, H] into cache [L, R, S, K, H] at `layer`, rows [0, B), slots index[b] + t.
+
+    A scatter of just the new vectors, done in place on a donated or loop-carried cache.
+    Slots past the end are dropped (a finished row that is no longer read).
+    """
+    b, t = new.shape[:2]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    slots = index[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def read_rows(cache: jnp.ndarray, layer: jnp.ndarray, rows: int, width: int) -> jnp.ndarray:
+    """cache[layer, :rows, :width]: [rows, width, K, H]."""
+    _, _, _, k, h = cache.shape
+    return jax.lax.dynamic_slice(cache, (layer, 0, 0, 0, 0), (1, rows, width, k, h))[0]
+
+
 def attention_mask(
     query_slots: jnp.ndarray,
     key_valid: jnp.ndarray,

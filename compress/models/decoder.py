@@ -175,6 +175,8 @@ def forward(
     attention_mask: jnp.ndarray | None = None,
     cache: attn.KVCache | None = None,
     return_hidden: bool = False,
+    attend_len: int | None = None,
+    last_logits_only: bool = False,
 ) -> DecoderOutput:
     """Run the decoder.
 
@@ -186,6 +188,11 @@ def forward(
         of different lengths). Defaults to all ones.
       cache: a KVCache to append to; without one the T tokens attend among themselves.
       return_hidden: also return the residual stream after every layer (for distillation).
+      attend_len: with a cache, attend over its first `attend_len` slots only (static; every
+        row's slots in use must lie below it). Tokens may cover only the first B rows of a
+        cache with more rows; the others are left as they are.
+      last_logits_only: logits of the last position only ([B, 1, V]): what a prefill needs,
+        without the LM head's cost over every prompt position.
 
     Returns:
       DecoderOutput with float32 logits [B, T, V], the updated cache (or None) and the
@@ -201,40 +208,48 @@ def forward(
         past = jnp.zeros((b,), jnp.int32)
         key_valid = mask  # [B, S=T]
     else:
-        start, past = cache.index, cache.lengths
-        key_valid = attn.write_rows(cache.valid, mask, start)  # [B, S]
+        if b > cache.index.shape[0]:
+            raise ValueError(f"{b} token rows for a cache of {cache.index.shape[0]} rows")
+        width = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
+        start, past = cache.index[:b], cache.lengths[:b]
+        row_valid = attn.write_rows(cache.valid[:b], mask, start)  # [B, S]
+        key_valid = row_valid[:, :width]  # [B, W]
     positions = past[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
     query_slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    allowed = attn.attention_mask(query_slots, key_valid, c.sliding_window)  # [B, T, S]
+    allowed = attn.attention_mask(query_slots, key_valid, c.sliding_window)  # [B, T, S or W]
     inv_freq, attention_factor = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
     cos, sin = rope_tables(positions, inv_freq, attention_factor)  # [B, T, H]
 
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
 
-    def block(x, layer):
-        p, cache_k, cache_v = layer
+    def block(carry, p):
+        # The cache rides in the carry, so each layer updates its slots in place instead of
+        # the scan copying the whole cache in and out on every call.
+        x, cache_k, cache_v, layer = carry
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
         q = apply_rope(dense(p["q"], h, "BTD,DNH->BTNH"), cos, sin)  # [B, T, N, H]
         k = apply_rope(dense(p["k"], h, "BTD,DKH->BTKH"), cos, sin)  # [B, T, K, H]
         v = dense(p["v"], h, "BTD,DKH->BTKH")  # [B, T, K, H]
-        if cache_k is not None:
-            cache_k = attn.write_rows(cache_k, k, start)  # [B, S, K, H]
-            cache_v = attn.write_rows(cache_v, v, start)
-            k, v = cache_k.astype(dtype), cache_v.astype(dtype)
         if cache_k is None:
             y = attn.causal_attention(q, k, v, allowed)  # [B, T, N, H]
         else:
+            cache_k = attn.scatter_rows(cache_k, layer, k, start)  # [L, R, S, K, H]
+            cache_v = attn.scatter_rows(cache_v, layer, v, start)
+            k = attn.read_rows(cache_k, layer, b, width).astype(dtype)  # [B, W, K, H]
+            v = attn.read_rows(cache_v, layer, b, width).astype(dtype)
             y = attn.grouped_query_attention(q, k, v, allowed)
         x = x + dense(p["o"], y, "BTNH,NHD->BTD")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         gate = jax.nn.silu(dense(p["gate"], h, "BTD,DF->BTF"))  # [B, T, F]
         x = x + dense(p["down"], gate * dense(p["up"], h, "BTD,DF->BTF"), "BTF,FD->BTD")
-        return x, (cache_k, cache_v, x if return_hidden else None)
+        return (x, cache_k, cache_v, layer + 1), (x if return_hidden else None)
 
     cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
     x_embedded = x
-    x, (new_k, new_v, hidden) = jax.lax.scan(block, x, (params["layers"], *cache_kv))
+    (x, new_k, new_v, _), hidden = jax.lax.scan(block, (x, *cache_kv, jnp.int32(0)), params["layers"])
 
+    if last_logits_only:
+        x = x[:, -1:]
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
     if c.tie_word_embeddings:
         logits = jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(dtype), preferred_element_type=jnp.float32)
@@ -246,9 +261,9 @@ def forward(
         new_cache = attn.KVCache(
             k=new_k,
             v=new_v,
-            valid=key_valid,
-            index=cache.index + t,
-            lengths=cache.lengths + mask.sum(axis=1).astype(jnp.int32),
+            valid=cache.valid.at[:b].set(row_valid),
+            index=cache.index.at[:b].add(t),
+            lengths=cache.lengths.at[:b].add(mask.sum(axis=1).astype(jnp.int32)),
         )
     hidden_states = jnp.concatenate([x_embedded[None], hidden], axis=0) if return_hidden else None
     return DecoderOutput(logits.astype(jnp.float32), new_cache, hidden_states)
