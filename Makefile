@@ -52,6 +52,7 @@ test-fast: install $(VENV)/.test
 bench: install $(VENV)/.bench
 	@mkdir -p bench-results
 	$(BIN)/python benchmarks/prefill.py --out bench-results/prefill.json
+	$(BIN)/python benchmarks/decode.py --out bench-results/decode.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache
