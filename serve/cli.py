@@ -135,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="a string that ends the text (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings)")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
+    from serve import server
+
+    server.add_parser(sub)
     return p
 
 
@@ -145,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_models(as_json=args.json)
         elif args.command == "generate":
             run_generate(_generate_config(args), as_json=args.json)
+        elif args.command == "serve":
+            from serve import server
+
+            return server.run(args)
     except (cfg.ConfigError, FormatError, FileNotFoundError, ValueError) as e:
         sys.stderr.write(f"press {args.command}: error: {e}\n")
         return 2

@@ -75,7 +75,7 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """The result of one request. Times are seconds; finish_reason is 'stop', 'length' or 'error'."""
+    """The result of one request. Times are seconds; finish_reason is 'stop', 'length', 'error' or 'cancelled'."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -104,6 +104,8 @@ class Request:
         self.token_ids: list[int] = []
         self.text = ""
         self._emitted = 0  # characters of text already streamed
+        self._prefix_offset = self._read_offset = 0  # incremental detokenization (see Engine._detokenize)
+        self.cancelled = False
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self.output: RequestOutput | None = None
@@ -126,6 +128,10 @@ class Request:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the row is freed at the next step."""
+        self.cancelled = True
 
     # --- engine side
 
@@ -183,6 +189,7 @@ class Engine:
         self._waiting: queue.Queue[Request] = queue.Queue()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share between threads
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counter = itertools.count()
@@ -250,6 +257,10 @@ class Engine:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a text prompt, chat messages (the tokenizer's chat template) or ids."""
+        with self._tokenizer_lock:
+            return self._encode(prompt)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
@@ -391,6 +402,7 @@ class Engine:
             except queue.Empty:
                 break
         groups: dict[int, list[tuple[int, Request]]] = {}
+        admitted = [r for r in admitted if not (r.cancelled and r._finish("cancelled") is None)]
         for slot, request in zip(free, admitted):
             groups.setdefault(self._prefill_width(request), []).append((slot, request))
         for width, group in sorted(groups.items()):
@@ -462,22 +474,24 @@ class Engine:
         r = self._slots[slot]
         if r.first_token is None:
             r.first_token = time.perf_counter()
+        if r.cancelled:
+            return self._release(slot, "cancelled")
         p = r.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return self._release(slot, "stop")
         r.token_ids.append(token)
         self.stats["generated_tokens"] += 1
         self._next_token[slot] = token
-        text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        text = self._detokenize(r)
         for s in p.stop:
             # Only text that could contain a new match: the tail since the last emission.
             hit = text.find(s, max(0, r._emitted - len(s) + 1))
             if hit >= 0:
                 r.text = text[:hit]
+                r._prefix_offset = r._read_offset = len(r.token_ids)  # nothing left to decode
                 r._emit(r.text[r._emitted :])
                 r._emitted = len(r.text)
                 return self._release(slot, "stop")
-        r.text = text
         # Hold back a partial multi-byte character and anything that may start a stop string.
         safe = len(text) - (1 if text.endswith("\ufffd") else 0)
         for s in p.stop:
@@ -491,9 +505,23 @@ class Engine:
         if len(r.token_ids) >= p.max_new_tokens:
             return self._release(slot, "length")
 
+    def _detokenize(self, r: Request, final: bool = False) -> str:
+        """r.text extended by its new tokens, decoding only a short tail of ids each time.
+
+        The tail starts a few tokens back (prefix_offset) so byte-level merges and spacing
+        come out as a full decode would; text waits while it ends in a partial character.
+        """
+        with self._tokenizer_lock:
+            prefix = self.tokenizer.decode(r.token_ids[r._prefix_offset : r._read_offset], skip_special_tokens=True)
+            new = self.tokenizer.decode(r.token_ids[r._prefix_offset :], skip_special_tokens=True)
+        if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
+            r.text += new[len(prefix) :].removesuffix("\ufffd") if final else new[len(prefix) :]
+            r._prefix_offset, r._read_offset = r._read_offset, len(r.token_ids)
+        return r.text
+
     def _release(self, slot: int, reason: str) -> None:
         r = self._slots[slot]
-        r.text = r.text.removesuffix("\ufffd") if reason == "stop" else r.text
+        self._detokenize(r, final=True)
         r._emit(r.text[r._emitted :])
         r._emitted = len(r.text)
         self._slots[slot] = None

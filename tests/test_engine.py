@@ -154,3 +154,18 @@ def test_sharded_engine_generates_like_one_device(engine):
         got = sharded.generate(PROMPTS, params)
     want = engine.generate(PROMPTS, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_cancel_frees_the_row(engine):
+    request = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=200, ignore_eos=True))
+    next(request.deltas())  # it is running
+    request.cancel()
+    out = request.result(timeout=60)
+    assert out.finish_reason == "cancelled" and len(out.token_ids) < 200
+    assert engine.generate(PROMPTS[0], SamplingParams(max_new_tokens=4))[0].finish_reason == "length"
+
+
+def test_incremental_text_equals_a_full_decode(engine):
+    for prompt in [PROMPTS[1], [{"role": "user", "content": "Écris une phrase en français avec des accents, et un emoji 🌊."}]]:
+        out = engine.generate([prompt], SamplingParams(max_new_tokens=40))[0]
+        assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)

@@ -1,0 +1,376 @@
+"""An OpenAI-compatible HTTP server over the engine, on the standard library.
+
+  press serve --model smollm2-135m-instruct [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+  client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}])
+
+Endpoints: GET /health, GET /v1/models[/ID], POST /v1/completions, POST /v1/chat/completions
+(stream=true sends server-sent events, ending with `data: [DONE]`). Request and response
+shapes are OpenAI's (serve/openai_protocol.py validates the fields); errors are
+{"error": {"message", "type", "param", "code"}} with the matching HTTP status.
+
+Every HTTP request runs on its own thread and submits to the engine, whose scheduler batches
+whatever is in flight (continuous batching), so concurrency needs nothing here. A client
+that disconnects mid-stream only ends its own response; its request still runs to its end
+in the engine, which has no way to cancel one yet.
+
+With --api-key (or PRESS_API_KEY) every route but /health wants `Authorization: Bearer KEY`.
+The default host is loopback; serving on another interface without a key prints a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import os
+import queue
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from serve import openai_protocol as api
+from serve.openai_protocol import ApiError
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+_CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server: `server_address` is (host, port); `url` the base URL."""
+
+    daemon_threads = True  # a stuck client never blocks shutdown
+    request_queue_size = 128  # the listen backlog: many clients may connect at once
+
+    def __init__(self, address: tuple[str, int], engine, *, api_key: str | None = None, log_requests: bool = False):
+        self.engine, self.api_key, self.log_requests = engine, api_key, log_requests
+        self.created = int(time.time())
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks the host name up (socket.getfqdn), which can stall on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], _CLIENT_GONE):
+            return  # the client went away: nothing to answer, nothing to log
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses its connections
+    server_version = "press"
+    timeout = 120  # seconds a socket read or write may block (an idle keep-alive connection, a stalled client)
+    server: Server
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def log_message(self, format, *args) -> None:
+        if self.server.log_requests:
+            super().log_message(format, *args)
+
+    # --- routing
+
+    def _handle(self, method: str) -> None:
+        self._body_pending = method == "POST"  # an unread body forces the connection closed after the answer
+        self._streaming = False
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        try:
+            if path != "/health":
+                self._authorize()
+            if path == "/health":
+                self._only(method, "GET")
+                self._send_json(200, {"status": "ok"})
+            elif path == "/v1/models":
+                self._only(method, "GET")
+                self._send_json(200, {"object": "list", "data": [self._model_card()]})
+            elif path.startswith("/v1/models/"):
+                self._only(method, "GET")
+                self._check_model(path.removeprefix("/v1/models/"))
+                self._send_json(200, self._model_card())
+            elif path in ("/v1/completions", "/v1/chat/completions"):
+                self._only(method, "POST")
+                self._generate(self._read_json(), chat=path == "/v1/chat/completions")
+            else:
+                raise ApiError(404, f"no route {method} {path}; see /v1/models, /v1/completions, "
+                                    "/v1/chat/completions, /health", code="not_found")
+        except ApiError as e:
+            self._send_error(e)
+        except _CLIENT_GONE:
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001 - answer 500 and keep serving
+            traceback.print_exc()
+            self._send_error(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
+
+    def _only(self, method: str, allowed: str) -> None:
+        if method != allowed:
+            raise ApiError(405, f"{self.path} takes {allowed}, not {method}", code="method_not_allowed")
+
+    def _authorize(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer KEY' "
+                                "with the key the server was started with", code="invalid_api_key")
+
+    def _model_card(self) -> dict:
+        return {"id": self.server.engine.name, "object": "model", "created": self.server.created, "owned_by": "press"}
+
+    def _check_model(self, model) -> None:
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"model must be a string, got {model!r}", param="model", code="invalid_value")
+        if model is not None and model != self.server.engine.name:
+            raise ApiError(404, f"The model `{model}` does not exist: this server serves "
+                                f"`{self.server.engine.name}`", param="model", code="model_not_found")
+
+    # --- bodies and answers
+
+    def _read_json(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or "Content-Length" not in self.headers:
+            raise ApiError(411, "send the JSON body with a Content-Length header", code="length_required")
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise ApiError(400, f"bad Content-Length {self.headers['Content-Length']!r}", code="invalid_request")
+        if length > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is {length} bytes; the limit is {MAX_BODY_BYTES}", code="request_too_large")
+        raw = self.rfile.read(length)
+        self._body_pending = False
+        if len(raw) < length:
+            raise ConnectionResetError("the client sent less than Content-Length")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+        return body
+
+    def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self._body_pending:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, error: ApiError) -> None:
+        try:
+            if self._streaming:  # headers are gone: an error event, then end the stream
+                self._send_event({"error": error.body()["error"]})
+                self._end_stream()
+            else:
+                headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+                self._send_json(error.status, error.body(), headers)
+        except _CLIENT_GONE:
+            self.close_connection = True
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._streaming = True
+
+    def _send_event(self, obj) -> None:
+        data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))  # one HTTP chunk per event
+
+    def _end_stream(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self._streaming = False
+
+    # --- generation
+
+    def _generate(self, body: dict, *, chat: bool) -> None:
+        self._check_model(body.get("model"))
+        parsed = api.parse_chat(body) if chat else api.parse_completion(body)
+        engine = self.server.engine
+        # Encode and check every prompt before queueing any, so a 400 leaves nothing running.
+        prepared = []
+        for prompt in parsed.prompts:
+            try:
+                ids = engine.encode(prompt)
+            except ValueError as e:
+                raise ApiError(400, f"invalid {parsed.prompt_param}: {e}", param=parsed.prompt_param,
+                               code="invalid_prompt") from None
+            params = api.sampling_params(parsed, len(ids), engine.max_seq_len)
+            try:
+                engine.check_fits(len(ids), params.max_new_tokens)
+            except ValueError as e:
+                raise ApiError(400, str(e), param=parsed.prompt_param, code="context_length_exceeded") from None
+            prepared.append((ids, params))
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            requests = [engine.submit(ids, p, request_id=f"{response_id}-{i}") for i, (ids, p) in enumerate(prepared)]
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+        head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": engine.name}
+        if parsed.stream:
+            try:
+                return self._stream(requests, head, chat=chat, include_usage=parsed.include_usage)
+            except _CLIENT_GONE:
+                for r in requests:  # free the rows now instead of generating for nobody
+                    r.cancel()
+                raise
+        outputs = [r.result() for r in requests]
+        for out in outputs:
+            if out.finish_reason == "error":
+                raise ApiError(500, f"generation failed: {out.error}", code="engine_error")
+        choice = api.chat_choice if chat else api.completion_choice
+        self._send_json(200, {
+            **head,
+            "choices": [choice(i, out.text, out.finish_reason) for i, out in enumerate(outputs)],
+            "usage": _usage(outputs),
+        })
+
+    def _stream(self, requests, head: dict, *, chat: bool, include_usage: bool) -> None:
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if include_usage:
+            head["usage"] = None  # OpenAI's shape: null on every chunk but the last
+
+        def chunk(index: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+            if not chat:
+                return {**head, "choices": [api.completion_choice(index, text or "", finish_reason)]}
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            return {**head, "choices": [api.chat_chunk_choice(index, delta, finish_reason)]}
+
+        self._start_stream()
+        if chat:
+            for i in range(len(requests)):
+                self._send_event(chunk(i, None, role=True))
+        for index, delta in _merged_deltas(requests):
+            if delta is not None:
+                self._send_event(chunk(index, delta))
+                continue
+            out = requests[index].result()
+            if out.finish_reason == "error":
+                raise ApiError(500, f"generation failed: {out.error}", code="engine_error")
+            self._send_event(chunk(index, None, out.finish_reason))
+        if include_usage:
+            self._send_event({**head, "choices": [], "usage": _usage([r.result() for r in requests])})
+        self._send_event(b"[DONE]")
+        self._end_stream()
+
+
+def _usage(outputs) -> dict:
+    return api.usage(sum(len(o.prompt_token_ids) for o in outputs), sum(len(o.token_ids) for o in outputs))
+
+
+def _merged_deltas(requests) -> Iterator[tuple[int, str | None]]:
+    """(choice index, text delta) as the requests generate; (index, None) when one ends."""
+    if len(requests) == 1:
+        yield from ((0, d) for d in requests[0].deltas())
+        yield 0, None
+        return
+    events: queue.Queue = queue.Queue()
+
+    def pump(index, request):
+        for d in request.deltas():
+            events.put((index, d))
+        events.put((index, None))
+
+    for i, r in enumerate(requests):
+        threading.Thread(target=pump, args=(i, r), daemon=True).start()
+    for _ in range(len(requests)):
+        while (event := events.get())[1] is not None:
+            yield event
+        yield event
+
+
+def make_server(engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None, *,
+                log_requests: bool = False) -> Server:
+    """A server bound to (host, port), not yet serving: call `serve_forever()` (in a thread if you like).
+
+    port 0 picks a free one: read it from `server.server_address[1]`.
+    """
+    return Server((host, port), engine, api_key=api_key, log_requests=log_requests)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve_forever(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+                  log_requests: bool = True, out=None) -> None:
+    """Serve until Ctrl-C or SIGTERM, then close the server and the engine."""
+    out = out or sys.stdout
+    server = make_server(engine, host, port, api_key, log_requests=log_requests)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(f"press serve: warning: listening on {host} with no API key; anyone who can reach it "
+                         "can use it (pass --api-key)\n")
+    out.write(f"press serve: {engine.name} at {server.url}/v1 (OpenAI API; Ctrl-C stops)\n")
+    out.flush()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `docker stop`: stop as Ctrl-C does
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.close()
+
+
+# --- the `press serve` subcommand
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", required=True, help="bundled name, Hugging Face directory or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("PRESS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PRESS_API_KEY, else no key)")
+    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together (KV-cache rows)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per request")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations dtype")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from serve.engine import Engine
+
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, max_slots=args.max_slots,
+                                    max_seq_len=args.max_seq_len)
+    try:
+        serve_forever(engine, args.host, args.port, args.api_key)
+    except OSError as e:  # the port is taken, the host is not ours, ...
+        engine.close()
+        sys.stderr.write(f"press serve: error: cannot listen on {args.host}:{args.port}: {e}\n")
+        return 2
+    return 0
