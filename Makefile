@@ -53,6 +53,7 @@ bench: install $(VENV)/.bench
 	@mkdir -p bench-results
 	$(BIN)/python benchmarks/prefill.py --out bench-results/prefill.json
 	$(BIN)/python benchmarks/decode.py --out bench-results/decode.json
+	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --out bench-results/server.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache
