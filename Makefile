@@ -41,6 +41,10 @@ install: $(VENV)/.press $(VENV)/.models
 demo: install
 	$(BIN)/press models
 	$(BIN)/press generate --config configs/demo.yaml
+	@mkdir -p out && rm -f out/demo-results.jsonl out/demo-results.errors.jsonl
+	$(BIN)/press batch --model smollm2-135m-instruct --input configs/demo-prompts.jsonl \
+		--output out/demo-results.jsonl --max-new-tokens 48 --max-slots 8 --max-seq-len 256
+	@head -c 600 out/demo-results.jsonl; echo
 
 test: install $(VENV)/.test
 	$(BIN)/python -m pytest -q tests

@@ -135,8 +135,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="a string that ends the text (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings)")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
-    from serve import server
+    from serve import offline, server
 
+    offline.add_parser(sub)
     server.add_parser(sub)
     return p
 
@@ -148,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_models(as_json=args.json)
         elif args.command == "generate":
             run_generate(_generate_config(args), as_json=args.json)
+        elif args.command == "batch":
+            from serve import offline
+
+            return offline.run(args)
         elif args.command == "serve":
             from serve import server
 
