@@ -49,3 +49,32 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.n
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=m, position_ids=positions)
     return out.logits.float().numpy()
+
+
+# Prompts the real-model tests share: prose, code, a date, a list.
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "In 1905, Albert Einstein published four papers that",
+    "Ingredients: 2 cups of flour, 1 cup of sugar,",
+]
+
+
+def run_concurrently(fn, n: int) -> tuple[dict, list]:
+    """Call fn(i) for i in range(n) on n threads at once; ({i: result}, [exceptions])."""
+    import threading
+
+    results, errors = {}, []
+
+    def call(i):
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - collected for the test to assert on
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors

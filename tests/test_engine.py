@@ -10,14 +10,10 @@ import pytest
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 
+from tests.reference import PROMPTS, run_concurrently
+
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "In 1905, Albert Einstein published four papers that",
-    "Ingredients: 2 cups of flour, 1 cup of sugar,",
-]
 GREEDY = SamplingParams(max_new_tokens=32, temperature=0.0)
 
 
@@ -126,19 +122,9 @@ def test_new_prompt_lengths_in_a_bucket_do_not_recompile(engine):
 
 
 def test_concurrent_submitters(engine):
-    results, errors = {}, []
-
-    def client(i):
-        try:
-            results[i] = engine.submit(PROMPTS[i % 4], SamplingParams(max_new_tokens=6)).result(timeout=120)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = run_concurrently(
+        lambda i: engine.submit(PROMPTS[i % 4], SamplingParams(max_new_tokens=6)).result(timeout=120), 12
+    )
     assert not errors and len(results) == 12
     for i, out in results.items():
         assert out.token_ids == results[i % 4].token_ids  # greedy: same prompt, same tokens

@@ -13,6 +13,7 @@ import pytest
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 from serve.server import MAX_BODY_BYTES, make_server
+from tests.reference import run_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -243,20 +244,12 @@ def test_prompt_longer_than_the_context_is_400(engine, client):
 def test_concurrent_clients_are_batched(engine, client):
     want = [greedy(engine, p, 10).text for p in PROMPTS]
     steps = engine.stats["decode_steps"]
-    results, errors = {}, []
 
     def ask(i):
-        try:
-            r = client.completions.create(model=MODEL, prompt=PROMPTS[i % 4], max_tokens=10, temperature=0)
-            results[i] = r.choices[0].text, r.usage.completion_tokens
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[i % 4], max_tokens=10, temperature=0)
+        return r.choices[0].text, r.usage.completion_tokens
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = run_concurrently(ask, 8)
     assert not errors and len(results) == 8
     assert all(results[i][0] == want[i % 4] for i in range(8))
     # Batched: fewer decode steps than tokens generated.

@@ -11,14 +11,10 @@ from compress.models import decoder
 from compress.pretrained import load_decoder
 from compress.registry import resolve
 
+from tests.reference import PROMPTS
+
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "In 1905, Albert Einstein published four papers that",
-    "Ingredients: 2 cups of flour, 1 cup of sugar,",
-]
 
 
 @pytest.fixture(scope="module")

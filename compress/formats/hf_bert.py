@@ -9,7 +9,6 @@ heads are not read.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.formats.safetensors_file import SafetensorsSet
-from compress.formats.tensor_source import FormatError
+from compress.formats.tensor_source import FormatError, read_config_json
 from compress.models.decoder import DTYPES
 from compress.models.encoder import EncoderConfig, ParamSpec, param_specs
 
@@ -171,16 +170,7 @@ def encoder_params_from_hf(
 
 def read_encoder_config(model_dir: str) -> EncoderConfig:
     """The EncoderConfig of a Hugging Face BERT directory's config.json."""
-    path = os.path.join(model_dir, "config.json")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except FileNotFoundError as e:
-        raise FormatError(f"{model_dir}: no config.json (not a Hugging Face model directory)") from e
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: malformed JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise FormatError(f"{path}: expected a JSON object")
+    d, path = read_config_json(model_dir)
     return encoder_config_from_hf(d, path)
 
 

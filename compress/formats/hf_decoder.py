@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from compress.formats import safetensors_file
-from compress.formats.tensor_source import FormatError
+from compress.formats.tensor_source import FormatError, read_config_json
 from compress.models.decoder import DecoderConfig
 from compress.models.rope import ROPE_KINDS, RopeScaling
 from compress.placement import Recipe, flatten_for_export, per_layer
@@ -180,16 +180,8 @@ def decoder_recipes(c: DecoderConfig) -> tuple[dict, dict]:
 
 
 def read_config(directory: str) -> DecoderConfig:
-    path = os.path.join(directory, "config.json")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except FileNotFoundError as e:
-        raise FormatError(f"{directory}: no config.json (not a Hugging Face model directory)") from e
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: malformed JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise FormatError(f"{path}: expected a JSON object")
+    """The DecoderConfig of a Hugging Face directory's config.json."""
+    d, path = read_config_json(directory)
     return config_from_hf(d, path)
 
 

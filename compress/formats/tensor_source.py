@@ -7,6 +7,8 @@ onto its device sharding without holding a float copy of the whole model.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Protocol
 
 import numpy as np
@@ -26,3 +28,18 @@ class TensorSource(Protocol):
     def read(self, name: str) -> np.ndarray:
         """The tensor as float32 (integer tensors keep their dtype)."""
         ...
+
+
+def read_config_json(directory: str) -> tuple[dict, str]:
+    """(the object in DIRECTORY/config.json, its path); FormatError naming the file otherwise."""
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError as e:
+        raise FormatError(f"{directory}: no config.json (not a Hugging Face model directory)") from e
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: malformed JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return d, path

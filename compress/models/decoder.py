@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from compress.models import attention as attn
+from compress.models import params as params_lib
 from compress.models.linear import dense
+from compress.models.params import ParamSpec
 from compress.models.rope import RopeScaling, apply_rope, inverse_frequencies, rope_tables
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -77,12 +79,6 @@ class DecoderConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {', '.join(DTYPES)}")
 
 
-class ParamSpec(NamedTuple):
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    init: str  # 'normal', 'ones' or 'zeros'
-
-
 def param_specs(c: DecoderConfig) -> dict[str, Any]:
     """The parameter tree's shapes, logical axes and initialisers, from the config alone."""
     L, D, F, V, N, K, H = c.num_layers, c.embed_dim, c.mlp_dim, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -114,39 +110,22 @@ def param_specs(c: DecoderConfig) -> dict[str, Any]:
     return specs
 
 
-def _is_spec(x) -> bool:
-    return isinstance(x, ParamSpec)
-
-
 def param_axes(c: DecoderConfig) -> dict[str, Any]:
     """Logical axis names of every parameter, in the parameter tree's structure."""
-    return jax.tree.map(lambda s: s.axes, param_specs(c), is_leaf=_is_spec)
+    return params_lib.axes(param_specs(c))
 
 
 def param_shapes(c: DecoderConfig) -> dict[str, Any]:
     """jax.ShapeDtypeStruct of every parameter (no memory allocated)."""
-    dtype = DTYPES[c.param_dtype]
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(c), is_leaf=_is_spec)
+    return params_lib.shapes(param_specs(c), DTYPES[c.param_dtype])
 
 
 def init_params(c: DecoderConfig, rng: jax.Array, scale: float = 0.02) -> dict[str, Any]:
-    """Random parameters (normal(0, scale) matrices, unit norms, zero biases).
+    """Random parameters (normal(0, scale) matrices, unit norm scales, zero biases).
 
     To create them already sharded, jit this with `out_shardings`.
     """
-    specs = param_specs(c)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-    keys = jax.random.split(rng, len(leaves))
-    dtype = DTYPES[c.param_dtype]
-
-    def make(spec, key):
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
-        if spec.init == "zeros":
-            return jnp.zeros(spec.shape, dtype)
-        return (scale * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
-
-    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+    return params_lib.initialise(param_specs(c), rng, DTYPES[c.param_dtype], scale)
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:

@@ -37,7 +37,9 @@ import jax
 import jax.numpy as jnp
 
 from compress.models import attention as attn
-from compress.models.decoder import DTYPES, ParamSpec
+from compress.models import params as params_lib
+from compress.models.decoder import DTYPES
+from compress.models.params import ParamSpec
 from compress.models.linear import dense
 
 
@@ -95,19 +97,14 @@ def param_specs(c: EncoderConfig) -> dict[str, Any]:
     }
 
 
-def _is_spec(x) -> bool:
-    return isinstance(x, ParamSpec)
-
-
 def param_axes(c: EncoderConfig) -> dict[str, Any]:
     """Logical axis names of every parameter, in the parameter tree's structure."""
-    return jax.tree.map(lambda s: s.axes, param_specs(c), is_leaf=_is_spec)
+    return params_lib.axes(param_specs(c))
 
 
 def param_shapes(c: EncoderConfig) -> dict[str, Any]:
     """jax.ShapeDtypeStruct of every parameter (no memory allocated)."""
-    dtype = DTYPES[c.param_dtype]
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(c), is_leaf=_is_spec)
+    return params_lib.shapes(param_specs(c), DTYPES[c.param_dtype])
 
 
 def init_params(c: EncoderConfig, rng: jax.Array, scale: float = 0.02) -> dict[str, Any]:
@@ -115,18 +112,7 @@ def init_params(c: EncoderConfig, rng: jax.Array, scale: float = 0.02) -> dict[s
 
     To create them already sharded, jit this with `out_shardings`.
     """
-    leaves, treedef = jax.tree.flatten(param_specs(c), is_leaf=_is_spec)
-    keys = jax.random.split(rng, len(leaves))
-    dtype = DTYPES[c.param_dtype]
-
-    def make(spec, key):
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
-        if spec.init == "zeros":
-            return jnp.zeros(spec.shape, dtype)
-        return (scale * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
-
-    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+    return params_lib.initialise(param_specs(c), rng, DTYPES[c.param_dtype], scale)
 
 
 def layer_norm(x: jnp.ndarray, p: dict[str, jnp.ndarray], eps: float, dtype=None) -> jnp.ndarray:
