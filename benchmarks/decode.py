@@ -40,7 +40,7 @@ def bench_press(model: str, batches: list[int], new_tokens: int) -> dict:
     for batch in batches:
         with Engine.from_pretrained(model, max_slots=batch, max_seq_len=256) as engine:
             prompts = prompts_for(batch)
-            engine.generate(prompts, params)  # compile every bucket this run visits
+            engine.warmup()  # compile every shape before timing
             start = time.perf_counter()
             outs = engine.generate(prompts, params)
             wall = time.perf_counter() - start

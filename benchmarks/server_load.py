@@ -67,7 +67,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "press"), "serve", "--model", args.model, "--port", str(port),
-         "--max-slots", str(args.max_slots), "--max-seq-len", "256"],
+         "--max-slots", str(args.max_slots), "--max-seq-len", "256", "--warmup"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

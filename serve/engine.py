@@ -59,6 +59,14 @@ def power_of_two_at_least(n: int, minimum: int = 1) -> int:
     return size
 
 
+def _buckets(smallest: int, largest: int) -> list[int]:
+    """Powers of two from `smallest` up to the first that reaches `largest`, capped at it."""
+    out = [smallest]
+    while out[-1] < largest:
+        out.append(min(out[-1] * 2, largest))
+    return out
+
+
 def enable_compilation_cache(directory: str | None = None) -> str | None:
     """Point JAX's persistent compilation cache at `directory` unless the user already set one."""
     if jax.config.jax_compilation_cache_dir:
@@ -189,6 +197,7 @@ class Engine:
         self._waiting: queue.Queue[Request] = queue.Queue()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._queue_lock = threading.Lock()  # makes a group of submissions visible at once
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share between threads
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -290,16 +299,25 @@ class Engine:
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None) -> Request:
         """Queue a request; raises ValueError at once for a bad prompt or settings."""
+        request = self._prepare(prompt, params, request_id)
+        self._enqueue([request])
+        return request
+
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None = None) -> Request:
         params = params or SamplingParams()
         params.validate()
         ids = self.encode(prompt)
         self.check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-        request = Request(request_id or f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}", ids, params, seed)
+        return Request(request_id or f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}", ids, params, seed)
+
+    def _enqueue(self, requests: list[Request]) -> None:
+        """Queue requests together: the scheduler admits all of them in one turn if rows are free."""
         self._ensure_running()
-        self._waiting.put(request)
+        with self._queue_lock:
+            for r in requests:
+                self._waiting.put(r)
         self._wake.set()
-        return request
 
     def generate(
         self,
@@ -324,9 +342,11 @@ class Engine:
         pending: list[Request | RequestOutput] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                pending.append(self.submit(prompt, p))
+                pending.append(self._prepare(prompt, p))
             except ValueError as e:
                 pending.append(RequestOutput(f"prompt-{i}", [], "", [], "error", str(e)))
+        # One batch of prefills instead of a trickle of small ones (fewer calls, fewer shapes).
+        self._enqueue([r for r in pending if isinstance(r, Request)])
         outputs = []
         for item in pending:
             out = item.result() if isinstance(item, Request) else item
@@ -339,11 +359,37 @@ class Engine:
         """Text deltas of one request as they are generated."""
         return self.submit(prompt, params).deltas()
 
-    def warmup(self, prompt_lengths: Sequence[int] = (16,)) -> None:
-        """Compile prefill for these prompt buckets and decode for a full batch, ahead of traffic."""
-        params = SamplingParams(max_new_tokens=2)
-        for n in prompt_lengths:
-            self.generate([[0] * n] * self.max_slots, params)
+    def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64)) -> int:
+        """Compile every decode shape (row x slot buckets) and the prefills of these prompt buckets.
+
+        Call it before serving traffic: shapes compiled here never compile mid-request, and with
+        the persistent compilation cache a second start only loads them. Returns the number of
+        programs run.
+        """
+        if any(self._slots) or not self._waiting.empty():
+            raise RuntimeError("warmup() runs before requests are submitted")
+        rows = [r for r in _buckets(1, self.max_slots)]
+        widths = [w for w in _buckets(MIN_SEQ_BUCKET, self.max_seq_len)]
+        n = 0
+        zeros = lambda dtype: np.zeros(self.max_slots, dtype)  # noqa: E731
+        for r in rows:
+            for w in widths:  # garbage in idle rows; a prefill resets a row before it is read
+                _, self._cache = self._decode(self.params, self._cache, zeros(np.int32), zeros(np.uint32),
+                                              zeros(np.int32), zeros(np.float32), zeros(np.int32),
+                                              np.ones(self.max_slots, np.float32), r, w)
+                n += 1
+            for length in prompt_lengths:
+                width = power_of_two_at_least(length, MIN_PREFILL_BUCKET)
+                if width > self.max_seq_len:
+                    continue
+                slots = np.full(r, self.max_slots, np.int32)  # all padding rows: nothing written
+                _, self._cache = self._prefill_insert(
+                    self.params, self._cache, np.zeros((r, width), np.int32), np.ones((r, width), np.int32), slots,
+                    np.zeros(r, np.uint32), np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32),
+                )
+                n += 1
+        jax.block_until_ready(self._cache)
+        return n
 
     # --- the scheduler
 
@@ -396,11 +442,12 @@ class Engine:
         """Prefill waiting requests into free rows (lowest first), prompts of one length bucket together."""
         admitted = []
         free = [i for i, r in enumerate(self._slots) if r is None]
-        while len(admitted) < len(free):
-            try:
-                admitted.append(self._waiting.get_nowait())
-            except queue.Empty:
-                break
+        with self._queue_lock:
+            while len(admitted) < len(free):
+                try:
+                    admitted.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
         groups: dict[int, list[tuple[int, Request]]] = {}
         admitted = [r for r in admitted if not (r.cancelled and r._finish("cancelled") is None)]
         for slot, request in zip(free, admitted):
@@ -420,7 +467,7 @@ class Engine:
         return width
 
     def _prefill(self, group: list[tuple[int, Request]], width: int) -> None:
-        rows = power_of_two_at_least(len(group))  # bucketed, the padding rows are dropped
+        rows = min(power_of_two_at_least(len(group)), self.max_slots)  # bucketed; padding rows are dropped
         tokens = np.zeros((rows, width), np.int32)
         mask = np.zeros((rows, width), np.int32)
         slots = np.full(rows, self.max_slots, np.int32)

@@ -359,6 +359,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per request")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations dtype")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every batch/length shape before listening (cached for the next start)")
     return p
 
 
@@ -367,6 +369,10 @@ def run(args: argparse.Namespace) -> int:
 
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, max_slots=args.max_slots,
                                     max_seq_len=args.max_seq_len)
+    if args.warmup:
+        start = time.perf_counter()
+        programs = engine.warmup()
+        sys.stderr.write(f"press serve: {programs} programs compiled or loaded in {time.perf_counter() - start:.1f} s\n")
     try:
         serve_forever(engine, args.host, args.port, args.api_key)
     except OSError as e:  # the port is taken, the host is not ours, ...

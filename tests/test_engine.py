@@ -155,3 +155,41 @@ def test_incremental_text_equals_a_full_decode(engine):
     for prompt in [PROMPTS[1], [{"role": "user", "content": "Écris une phrase en français avec des accents, et un emoji 🌊."}]]:
         out = engine.generate([prompt], SamplingParams(max_new_tokens=40))[0]
         assert out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_a_second_process_reuses_compiled_programs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, jax
+hits = []
+jax.monitoring.register_event_listener(lambda name, **kw: hits.append(name) if 'cache_hits' in name else None)
+from serve.engine import Engine
+from serve.sampling import SamplingParams
+with Engine.from_pretrained('smollm2-135m-instruct', max_slots=1, max_seq_len=64) as e:
+    out = e.generate('Hello', SamplingParams(max_new_tokens=3))[0]
+print(json.dumps({'hits': len(hits), 'tokens': out.token_ids}))
+"""
+    env = {**os.environ, "PRESS_CACHE_DIR": str(tmp_path)}
+    env.pop("XLA_FLAGS", None)  # one device, like a serving process
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert os.listdir(tmp_path / "jax-compilation")
+    assert first["hits"] == 0 and second["hits"] >= 2  # prefill and decode came from the cache
+    assert first["tokens"] == second["tokens"]
+
+
+def test_warmup_compiles_every_shape_traffic_meets():
+    with Engine.from_pretrained("smollm2-135m-instruct", max_slots=3, max_seq_len=128) as e:
+        assert e.warmup(prompt_lengths=(16,)) == 3 * 2 + 3  # rows 1,2,3 x slots 64,128; 3 prefills
+        decode, prefill = e._decode._cache_size(), e._prefill_insert._cache_size()
+        outs = e.generate(["a", "b c", "d e f"], SamplingParams(max_new_tokens=80, ignore_eos=True))
+        assert all(len(o.token_ids) == 80 for o in outs)
+        assert (e._decode._cache_size(), e._prefill_insert._cache_size()) == (decode, prefill)
