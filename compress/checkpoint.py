@@ -198,6 +198,7 @@ class Checkpointer:
     # --- errors
 
     def _resolve_step(self, step: int | None) -> int:
+        self.wait()  # a step still being written asynchronously is read only once it is committed
         steps = self.all_steps()
         if not steps:
             raise CheckpointNotFoundError(f"no checkpoint in {self.directory}: {_describe_directory(self.directory)}")

@@ -129,3 +129,11 @@ def test_save_params_round_trip_and_never_overwrites(tmp_path):
     _assert_same(ckpt.load_params(tmp_path / "p", SHAPES, shardings), params)
     with pytest.raises(FileExistsError, match="never overwrites"):
         ckpt.save_params(tmp_path / "p", params)
+
+
+def test_restore_right_after_an_async_save_waits_for_it(tmp_path):
+    mesh = shd.make_mesh(1, 8, 1)
+    params = _params(mesh)
+    with ckpt.Checkpointer(tmp_path, async_save=True) as c:
+        c.save(100, params)  # no wait
+        _assert_same(c.restore(shapes=SHAPES, mesh=mesh, axes=AXES), params)
