@@ -28,11 +28,14 @@ def tiny_hf_model(architecture: str, seed: int = 0, **overrides):
     }[architecture]
     config = cls[0](**{**TINY, **overrides}, attn_implementation="eager")
     torch.manual_seed(seed)
-    model = cls[1](config).eval()
-    # Random (not default-initialised) norms and biases so every parameter matters.
+    return randomise_norms_and_biases(cls[1](config).eval(), "norm.weight")
+
+
+def randomise_norms_and_biases(model, norm_weight_suffix: str):
+    """Random (not default-initialised) norm scales and biases, so every parameter matters."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(norm_weight_suffix):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))

