@@ -79,6 +79,20 @@ class DecoderConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {', '.join(DTYPES)}")
 
 
+# The einsum of every projection (activations, kernel -> output). Transforms of the
+# parameters (quantization, adapters) read it to know which kernel axes are contracted.
+PROJECTIONS = {
+    "q": "BTD,DNH->BTNH",
+    "k": "BTD,DKH->BTKH",
+    "v": "BTD,DKH->BTKH",
+    "o": "BTNH,NHD->BTD",
+    "gate": "BTD,DF->BTF",
+    "up": "BTD,DF->BTF",
+    "down": "BTF,FD->BTD",
+    "lm_head": "BTD,DV->BTV",
+}
+
+
 def param_specs(c: DecoderConfig) -> dict[str, Any]:
     """The parameter tree's shapes, logical axes and initialisers, from the config alone."""
     L, D, F, V, N, K, H = c.num_layers, c.embed_dim, c.mlp_dim, c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -206,9 +220,9 @@ def forward(
         # the scan copying the whole cache in and out on every call.
         x, cache_k, cache_v, layer = carry
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q = apply_rope(dense(p["q"], h, "BTD,DNH->BTNH"), cos, sin)  # [B, T, N, H]
-        k = apply_rope(dense(p["k"], h, "BTD,DKH->BTKH"), cos, sin)  # [B, T, K, H]
-        v = dense(p["v"], h, "BTD,DKH->BTKH")  # [B, T, K, H]
+        q = apply_rope(dense(p["q"], h, PROJECTIONS["q"]), cos, sin)  # [B, T, N, H]
+        k = apply_rope(dense(p["k"], h, PROJECTIONS["k"]), cos, sin)  # [B, T, K, H]
+        v = dense(p["v"], h, PROJECTIONS["v"])  # [B, T, K, H]
         if cache_k is None:
             y = attn.causal_attention(q, k, v, allowed)  # [B, T, N, H]
         else:
@@ -217,10 +231,10 @@ def forward(
             k = attn.read_rows(cache_k, layer, b, width).astype(dtype)  # [B, W, K, H]
             v = attn.read_rows(cache_v, layer, b, width).astype(dtype)
             y = attn.grouped_query_attention(q, k, v, allowed)
-        x = x + dense(p["o"], y, "BTNH,NHD->BTD")
+        x = x + dense(p["o"], y, PROJECTIONS["o"])
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        gate = jax.nn.silu(dense(p["gate"], h, "BTD,DF->BTF"))  # [B, T, F]
-        x = x + dense(p["down"], gate * dense(p["up"], h, "BTD,DF->BTF"), "BTF,FD->BTD")
+        gate = jax.nn.silu(dense(p["gate"], h, PROJECTIONS["gate"]))  # [B, T, F]
+        x = x + dense(p["down"], gate * dense(p["up"], h, PROJECTIONS["up"]), PROJECTIONS["down"])
         return (x, cache_k, cache_v, layer + 1), (x if return_hidden else None)
 
     cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
@@ -233,7 +247,7 @@ def forward(
     if c.tie_word_embeddings:
         logits = jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(dtype), preferred_element_type=jnp.float32)
     else:
-        logits = dense(params["lm_head"], x, "BTD,DV->BTV").astype(jnp.float32)
+        logits = dense(params["lm_head"], x, PROJECTIONS["lm_head"]).astype(jnp.float32)
 
     new_cache = None
     if cache is not None:

@@ -35,6 +35,11 @@ def dense(p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
             y = compute(p, x, equation)
             break
     else:
+        if "kernel" not in p:
+            raise KeyError(
+                f"projection for {equation} has parameters {sorted(p)} and no 'kernel'; for quantized "
+                "parameters ('qkernel'), import compress.quant.weights so dense can read them"
+            )
         y = jnp.einsum(equation, x, p["kernel"].astype(x.dtype))
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
