@@ -22,6 +22,7 @@ class Pretrained:
     params: Any
     tokenizer: Any  # a transformers tokenizer (chat template included when the model has one)
     location: ModelLocation
+    quantization: str | None = None  # the scheme of a quantized directory (integer weights)
 
 
 def load_decoder(
@@ -35,11 +36,22 @@ def load_decoder(
     """Load a decoder with each parameter placed directly onto its sharding on `mesh`.
 
     Args:
-      name_or_path: a bundled name (`press models`), a Hugging Face directory or a .gguf file.
+      name_or_path: a bundled name (`press models`), a Hugging Face directory, a .gguf file, or
+        a directory written by `press quantize` (its integer weights stay integer on device).
       mesh: a (data, fsdp, tensor) mesh from `compress.sharding.make_mesh`; default one device.
       param_dtype, dtype: storage and compute dtypes ('float32', 'bfloat16', 'float16').
     """
     location = resolve(name_or_path)
+    if location.format == "hf":
+        from compress.quant import store
+
+        scheme = store.scheme_of(location.path)
+        if scheme is not None:
+            import compress.quant.weights  # noqa: F401 - teaches dense the integer projections
+
+            config, params = store.load(location.path, scheme, mesh=mesh, dtype=dtype)
+            tokenizer = load_tokenizer(location) if with_tokenizer else None
+            return Pretrained(config, params, tokenizer, location, scheme.name)
     if location.format == "gguf":
         source = GGUFFile(location.path)
         config = gguf_decoder.config_from_gguf(source)

@@ -139,6 +139,10 @@ def parser() -> argparse.ArgumentParser:
 
     offline.add_parser(sub)
     server.add_parser(sub)
+    quant = sub.add_parser("quantize", help="write a model's integer weights and scales to a directory")
+    quant.add_argument("--model", required=True, help="bundled name, Hugging Face directory or .gguf file (float)")
+    quant.add_argument("--scheme", required=True, help="quantization scheme, e.g. int8")
+    quant.add_argument("--out", required=True, help="new directory to write; serve it with --model OUT")
     return p
 
 
@@ -149,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_models(as_json=args.json)
         elif args.command == "generate":
             run_generate(_generate_config(args), as_json=args.json)
+        elif args.command == "quantize":
+            from compress.quant import store
+
+            print(json.dumps(store.quantize_model(args.model, args.scheme, args.out)))
         elif args.command == "batch":
             from serve import offline
 
@@ -157,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from serve import server
 
             return server.run(args)
-    except (cfg.ConfigError, FormatError, FileNotFoundError, ValueError) as e:
+    except (cfg.ConfigError, FormatError, FileNotFoundError, FileExistsError, ValueError) as e:
         sys.stderr.write(f"press {args.command}: error: {e}\n")
         return 2
     return 0

@@ -1,0 +1,114 @@
+"""Quantized model directories: integer weights and scales on disk, loaded without a float copy.
+
+Layout of a directory written by `save` (`press quantize --out DIR`):
+
+  config.json          the float model's Hugging Face config, plus
+                       "press_quantization": {"scheme": "int8", "format": 1}
+  model.safetensors    one tensor per leaf of press's parameter tree, named by its path
+                       ("layers/q/qkernel" int8 [L, D, N, H], "layers/q/scale" float32
+                       [L, 1, N, H], "embed" [V, D], ...); layers stay stacked
+  tokenizer files      as the model's tokenizer saves them (chat template included)
+
+Loading reads each tensor straight onto its shard in its stored dtype: int8 weights stay
+int8 on the device, and the full float model never exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from compress.formats import hf_decoder
+from compress.formats.safetensors_file import SafetensorsSet, save_file
+from compress.formats.tensor_source import FormatError
+from compress.models import decoder
+from compress.placement import Recipe, materialize
+from compress.quant import schemes
+from compress.quant.weights import quantize_params, quantized_axes
+
+KEY = "press_quantization"
+FORMAT = 1
+
+
+def quantized_shapes(config: decoder.DecoderConfig, scheme: schemes.Scheme) -> Any:
+    """ShapeDtypeStructs of the quantized tree (no memory, nothing computed)."""
+    return jax.eval_shape(lambda p: quantize_params(p, decoder.PROJECTIONS, scheme), decoder.param_shapes(config))
+
+
+def scheme_of(directory: str) -> schemes.Scheme | None:
+    """The scheme a directory was quantized with, or None for a float model."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        info = json.load(f).get(KEY)
+    if info is None:
+        return None
+    if info.get("format") != FORMAT:
+        raise FormatError(f"{path}: {KEY} format {info.get('format')!r} is not {FORMAT}, the one this press reads")
+    return schemes.get(info["scheme"])
+
+
+def save(qparams: Any, config: decoder.DecoderConfig, scheme: schemes.Scheme, directory: str, tokenizer=None) -> None:
+    """Write a quantized model directory (written beside, then renamed: never half a model)."""
+    if os.path.exists(directory):
+        raise FileExistsError(f"{directory} already exists; choose a new --out or delete it")
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".press-quantize-")
+    os.chmod(tmp, 0o755)
+    tensors = {_name(path): np.asarray(jax.device_get(leaf)) for path, leaf in jax.tree.flatten_with_path(qparams)[0]}
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "press", KEY: scheme.name})
+    hf_config = {**hf_decoder.config_to_hf(config), KEY: {"scheme": scheme.name, "format": FORMAT}}
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    os.replace(tmp, directory)
+
+
+def load(directory: str, scheme: schemes.Scheme, *, mesh: Mesh | None = None, dtype: str = "float32"):
+    """(config, quantized params) of a directory written by `save`, each leaf on its shard."""
+    config = dataclasses.replace(hf_decoder.read_config(directory), dtype=dtype)
+    shapes = quantized_shapes(config, scheme)
+    axes = quantized_axes(decoder.param_axes(config), shapes)
+    recipes = jax.tree_util.tree_map_with_path(lambda path, _: Recipe(_name(path)), shapes)
+    params = materialize(recipes, SafetensorsSet(directory), shapes, axes, mesh)
+    return config, params
+
+
+def _name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def quantize_model(name_or_path: str, scheme_name: str, out: str) -> dict:
+    """`press quantize`: load a float model, quantize it with a scheme, write `out`. Returns a summary."""
+    from compress.pretrained import load_decoder
+
+    scheme = schemes.get(scheme_name)
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} already exists; choose a new --out or delete it")
+    model = load_decoder(name_or_path)
+    if model.quantization is not None:
+        raise ValueError(
+            f"{name_or_path} is already quantized ({model.quantization}); quantize the float model it came from"
+        )
+    qparams = quantize_params(model.params, decoder.PROJECTIONS, scheme)
+    save(qparams, model.config, scheme, out, tokenizer=model.tokenizer)
+    bf16 = sum(x.size * 2 for x in jax.tree.leaves(model.params))
+    stored = sum(x.nbytes for x in jax.tree.leaves(qparams))
+    # The quantized projections alone (integers + scales) against the same matrices in bf16.
+    quantized = [p for p in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, dict) and "qkernel" in x)
+                 if isinstance(p, dict)]
+    q_bytes = sum(p["qkernel"].nbytes + p["scale"].nbytes for p in quantized)
+    q_bf16 = sum(p["qkernel"].size * 2 for p in quantized)
+    return {"model": name_or_path, "scheme": scheme.name, "out": out, "bytes": stored, "bf16_bytes": bf16,
+            "fraction_of_bf16": round(stored / bf16, 4),
+            "quantized_matrices_fraction_of_bf16": round(q_bytes / q_bf16, 4)}

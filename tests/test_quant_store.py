@@ -1,0 +1,56 @@
+"""press quantize: a stored int8 SmolLM2 directory holds int8 arrays and serves through the engine."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from compress.formats.safetensors_file import SafetensorsSet
+from compress.models import decoder
+from compress.pretrained import load_decoder
+from compress.quant import schemes, store
+from compress.quant.weights import quantize_params
+from serve import cli
+from serve.engine import Engine
+from serve.sampling import SamplingParams
+from tests.reference import PROMPTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("q") / "smollm2-int8")
+    summary = store.quantize_model("smollm2-135m-instruct", "int8", out)
+    assert summary["quantized_matrices_fraction_of_bf16"] < 0.55
+    return out
+
+
+def test_directory_holds_integers_and_documents_its_scheme(int8_dir):
+    files = SafetensorsSet(int8_dir)
+    assert files.read("layers/q/qkernel").dtype == "int8"
+    assert files.shape("layers/q/scale") == (30, 1, 9, 64)
+    with open(os.path.join(int8_dir, "config.json")) as f:
+        assert json.load(f)["press_quantization"] == {"scheme": "int8", "format": 1}
+
+
+def test_loads_as_integers_and_generates_like_the_in_memory_quantized_model(int8_dir):
+    stored = load_decoder(int8_dir)
+    assert stored.quantization == "int8"
+    assert stored.params["layers"]["down"]["qkernel"].dtype == jnp.int8
+    float_model = load_decoder("smollm2-135m-instruct")
+    in_memory = quantize_params(float_model.params, decoder.PROJECTIONS, schemes.get("int8"))
+    params = SamplingParams(max_new_tokens=16)
+    with Engine(stored.params, stored.config, stored.tokenizer, max_slots=4, max_seq_len=128) as a, \
+            Engine(in_memory, float_model.config, float_model.tokenizer, max_slots=4, max_seq_len=128) as b:
+        assert [o.token_ids for o in a.generate(PROMPTS, params)] == [o.token_ids for o in b.generate(PROMPTS, params)]
+
+
+def test_quantize_command_refuses_bad_requests(int8_dir, tmp_path, capsys):
+    assert cli.main(["quantize", "--model", int8_dir, "--scheme", "int8", "--out", str(tmp_path / "again")]) == 2
+    assert "already quantized (int8)" in capsys.readouterr().err
+    assert cli.main(["quantize", "--model", "smollm2-135m-instruct", "--scheme", "int5", "--out", str(tmp_path / "x")]) == 2
+    assert "valid schemes: int8" in capsys.readouterr().err
+    assert cli.main(["quantize", "--model", "smollm2-135m-instruct", "--scheme", "int8", "--out", int8_dir]) == 2
+    assert "already exists" in capsys.readouterr().err
