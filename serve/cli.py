@@ -135,9 +135,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="a string that ends the text (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings)")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
-    from serve import offline, server
+    from serve import batch, server
 
-    offline.add_parser(sub)
+    batch.add_parser(sub)
     server.add_parser(sub)
     quant = sub.add_parser("quantize", help="write a model's integer weights and scales to a directory")
     quant.add_argument("--model", required=True, help="bundled name, Hugging Face directory or .gguf file (float)")
@@ -158,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(json.dumps(store.quantize_model(args.model, args.scheme, args.out)))
         elif args.command == "batch":
-            from serve import offline
+            from serve import batch
 
-            return offline.run(args)
+            return batch.run(args)
         elif args.command == "serve":
             from serve import server
 

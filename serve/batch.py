@@ -1,0 +1,421 @@
+"""Offline batch jobs: a JSONL file of prompts through the engine into a JSONL file of results.
+
+  press batch --model M --input prompts.jsonl --output results.jsonl [--errors FILE]
+              [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR ...]
+              [--max-slots N] [--max-seq-len N] [--dtype float32] [--no-progress] [--distributed]
+
+Input: one JSON object per line with an "id" (string or integer, unique in the file) and
+either a "prompt" string or chat "messages" ([{"role", "content"}, ...]). An optional
+"sampling" object overrides the command line's SamplingParams fields for that line
+(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids, ignore_eos).
+
+Output: one line per finished request, written whole and flushed as it finishes (completion
+order, not input order):
+  {"id", "text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason"}
+A killed job loses at most the requests in flight. Rerunning the same command resumes: ids
+already in the output are skipped, after a torn last line (a run killed mid-write) is cut off.
+
+Errors: a line that cannot run (bad JSON or UTF-8, no id, a duplicate id, neither prompt nor
+messages, bad sampling values, too long for the context, or a failure in the engine) goes to
+the errors file as {"line": N (1-based), "id": ... or null, "error": message} and the job goes
+on. Each run rewrites that file, so it lists exactly the lines still not done. Every input
+line is accounted for in the summary:
+
+  ok + skipped (already in the output) + errors + blank == lines
+
+Requests are submitted in a window of 4 x max_slots, refilled as each one finishes, so the
+engine always has work queued and a huge input is never all in memory.
+
+Parallelism: when a host has more than one device, the engine's mesh puts its data axis over
+all of them (`make_mesh(data=-1, fsdp=1, tensor=1)`), so the decode rows are split between
+devices; --max-slots is rounded up to a multiple of the device count. On a multi-host pod,
+start the same command on every host with --distributed (it calls jax.distributed.initialize()):
+process i of n takes the lines whose 1-based number satisfies number % n == i and writes
+OUTPUT.part{i} (and its own errors file); each process serves its share with its local
+devices. Concatenate the parts afterwards. Only the single-process path is tested here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from serve.sampling import SamplingParams
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+WINDOW_PER_SLOT = 4  # requests in flight per engine row
+POLL_SECONDS = 0.02  # how long to wait on one request before checking the others
+PROGRESS_SECONDS = 0.1  # least time between two progress bar updates
+
+
+class LineError(ValueError):
+    """An input line that cannot run; the message says what is wrong with it."""
+
+
+# --- reading the input and the previous output
+
+
+def parse_line(obj: Any) -> tuple[Any, Any, dict]:
+    """(id, prompt or messages, sampling overrides) of one decoded input line, or LineError.
+
+    Checks JSON types only; SamplingParams checks the values' ranges and the engine the
+    prompt's length.
+    """
+    if not isinstance(obj, dict):
+        raise LineError(f"expected a JSON object, got {type(obj).__name__}")
+    line_id = parse_id(obj)
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise LineError("needs exactly one of 'prompt' (a string) or 'messages' (a chat list)")
+    if has_prompt:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise LineError(f"'prompt' must be a non-empty string, got {prompt!r:.80}")
+    else:
+        prompt = obj["messages"]
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+            raise LineError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    overrides = obj.get("sampling", {})
+    if not isinstance(overrides, dict):
+        raise LineError(f"'sampling' must be an object, got {type(overrides).__name__}")
+    unknown = sorted(set(overrides) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise LineError(f"unknown sampling field(s) {unknown}; valid: {list(SAMPLING_FIELDS)}")
+    for name, value in overrides.items():
+        _check_sampling_type(name, value)
+    return line_id, prompt, overrides
+
+
+def parse_id(obj: dict) -> Any:
+    line_id = obj.get("id")
+    if isinstance(line_id, bool) or not isinstance(line_id, (str, int)) or line_id == "":
+        raise LineError(f"needs an 'id' that is a non-empty string or an integer, got {line_id!r:.80}")
+    return line_id
+
+
+def _check_sampling_type(name: str, value: Any) -> None:
+    """JSON types SamplingParams would coerce or let through (true as 1, "3" as a token id)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = {
+        "max_new_tokens": is_int,
+        "top_k": is_int,
+        "seed": value is None or is_int,
+        "temperature": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "top_p": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "stop": isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)),
+        "stop_token_ids": isinstance(value, list)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value),
+        "ignore_eos": isinstance(value, bool),
+    }[name]
+    if not ok:
+        want = {"stop": "a string or a list of strings", "stop_token_ids": "a list of token ids (integers >= 0)",
+                "ignore_eos": "true or false", "seed": "an integer or null"}
+        kind = want.get(name, "an integer" if name in ("max_new_tokens", "top_k") else "a number")
+        raise LineError(f"bad sampling: {name} must be {kind}, got {value!r:.80}")
+
+
+def id_key(line_id: Any) -> str:
+    """A hashable key that keeps 2 and "2" apart."""
+    return json.dumps(line_id)
+
+
+def read_done_ids(output_path: str) -> set[str]:
+    """Keys (id_key) of the ids already in an output file; a torn last line is cut off first.
+
+    A run killed while writing leaves a last line without its newline: the file is truncated
+    to its last newline so appending starts on a fresh line (that request runs again).
+    """
+    if not os.path.exists(output_path):
+        return set()
+    with open(output_path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:  # back to just after the last newline, a block at a time
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                end = start + cut + 1
+                break
+            end = start
+        if end < f.seek(0, os.SEEK_END):
+            f.truncate(end)
+    done = set()
+    with open(output_path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                done.add(id_key(json.loads(raw)["id"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{output_path}:{number}: not a result line of press batch ({type(e).__name__}: {e}); "
+                    "pass a new --output or fix that line"
+                ) from None
+    return done
+
+
+def default_errors_path(output_path: str) -> str:
+    root = output_path[: -len(".jsonl")] if output_path.endswith(".jsonl") else output_path
+    return root + ".errors.jsonl"
+
+
+# --- the job
+
+
+def run_batch(
+    engine,
+    input_path: str,
+    output_path: str,
+    errors_path: str | None = None,
+    defaults: SamplingParams = SamplingParams(),
+    progress: bool = True,
+    *,
+    window: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> dict:
+    """Run the JSONL job `input_path` through `engine`, appending results to `output_path`.
+
+    Args:
+      engine: a serve.engine.Engine (its scheduler starts on the first submission).
+      errors_path: JSONL of the lines that could not run (default: OUTPUT with .errors.jsonl);
+        rewritten by every run.
+      defaults: the sampling settings each line's "sampling" object overrides.
+      progress: show a progress bar with live tokens/s on stderr, and a summary line at the end.
+      window: requests in flight at once (default 4 x engine.max_slots).
+      shard: (index, count): take only the lines whose 1-based number % count == index.
+    Returns:
+      The summary: lines, blank, skipped, ok, errors (ok + skipped + errors + blank == lines),
+      requests (sent to the engine), generated_tokens, wall_seconds, tokens_per_second,
+      requests_per_second (finished ok per second), output, errors_file.
+    """
+    errors_path = errors_path or default_errors_path(output_path)
+    for other, what in ((output_path, "--output"), (errors_path, "--errors")):
+        if os.path.exists(other) and os.path.exists(input_path) and os.path.samefile(other, input_path):
+            raise ValueError(f"{what} {other} is the input file; pass another path")
+    if os.path.abspath(errors_path) == os.path.abspath(output_path):
+        raise ValueError(f"the errors file and the output are the same file ({output_path})")
+    index, count = shard
+    window = window or WINDOW_PER_SLOT * engine.max_slots
+    done_before = read_done_ids(output_path)
+    counts = {"lines": 0, "blank": 0, "skipped": 0, "ok": 0, "errors": 0, "requests": 0, "generated_tokens": 0}
+    first_line: dict[str, int] = {}  # id key -> the line that used it first
+    in_flight: list[tuple[int, Any, Any]] = []  # (line, id, Request)
+    bar = _Progress(input_path, shard) if progress else None
+    start = time.perf_counter()
+
+    with open(input_path, "rb") as lines, open(output_path, "a", encoding="utf-8") as out, \
+            open(errors_path, "w", encoding="utf-8") as errors:
+
+        def error(number: int, message: str, line_id: Any = None) -> None:
+            errors.write(json.dumps({"line": number, "id": line_id, "error": message}, ensure_ascii=False) + "\n")
+            errors.flush()
+            counts["errors"] += 1
+
+        def show(force: bool = False) -> None:
+            if bar is not None:
+                handled = counts["ok"] + counts["skipped"] + counts["errors"]
+                live = counts["generated_tokens"] + sum(len(r.token_ids) for _, _, r in in_flight)  # partial ones too
+                bar.update(handled, live, time.perf_counter() - start, force)
+
+        def collect(block: bool) -> None:
+            """Write the finished requests; with block, first wait until at least one finishes."""
+            while block and in_flight and not any(r.done for _, _, r in in_flight):
+                try:
+                    in_flight[0][2].result(timeout=POLL_SECONDS)
+                except TimeoutError:
+                    pass
+                show()
+            finished, running = [], []
+            for item in in_flight:  # read `done` once per request: it may turn true meanwhile
+                (finished if item[2].done else running).append(item)
+            in_flight[:] = running
+            for number, line_id, request in finished:
+                result = request.result()
+                if result.finish_reason != "error":
+                    out.write(json.dumps(_result_line(line_id, result), ensure_ascii=False) + "\n")
+                    out.flush()
+                    counts["ok"] += 1
+                    counts["generated_tokens"] += len(result.token_ids)
+                else:
+                    error(number, f"engine: {result.error}", line_id)
+            show()
+
+        try:
+            for number, raw in enumerate(lines, 1):
+                if number % count != index:
+                    continue
+                counts["lines"] += 1
+                if not raw.strip():
+                    counts["blank"] += 1
+                    continue
+                line_id = None
+                try:
+                    try:
+                        obj = json.loads(raw)
+                    except UnicodeDecodeError as e:
+                        raise LineError(f"not valid UTF-8: {e}") from None
+                    except json.JSONDecodeError as e:
+                        raise LineError(f"not valid JSON: {e}") from None
+                    if isinstance(obj, dict):
+                        line_id = parse_id(obj)
+                        key = id_key(line_id)
+                        if key in first_line:
+                            raise LineError(f"duplicate id {line_id!r} (first on line {first_line[key]})")
+                        first_line[key] = number
+                        if key in done_before:
+                            counts["skipped"] += 1
+                            show()
+                            continue
+                    _, prompt, overrides = parse_line(obj)
+                    try:
+                        sampling = dataclasses.replace(defaults, **overrides)
+                    except (TypeError, ValueError) as e:
+                        raise LineError(f"bad sampling: {e}") from None
+                    request = engine.submit(prompt, sampling, request_id=str(line_id))
+                except ValueError as e:  # LineError, or the engine refusing the prompt (too long, ...)
+                    error(number, str(e), line_id)
+                    show()
+                    continue
+                counts["requests"] += 1
+                in_flight.append((number, line_id, request))
+                collect(block=len(in_flight) >= window)
+            while in_flight:
+                collect(block=True)
+        finally:
+            for _, _, request in in_flight:  # interrupted: do not leave the engine working for nobody
+                request.cancel()
+            show(force=True)
+            if bar is not None:
+                bar.close()
+
+    wall = time.perf_counter() - start
+    if counts["ok"] + counts["skipped"] + counts["errors"] + counts["blank"] != counts["lines"]:
+        raise RuntimeError(f"press batch lost track of some lines: {counts}")  # a bug, never the input's fault
+    summary = {
+        **counts,
+        "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(counts["generated_tokens"] / wall, 2) if wall > 0 else 0.0,
+        "requests_per_second": round(counts["ok"] / wall, 3) if wall > 0 else 0.0,
+        "output": output_path,
+        "errors_file": errors_path,
+    }
+    if progress:
+        sys.stderr.write(summary_line(summary) + "\n")
+    return summary
+
+
+def _result_line(line_id: Any, result) -> dict:
+    return {
+        "id": line_id,
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "prompt_tokens": len(result.prompt_token_ids),
+        "completion_tokens": len(result.token_ids),
+        "finish_reason": result.finish_reason,
+    }
+
+
+def summary_line(s: dict) -> str:
+    errors = f"{s['errors']} errors (see {s['errors_file']})" if s["errors"] else "0 errors"
+    return (
+        f"{s['lines']} lines: {s['ok']} done, {s['skipped']} already done, {errors}, {s['blank']} blank; "
+        f"{s['requests']} requests, {s['generated_tokens']} tokens in {s['wall_seconds']:.1f} s: "
+        f"{s['tokens_per_second']:.1f} tokens/s, {s['requests_per_second']:.2f} requests/s"
+    )
+
+
+class _Progress:
+    """A rich progress bar on stderr: lines handled of this shard's non-blank lines, live tokens/s."""
+
+    def __init__(self, input_path: str, shard: tuple[int, int]):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        index, count = shard
+        with open(input_path, "rb") as f:
+            total = sum(1 for number, raw in enumerate(f, 1) if number % count == index and raw.strip())
+        self.progress = Progress(
+            TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"), console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task("batch", total=total, rate="")
+        self.last = 0.0
+        self.progress.start()
+
+    def update(self, handled: int, tokens: int, elapsed: float, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            rate = f"{tokens / elapsed:.1f} tokens/s" if elapsed > 0 else ""
+            self.progress.update(self.task, completed=handled, rate=rate)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+# --- the command
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("batch", help="run a JSONL file of prompts offline (resumable)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="bundled name, Hugging Face directory or .gguf file")
+    p.add_argument("--input", required=True, help='JSONL: {"id", "prompt" | "messages", "sampling"?} per line')
+    p.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
+    p.add_argument("--errors", help="JSONL of the lines that could not run (default: OUTPUT with .errors.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, help="sampling seed of every line (default: a random one per line)")
+    p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
+                   help="strings that end the text")
+    p.add_argument("--max-slots", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens per request")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary line on stderr")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host pods: one process per host)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """`press batch`; exit status 0 when every line is done, 1 when some are in the errors file."""
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    from compress import sharding as shd
+    from serve.engine import Engine
+
+    defaults = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"{args.input}: no such input file")
+    output, errors, shard = args.output, args.errors, (0, 1)
+    if jax.process_count() > 1:
+        shard = (jax.process_index(), jax.process_count())
+        output = f"{args.output}.part{shard[0]}"
+        errors = errors and f"{errors}.part{shard[0]}"
+    local = jax.local_devices()
+    mesh, max_slots = None, args.max_slots
+    if len(local) > 1:
+        mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=local)
+        max_slots = -(-max_slots // len(local)) * len(local)  # rows split evenly, else they are replicated
+        if max_slots != args.max_slots:
+            sys.stderr.write(f"press batch: --max-slots {args.max_slots} rounded up to {max_slots}, "
+                             f"a multiple of the {len(local)} devices\n")
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, max_slots=max_slots,
+                                    max_seq_len=args.max_seq_len)
+    with engine:
+        summary = run_batch(engine, args.input, output, errors, defaults, progress=not args.no_progress, shard=shard)
+    print(json.dumps(summary))
+    return 1 if summary["errors"] else 0
