@@ -76,6 +76,10 @@ def test_same_seed_same_tokens_regardless_of_row():
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(seed=-1), "seed"),
         (dict(stop=("",)), "stop"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(seed=True), "seed"),
+        (dict(stop_token_ids=("3",)), "stop_token_ids"),
+        (dict(ignore_eos="no"), "ignore_eos"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs, field):
