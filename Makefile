@@ -58,6 +58,7 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/prefill.py --out bench-results/prefill.json
 	$(BIN)/python benchmarks/decode.py --out bench-results/decode.json
 	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --out bench-results/server.json
+	$(BIN)/python benchmarks/quant.py --schemes int8 --out bench-results/quant.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache
