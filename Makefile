@@ -45,6 +45,9 @@ demo: install
 	$(BIN)/press batch --model smollm2-135m-instruct --input configs/demo-prompts.jsonl \
 		--output out/demo-results.jsonl --max-new-tokens 48 --max-slots 8 --max-seq-len 256
 	@head -c 600 out/demo-results.jsonl; echo
+	@test -d out/smollm2-int8 || $(BIN)/press quantize --model smollm2-135m-instruct --scheme int8 --out out/smollm2-int8
+	@echo "--- the same question to the int8 model, served from its stored integer weights:"
+	$(BIN)/press generate --config configs/demo.yaml model.name=out/smollm2-int8
 
 test: install $(VENV)/.test
 	$(BIN)/python -m pytest -q tests
