@@ -178,6 +178,7 @@ class Engine:
         max_seq_len: int | None = None,
         name: str = "model",
         compilation_cache: bool = True,
+        kv_cache: str | None = None,
     ):
         if max_slots < 1:
             raise ValueError(f"max_slots must be at least 1, got {max_slots}")
@@ -186,6 +187,9 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
         self.eos_ids = frozenset(int(e) for e in config.eos_token_ids)
         self.mesh = mesh
+        if kv_cache not in (None, "int8"):
+            raise ValueError(f"kv_cache={kv_cache!r}; choose None (the compute dtype) or 'int8'")
+        self.kv_cache = kv_cache
         if compilation_cache:
             enable_compilation_cache()
         self._cache = self._new_cache()
@@ -218,20 +222,28 @@ class Engine:
         from compress.pretrained import load_decoder
 
         model = load_decoder(name_or_path, mesh=mesh, param_dtype=param_dtype or dtype, dtype=dtype)
+        if model.quantization is not None and "kv_cache" not in kwargs:
+            from compress.quant import schemes
+
+            # A directory quantized with '+kv-int8' (or 'kv-int8') is served with an int8 cache.
+            kwargs["kv_cache"] = "int8" if schemes.get(model.quantization).kv_bits else None
         return cls(model.params, model.config, model.tokenizer, mesh=mesh, name=name_or_path, **kwargs)
 
     # --- the compiled steps
 
     def _new_cache(self) -> KVCache:
-        cache = decoder.init_cache(self.config, self.max_slots, self.max_seq_len)
+        cache = decoder.init_cache(self.config, self.max_slots, self.max_seq_len, quantized=self.kv_cache == "int8")
         if self.mesh is None:
             return cache
+        scale_axes = ("layers", "batch", "seq", "kv_heads") if cache.quantized else None
         axes = KVCache(
             k=("layers", "batch", "seq", "kv_heads", "head_dim"),
             v=("layers", "batch", "seq", "kv_heads", "head_dim"),
             valid=("batch", "seq"),
             index=("batch",),
             lengths=("batch",),
+            k_scale=scale_axes,
+            v_scale=scale_axes,
         )
         shardings = shd.tree_shardings(self.mesh, axes, cache)
         return jax.device_put(cache, shardings)
@@ -242,7 +254,7 @@ class Engine:
         Rows whose slot is out of range (max_slots) are padding: computed, never written.
         """
         n, t = tokens.shape
-        fresh = decoder.init_cache(self.config, n, t, cache.k.dtype)
+        fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized)
         out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh, last_logits_only=True)
         first = sample(out.logits[:, -1], seeds, jnp.zeros((n,), jnp.int32), temperature, top_k, top_p)
         new = out.cache
@@ -253,6 +265,8 @@ class Engine:
             valid=cache.valid.at[slots].set(row_valid, mode="drop"),
             index=cache.index.at[slots].set(t, mode="drop"),
             lengths=cache.lengths.at[slots].set(new.lengths, mode="drop"),
+            k_scale=None if new.k_scale is None else cache.k_scale.at[:, slots, :t].set(new.k_scale, mode="drop"),
+            v_scale=None if new.v_scale is None else cache.v_scale.at[:, slots, :t].set(new.v_scale, mode="drop"),
         )
         return first, cache
 

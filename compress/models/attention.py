@@ -11,6 +11,13 @@ layer scan slices it like the parameters):
   index   [B]              the next slot each row writes
   lengths [B]              real tokens seen so far = the next position id
 
+An int8 cache (kv-int8) stores k and v as int8 with one float32 scale per token and head,
+
+  k_scale, v_scale  [L, B, S, K]   k = k_int8 * k_scale[..., None]  (symmetric, absmax / 127)
+
+about 0.53 of a bfloat16 cache's bytes; vectors are quantized as they are written and
+dequantized as they are read, so attention itself runs in the compute dtype.
+
 Rows advance independently (`index` is per row), which lets a scheduler fill a
 freed row with a new request while the others keep decoding.
 """
@@ -29,21 +36,69 @@ class KVCache:
     valid: jnp.ndarray  # [B, S] bool
     index: jnp.ndarray  # [B] int32
     lengths: jnp.ndarray  # [B] int32
+    k_scale: jnp.ndarray | None = None  # [L, B, S, K] float32, int8 caches only
+    v_scale: jnp.ndarray | None = None
 
     @classmethod
-    def zeros(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32):
+    def zeros(
+        cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32,
+        quantized: bool = False,
+    ):
+        """An empty cache; quantized=True stores int8 vectors with per-token, per-head scales."""
         shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        # Two arrays, never one shared: the engine donates the cache, and a buffer donated twice fails.
+        scales = lambda: jnp.ones(shape[:-1], jnp.float32) if quantized else None
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=jnp.zeros(shape, jnp.int8 if quantized else dtype),
+            v=jnp.zeros(shape, jnp.int8 if quantized else dtype),
             valid=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((batch,), jnp.int32),
             lengths=jnp.zeros((batch,), jnp.int32),
+            k_scale=scales(),
+            v_scale=scales(),
         )
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key/value vectors and their scales."""
+        arrays = (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ())
+        return sum(a.size * a.dtype.itemsize for a in arrays)
+
+
+def quantize_heads(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """[..., H] float -> (int8 [..., H], float32 scale [...]): symmetric absmax per vector."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def store_kv(values, scales, layer, new, index):
+    """Write new [B, T, K, H] at `layer`, slots index[b] + t; int8 caches quantize it first.
+
+    Returns the updated (values, scales); scales is None for a float cache.
+    """
+    if scales is None:
+        return scatter_rows(values, layer, new, index), None
+    q, s = quantize_heads(new)  # [B, T, K, H], [B, T, K]
+    return scatter_rows(values, layer, q, index), scatter_rows(scales, layer, s, index)
+
+
+def load_kv(values, scales, layer, rows: int, width: int, dtype) -> jnp.ndarray:
+    """[rows, width, K, H] in `dtype` from layer `layer` (dequantized for an int8 cache)."""
+    x = read_rows(values, layer, rows, width)
+    if scales is None:
+        return x.astype(dtype)
+    s = jax.lax.dynamic_slice(scales, (layer, 0, 0, 0), (1, rows, width, scales.shape[-1]))[0]  # [rows, W, K]
+    return (x.astype(jnp.float32) * s[..., None]).astype(dtype)
 
 
 def write_rows(cache_layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:

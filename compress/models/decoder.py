@@ -149,15 +149,42 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def decoder_layer(p: dict[str, Any], x: jnp.ndarray, c: DecoderConfig, cos, sin, attend) -> tuple[jnp.ndarray, dict]:
+    """One pre-norm layer: x + attention, then x + SwiGLU MLP.
+
+    Args:
+      p: one layer's parameters (a slice of `layers`).
+      x: [B, T, D] residual stream.
+      cos, sin: [B, T, H] rotary tables of the T positions.
+      attend: (q [B, T, N, H], k, v [B, T, K, H]) -> [B, T, N, H]; owns masking and any cache.
+    Returns:
+      The new residual stream [B, T, D] and the input of every projection by name (what
+      calibration needs, e.g. GPTQ's Hessians; unused outputs cost nothing under jit).
+    """
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)  # [B, T, D]
+    q = apply_rope(dense(p["q"], h, PROJECTIONS["q"]), cos, sin)  # [B, T, N, H]
+    k = apply_rope(dense(p["k"], h, PROJECTIONS["k"]), cos, sin)  # [B, T, K, H]
+    v = dense(p["v"], h, PROJECTIONS["v"])  # [B, T, K, H]
+    y = attend(q, k, v)  # [B, T, N, H]
+    x = x + dense(p["o"], y, PROJECTIONS["o"])
+    h_mlp = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    hidden = jax.nn.silu(dense(p["gate"], h_mlp, PROJECTIONS["gate"])) * dense(p["up"], h_mlp, PROJECTIONS["up"])  # [B, T, F]
+    x = x + dense(p["down"], hidden, PROJECTIONS["down"])
+    inputs = {"q": h, "k": h, "v": h, "o": y, "gate": h_mlp, "up": h_mlp, "down": hidden}
+    return x, inputs
+
+
 class DecoderOutput(NamedTuple):
     logits: jnp.ndarray  # [B, T, V] float32
     cache: attn.KVCache | None  # the updated cache when one was passed in
     hidden_states: jnp.ndarray | None  # [L+1, B, T, D] residual stream after embedding and each layer
 
 
-def init_cache(c: DecoderConfig, batch: int, max_len: int, dtype=None) -> attn.KVCache:
-    """An empty key/value cache of `max_len` slots per row."""
-    return attn.KVCache.zeros(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype or DTYPES[c.dtype])
+def init_cache(c: DecoderConfig, batch: int, max_len: int, dtype=None, quantized: bool = False) -> attn.KVCache:
+    """An empty key/value cache of `max_len` slots per row (int8 with per-head scales if quantized)."""
+    return attn.KVCache.zeros(
+        c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype or DTYPES[c.dtype], quantized=quantized
+    )
 
 
 def forward(
@@ -218,28 +245,29 @@ def forward(
     def block(carry, p):
         # The cache rides in the carry, so each layer updates its slots in place instead of
         # the scan copying the whole cache in and out on every call.
-        x, cache_k, cache_v, layer = carry
-        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q = apply_rope(dense(p["q"], h, PROJECTIONS["q"]), cos, sin)  # [B, T, N, H]
-        k = apply_rope(dense(p["k"], h, PROJECTIONS["k"]), cos, sin)  # [B, T, K, H]
-        v = dense(p["v"], h, PROJECTIONS["v"])  # [B, T, K, H]
-        if cache_k is None:
-            y = attn.causal_attention(q, k, v, allowed)  # [B, T, N, H]
-        else:
-            cache_k = attn.scatter_rows(cache_k, layer, k, start)  # [L, R, S, K, H]
-            cache_v = attn.scatter_rows(cache_v, layer, v, start)
-            k = attn.read_rows(cache_k, layer, b, width).astype(dtype)  # [B, W, K, H]
-            v = attn.read_rows(cache_v, layer, b, width).astype(dtype)
-            y = attn.grouped_query_attention(q, k, v, allowed)
-        x = x + dense(p["o"], y, PROJECTIONS["o"])
-        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        gate = jax.nn.silu(dense(p["gate"], h, PROJECTIONS["gate"]))  # [B, T, F]
-        x = x + dense(p["down"], gate * dense(p["up"], h, PROJECTIONS["up"]), PROJECTIONS["down"])
-        return (x, cache_k, cache_v, layer + 1), (x if return_hidden else None)
+        x, (cache_k, k_scale), (cache_v, v_scale), layer = carry
 
-    cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
+        def attend(q, k, v):  # [B, T, N, H], [B, T, K, H] x2 -> [B, T, N, H]
+            nonlocal cache_k, cache_v, k_scale, v_scale
+            if cache_k is None:
+                return attn.causal_attention(q, k, v, allowed)
+            cache_k, k_scale = attn.store_kv(cache_k, k_scale, layer, k, start)  # [L, R, S, K, H]
+            cache_v, v_scale = attn.store_kv(cache_v, v_scale, layer, v, start)
+            k = attn.load_kv(cache_k, k_scale, layer, b, width, dtype)  # [B, W, K, H]
+            v = attn.load_kv(cache_v, v_scale, layer, b, width, dtype)
+            return attn.grouped_query_attention(q, k, v, allowed)
+
+        x, _ = decoder_layer(p, x, c, cos, sin, attend)
+        return (x, (cache_k, k_scale), (cache_v, v_scale), layer + 1), (x if return_hidden else None)
+
+    if cache is not None:
+        cache_kv = ((cache.k, cache.k_scale), (cache.v, cache.v_scale))
+    else:
+        cache_kv = ((None, None), (None, None))
     x_embedded = x
-    (x, new_k, new_v, _), hidden = jax.lax.scan(block, (x, *cache_kv, jnp.int32(0)), params["layers"])
+    (x, (new_k, new_k_scale), (new_v, new_v_scale), _), hidden = jax.lax.scan(
+        block, (x, *cache_kv, jnp.int32(0)), params["layers"]
+    )
 
     if last_logits_only:
         x = x[:, -1:]
@@ -257,6 +285,8 @@ def forward(
             valid=cache.valid.at[:b].set(row_valid),
             index=cache.index.at[:b].add(t),
             lengths=cache.lengths.at[:b].add(mask.sum(axis=1).astype(jnp.int32)),
+            k_scale=new_k_scale,
+            v_scale=new_v_scale,
         )
     hidden_states = jnp.concatenate([x_embedded[None], hidden], axis=0) if return_hidden else None
     return DecoderOutput(logits.astype(jnp.float32), new_cache, hidden_states)
