@@ -32,7 +32,7 @@ def test_directory_holds_integers_and_documents_its_scheme(int8_dir):
     assert files.read("layers/q/qkernel").dtype == "int8"
     assert files.shape("layers/q/scale") == (30, 1, 9, 64)
     with open(os.path.join(int8_dir, "config.json")) as f:
-        assert json.load(f)["press_quantization"] == {"scheme": "int8", "format": 1}
+        assert json.load(f)["press_quantization"] == {"scheme": "int8", "keep_float": ["lm_head"], "format": 1}
 
 
 def test_loads_as_integers_and_generates_like_the_in_memory_quantized_model(int8_dir):
@@ -54,3 +54,38 @@ def test_quantize_command_refuses_bad_requests(int8_dir, tmp_path, capsys):
     assert "valid schemes: int8" in capsys.readouterr().err
     assert cli.main(["quantize", "--model", "smollm2-135m-instruct", "--scheme", "int8", "--out", int8_dir]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["int4-g64+kv-int8", "int4-g32-asym", "w8a8"])
+def test_every_scheme_stores_reloads_and_serves(scheme, tmp_path):
+    out = str(tmp_path / scheme)
+    summary = store.quantize_model("smollm2-135m-instruct", scheme, out)
+    stored = load_decoder(out)
+    assert stored.quantization == scheme
+    q = stored.params["layers"]["gate"]
+    if scheme.startswith("int4"):
+        assert q["qkernel"].dtype == (jnp.uint4 if "asym" in scheme else jnp.int4)
+        assert summary["quantized_matrices_fraction_of_bf16"] <= (0.32 if "asym" in scheme else 0.29)
+        info = SafetensorsSet(out)
+        assert info.shape("layers/gate/qkernel") == ((30 * 576 * 1536 + 1) // 2,)  # two int4 per byte on disk
+    else:
+        assert q["qkernel"].dtype == jnp.int8
+    float_model = load_decoder("smollm2-135m-instruct")
+    in_memory = quantize_params(float_model.params, decoder.PROJECTIONS, schemes.get(scheme))
+    params = SamplingParams(max_new_tokens=12)
+    with Engine.from_pretrained(out, max_slots=2, max_seq_len=128) as a, \
+            Engine(in_memory, float_model.config, float_model.tokenizer, max_slots=2, max_seq_len=128,
+                   kv_cache="int8" if "kv-int8" in scheme else None) as b:
+        assert a.kv_cache == ("int8" if "kv-int8" in scheme else None)
+        got, want = a.generate(PROMPTS[:2], params), b.generate(PROMPTS[:2], params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert all(o.finish_reason in ("length", "stop") and o.text for o in got)
+
+
+def test_kv_int8_alone_keeps_float_weights_and_an_int8_cache(tmp_path):
+    out = str(tmp_path / "kv")
+    store.quantize_model("smollm2-135m-instruct", "kv-int8", out)
+    with Engine.from_pretrained(out, max_slots=1, max_seq_len=64) as engine:
+        assert engine.kv_cache == "int8" and engine._cache.k.dtype == jnp.int8
+        assert engine.params["layers"]["q"]["kernel"].dtype == jnp.float32
+        assert engine.generate("The capital of France is", SamplingParams(max_new_tokens=4))[0].token_ids

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from aqt.jax.v2 import aqt_tensor
 from aqt.jax.v2 import config as aqt_config
-
-
-@functools.cache
-def _weight_only_config(bits: int):
-    """AQT dot_general config: activations stay float, the right-hand side is `bits`-bit integer."""
-    return aqt_config.dot_general_make(lhs_bits=None, rhs_bits=bits)
+from aqt.jax.v2 import tiled_dot_general
+from aqt.jax.v2.numerics import utils as aqt_numerics
 
 
 def einsum_dimension_numbers(equation: str) -> tuple:
@@ -36,16 +33,141 @@ def einsum_dimension_numbers(equation: str) -> tuple:
     return ((tuple(lhs.index(c) for c in contracted), tuple(rhs.index(c) for c in contracted)), ((), ()))
 
 
-def int_weight_einsum(equation: str, x: jnp.ndarray, qvalue: jnp.ndarray, scale: jnp.ndarray, bits: int) -> jnp.ndarray:
+def int_weight_einsum(
+    equation: str, x: jnp.ndarray, qvalue: jnp.ndarray, scale: jnp.ndarray, bits: int, activation_bits: int | None = None
+) -> jnp.ndarray:
     """einsum(equation, x, qvalue * scale) with the integer weights fed to AQT as they are stored.
 
     qvalue: integer weights in the kernel's layout; scale: float, the kernel's shape with the
-    contracted axes of size 1. No float copy of the weights exists outside this matmul.
+    contracted axes of size 1. With activation_bits, AQT quantizes x per token on the fly and
+    the product runs on integers (w8a8). No float copy of the weights exists outside this matmul.
     """
     dimension_numbers = einsum_dimension_numbers(equation)
+    return _dg_core(x, qvalue, scale, dimension_numbers, bits, activation_bits)
+
+
+def _dg_core(x, qvalue, scale, dimension_numbers, bits, activation_bits=None):
     qt = aqt_tensor.QTensor(qvalue=qvalue, scale=[scale.astype(x.dtype)], scale_t=None, bias=[], dequant_dtype=x.dtype)
     placeholder = jnp.zeros(qvalue.shape, x.dtype)  # AQT wants the float operand's shape; unused, compiled away
-    out, _ = _weight_only_config(bits).dg_core(
+    out, _ = _config(bits, activation_bits).dg_core(
         lhs=x, rhs=placeholder, lhs_qt=None, rhs_qt=qt, dimension_numbers=dimension_numbers
     )
+    return out.astype(x.dtype)
+
+
+def grouped_int_weight_einsum(
+    equation: str,
+    x: jnp.ndarray,
+    qvalue: jnp.ndarray,
+    group_scale: jnp.ndarray,
+    group_offset: jnp.ndarray | None,
+    group_size: int,
+    bits: int,
+) -> jnp.ndarray:
+    """einsum(equation, x, w) for group-wise integer weights w = scale * q (+ offset) per group.
+
+    This is AQT's sub-channel (tiled) matmul done on stored integers: the contracted width C
+    is split into G = C / group_size tiles that become a dot_general batch axis, so each
+    tile's scale multiplies its partial product, and the tiles are summed. (AQT's own
+    `tiled_dot_general` tiles float operands and quantizes them itself; it has no entry for
+    a pre-quantized right-hand side, so serving does the tiling here, with the same shapes.)
+    Zero points (asymmetric groups) have no AQT calibration in 0.9; their term is
+    sum_g offset_g * sum(x over group g), one small extra einsum.
+
+    Args:
+      x: [..., *contracted] activations (contracted axes last, as every press projection has).
+      qvalue: [*contracted, *out] integers (int4/uint4/int8).
+      group_scale, group_offset: [G, *out].
+    Returns:
+      [..., *out] in x's dtype.
+    """
+    (lhs_c, rhs_c), _ = einsum_dimension_numbers(equation)
+    n_in = len(rhs_c)
+    if rhs_c != tuple(range(n_in)) or lhs_c != tuple(range(x.ndim - n_in, x.ndim)):
+        raise ValueError(f"{equation}: group-wise weights need the contracted axes last in x and first in the kernel")
+    out_shape = qvalue.shape[n_in:]
+    groups = group_scale.shape[0]
+    xg = x.reshape(*x.shape[: x.ndim - n_in], groups, group_size)  # [..., G, N]
+    qg = qvalue.reshape(groups, group_size, *out_shape)  # [G, N, *out]
+    free = xg.ndim - 2
+    dimension_numbers = (((free + 1,), (1,)), ((free,), (0,)))
+    scale = group_scale.reshape(groups, 1, *out_shape)
+    y = _dg_core(xg, qg, scale, dimension_numbers, bits)  # [G, ..., *out]
+    y = jnp.sum(y, axis=0, dtype=jnp.float32)
+    if group_offset is not None:
+        sums = jnp.sum(xg, axis=-1, dtype=jnp.float32)  # [..., G]
+        y = y + jnp.tensordot(sums, group_offset.astype(jnp.float32), axes=1)
+    return y.astype(x.dtype)
+
+
+@functools.cache
+def _config(bits: int, activation_bits: int | None):
+    """The AQT dot_general config of a scheme, for serving (dg_core with stored integer
+    weights) and training (called on float weights: quantized in the forward pass,
+    straight-through gradients in float).
+
+    Weights: absmax scales over the contracted axes (of each tile) with `preserve_max_val`,
+    i.e. scale = absmax / (2^(bits-1) - 1), the grid `press quantize` stores. Activations
+    (w8a8): the same, per token, computed on the fly; the product then runs on integers.
+    """
+    cfg = aqt_config.dot_general_make(lhs_bits=activation_bits, rhs_bits=bits)
+    lhs = aqt_numerics.get_numerics(activation_bits, preserve_max_val=True)
+    aqt_config.set_numerics(cfg.fwd, lhs, aqt_numerics.get_numerics(bits, preserve_max_val=True))
+    if activation_bits is not None:
+        cfg.fwd.dg_quantizer.lhs.calibration = cfg.fwd.dg_quantizer.rhs.calibration
+    return cfg
+
+
+def _tile_sizes(equation: str, shape: tuple[int, ...], group_size: int) -> dict[str, int]:
+    """AQT tile sizes of every contracted letter so that each tile is one group of
+    `group_size` consecutive inputs in row-major order: the axis where the group ends is
+    split, axes inside it stay whole, axes outside it are tiled one by one."""
+    lhs, rhs = equation.split("->")[0].split(",")
+    sizes = dict(zip(rhs[len(rhs) - len(shape):], shape))
+    contracted = [c for c in rhs if c in lhs]
+    tiles, inner = {}, 1
+    for letter in reversed(contracted):
+        size = sizes[letter]
+        if inner >= group_size:
+            tiles[letter] = 1
+        elif inner * size >= group_size:
+            if (group_size % inner) or size % (group_size // inner):
+                raise ValueError(f"group size {group_size} does not tile the inputs of {equation} ({shape})")
+            tiles[letter] = group_size // inner
+        else:
+            tiles[letter] = size
+        inner *= size
+    if inner % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input width {inner} of {equation}")
+    return tiles
+
+
+def fake_quant_einsum(
+    equation: str,
+    x: jnp.ndarray,
+    kernel: jnp.ndarray,
+    bits: int,
+    group_size: int | None = None,
+    zero_point: bool = False,
+    activation_bits: int | None = None,
+) -> jnp.ndarray:
+    """einsum(equation, x, kernel) with the kernel (and optionally x) quantized in training mode.
+
+    Per-channel and symmetric group-wise schemes go through AQT's dot_general (group-wise
+    via AQT's `tiled_dot_general`, which makes each group a tile with its own scale).
+    Asymmetric groups have no AQT calibration in 0.9, so their weights are rounded here to
+    the same grid `press quantize` uses, with a straight-through gradient.
+    """
+    dimension_numbers = einsum_dimension_numbers(equation)
+    kernel = kernel.astype(x.dtype)
+    if zero_point:
+        from compress.quant.weights import round_trip_asymmetric
+
+        w = kernel + jax.lax.stop_gradient(round_trip_asymmetric(kernel, equation, bits, group_size) - kernel)
+        return jnp.einsum(equation, x, w)
+    dot_general = _config(bits, activation_bits)
+    if group_size is None:
+        return dot_general(x, kernel, dimension_numbers).astype(x.dtype)
+    tiling = tiled_dot_general.Cfg.from_einsum(equation, _tile_sizes(equation, kernel.shape, group_size))
+    out = tiled_dot_general.tiled_dot_general(tiling, x, kernel, dimension_numbers, dot_general=dot_general)
     return out.astype(x.dtype)

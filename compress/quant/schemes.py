@@ -1,43 +1,109 @@
 """Named quantization schemes: what `press` calls a scheme, independent of the library doing the math.
 
-  int8   weight-only; int8 values with one float32 scale per output channel (symmetric,
-         round to nearest). About 1/2 of the bf16 bytes of the quantized matrices.
+  int8            weight-only; int8 values, one float32 scale per output channel (symmetric,
+                  round to nearest). About 1/2 of the bf16 bytes of the quantized matrices.
+  int4-gN         weight-only; int4 values with one float16 scale per group of N consecutive
+                  input channels of each output channel (N = 32, 64, 128; N must divide the
+                  input width). Symmetric, round to nearest. About 0.28 (g32) of bf16.
+  int4-gN-asym    the same with a float16 offset per group as well (w = scale * q + offset,
+                  q in 0..15), as GGUF's Q4_1 stores it.
+  gptq-int4-gN    int4-gN storage whose integers are chosen by GPTQ calibration (second-order
+                  error compensation over calibration sequences); `-asym` works here too.
+  w8a8            int8 weights (per output channel) and int8 activations quantized
+                  dynamically, one scale per token; the matmul itself is int8 x int8.
+  kv-int8         an int8 key/value cache with one scale per token and key/value head.
+                  Combines with any of the above: 'int4-g64+kv-int8'; alone it leaves the
+                  weights float.
 
-More schemes (group-wise int4, calibrated int4, int8 activations, int8 KV cache) join this
-table as they are implemented; an unknown name fails listing the ones that exist.
+Which projections stay float is a list of name patterns over parameter paths
+(`fnmatch`, e.g. 'lm_head', 'layers/down', 'layers/*'); by default the LM head does (the
+embedding table is a lookup, never a matmul, and always stays float).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+GROUP_SIZES = (32, 64, 128)
+KV_SUFFIX = "kv-int8"
+DEFAULT_KEEP_FLOAT = ("lm_head",)
+
 
 @dataclasses.dataclass(frozen=True)
 class Scheme:
     name: str
-    weight_bits: int  # bits of the stored integer weights
+    weight_bits: int | None  # bits of the stored integer weights; None leaves weights float
     description: str
-    # Parameters left in float, by projection name (the LM head is most sensitive; the
-    # embedding table is a lookup, not a matmul, and always stays float).
-    keep_float: tuple[str, ...] = ("lm_head",)
+    group_size: int | None = None  # input channels per scale; None: one scale per output channel
+    zero_point: bool = False  # asymmetric groups: a float offset per group as well
+    calibration: str | None = None  # None: round to nearest; 'gptq': GPTQ
+    activation_bits: int | None = None  # dynamic per-token activation quantization (w8a8)
+    kv_bits: int | None = None  # integer key/value cache
+    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # fnmatch patterns of projections left float
 
     @property
     def qmax(self) -> int:
+        """Largest magnitude of a symmetric integer (127 for int8, 7 for int4)."""
         return 2 ** (self.weight_bits - 1) - 1
 
+    @property
+    def levels(self) -> int:
+        """Number of integer values of an asymmetric code (16 for int4)."""
+        return 2**self.weight_bits
 
-SCHEMES: dict[str, Scheme] = {
-    s.name: s
-    for s in (
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.weight_bits is not None
+
+    def with_keep_float(self, patterns) -> "Scheme":
+        return dataclasses.replace(self, keep_float=tuple(patterns))
+
+    def storage(self) -> dict:
+        """What a quantized directory records so that loading rebuilds this scheme."""
+        return {"scheme": self.name, "keep_float": list(self.keep_float)}
+
+
+def _weight_schemes() -> dict[str, Scheme]:
+    table = [
         Scheme("int8", 8, "int8 weights, one scale per output channel (symmetric, round to nearest)"),
-    )
-}
+        Scheme("w8a8", 8, "int8 weights per output channel and int8 activations per token (dynamic)", activation_bits=8),
+    ]
+    for n in GROUP_SIZES:
+        table += [
+            Scheme(f"int4-g{n}", 4, f"int4 weights, a scale per {n} inputs (symmetric, round to nearest)", group_size=n),
+            Scheme(f"int4-g{n}-asym", 4, f"int4 weights, a scale and offset per {n} inputs (round to nearest)",
+                   group_size=n, zero_point=True),
+            Scheme(f"gptq-int4-g{n}", 4, f"int4 weights, a scale per {n} inputs, integers chosen by GPTQ",
+                   group_size=n, calibration="gptq"),
+            Scheme(f"gptq-int4-g{n}-asym", 4, f"int4 weights, a scale and offset per {n} inputs, chosen by GPTQ",
+                   group_size=n, zero_point=True, calibration="gptq"),
+        ]
+    return {s.name: s for s in table}
+
+
+SCHEMES = _weight_schemes()
+
+
+def names() -> list[str]:
+    """Every valid scheme name (each weight scheme may also take '+kv-int8')."""
+    return [*SCHEMES, KV_SUFFIX]
 
 
 def get(name: str) -> Scheme:
-    """The scheme called `name`; ValueError listing the valid names otherwise."""
-    try:
-        return SCHEMES[name]
-    except KeyError:
-        valid = ", ".join(f"{s.name} ({s.description})" for s in SCHEMES.values())
-        raise ValueError(f"unknown quantization scheme {name!r}; valid schemes: {valid}") from None
+    """The scheme called `name` ('int8', 'int4-g64+kv-int8', 'kv-int8', ...).
+
+    Raises ValueError listing the valid names for anything else.
+    """
+    parts = name.split("+") if isinstance(name, str) else [name]
+    kv = KV_SUFFIX in parts
+    weights = [p for p in parts if p != KV_SUFFIX]
+    if len(weights) > 1 or parts.count(KV_SUFFIX) > 1 or (weights and weights[0] not in SCHEMES):
+        valid = "; ".join(f"{s.name} ({s.description})" for s in SCHEMES.values())
+        raise ValueError(
+            f"unknown quantization scheme {name!r}; valid schemes: {valid}; {KV_SUFFIX} (int8 key/value cache), "
+            f"alone or added to a weight scheme as NAME+{KV_SUFFIX}"
+        )
+    if not weights:
+        return Scheme(KV_SUFFIX, None, "float weights, int8 key/value cache (a scale per token and head)", kv_bits=8)
+    base = SCHEMES[weights[0]]
+    return dataclasses.replace(base, name=name, kv_bits=8, description=base.description + ", int8 key/value cache") if kv else base

@@ -1,13 +1,29 @@
 """Quantizing a parameter tree: a pure transform from float kernels to integer kernels plus scales.
 
-A quantized projection is `{'qkernel': int8 [kernel shape], 'scale': float32 [kernel shape,
-contracted axes of size 1], 'bias'?}`; `compress.models.linear.dense` recognises it and runs
-its matmul on the integers (compress/quant/aqt_matmul.py). Logical axes carry over, so the
-sharding table places quantized trees like float ones.
+A quantized projection is a dict that `compress.models.linear.dense` recognises and runs on
+the integers (through compress/quant/aqt_matmul.py); logical axes carry over, so the
+sharding table places quantized trees like float ones. Layouts (a leading stacked-layer
+axis, where present, stays first in every array):
+
+  per output channel (int8, w8a8)
+    qkernel  int8     the kernel's shape
+    scale    float32  the kernel's shape with its contracted (input) axes of size 1
+  group-wise (int4-gN[-asym])
+    qkernel  int4 (symmetric, -8..7) or uint4 (asymmetric, 0..15), the kernel's shape
+    group_scale   float16 [G, *output axes]   G = (input width) / N, groups of N consecutive
+    group_offset  float16 [G, *output axes]   inputs in row-major order of the input axes
+                                              (asymmetric only: w = scale * q + offset)
+  spec     a static (array-free) MatmulSpec: bits, group size, activation quantization
+
+plus the float `bias`, if any. The spec is part of the tree's structure, not its data, so
+jit, scan and sharding carry it along for free.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import math
 from typing import Any
 
 import jax
@@ -16,6 +32,18 @@ import jax.numpy as jnp
 from compress.models import linear
 from compress.quant import aqt_matmul
 from compress.quant.schemes import Scheme
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class MatmulSpec:
+    """How the matmul of one quantized projection reads its arrays (static, no data)."""
+
+    weight_bits: int
+    group_size: int | None = None
+    zero_point: bool = False
+    activation_bits: int | None = None
+    fake: bool = False  # training mode (QAT): a float kernel quantized inside the matmul
 
 
 def contracted_axes(equation: str, kernel_ndim: int) -> tuple[int, ...]:
@@ -27,51 +55,191 @@ def contracted_axes(equation: str, kernel_ndim: int) -> tuple[int, ...]:
     return tuple(offset + i for i, c in enumerate(rhs) if c in lhs)
 
 
-def quantize_kernel(kernel: jnp.ndarray, axes: tuple[int, ...], scheme: Scheme) -> dict[str, jnp.ndarray]:
-    """Symmetric round-to-nearest: one scale per slice over `axes` (per output channel)."""
-    w = kernel.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / scheme.qmax
-    scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero channel stays zero
-    q = jnp.clip(jnp.round(w / scale), -scheme.qmax, scheme.qmax).astype(jnp.int8)
-    return {"qkernel": q, "scale": scale}
+def _grouped(w: jnp.ndarray, axes: tuple[int, ...], group_size: int) -> jnp.ndarray:
+    """[lead, *contracted, *out] -> [lead, G, N, *out] (contracted axes are contiguous)."""
+    first, last = axes[0], axes[-1] + 1
+    if axes != tuple(range(first, last)):
+        raise ValueError(f"contracted axes {axes} are not contiguous")
+    width = math.prod(w.shape[first:last])
+    if width % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input width {width}")
+    return w.reshape(*w.shape[:first], width // group_size, group_size, *w.shape[last:])
 
 
-def dequantize_kernel(p: dict[str, jnp.ndarray]) -> jnp.ndarray:
-    return p["qkernel"].astype(jnp.float32) * p["scale"]
+def group_scale_offset(wg: jnp.ndarray, lead: int, scheme: Scheme) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """Round-to-nearest parameters of grouped weights wg [lead, G, N, *out]: each [lead, G, 1, *out].
 
-
-def quantize_params(params: dict[str, Any], projections: dict[str, str], scheme: Scheme) -> dict[str, Any]:
-    """A new tree with every projection named in `projections` (name -> einsum) quantized.
-
-    Projections in `scheme.keep_float`, and everything that is not a projection, are left
-    as they are. Raises ValueError for a tree that is already quantized.
+    Symmetric: scale = max|w| / qmax. Asymmetric: the group's [min, max] spans the 2^bits
+    levels: scale = (max - min) / (levels - 1), offset = min.
     """
-    if any(k == "qkernel" for path, _ in jax.tree.flatten_with_path(params)[0] for k in _keys(path)):
-        raise ValueError("these parameters are already quantized; quantize the float model instead")
+    axis = lead + 1
+    if scheme.zero_point:
+        lo = jnp.min(wg, axis=axis, keepdims=True)
+        hi = jnp.max(wg, axis=axis, keepdims=True)
+        scale = (hi - lo) / (scheme.levels - 1)
+        return jnp.where(scale == 0, 1.0, scale), lo
+    scale = jnp.max(jnp.abs(wg), axis=axis, keepdims=True) / scheme.qmax
+    return jnp.where(scale == 0, 1.0, scale), None
 
-    def walk(tree: dict[str, Any]) -> dict[str, Any]:
+
+def round_to_grid(w: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None, scheme: Scheme) -> jnp.ndarray:
+    """The integer code of w on a grid (float values, not yet cast): symmetric or asymmetric."""
+    if offset is None:
+        return jnp.clip(jnp.round(w / scale), -scheme.qmax - 1, scheme.qmax)
+    return jnp.clip(jnp.round((w - offset) / scale), 0, scheme.levels - 1)
+
+
+def integer_dtype(scheme: Scheme):
+    if scheme.weight_bits == 8:
+        return jnp.int8
+    return jnp.uint4 if scheme.zero_point else jnp.int4
+
+
+def spec_of(scheme: Scheme) -> MatmulSpec:
+    return MatmulSpec(scheme.weight_bits, scheme.group_size, scheme.zero_point, scheme.activation_bits)
+
+
+def quantize_kernel(kernel: jnp.ndarray, axes: tuple[int, ...], scheme: Scheme) -> dict[str, Any]:
+    """Round-to-nearest quantization of one kernel whose input axes are `axes`."""
+    w = kernel.astype(jnp.float32)
+    if scheme.group_size is None:
+        scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / scheme.qmax
+        scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero channel stays zero
+        q = jnp.clip(jnp.round(w / scale), -scheme.qmax, scheme.qmax).astype(integer_dtype(scheme))
+        return {"qkernel": q, "scale": scale, "spec": spec_of(scheme)}
+    lead = axes[0]
+    wg = _grouped(w, axes, scheme.group_size)  # [lead, G, N, *out]
+    scale, offset = group_scale_offset(wg, lead, scheme)
+    # Scales are stored in float16: round the grid to them first, so codes match the stored scale.
+    scale = scale.astype(jnp.float16).astype(jnp.float32)
+    offset = None if offset is None else offset.astype(jnp.float16).astype(jnp.float32)
+    q = round_to_grid(wg, scale, offset, scheme)
+    return pack_groups(q.reshape(kernel.shape), scale, offset, lead, scheme)
+
+
+def pack_groups(q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None, lead: int, scheme: Scheme) -> dict[str, Any]:
+    """The stored form of group-wise codes q (the kernel's shape) and [lead, G, 1, *out] parameters."""
+    out = {"qkernel": q.astype(integer_dtype(scheme)), "group_scale": jnp.squeeze(scale, lead + 1).astype(jnp.float16)}
+    if offset is not None:
+        out["group_offset"] = jnp.squeeze(offset, lead + 1).astype(jnp.float16)
+    out["spec"] = spec_of(scheme)
+    return out
+
+
+def dequantize_kernel(p: dict[str, Any], equation: str) -> jnp.ndarray:
+    """The float32 kernel a quantized projection stands for (`equation` is its einsum)."""
+    q = p["qkernel"].astype(jnp.float32)
+    if "scale" in p:
+        return q * p["scale"]
+    axes = contracted_axes(equation, q.ndim)
+    qg = _grouped(q, axes, p["spec"].group_size)  # [lead, G, N, *out]
+    w = qg * jnp.expand_dims(p["group_scale"].astype(jnp.float32), axes[0] + 1)
+    if "group_offset" in p:
+        w = w + jnp.expand_dims(p["group_offset"].astype(jnp.float32), axes[0] + 1)
+    return w.reshape(q.shape)
+
+
+def round_trip_asymmetric(kernel: jnp.ndarray, equation: str, bits: int, group_size: int) -> jnp.ndarray:
+    """The kernel quantized to its stored asymmetric group form and dequantized (QAT's forward)."""
+    from compress.quant.schemes import Scheme
+
+    scheme = Scheme("asym", bits, "", group_size=group_size, zero_point=True)
+    q = quantize_kernel(kernel, contracted_axes(equation, kernel.ndim), scheme)
+    return dequantize_kernel(q, equation).astype(kernel.dtype)
+
+
+def projection_paths(params: dict[str, Any], projections: dict[str, str], prefix: str = "") -> dict[str, str]:
+    """'layers/q' -> its einsum, for every float projection in the tree."""
+    found = {}
+    for name, value in params.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, dict) and "kernel" in value and name in projections:
+            found[path] = projections[name]
+        elif isinstance(value, dict):
+            found.update(projection_paths(value, projections, path + "/"))
+    return found
+
+
+def to_quantize(params: dict[str, Any], projections: dict[str, str], scheme: Scheme) -> dict[str, str]:
+    """The projections `scheme` quantizes (path -> einsum): all but those matching keep_float.
+
+    A keep_float pattern that matches no projection is a mistake (a typo would silently
+    quantize what was meant to stay float), so it fails naming the valid paths.
+    """
+    paths = projection_paths(params, projections)
+    for pattern in scheme.keep_float:
+        if pattern != "lm_head" and not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            raise ValueError(f"keep-float pattern {pattern!r} matches no projection; projections: {', '.join(paths)}")
+    if not scheme.quantizes_weights:
+        return {}
+    return {p: eq for p, eq in paths.items() if not any(fnmatch.fnmatchcase(p, pat) for pat in scheme.keep_float)}
+
+
+def is_quantized(params: dict[str, Any]) -> bool:
+    return any(getattr(k, "key", None) == "qkernel" for path, _ in jax.tree.flatten_with_path(params)[0] for k in path)
+
+
+def quantize_params(params: dict[str, Any], projections: dict[str, str], scheme: Scheme, quantize=None) -> dict[str, Any]:
+    """A new tree with the projections `scheme` selects quantized (see `to_quantize`).
+
+    quantize(path, kernel, contracted_axes) -> the projection's quantized arrays; round to
+    nearest (`quantize_kernel`) unless given (GPTQ passes its own). Everything else is left
+    as it is. Raises ValueError for a tree that is already quantized.
+    """
+    if is_quantized(params):
+        raise ValueError("these parameters are already quantized; quantize the float model instead")
+    selected = to_quantize(params, projections, scheme)
+    quantize = quantize or (lambda path, kernel, axes: quantize_kernel(kernel, axes, scheme))
+
+    def replace(path: str, value: dict[str, Any]) -> dict[str, Any]:
+        q = quantize(path, value["kernel"], contracted_axes(selected[path], value["kernel"].ndim))
+        return {**q, **({"bias": value["bias"]} if "bias" in value else {})}
+
+    return map_projections(params, selected, replace)
+
+
+def map_projections(params: dict[str, Any], selected, fn) -> dict[str, Any]:
+    """A new tree with fn(path, projection dict) in place of every projection whose path is in `selected`."""
+
+    def walk(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
         out = {}
         for name, value in tree.items():
-            if isinstance(value, dict) and "kernel" in value and name in projections and name not in scheme.keep_float:
-                q = quantize_kernel(value["kernel"], contracted_axes(projections[name], value["kernel"].ndim), scheme)
-                out[name] = {**q, **({"bias": value["bias"]} if "bias" in value else {})}
+            path = f"{prefix}{name}"
+            if path in selected:
+                out[name] = fn(path, value)
             elif isinstance(value, dict):
-                out[name] = walk(value)
+                out[name] = walk(value, path + "/")
             else:
                 out[name] = value
         return out
 
-    return walk(params)
+    return walk(params, "")
 
 
 def quantized_axes(axes: dict[str, Any], qparams: dict[str, Any]) -> dict[str, Any]:
-    """The logical-axes tree of a quantized tree: qkernel and scale keep the kernel's axes."""
+    """The logical-axes tree of a quantized tree.
+
+    qkernel and a per-channel scale keep the kernel's axes; a group axis takes the name of
+    the first input axis it splits (so scales shard along with their integers where sizes allow).
+    """
     out = {}
     for name, value in qparams.items():
         if isinstance(value, dict) and "qkernel" in value:
-            out[name] = {"qkernel": axes[name]["kernel"], "scale": axes[name]["kernel"]}
+            kernel_axes = axes[name]["kernel"]
+            q = {"qkernel": kernel_axes}
+            if "scale" in value:
+                q["scale"] = kernel_axes
+            else:
+                lead = 1 if kernel_axes[0] == "layers" else 0
+                n_in = value["qkernel"].ndim - value["group_scale"].ndim + 1
+                group_axes = (*kernel_axes[: lead + 1], *kernel_axes[lead + n_in :])
+                q["group_scale"] = group_axes
+                if "group_offset" in value:
+                    q["group_offset"] = group_axes
+            q["spec"] = value["spec"]
             if "bias" in value:
-                out[name]["bias"] = axes[name]["bias"]
+                q["bias"] = axes[name]["bias"]
+            out[name] = q
         elif isinstance(value, dict):
             out[name] = quantized_axes(axes[name], value)
         else:
@@ -79,12 +247,15 @@ def quantized_axes(axes: dict[str, Any], qparams: dict[str, Any]) -> dict[str, A
     return out
 
 
-def _keys(path) -> list[str]:
-    return [getattr(k, "key", None) for k in path]
-
-
-def _integer_dense(p: dict[str, jnp.ndarray], x: jnp.ndarray, equation: str) -> jnp.ndarray:
-    return aqt_matmul.int_weight_einsum(equation, x, p["qkernel"], p["scale"], bits=8)
+def _integer_dense(p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
+    spec: MatmulSpec = p["spec"]
+    if spec.group_size is None:
+        return aqt_matmul.int_weight_einsum(
+            equation, x, p["qkernel"], p["scale"], bits=spec.weight_bits, activation_bits=spec.activation_bits
+        )
+    return aqt_matmul.grouped_int_weight_einsum(
+        equation, x, p["qkernel"], p["group_scale"], p.get("group_offset"), spec.group_size, bits=spec.weight_bits
+    )
 
 
 linear.register_kernel(lambda p: "qkernel" in p, _integer_dense)
