@@ -10,10 +10,11 @@ Every system generates exactly `--new-tokens` tokens per prompt (EOS ignored), g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
+
+from common import write_result
 
 PROMPTS = [
     "Tell me a story about a dragon who learns to read.",
@@ -142,10 +143,7 @@ def main() -> None:
             result["ratios"]["batch1_decode_press_over_llama_cpp"] = (
                 press[1]["decode_tokens_per_s"] / llama["1"]["decode_tokens_per_s"]
             )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    print(json.dumps(result, indent=2, default=str))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

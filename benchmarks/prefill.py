@@ -9,13 +9,14 @@ tokens, same threads, in one process; the figure that matters is the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+from common import write_result
 
 
 def time_load(model: str, cold: bool) -> float:
@@ -96,9 +97,7 @@ def main() -> None:
         "jax": jax.__version__,
         "torch": torch.__version__,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

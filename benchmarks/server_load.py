@@ -10,7 +10,6 @@ figures are requests/s, generated tokens/s and latency percentiles.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -18,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from common import write_result
 
 QUESTIONS = [
     "What is the capital of Japan?",
@@ -135,10 +136,7 @@ def main() -> None:
         "latency_p50_s": statistics.median(latencies) if latencies else None,
         "latency_p95_s": q[18],
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     if errors:
         sys.exit(1)
 

@@ -1,10 +1,7 @@
 """The serving engine on the real SmolLM2: greedy parity with transformers, batching, sampling, buckets."""
 
 import os
-import threading
-import time
 
-import numpy as np
 import pytest
 
 from serve.engine import Engine

@@ -1,0 +1,303 @@
+"""Evaluating causal language models: held-out perplexity, top-1 agreement, bytes, decode speed.
+
+    config = EvalConfig(windows=8, window=512)
+    results = evaluate_models(["smollm2-135m-instruct", "out/smollm2-int8"], config,
+                              reference="smollm2-135m-instruct")
+
+Held-out text. Unless a text file is given, the text is the CPython language reference that
+ships with Python (`pydoc_data.topics`), split deterministically by `pydoc_split`: every fifth
+topic in sorted order is held out, the rest is the train part. Anything that trains or
+calibrates a model on this text must use the train part only, so that perplexity measured here
+stays a held-out figure.
+
+Windows. The text is tokenized once and cut into consecutive, non-overlapping windows of
+`window` tokens (the tail that does not fill one is dropped). A window of T tokens gives T-1
+predictions: position t predicts token t+1 from tokens 0..t, with no context carried across
+windows. Perplexity is exp of the mean negative log-likelihood over all those predictions.
+
+Agreement is the fraction of those predictions whose argmax equals a reference model's argmax
+on the same windows (the same tokenizer is required). Bytes are those of the parameter tree as
+loaded (integers and scales for a quantized model; int4 at half a byte), beside the bf16 bytes
+of the float model with the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compress.models import decoder
+
+PYDOC_SOURCE = "pydoc_data.topics (held-out part: every fifth topic, sorted)"
+HELD_OUT_EVERY = 5  # every fifth topic (in sorted order) is held out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What `press eval` measures, and on what."""
+
+    data: str | None = None  # a UTF-8 text file; None: the held-out part of pydoc_data.topics
+    windows: int = 32  # at most this many windows (fewer if the text is shorter)
+    window: int = 512  # tokens per window (window - 1 predictions each)
+    batch: int = 4  # windows per forward pass
+    decode_tokens: int = 128  # new tokens of the decode-speed run (batch 1, ignore_eos); 0 skips it, else >= 2
+    decode_prompt: str = "Tell me a story about a dragon."  # prompt of the decode-speed run
+
+    def __post_init__(self):
+        for name, least in (("windows", 1), ("window", 2), ("batch", 1), ("decode_tokens", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"EvalConfig.{name} must be an integer >= {least}, got {value!r}")
+        if self.decode_tokens == 1:  # the speed is timed from the first new token to the last
+            raise ValueError("EvalConfig.decode_tokens must be 0 (no speed run) or at least 2, got 1")
+        if not self.decode_prompt:
+            raise ValueError("EvalConfig.decode_prompt is empty; the decode-speed run needs a prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEval:
+    """The measurements of one model. Times in seconds, bytes in bytes."""
+
+    model: str  # as given: bundled name, directory or .gguf file
+    quantization: str | None  # the scheme of a quantized directory, None for a float model
+    perplexity: float
+    agreement: float | None  # top-1 agreement with `reference`; None without a reference
+    reference: str | None
+    bytes: int  # parameter tree as loaded (parameter_bytes)
+    bf16_bytes: int  # the float model of the same config, in bf16
+    decode_tokens_per_second: float | None  # None when EvalConfig.decode_tokens is 0
+    windows: int  # windows evaluated
+    window: int  # tokens per window
+    data: str  # where the text came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON, with the fraction of bf16 bytes added."""
+        return {**dataclasses.asdict(self), "fraction_of_bf16": round(self.bytes / self.bf16_bytes, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowScores:
+    """Scores of N windows of T tokens.
+
+    nll: [N] float64, negative log-likelihood summed over each window's T-1 predictions.
+    argmax: [N, T-1] int32, the predicted next token at each position.
+    """
+
+    nll: np.ndarray
+    argmax: np.ndarray
+
+    @property
+    def perplexity(self) -> float:
+        return float(math.exp(self.nll.sum() / self.argmax.size))
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def pydoc_split() -> tuple[str, str]:
+    """(train_text, held_out_text) of the CPython language reference in `pydoc_data.topics`.
+
+    Topics are taken in sorted order; every fifth (the 0th, 5th, ...) is held out. Trainers and
+    calibration must use train_text only. Topics are joined by blank lines.
+    """
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    held_out = [topics[k] for i, k in enumerate(names) if i % HELD_OUT_EVERY == 0]
+    train = [topics[k] for i, k in enumerate(names) if i % HELD_OUT_EVERY != 0]
+    return "\n\n".join(train), "\n\n".join(held_out)
+
+
+def read_text(path: str | None) -> tuple[str, str]:
+    """(text, source) of a UTF-8 text file, or of the held-out pydoc part when path is None."""
+    if path is None:
+        return pydoc_split()[1], PYDOC_SOURCE
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such text file (--data takes a UTF-8 text file)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+
+
+def token_windows(ids: Sequence[int], window: int, max_windows: int, source: str) -> np.ndarray:
+    """The first `max_windows` consecutive windows of `window` ids: [N, window] int32.
+
+    Raises ValueError naming `source` and the token count when not even one window fits.
+    """
+    count = min(len(ids) // window, max_windows)
+    if count == 0:
+        raise ValueError(
+            f"{source}: the text is {len(ids)} tokens, fewer than one window of {window}; "
+            f"give a longer text or a smaller --window"
+        )
+    return np.asarray(ids[: count * window], np.int32).reshape(count, window)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _nll_and_argmax(params: Any, tokens: jnp.ndarray, config: decoder.DecoderConfig):
+    """tokens [B, T] -> (nll [B] summed over the T-1 predictions, argmax [B, T-1])."""
+    logits = decoder.forward(params, tokens, config).logits[:, :-1]  # [B, T-1, V] float32
+    targets = tokens[:, 1:, None]  # [B, T-1, 1]
+    # -log softmax at the target, without materialising the log-probabilities of every token.
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets, axis=-1)[..., 0]  # [B, T-1]
+    return nll.sum(axis=1), logits.argmax(axis=-1).astype(jnp.int32)
+
+
+def score_windows(params: Any, config: decoder.DecoderConfig, windows: np.ndarray, batch: int) -> WindowScores:
+    """Negative log-likelihood and argmax of every window [N, T], `batch` windows per jitted call.
+
+    The last batch is padded with copies of the first window (and their rows dropped), so one
+    program serves every batch.
+    """
+    n = windows.shape[0]
+    nll, argmax = [], []
+    for start in range(0, n, batch):
+        rows = windows[start : start + batch]  # [b, T], b <= batch
+        padded = np.concatenate([rows, np.repeat(windows[:1], batch - len(rows), axis=0)])  # [batch, T]
+        batch_nll, batch_argmax = _nll_and_argmax(params, jnp.asarray(padded), config)
+        nll.append(np.asarray(batch_nll, np.float64)[: len(rows)])
+        argmax.append(np.asarray(batch_argmax)[: len(rows)])
+    return WindowScores(np.concatenate(nll), np.concatenate(argmax))
+
+
+def top1_agreement(argmax: np.ndarray, reference_argmax: np.ndarray) -> float:
+    """Fraction of positions where two models' argmax tokens are equal (same shapes required)."""
+    if argmax.shape != reference_argmax.shape:
+        raise ValueError(f"argmax shapes differ: {argmax.shape} against the reference's {reference_argmax.shape}")
+    return float((argmax == reference_argmax).mean())
+
+
+def parameter_bytes(params: Any) -> int:
+    """Bytes of a parameter tree at its dtypes' widths: the leaves' nbytes, with sub-byte types
+    (int4) counted at their bit width (two per byte, as stored) rather than numpy's one byte."""
+    return int(sum(-(-leaf.size * jax.dtypes.itemsize_bits(leaf.dtype) // 8) for leaf in jax.tree.leaves(params)))
+
+
+def bf16_bytes(config: decoder.DecoderConfig) -> int:
+    """Bytes of the float model of `config` stored in bf16 (2 bytes per parameter)."""
+    return int(sum(2 * math.prod(s.shape) for s in jax.tree.leaves(decoder.param_shapes(config))))
+
+
+def decode_tokens_per_second(params: Any, config: decoder.DecoderConfig, tokenizer, *, new_tokens: int,
+                             prompt: str) -> float:
+    """Batch-1 decode speed through the serving engine: `new_tokens` greedy tokens, EOS ignored.
+
+    The engine is warmed up, then a short request runs before the timed one: the first decode
+    after `Engine.warmup` still compiles one program (warmup compiles its first width with the
+    fresh cache, then the engine calls it with a committed one), which measured on a tiny model
+    halved the figure. The timed request is then free of compilation.
+    """
+    from serve.engine import Engine, power_of_two_at_least
+    from serve.sampling import SamplingParams
+
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    max_seq_len = power_of_two_at_least(prompt_len + new_tokens)
+    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=max_seq_len) as engine:
+        engine.warmup(prompt_lengths=(prompt_len,))
+        for sampling in (SamplingParams(max_new_tokens=min(new_tokens, 4), ignore_eos=True),
+                         SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
+            out = engine.generate(prompt, sampling)[0]
+            if out.finish_reason == "error":
+                raise ValueError(f"decode-speed run failed: {out.error}")
+    return out.decode_tokens_per_second
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scored:
+    """One loaded model's windows and scores (kept for the reference's argmax)."""
+
+    windows: np.ndarray  # [N, T]
+    scores: WindowScores
+
+
+def _score(model, text: str, source: str, config: EvalConfig) -> _Scored:
+    ids = model.tokenizer(text, verbose=False)["input_ids"]  # verbose=False: no "longer than max length" warning
+    windows = token_windows(ids, config.window, config.windows, source)
+    return _Scored(windows, score_windows(model.params, model.config, windows, config.batch))
+
+
+def _agreement(name: str, scored: _Scored, reference: str, ref: _Scored) -> float:
+    if not np.array_equal(scored.windows, ref.windows):
+        raise ValueError(
+            f"{name} and the reference {reference} tokenize the text differently; top-1 agreement needs "
+            f"models that share a tokenizer (choose another --reference)"
+        )
+    return top1_agreement(scored.scores.argmax, ref.scores.argmax)
+
+
+def evaluate_models(
+    models: Sequence[str],
+    config: EvalConfig,
+    *,
+    reference: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[ModelEval]:
+    """Evaluate each model (one loaded at a time) on the same text; results in the order given.
+
+    Args:
+      models: bundled names, Hugging Face directories, .gguf files or `press quantize` directories.
+      config: what to measure (EvalConfig).
+      reference: the model whose argmax agreement is measured against (scored first; it need
+        not be among `models`). None: no agreement (reported as None).
+      log: called with a line of progress per step (e.g. to print to stderr).
+    """
+    from compress.pretrained import load_decoder
+
+    log = log or (lambda line: None)
+    text, source = read_text(config.data)
+    ref: _Scored | None = None
+    if reference is not None and reference not in models:
+        ref = _score(load_decoder(reference), text, source, config)
+        log(f"{reference}: reference perplexity {ref.scores.perplexity:.3f}")
+    # The reference first, so every other model can be compared with it.
+    order = sorted(range(len(models)), key=lambda i: models[i] != reference)
+    results: dict[int, ModelEval] = {}
+    for i in order:
+        name = models[i]
+        start = time.perf_counter()
+        model = load_decoder(name)
+        log(f"{name}: loaded in {time.perf_counter() - start:.1f} s")
+        start = time.perf_counter()
+        scored = _score(model, text, source, config)
+        log(f"{name}: perplexity {scored.scores.perplexity:.3f} on {len(scored.windows)} windows of "
+            f"{config.window} tokens in {time.perf_counter() - start:.1f} s")
+        if name == reference and ref is None:
+            ref = scored
+        speed = None
+        if config.decode_tokens:
+            start = time.perf_counter()
+            speed = decode_tokens_per_second(model.params, model.config, model.tokenizer,
+                                             new_tokens=config.decode_tokens, prompt=config.decode_prompt)
+            log(f"{name}: decode {speed:.1f} tokens/s at batch 1 (measured in {time.perf_counter() - start:.1f} s "
+                f"with compilation and a first run)")
+        results[i] = ModelEval(
+            model=name,
+            quantization=model.quantization,
+            perplexity=scored.scores.perplexity,
+            agreement=None if ref is None else _agreement(name, scored, reference, ref),
+            reference=reference,
+            bytes=parameter_bytes(model.params),
+            bf16_bytes=bf16_bytes(model.config),
+            decode_tokens_per_second=speed,
+            windows=scored.windows.shape[0],
+            window=config.window,
+            data=source,
+        )
+        del model  # freed before the next model loads
+    return [results[i] for i in range(len(models))]
