@@ -135,14 +135,27 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="a string that ends the text (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings)")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
+    from compress import eval_cli
+    from retrieval import cli as retrieval_cli
     from serve import batch, server
 
     batch.add_parser(sub)
     server.add_parser(sub)
+    eval_cli.add_parser(sub)
+    retrieval_cli.add_parser(sub)
     quant = sub.add_parser("quantize", help="write a model's integer weights and scales to a directory")
     quant.add_argument("--model", required=True, help="bundled name, Hugging Face directory or .gguf file (float)")
-    quant.add_argument("--scheme", required=True, help="quantization scheme, e.g. int8")
+    quant.add_argument("--scheme", required=True,
+                       help="int8, int4-g{32,64,128}[-asym], gptq-int4-g{32,64,128}[-asym], w8a8; +kv-int8 adds an int8 KV cache")
+    quant.add_argument("--keep-float", metavar="PATTERNS",
+                       help="comma-separated fnmatch patterns of projections left float, e.g. 'lm_head,layers/down' "
+                            "(default lm_head; '' quantizes every projection)")
     quant.add_argument("--out", required=True, help="new directory to write; serve it with --model OUT")
+    calib = quant.add_argument_group("calibration (gptq-* schemes)")
+    calib.add_argument("--calibration-data", metavar="PATH",
+                       help="a UTF-8 text file (default: the train part of pydoc_data.topics, never the held-out part)")
+    calib.add_argument("--calibration-sequences", type=int, default=128, help="windows drawn from it (default 128)")
+    calib.add_argument("--calibration-length", type=int, default=256, help="tokens per window (default 256)")
     return p
 
 
@@ -156,7 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "quantize":
             from compress.quant import store
 
-            print(json.dumps(store.quantize_model(args.model, args.scheme, args.out)))
+            from compress.quant.gptq import GPTQConfig
+
+            keep = None if args.keep_float is None else [p for p in args.keep_float.split(",") if p]
+            calibration = GPTQConfig(num_sequences=args.calibration_sequences,
+                                     sequence_length=args.calibration_length, data=args.calibration_data)
+            summary = store.quantize_model(args.model, args.scheme, args.out, keep_float=keep, calibration=calibration,
+                                           log=lambda line: print(line, file=sys.stderr, flush=True))
+            print(json.dumps(summary))
         elif args.command == "batch":
             from serve import batch
 
@@ -165,6 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from serve import server
 
             return server.run(args)
+        elif args.command == "eval":
+            from compress import eval_cli
+
+            return eval_cli.run(args)
+        elif args.command in ("index", "ask"):
+            from retrieval import cli as retrieval_cli
+
+            return retrieval_cli.run(args)
     except (cfg.ConfigError, FormatError, FileNotFoundError, FileExistsError, ValueError) as e:
         sys.stderr.write(f"press {args.command}: error: {e}\n")
         return 2

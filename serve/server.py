@@ -16,6 +16,12 @@ whatever is in flight (continuous batching), so concurrency needs nothing here. 
 that disconnects mid-stream only ends its own response; its request still runs to its end
 in the engine, which has no way to cancel one yet.
 
+With --index DIR (a retrieval index, see retrieval/cli.py) chat completions are grounded:
+the last user message is searched in the index, the best chunks are put into the prompt as
+numbered sources to cite ([1], [2], ...; retrieval/rag.py), and a non-streamed response
+carries them in an extra top-level "sources" list (number, doc_id, source, heading, start,
+end, score, text). Plain completions are not changed.
+
 With --api-key (or PRESS_API_KEY) every route but /health wants `Authorization: Bearer KEY`.
 The default host is loopback; serving on another interface without a key prints a warning.
 """
@@ -52,8 +58,10 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client never blocks shutdown
     request_queue_size = 128  # the listen backlog: many clients may connect at once
 
-    def __init__(self, address: tuple[str, int], engine, *, api_key: str | None = None, log_requests: bool = False):
+    def __init__(self, address: tuple[str, int], engine, *, api_key: str | None = None, log_requests: bool = False,
+                 rag=None):
         self.engine, self.api_key, self.log_requests = engine, api_key, log_requests
+        self.rag = rag  # a retrieval.rag.RagPipeline: ground chat completions in its index
         self.created = int(time.time())
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -218,6 +226,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._check_model(body.get("model"))
         parsed = api.parse_chat(body) if chat else api.parse_completion(body)
         engine = self.server.engine
+        sources = None
+        if chat and self.server.rag is not None:  # every choice has the same messages: retrieve once
+            try:
+                grounding = self.server.rag.ground(parsed.prompts[0], max_new_tokens=parsed.max_tokens or 256)
+            except ValueError as e:
+                raise ApiError(400, f"invalid messages: {e}", param="messages", code="invalid_prompt") from None
+            parsed.prompts = [grounding.messages] * len(parsed.prompts)
+            sources = [s.to_json() for s in grounding.sources]
         # Encode and check every prompt before queueing any, so a 400 leaves nothing running.
         prepared = []
         for prompt in parsed.prompts:
@@ -255,6 +271,7 @@ class _Handler(BaseHTTPRequestHandler):
             **head,
             "choices": [choice(i, out.text, out.finish_reason) for i, out in enumerate(outputs)],
             "usage": _usage(outputs),
+            **({} if sources is None else {"sources": sources}),
         })
 
     def _stream(self, requests, head: dict, *, chat: bool, include_usage: bool) -> None:
@@ -312,12 +329,13 @@ def _merged_deltas(requests) -> Iterator[tuple[int, str | None]]:
 
 
 def make_server(engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None, *,
-                log_requests: bool = False) -> Server:
+                log_requests: bool = False, rag=None) -> Server:
     """A server bound to (host, port), not yet serving: call `serve_forever()` (in a thread if you like).
 
-    port 0 picks a free one: read it from `server.server_address[1]`.
+    port 0 picks a free one: read it from `server.server_address[1]`. rag: a
+    retrieval.rag.RagPipeline over `engine` to ground chat completions (see the module docstring).
     """
-    return Server((host, port), engine, api_key=api_key, log_requests=log_requests)
+    return Server((host, port), engine, api_key=api_key, log_requests=log_requests, rag=rag)
 
 
 def _interrupt(signum, frame):
@@ -325,10 +343,10 @@ def _interrupt(signum, frame):
 
 
 def serve_forever(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-                  log_requests: bool = True, out=None) -> None:
+                  log_requests: bool = True, out=None, rag=None) -> None:
     """Serve until Ctrl-C or SIGTERM, then close the server and the engine."""
     out = out or sys.stdout
-    server = make_server(engine, host, port, api_key, log_requests=log_requests)
+    server = make_server(engine, host, port, api_key, log_requests=log_requests, rag=rag)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         sys.stderr.write(f"press serve: warning: listening on {host} with no API key; anyone who can reach it "
                          "can use it (pass --api-key)\n")
@@ -361,20 +379,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="weights and activations dtype")
     p.add_argument("--warmup", action="store_true",
                    help="compile every batch/length shape before listening (cached for the next start)")
+    p.add_argument("--index", metavar="DIR", help="ground chat completions in this retrieval index (press index build)")
+    p.add_argument("--rag-k", type=int, default=4, help="sources retrieved per chat request (with --index)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from serve.engine import Engine
 
+    rag = None
+    if args.index:
+        from retrieval.rag import RagPipeline
+        from retrieval.retriever import Retriever
+
+        retriever = Retriever.load(args.index)  # a bad index fails before the model loads
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, max_slots=args.max_slots,
                                     max_seq_len=args.max_seq_len)
+    if args.index:
+        rag = RagPipeline(retriever, engine, k=args.rag_k)
     if args.warmup:
         start = time.perf_counter()
         programs = engine.warmup()
         sys.stderr.write(f"press serve: {programs} programs compiled or loaded in {time.perf_counter() - start:.1f} s\n")
     try:
-        serve_forever(engine, args.host, args.port, args.api_key)
+        serve_forever(engine, args.host, args.port, args.api_key, rag=rag)
     except OSError as e:  # the port is taken, the host is not ours, ...
         engine.close()
         sys.stderr.write(f"press serve: error: cannot listen on {args.host}:{args.port}: {e}\n")

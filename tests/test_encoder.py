@@ -75,6 +75,18 @@ def test_minilm_matches_sentence_transformers(minilm):
     assert (got @ got.T - np.eye(len(SENTENCES))).max() < 0.9
 
 
+@pytest.mark.parametrize("scheme, least", [("int8", 0.99), ("int4-g32", 0.9)])
+def test_quantized_minilm_runs_on_integers_and_stays_close(minilm, scheme, least):
+    quantized = SentenceEncoder.from_pretrained("all-minilm-l6-v2", batch_size=4, quantization=scheme)
+    down = quantized.params["layers"]["down"]
+    assert "kernel" not in down and down["qkernel"].dtype == (jnp.int8 if scheme == "int8" else jnp.int4)
+    got, want = quantized.encode(SENTENCES), minilm.encode(SENTENCES)
+    cosine = np.sum(got * want, axis=1)
+    assert cosine.min() >= least and cosine.min() < 1.0 - 1e-6, cosine  # close, and really quantized
+    with pytest.raises(ValueError, match="choose a weight scheme without calibration"):
+        SentenceEncoder.from_pretrained("all-minilm-l6-v2", quantization="gptq-int4-g32")
+
+
 @pytest.mark.parametrize("prefix", ["", "bert."])
 def test_forward_matches_transformers_bert(prefix):
     model = tiny_bert()

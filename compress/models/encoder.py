@@ -43,6 +43,18 @@ from compress.models.params import ParamSpec
 from compress.models.linear import dense
 
 
+# The einsum of every projection (activations, kernel -> output). Transforms of the
+# parameters (quantization, adapters) read it to know which kernel axes are contracted.
+PROJECTIONS = {
+    "q": "BTD,DNH->BTNH",
+    "k": "BTD,DNH->BTNH",
+    "v": "BTD,DNH->BTNH",
+    "o": "BTNH,NHD->BTD",
+    "up": "BTD,DF->BTF",
+    "down": "BTF,FD->BTD",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Shape and numerics of a BERT encoder. Field names follow the glossary above."""
@@ -166,13 +178,13 @@ def forward(
 
     def block(x, p):
         # Keys and values come from the same T positions; attention reads them as S.
-        q = dense(p["q"], x, "BTD,DNH->BTNH")  # [B, T, N, H]
-        k = dense(p["k"], x, "BTD,DNH->BTNH")  # [B, S=T, N, H]
-        v = dense(p["v"], x, "BTD,DNH->BTNH")  # [B, S=T, N, H]
+        q = dense(p["q"], x, PROJECTIONS["q"])  # [B, T, N, H]
+        k = dense(p["k"], x, PROJECTIONS["k"])  # [B, S=T, N, H]
+        v = dense(p["v"], x, PROJECTIONS["v"])  # [B, S=T, N, H]
         y = attn.grouped_query_attention(q, k, v, allowed)  # [B, T, N, H]
-        x = layer_norm(x + dense(p["o"], y, "BTNH,NHD->BTD"), p["attn_norm"], c.layer_norm_eps)  # [B, T, D]
-        h = jax.nn.gelu(dense(p["up"], x, "BTD,DF->BTF"), approximate=False)  # [B, T, F]
-        x = layer_norm(x + dense(p["down"], h, "BTF,FD->BTD"), p["mlp_norm"], c.layer_norm_eps)  # [B, T, D]
+        x = layer_norm(x + dense(p["o"], y, PROJECTIONS["o"]), p["attn_norm"], c.layer_norm_eps)  # [B, T, D]
+        h = jax.nn.gelu(dense(p["up"], x, PROJECTIONS["up"]), approximate=False)  # [B, T, F]
+        x = layer_norm(x + dense(p["down"], h, PROJECTIONS["down"]), p["mlp_norm"], c.layer_norm_eps)  # [B, T, D]
         return x, None
 
     x, _ = jax.lax.scan(block, x, params["layers"])

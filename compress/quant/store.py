@@ -162,12 +162,14 @@ def _name(path) -> str:
 
 
 def quantize_model(
-    name_or_path: str, scheme_name: str, out: str, *, keep_float: list[str] | None = None, calibration=None
+    name_or_path: str, scheme_name: str, out: str, *, keep_float: list[str] | None = None, calibration=None,
+    log=None,
 ) -> dict:
     """`press quantize`: load a float model, quantize it with a scheme, write `out`. Returns a summary.
 
     keep_float: fnmatch patterns of projections left float (default: the LM head).
     calibration: settings for calibrated schemes (gptq-*): a compress.quant.gptq.GPTQConfig.
+    log: called with a line of progress per calibrated layer.
     """
     from compress.pretrained import load_decoder
 
@@ -184,7 +186,7 @@ def quantize_model(
     if scheme.calibration == "gptq":
         from compress.quant import gptq
 
-        qparams = gptq.quantize_decoder(model.params, model.config, scheme, model.tokenizer, calibration)
+        qparams = gptq.quantize_decoder(model.params, model.config, scheme, model.tokenizer, calibration, log=log)
     else:
         qparams = quantize_params(model.params, decoder.PROJECTIONS, scheme)
     save(qparams, model.config, scheme, out, tokenizer=model.tokenizer)

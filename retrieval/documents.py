@@ -1,0 +1,165 @@
+"""Documents to index: read from text, Markdown and JSONL files, directories, or the
+bundled CPython language reference.
+
+  read_documents(["notes/", "faq.jsonl", "README.md", "pydoc:topics"])
+
+Sources, and the document id each one gets:
+
+  *.txt, *.text, *.rst   one document per file, id = the file's path relative to `root`
+                         (default: the current directory). Underlined (reStructuredText-
+                         style) headings are tracked.
+  *.md, *.markdown       the same, with Markdown headings tracked.
+  *.jsonl                one document per non-blank line (a JSON object): its `text_field`
+                         (default "text") is the text, an "id" field (string or integer) is
+                         the id (else `PATH#LINE`, 1-based), a "title" field the title, and
+                         every other field is kept as metadata. The line number is kept as
+                         metadata "line".
+  a directory            every file above found under it, recursively, in sorted order;
+                         hidden files and directories (".name") are skipped.
+  pydoc:topics           `pydoc_data.topics.topics`, the CPython language reference shipped
+                         with Python: one document per topic, id = the topic name
+                         ("nonlocal", "assignment", ...), source "pydoc:topics/NAME".
+
+Files are read as UTF-8 with their line endings kept, so the character offsets of chunks
+index the file's text exactly (`open(path, newline="").read()[start:end]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+PYDOC_TOPICS = "pydoc:topics"
+TEXT_SUFFIXES = (".txt", ".text", ".rst")
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+JSONL_SUFFIXES = (".jsonl",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One document: its text and where it came from.
+
+    heading_style is how headings are marked in `text` (see retrieval/headings.py).
+    """
+
+    doc_id: str  # unique in an index; adding a document with the same id replaces it
+    text: str
+    source: str  # a file path, or pydoc:topics/NAME
+    title: str | None = None  # shown with its chunks; also prefixed to them when embedded
+    heading_style: str = "none"  # 'markdown', 'underlined' or 'none'
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # JSON-serialisable
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides this document's chunks: an unchanged document is not re-embedded."""
+        h = hashlib.sha256()
+        for part in (self.text, self.source, self.title or "", self.heading_style,
+                     json.dumps(self.metadata, sort_keys=True, ensure_ascii=False)):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+        return h.hexdigest()
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it or leave it out") from None
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def read_text_file(path: str, doc_id: str) -> Document:
+    """A .txt/.md file as one document (the heading style follows the suffix)."""
+    markdown = path.lower().endswith(MARKDOWN_SUFFIXES)
+    return Document(doc_id, _read_text(path), doc_id, _stem(path), "markdown" if markdown else "underlined")
+
+
+def read_jsonl_file(path: str, rel: str, text_field: str = "text") -> Iterator[Document]:
+    """One document per non-blank line of a JSONL file; errors name the file, line and field."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {e.start}: {e.reason})") from None
+            except ValueError as e:
+                raise ValueError(f"{where}: not valid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            if text_field not in obj:
+                raise ValueError(f"{where}: no {text_field!r} field (fields: {', '.join(sorted(obj)) or 'none'}); "
+                                 "pass --text-field NAME to read another one")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+            doc_id = obj.get("id")
+            if doc_id is None:
+                doc_id = f"{rel}#{number}"
+            elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
+                raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {doc_id!r}")
+            title = obj.get("title") if isinstance(obj.get("title"), str) else None
+            metadata = {k: v for k, v in obj.items() if k not in (text_field, "id")}
+            metadata["line"] = number
+            yield Document(str(doc_id), text, rel, title, "none", metadata)
+
+
+def pydoc_documents() -> list[Document]:
+    """The CPython language reference shipped with Python: one document per topic."""
+    from pydoc_data.topics import topics
+
+    docs = []
+    for name in sorted(topics):
+        text = topics[name]
+        first = text.lstrip().split("\n", 1)[0].strip()
+        docs.append(Document(name, text, f"{PYDOC_TOPICS}/{name}", first or name, "underlined"))
+    return docs
+
+
+def _walk(directory: str) -> Iterator[str]:
+    for current, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.lower().endswith(TEXT_SUFFIXES + MARKDOWN_SUFFIXES + JSONL_SUFFIXES):
+                yield os.path.join(current, name)
+
+
+def read_path(path: str, *, text_field: str = "text", root: str | None = None) -> Iterator[Document]:
+    """The documents of one file, directory or `pydoc:topics` (see the module docstring)."""
+    if path == PYDOC_TOPICS:
+        yield from pydoc_documents()
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory (pass files, directories or {PYDOC_TOPICS})")
+    files = list(_walk(path)) if os.path.isdir(path) else [path]
+    for file in files:
+        rel = os.path.relpath(file, root or os.getcwd())
+        lower = file.lower()
+        if lower.endswith(JSONL_SUFFIXES):
+            yield from read_jsonl_file(file, rel, text_field)
+        elif lower.endswith(TEXT_SUFFIXES + MARKDOWN_SUFFIXES):
+            yield read_text_file(file, rel)
+        else:
+            suffixes = ", ".join(TEXT_SUFFIXES + MARKDOWN_SUFFIXES + JSONL_SUFFIXES)
+            raise ValueError(f"{file}: unsupported file type; press reads {suffixes} (or a directory of them)")
+
+
+def read_documents(paths: Iterable[str], *, text_field: str = "text", root: str | None = None) -> list[Document]:
+    """All documents of `paths` in order; two documents with one id is an error naming both."""
+    docs, seen = [], {}
+    for path in paths:
+        for doc in read_path(path, text_field=text_field, root=root):
+            if doc.doc_id in seen:
+                raise ValueError(f"document id {doc.doc_id!r} comes twice: from {seen[doc.doc_id]} and {doc.source}; "
+                                 "ids must be unique (JSONL: give each line its own 'id')")
+            seen[doc.doc_id] = doc.source
+            docs.append(doc)
+    return docs

@@ -1,0 +1,202 @@
+"""The metadata store: a SQLite database mapping vector keys to chunks, documents to their
+chunks, and holding the index's manifest.
+
+Tables:
+
+  manifest(name TEXT PRIMARY KEY, value TEXT)        one JSON value per name (see store.py)
+  documents(doc_id TEXT PRIMARY KEY, source, title, fingerprint, chunks INTEGER)
+  chunks(key INTEGER PRIMARY KEY, doc_id, ordinal, text, source, heading, start, end,
+         metadata TEXT)                              one row per vector; metadata is JSON
+  chunks_fts                                         an FTS5 full-text index of the chunks'
+                                                     heading and text (Porter stemming), kept
+                                                     in step with `chunks` by triggers, for
+                                                     BM25 keyword search
+
+The live store is an in-memory database (copied from and to the file with SQLite's backup
+API), so updates never touch the file until an atomic save, and a failed update rolls back
+inside a transaction. One lock guards the connection: SQLite connections are not shared
+between threads by the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import sqlite3
+import threading
+from typing import Any, Iterable, Iterator
+
+from retrieval.chunking import Chunk
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS manifest (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+  doc_id TEXT PRIMARY KEY, source TEXT NOT NULL, title TEXT, fingerprint TEXT NOT NULL, chunks INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+  key INTEGER PRIMARY KEY, doc_id TEXT NOT NULL, ordinal INTEGER NOT NULL, text TEXT NOT NULL,
+  source TEXT NOT NULL, heading TEXT, start INTEGER NOT NULL, end INTEGER NOT NULL, metadata TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks (doc_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+  heading, text, content='chunks', content_rowid='key', tokenize='porter unicode61'
+);
+CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+  INSERT INTO chunks_fts (rowid, heading, text) VALUES (new.key, new.heading, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+  INSERT INTO chunks_fts (chunks_fts, rowid, heading, text) VALUES ('delete', old.key, old.heading, old.text);
+END;
+"""
+TABLES = ("manifest", "documents", "chunks", "chunks_fts")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRecord:
+    """A stored chunk (what a search hit carries)."""
+
+    key: int
+    doc_id: str
+    ordinal: int
+    text: str
+    source: str
+    heading: str | None
+    start: int
+    end: int
+    metadata: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentRecord:
+    doc_id: str
+    source: str
+    title: str | None
+    fingerprint: str
+    chunks: int
+
+
+class MetadataStore:
+    """Chunks, documents and the manifest, in an in-memory SQLite database."""
+
+    def __init__(self, connection: sqlite3.Connection | None = None):
+        self._db = connection or sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.executescript(SCHEMA)
+
+    @classmethod
+    def read(cls, path: str) -> MetadataStore:
+        """Copy the database file at `path` into memory; a file that is not one raises ValueError naming it."""
+        try:
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                missing = [t for t in TABLES if t not in tables]
+                if missing:
+                    raise ValueError(f"{path}: not a press index metadata store (tables {', '.join(missing)} missing)")
+                memory = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+                source.backup(memory)
+            finally:
+                source.close()
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{path}: the metadata store cannot be read ({e}); the index directory is damaged, "
+                             "rebuild it with press index build") from None
+        return cls(memory)
+
+    def write(self, path: str) -> None:
+        """Copy the whole database into a new file at `path` (which must not exist)."""
+        with self._lock:
+            target = sqlite3.connect(path)
+            try:
+                self._db.backup(target)
+            finally:
+                target.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything inside commits together or, on an exception, not at all."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- the manifest
+
+    def manifest(self) -> dict[str, Any]:
+        with self._lock:
+            return {name: json.loads(value) for name, value in self._db.execute("SELECT name, value FROM manifest")}
+
+    def set_manifest(self, values: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO manifest VALUES (?, ?)",
+                                 [(k, json.dumps(v)) for k, v in values.items()])
+
+    # --- documents and chunks
+
+    def documents(self) -> dict[str, DocumentRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT doc_id, source, title, fingerprint, chunks FROM documents").fetchall()
+        return {r[0]: DocumentRecord(*r) for r in rows}
+
+    def chunk_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+    def keys(self, doc_ids: Iterable[str] | None = None) -> list[int]:
+        """Keys of the chunks of `doc_ids` (all chunks when None), ascending."""
+        with self._lock:
+            if doc_ids is None:
+                return [r[0] for r in self._db.execute("SELECT key FROM chunks ORDER BY key")]
+            out = []
+            for doc_id in doc_ids:
+                out += [r[0] for r in self._db.execute("SELECT key FROM chunks WHERE doc_id = ?", (doc_id,))]
+            return sorted(out)
+
+    def put_document(self, doc_id: str, source: str, title: str | None, fingerprint: str,
+                     chunks: list[Chunk], keys: list[int]) -> None:
+        """Replace document `doc_id` (and all its chunks) with these chunks under these keys."""
+        with self._lock:
+            self.delete_documents([doc_id])
+            self._db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?)",
+                             (doc_id, source, title, fingerprint, len(chunks)))
+            self._db.executemany(
+                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(key, c.doc_id, c.ordinal, c.text, c.source, c.heading, c.start, c.end,
+                  json.dumps(c.metadata, ensure_ascii=False)) for key, c in zip(keys, chunks)],
+            )
+
+    def delete_documents(self, doc_ids: Iterable[str]) -> None:
+        with self._lock:
+            for doc_id in doc_ids:
+                self._db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+                self._db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
+
+    def chunks(self, keys: Iterable[int]) -> dict[int, ChunkRecord]:
+        """The stored chunks of `keys` (keys not stored are left out)."""
+        keys = [int(k) for k in keys]
+        out: dict[int, ChunkRecord] = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):  # SQLite caps the number of bound parameters
+                part = keys[start : start + 500]
+                rows = self._db.execute(
+                    f"SELECT key, doc_id, ordinal, text, source, heading, start, end, metadata FROM chunks "
+                    f"WHERE key IN ({', '.join('?' * len(part))})", part).fetchall()
+                for r in rows:
+                    out[r[0]] = ChunkRecord(*r[:8], json.loads(r[8]))
+        return out
+
+    def lexical_search(self, query: str, n: int) -> list[int]:
+        """Keys of the n chunks that best match any word of `query` by BM25, best first."""
+        words = list(dict.fromkeys(re.findall(r"\w+", query.lower())))
+        if not words or n < 1:
+            return []
+        match = " OR ".join(f'"{w}"' for w in words)  # each word a quoted FTS5 string: no query syntax
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?", (match, n))]
