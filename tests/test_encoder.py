@@ -79,7 +79,7 @@ def test_minilm_matches_sentence_transformers(minilm):
 def test_quantized_minilm_runs_on_integers_and_stays_close(minilm, scheme, least):
     quantized = SentenceEncoder.from_pretrained("all-minilm-l6-v2", batch_size=4, quantization=scheme)
     down = quantized.params["layers"]["down"]
-    assert "kernel" not in down and down["qkernel"].dtype == (jnp.int8 if scheme == "int8" else jnp.int4)
+    assert "kernel" not in down and down["qkernel"].dtype == jnp.int8 and down["spec"].weight_bits == int(scheme[3])
     got, want = quantized.encode(SENTENCES), minilm.encode(SENTENCES)
     cosine = np.sum(got * want, axis=1)
     assert cosine.min() >= least and cosine.min() < 1.0 - 1e-6, cosine  # close, and really quantized

@@ -9,7 +9,7 @@ import pytest
 
 from compress.models import decoder
 from compress.quant import gptq, schemes
-from compress.quant.weights import dequantize_kernel, quantize_kernel, quantize_params
+from compress.quant.weights import dequantize_kernel, integer_codes, quantize_kernel, quantize_params
 
 DENSE = "BTD,DF->BTF"
 # Every projection of this decoder is 64 x 64, so one GPTQ program serves them all.
@@ -43,7 +43,7 @@ def test_output_error_is_well_below_round_to_nearest(name, act_order):
 
     # Stored exactly like round to nearest: int4 codes, float16 scales, and they decode to codes * scale (+ offset).
     assert jax.tree.map(lambda a: (a.shape, a.dtype), stored) == jax.tree.map(lambda a: (a.shape, a.dtype), rtn)
-    codes = np.asarray(stored["qkernel"].astype(jnp.int32)).reshape(6, 32, 48)  # [G, N, O]
+    codes = np.asarray(integer_codes(stored, DENSE), np.int32).reshape(6, 32, 48)  # [G, N, O]
     low, high = (0, 15) if rtn_scheme.zero_point else (-8, 7)
     assert codes.min() >= low and codes.max() <= high
     want = codes * np.asarray(stored["group_scale"], np.float32)[:, None]
@@ -108,7 +108,7 @@ def test_decoder_is_stored_like_round_to_nearest_and_closer_to_float():
     rtn = quantize_params(params, decoder.PROJECTIONS, schemes.get("int4-g32"))
     layout = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
     assert jax.tree.structure(qparams) == jax.tree.structure(rtn) and layout(qparams) == layout(rtn)
-    assert qparams["layers"]["q"]["qkernel"].dtype == jnp.int4
+    assert qparams["layers"]["q"]["qkernel"].dtype == jnp.int8 and qparams["layers"]["q"]["spec"].weight_bits == 4
     # Through the integer matmuls, on the calibration sequences and on sequences it never saw.
     for tokens in (calibration, _tokens(2, 8)):
         assert _logit_error(params, qparams, tokens) < 0.6 * _logit_error(params, rtn, tokens)
@@ -124,7 +124,7 @@ def test_keep_float_patterns_are_honoured():
     np.testing.assert_array_equal(np.asarray(qparams["layers"]["down"]["kernel"]),
                                   np.asarray(params["layers"]["down"]["kernel"]))
     for path in (qparams["layers"]["up"], qparams["lm_head"]):
-        assert path["qkernel"].dtype == jnp.uint4 and path["group_offset"].dtype == jnp.float16
+        assert path["spec"].zero_point and path["group_offset"].dtype == jnp.float16
     rtn = quantize_params(params, decoder.PROJECTIONS, schemes.get("int4-g32-asym").with_keep_float(["layers/down"]))
     assert jax.tree.structure(qparams) == jax.tree.structure(rtn)
     assert _logit_error(params, qparams, tokens, config) < _logit_error(params, rtn, tokens, config)

@@ -8,7 +8,7 @@ import pytest
 from compress import sharding as shd
 from compress.models import decoder
 from compress.quant import aqt_matmul, schemes
-from compress.quant.weights import dequantize_kernel, quantize_kernel, quantize_params, quantized_axes
+from compress.quant.weights import dequantize_kernel, integer_codes, quantize_kernel, quantize_params, quantized_axes
 
 CONFIG = decoder.DecoderConfig(vocab_size=128, embed_dim=64, mlp_dim=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8)
 INT8 = schemes.get("int8")
@@ -100,7 +100,13 @@ def test_group_round_trip_error_is_at_most_half_a_step_per_group(name):
     scheme = schemes.get(name)
     w = jax.random.normal(jax.random.key(0), (2, 128, 4, 16)) * jnp.linspace(0.1, 3, 16)
     q = quantize_kernel(w, (1,), scheme)
-    assert q["qkernel"].dtype == (jnp.uint4 if scheme.zero_point else jnp.int4)
+    groups = 128 // scheme.group_size
+    # Two 4-bit codes a byte, [lead, G, N/2, *out]; unpacked they are the kernel's shape and range.
+    assert q["qkernel"].dtype == jnp.int8 and q["qkernel"].shape == (2, groups, scheme.group_size // 2, 4, 16)
+    codes = integer_codes(q, "BTD,DNH->BTNH")
+    assert codes.shape == w.shape and q["spec"].input_shape == (128,)
+    low, high = (0, 15) if scheme.zero_point else (-8, 7)
+    assert low <= int(codes.min()) and int(codes.max()) == high  # the largest weight of a group maps to the top
     assert q["group_scale"].shape == (2, 128 // scheme.group_size, 4, 16) and q["group_scale"].dtype == jnp.float16
     err = jnp.abs(dequantize_kernel(q, "BTD,DNH->BTNH") - w)  # [2, 128, 4, 16]
     step = jnp.repeat(q["group_scale"].astype(jnp.float32), scheme.group_size, axis=1)

@@ -32,7 +32,7 @@ def test_directory_holds_integers_and_documents_its_scheme(int8_dir):
     assert files.read("layers/q/qkernel").dtype == "int8"
     assert files.shape("layers/q/scale") == (30, 1, 9, 64)
     with open(os.path.join(int8_dir, "config.json")) as f:
-        assert json.load(f)["press_quantization"] == {"scheme": "int8", "keep_float": ["lm_head"], "format": 1}
+        assert json.load(f)["press_quantization"] == {"scheme": "int8", "keep_float": ["lm_head"], "format": 2}
 
 
 def test_loads_as_integers_and_generates_like_the_in_memory_quantized_model(int8_dir):
@@ -64,10 +64,11 @@ def test_every_scheme_stores_reloads_and_serves(scheme, tmp_path):
     assert stored.quantization == scheme
     q = stored.params["layers"]["gate"]
     if scheme.startswith("int4"):
-        assert q["qkernel"].dtype == (jnp.uint4 if "asym" in scheme else jnp.int4)
+        group = 64 if "g64" in scheme else 32
+        assert q["qkernel"].dtype == jnp.int8 and q["spec"].weight_bits == 4 and q["spec"].zero_point == ("asym" in scheme)
         assert summary["quantized_matrices_fraction_of_bf16"] <= (0.32 if "asym" in scheme else 0.29)
         info = SafetensorsSet(out)
-        assert info.shape("layers/gate/qkernel") == ((30 * 576 * 1536 + 1) // 2,)  # two int4 per byte on disk
+        assert info.shape("layers/gate/qkernel") == (30, 576 // group, group // 2, 1536)  # two codes a byte on disk
     else:
         assert q["qkernel"].dtype == jnp.int8
     float_model = load_decoder("smollm2-135m-instruct")

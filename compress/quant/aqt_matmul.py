@@ -55,51 +55,6 @@ def _dg_core(x, qvalue, scale, dimension_numbers, bits, activation_bits=None):
     return out.astype(x.dtype)
 
 
-def grouped_int_weight_einsum(
-    equation: str,
-    x: jnp.ndarray,
-    qvalue: jnp.ndarray,
-    group_scale: jnp.ndarray,
-    group_offset: jnp.ndarray | None,
-    group_size: int,
-    bits: int,
-) -> jnp.ndarray:
-    """einsum(equation, x, w) for group-wise integer weights w = scale * q (+ offset) per group.
-
-    This is AQT's sub-channel (tiled) matmul done on stored integers: the contracted width C
-    is split into G = C / group_size tiles that become a dot_general batch axis, so each
-    tile's scale multiplies its partial product, and the tiles are summed. (AQT's own
-    `tiled_dot_general` tiles float operands and quantizes them itself; it has no entry for
-    a pre-quantized right-hand side, so serving does the tiling here, with the same shapes.)
-    Zero points (asymmetric groups) have no AQT calibration in 0.9; their term is
-    sum_g offset_g * sum(x over group g), one small extra einsum.
-
-    Args:
-      x: [..., *contracted] activations (contracted axes last, as every press projection has).
-      qvalue: [*contracted, *out] integers (int4/uint4/int8).
-      group_scale, group_offset: [G, *out].
-    Returns:
-      [..., *out] in x's dtype.
-    """
-    (lhs_c, rhs_c), _ = einsum_dimension_numbers(equation)
-    n_in = len(rhs_c)
-    if rhs_c != tuple(range(n_in)) or lhs_c != tuple(range(x.ndim - n_in, x.ndim)):
-        raise ValueError(f"{equation}: group-wise weights need the contracted axes last in x and first in the kernel")
-    out_shape = qvalue.shape[n_in:]
-    groups = group_scale.shape[0]
-    xg = x.reshape(*x.shape[: x.ndim - n_in], groups, group_size)  # [..., G, N]
-    qg = qvalue.reshape(groups, group_size, *out_shape)  # [G, N, *out]
-    free = xg.ndim - 2
-    dimension_numbers = (((free + 1,), (1,)), ((free,), (0,)))
-    scale = group_scale.reshape(groups, 1, *out_shape)
-    y = _dg_core(xg, qg, scale, dimension_numbers, bits)  # [G, ..., *out]
-    y = jnp.sum(y, axis=0, dtype=jnp.float32)
-    if group_offset is not None:
-        sums = jnp.sum(xg, axis=-1, dtype=jnp.float32)  # [..., G]
-        y = y + jnp.tensordot(sums, group_offset.astype(jnp.float32), axes=1)
-    return y.astype(x.dtype)
-
-
 @functools.cache
 def _config(bits: int, activation_bits: int | None):
     """The AQT dot_general config of a scheme, for serving (dg_core with stored integer

@@ -9,11 +9,13 @@ axis, where present, stays first in every array):
     qkernel  int8     the kernel's shape
     scale    float32  the kernel's shape with its contracted (input) axes of size 1
   group-wise (int4-gN[-asym])
-    qkernel  int4 (symmetric, -8..7) or uint4 (asymmetric, 0..15), the kernel's shape
+    qkernel  int8 [G, N/2, *output axes]   4-bit codes, two to a byte (compress/quant/packed_int4.py):
+                                           symmetric -8..7, asymmetric 0..15 (stored minus 8)
     group_scale   float16 [G, *output axes]   G = (input width) / N, groups of N consecutive
     group_offset  float16 [G, *output axes]   inputs in row-major order of the input axes
                                               (asymmetric only: w = scale * q + offset)
   spec     a static (array-free) MatmulSpec: bits, group size, activation quantization
+           (and, group-wise, the kernel's input shape, which the packed codes no longer show)
 
 plus the float `bias`, if any. The spec is part of the tree's structure, not its data, so
 jit, scan and sharding carry it along for free.
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from compress.models import linear
-from compress.quant import aqt_matmul
+from compress.quant import aqt_matmul, packed_int4
 from compress.quant.schemes import Scheme
 
 
@@ -44,6 +46,7 @@ class MatmulSpec:
     zero_point: bool = False
     activation_bits: int | None = None
     fake: bool = False  # training mode (QAT): a float kernel quantized inside the matmul
+    input_shape: tuple[int, ...] | None = None  # group-wise: the kernel's contracted axes
 
 
 def contracted_axes(equation: str, kernel_ndim: int) -> tuple[int, ...]:
@@ -89,12 +92,6 @@ def round_to_grid(w: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None
     return jnp.clip(jnp.round((w - offset) / scale), 0, scheme.levels - 1)
 
 
-def integer_dtype(scheme: Scheme):
-    if scheme.weight_bits == 8:
-        return jnp.int8
-    return jnp.uint4 if scheme.zero_point else jnp.int4
-
-
 def spec_of(scheme: Scheme) -> MatmulSpec:
     return MatmulSpec(scheme.weight_bits, scheme.group_size, scheme.zero_point, scheme.activation_bits)
 
@@ -105,7 +102,7 @@ def quantize_kernel(kernel: jnp.ndarray, axes: tuple[int, ...], scheme: Scheme) 
     if scheme.group_size is None:
         scale = jnp.max(jnp.abs(w), axis=axes, keepdims=True) / scheme.qmax
         scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero channel stays zero
-        q = jnp.clip(jnp.round(w / scale), -scheme.qmax, scheme.qmax).astype(integer_dtype(scheme))
+        q = jnp.clip(jnp.round(w / scale), -scheme.qmax, scheme.qmax).astype(jnp.int8)
         return {"qkernel": q, "scale": scale, "spec": spec_of(scheme)}
     lead = axes[0]
     wg = _grouped(w, axes, scheme.group_size)  # [lead, G, N, *out]
@@ -119,16 +116,43 @@ def quantize_kernel(kernel: jnp.ndarray, axes: tuple[int, ...], scheme: Scheme) 
 
 def pack_groups(q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None, lead: int, scheme: Scheme) -> dict[str, Any]:
     """The stored form of group-wise codes q (the kernel's shape) and [lead, G, 1, *out] parameters."""
-    out = {"qkernel": q.astype(integer_dtype(scheme)), "group_scale": jnp.squeeze(scale, lead + 1).astype(jnp.float16)}
+    if scheme.weight_bits != 4:
+        raise ValueError(f"group-wise weights are stored as 4-bit codes; scheme {scheme.name!r} has {scheme.weight_bits}")
+    groups, out_shape = scale.shape[lead], scale.shape[lead + 2 :]
+    input_shape = q.shape[lead : q.ndim - len(out_shape)]
+    qg = q.reshape(*q.shape[:lead], groups, -1, *out_shape)  # [lead, G, N, *out]
+    codes = qg - 8 if scheme.zero_point else qg  # -8..7 either way
+    out = {"qkernel": packed_int4.pack(codes, lead + 1),  # [lead, G, N/2, *out]
+           "group_scale": jnp.squeeze(scale, lead + 1).astype(jnp.float16)}
     if offset is not None:
         out["group_offset"] = jnp.squeeze(offset, lead + 1).astype(jnp.float16)
-    out["spec"] = spec_of(scheme)
+    out["spec"] = dataclasses.replace(spec_of(scheme), input_shape=tuple(input_shape))
     return out
+
+
+def integer_codes(p: dict[str, Any], equation: str) -> jnp.ndarray:
+    """The integer codes of a quantized projection in the kernel's shape (int8 values:
+    -127..127 per channel, -8..7 symmetric 4-bit, 0..15 asymmetric 4-bit)."""
+    q, spec = p["qkernel"], p["spec"]
+    if spec.group_size is None:
+        return q
+    n_out = _num_outputs(equation)
+    lead = q.ndim - 2 - n_out
+    codes = packed_int4.unpack(q, lead + 1)  # [lead, G, N, *out]
+    if spec.zero_point:
+        codes = codes + 8
+    return codes.reshape(*q.shape[:lead], *spec.input_shape, *q.shape[q.ndim - n_out :])
+
+
+def _num_outputs(equation: str) -> int:
+    """How many of the kernel's axes an einsum keeps (its output axes)."""
+    lhs, rhs = equation.split("->")[0].split(",")
+    return sum(c not in lhs for c in rhs)
 
 
 def dequantize_kernel(p: dict[str, Any], equation: str) -> jnp.ndarray:
     """The float32 kernel a quantized projection stands for (`equation` is its einsum)."""
-    q = p["qkernel"].astype(jnp.float32)
+    q = integer_codes(p, equation).astype(jnp.float32)
     if "scale" in p:
         return q * p["scale"]
     axes = contracted_axes(equation, q.ndim)
@@ -231,8 +255,9 @@ def quantized_axes(axes: dict[str, Any], qparams: dict[str, Any]) -> dict[str, A
                 q["scale"] = kernel_axes
             else:
                 lead = 1 if kernel_axes[0] == "layers" else 0
-                n_in = value["qkernel"].ndim - value["group_scale"].ndim + 1
+                n_in = len(value["spec"].input_shape)
                 group_axes = (*kernel_axes[: lead + 1], *kernel_axes[lead + n_in :])
+                q["qkernel"] = (*kernel_axes[: lead + 1], None, *kernel_axes[lead + n_in :])  # [.., G, N/2, *out]
                 q["group_scale"] = group_axes
                 if "group_offset" in value:
                     q["group_offset"] = group_axes
@@ -253,9 +278,9 @@ def _integer_dense(p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndar
         return aqt_matmul.int_weight_einsum(
             equation, x, p["qkernel"], p["scale"], bits=spec.weight_bits, activation_bits=spec.activation_bits
         )
-    return aqt_matmul.grouped_int_weight_einsum(
-        equation, x, p["qkernel"], p["group_scale"], p.get("group_offset"), spec.group_size, bits=spec.weight_bits
-    )
+    # Plain JAX, not AQT: see compress/quant/packed_int4.py for why and what it measured.
+    return packed_int4.einsum(x, p["qkernel"], p["group_scale"], p.get("group_offset"),
+                              len(spec.input_shape), spec.zero_point)
 
 
 linear.register_kernel(lambda p: "qkernel" in p, _integer_dense)
