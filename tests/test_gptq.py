@@ -59,7 +59,7 @@ def test_uncorrelated_inputs_give_round_to_nearest_exactly(name, act_order):
     # A three-axis kernel [N, H, D] also checks the inputs are flattened as storage groups them.
     kernel = jax.random.normal(jax.random.key(2), (12, 16, 48))
     stored, _ = gptq.gptq_kernel(kernel, "BTNH,NHD->BTD", jnp.eye(192), schemes.get("gptq-" + name),
-                                 dataclasses.replace(CALIBRATION, act_order=act_order))
+                                 dataclasses.replace(CALIBRATION, act_order=act_order, clip_search=0))
     rtn = quantize_kernel(kernel, (0, 1), schemes.get(name))
     assert set(stored) == set(rtn)
     for key in ("qkernel", "group_scale", "group_offset"):
@@ -148,3 +148,18 @@ def test_calibration_windows_are_seeded_and_come_from_the_train_text():
         assert "".join(map(chr, row)) in train
     with pytest.raises(ValueError, match="fewer than GPTQConfig.sequence_length=80"):
         gptq.calibration_tokens(lambda text, verbose=False: {"input_ids": [1] * 10}, config)
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g32-asym"])
+def test_clip_search_never_rounds_a_group_worse(name):
+    # With H = I there is no compensation, so each group's error is that of its grid alone:
+    # the searched grid (which includes the unshrunk one) is never worse, and wins overall.
+    kernel = jax.random.t(jax.random.key(5), 3.0, (192, 48))  # heavy tails: clipping pays
+    config = dataclasses.replace(CALIBRATION, act_order=False, clip_search=20)
+    searched, _ = gptq.gptq_kernel(kernel, DENSE, jnp.eye(192), schemes.get("gptq-" + name), config)
+    plain = quantize_kernel(kernel, (0,), schemes.get(name))
+    group_error = lambda stored: jnp.sum(((dequantize_kernel(stored, DENSE) - kernel) ** 2).reshape(6, 32, 48), axis=1)
+    assert bool(jnp.all(group_error(searched) <= group_error(plain) * (1 + 1e-5)))
+    assert float(jnp.sum(group_error(searched))) < 0.97 * float(jnp.sum(group_error(plain)))
+    with pytest.raises(ValueError, match="GPTQConfig.clip_search must be an integer >= 0"):
+        gptq.GPTQConfig(clip_search=-1)

@@ -4,8 +4,11 @@ Round to nearest quantizes every weight on its own. GPTQ (Frantar et al., 2022) 
 projection's input columns one after another and, after each, moves the rounding error onto
 the columns not yet quantized, weighted by the inverse Hessian H = X^T X of the projection's
 inputs X on calibration text, so the projection's output error ||X (W - W_q)||^2 stays small
-rather than each weight's. A group's scale (and offset) is taken from the error-compensated
-weights when the group's first column comes up. The result is stored exactly like
+rather than each weight's. By default the columns go in decreasing order of H's diagonal
+(the most active inputs first, while the most columns are left to absorb their error), each
+group's grid fixed up front; without act_order a group's scale (and offset) is taken from
+the error-compensated weights when its first column comes up. Either way a group's grid may
+clip its range where that rounds the group better (clip_search). The result is stored exactly like
 round-to-nearest `int4-gN[-asym]` (compress/quant/weights.py): only the integers and scales differ.
 
 The decoder is quantized layer by layer: calibration sequences run through the layers
@@ -59,7 +62,12 @@ class GPTQConfig:
     batch_size: int = 8  # sequences per forward pass (bounds activation memory, not the result)
     damping: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
     block_size: int = 128  # inputs per lazy batch update; a multiple of the group size
-    act_order: bool = False  # inputs in decreasing Hessian diagonal (groups keep round-to-nearest scales)
+    # Inputs in decreasing Hessian diagonal, each group's grid fixed up front from the weights
+    # before compensation. On SmolLM2 int4-g64 (8 held-out windows) it took GPTQ from +24.7% to
+    # +9.5% perplexity over float, and with clip_search to +7.0% (round to nearest: +44%).
+    act_order: bool = True
+    clip_search: int = 20  # >0: each group's scale (and offset) shrunk by the best of this many factors
+    max_shrink: float = 0.2  # clip_search tries factors 1 down to 1 - max_shrink of the group's range
     seed: int = 0  # which windows of the text are drawn
     data: str | None = None  # a UTF-8 text file; None: the train part of pydoc_data.topics
 
@@ -70,6 +78,10 @@ class GPTQConfig:
                 raise ValueError(f"GPTQConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.damping, (int, float)) or isinstance(self.damping, bool) or not self.damping > 0:
             raise ValueError(f"GPTQConfig.damping must be a positive number, got {self.damping!r}")
+        if isinstance(self.clip_search, bool) or not isinstance(self.clip_search, int) or self.clip_search < 0:
+            raise ValueError(f"GPTQConfig.clip_search must be an integer >= 0, got {self.clip_search!r}")
+        if not 0 <= self.max_shrink < 1:
+            raise ValueError(f"GPTQConfig.max_shrink must be in [0, 1), got {self.max_shrink!r}")
 
 
 # ----------------------------------------------------------------------------- one matrix
@@ -118,7 +130,7 @@ def gptq_matrix(w: jnp.ndarray, hessian: jnp.ndarray, scheme: Scheme, config: GP
         # Largest diagonal first; groups stay N consecutive inputs in storage order, so their
         # scales are fixed up front from the uncompensated weights.
         order = jnp.concatenate([jnp.argsort(-jnp.diagonal(hessian)[:inputs], stable=True), jnp.arange(inputs, padded)])
-        scale, offset = group_scale_offset(w.reshape(groups, n, outputs), 0, scheme)  # [G, 1, O] each
+        scale, offset = _group_grid(w.reshape(groups, n, outputs), scheme, config)  # [G, 1, O] each
         scale, offset = _as_float16(scale[:, 0]), None if offset is None else _as_float16(offset[:, 0])
     else:
         order = jnp.arange(padded)
@@ -139,7 +151,7 @@ def gptq_matrix(w: jnp.ndarray, hessian: jnp.ndarray, scheme: Scheme, config: GP
             first = g * n
             if not config.act_order:
                 current = jax.lax.dynamic_slice(w_block, (first, 0), (n, outputs))[None]  # [1, N, O]
-                s, o = group_scale_offset(current, 0, scheme)  # [1, 1, O] each
+                s, o = _group_grid(current, scheme, config)  # [1, 1, O] each
                 scale = scale.at[(start + first) // n].set(_as_float16(s[0, 0]))
                 if o is not None:
                     offset = offset.at[(start + first) // n].set(_as_float16(o[0, 0]))
@@ -176,6 +188,36 @@ def gptq_matrix(w: jnp.ndarray, hessian: jnp.ndarray, scheme: Scheme, config: GP
     groups = inputs // n
     finite = jnp.all(jnp.isfinite(upper))
     return codes, scale[:groups], None if offset is None else offset[:groups], finite
+
+
+def _group_grid(wg: jnp.ndarray, scheme: Scheme, config: GPTQConfig):
+    """Scale and offset of groups wg [G, N, O]: each [G, 1, O] (offset None when symmetric).
+
+    Round to nearest spans each group's full range. With config.clip_search = S, the range is
+    also shrunk by S factors from 1 to 1 - max_shrink, and each group keeps the factor whose
+    rounded weights are closest to it (squared error): clipping a rare large weight often
+    buys a finer grid for all the others (the `mse` grid search of the GPTQ reference code).
+    """
+    scale, offset = group_scale_offset(wg, 0, scheme)
+    if not config.clip_search:
+        return scale, offset
+    factors = jnp.linspace(1.0, 1.0 - config.max_shrink, config.clip_search)  # [S]
+
+    def error(f):
+        if offset is None:
+            s, o = scale * f, None
+        else:  # shrink [min, max] towards its middle
+            middle = offset + scale * (scheme.levels - 1) / 2
+            s, o = scale * f, middle - scale * f * (scheme.levels - 1) / 2
+        s, o = _as_float16(s), None if o is None else _as_float16(o)
+        q = round_to_grid(wg, s, o, scheme)
+        w = q * s if o is None else q * s + o
+        return jnp.sum((wg - w) ** 2, axis=1, keepdims=True), s, o  # [G, 1, O] each
+
+    errors, scales, offsets = jax.vmap(error)(factors)  # [S, G, 1, O]
+    best = jnp.argmin(errors, axis=0)[None]  # [1, G, 1, O]
+    pick = lambda x: jnp.take_along_axis(x, best, axis=0)[0]
+    return pick(scales), None if offset is None else pick(offsets)
 
 
 def _as_float16(x: jnp.ndarray) -> jnp.ndarray:
