@@ -146,17 +146,23 @@ def token_windows(ids: Sequence[int], window: int, max_windows: int, source: str
 # ----------------------------------------------------------------------------- measurements
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _nll_and_argmax(params: Any, tokens: jnp.ndarray, config: decoder.DecoderConfig):
-    """tokens [B, T] -> (nll [B] summed over the T-1 predictions, argmax [B, T-1])."""
-    logits = decoder.forward(params, tokens, config).logits[:, :-1]  # [B, T-1, V] float32
+@functools.partial(jax.jit, static_argnames=("config", "int8_cache"))
+def _nll_and_argmax(params: Any, tokens: jnp.ndarray, config: decoder.DecoderConfig, int8_cache: bool = False):
+    """tokens [B, T] -> (nll [B] summed over the T-1 predictions, argmax [B, T-1]).
+
+    int8_cache: the keys and values go through an int8 KV cache, as when served with kv-int8
+    (every position attends over the cache's dequantized entries)."""
+    b, t = tokens.shape
+    cache = decoder.init_cache(config, b, t, quantized=True) if int8_cache else None
+    logits = decoder.forward(params, tokens, config, cache=cache).logits[:, :-1]  # [B, T-1, V] float32
     targets = tokens[:, 1:, None]  # [B, T-1, 1]
     # -log softmax at the target, without materialising the log-probabilities of every token.
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets, axis=-1)[..., 0]  # [B, T-1]
     return nll.sum(axis=1), logits.argmax(axis=-1).astype(jnp.int32)
 
 
-def score_windows(params: Any, config: decoder.DecoderConfig, windows: np.ndarray, batch: int) -> WindowScores:
+def score_windows(params: Any, config: decoder.DecoderConfig, windows: np.ndarray, batch: int,
+                  int8_cache: bool = False) -> WindowScores:
     """Negative log-likelihood and argmax of every window [N, T], `batch` windows per jitted call.
 
     The last batch is padded with copies of the first window (and their rows dropped), so one
@@ -167,7 +173,7 @@ def score_windows(params: Any, config: decoder.DecoderConfig, windows: np.ndarra
     for start in range(0, n, batch):
         rows = windows[start : start + batch]  # [b, T], b <= batch
         padded = np.concatenate([rows, np.repeat(windows[:1], batch - len(rows), axis=0)])  # [batch, T]
-        batch_nll, batch_argmax = _nll_and_argmax(params, jnp.asarray(padded), config)
+        batch_nll, batch_argmax = _nll_and_argmax(params, jnp.asarray(padded), config, int8_cache)
         nll.append(np.asarray(batch_nll, np.float64)[: len(rows)])
         argmax.append(np.asarray(batch_argmax)[: len(rows)])
     return WindowScores(np.concatenate(nll), np.concatenate(argmax))
@@ -192,27 +198,30 @@ def bf16_bytes(config: decoder.DecoderConfig) -> int:
 
 
 def decode_tokens_per_second(params: Any, config: decoder.DecoderConfig, tokenizer, *, new_tokens: int,
-                             prompt: str) -> float:
+                             prompt: str, runs: int = 3, kv_cache: str | None = None) -> float:
     """Batch-1 decode speed through the serving engine: `new_tokens` greedy tokens, EOS ignored.
 
     The engine is warmed up, then a short request runs before the timed one: the first decode
     after `Engine.warmup` still compiles one program (warmup compiles its first width with the
     fresh cache, then the engine calls it with a committed one), which measured on a tiny model
-    halved the figure. The timed request is then free of compilation.
+    halved the figure. The timed request is then free of compilation. It runs `runs` times and
+    the fastest counts: on a shared machine the others measure the neighbours as well.
     """
     from serve.engine import Engine, power_of_two_at_least
     from serve.sampling import SamplingParams
 
     prompt_len = len(tokenizer(prompt)["input_ids"])
     max_seq_len = power_of_two_at_least(prompt_len + new_tokens)
-    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=max_seq_len) as engine:
+    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=max_seq_len, kv_cache=kv_cache) as engine:
         engine.warmup(prompt_lengths=(prompt_len,))
+        speeds = []
         for sampling in (SamplingParams(max_new_tokens=min(new_tokens, 4), ignore_eos=True),
-                         SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
+                         *[SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)] * runs):
             out = engine.generate(prompt, sampling)[0]
             if out.finish_reason == "error":
                 raise ValueError(f"decode-speed run failed: {out.error}")
-    return out.decode_tokens_per_second
+            speeds.append(out.decode_tokens_per_second)
+    return max(speeds[1:])
 
 
 # ----------------------------------------------------------------------------- models
@@ -229,7 +238,14 @@ class _Scored:
 def _score(model, text: str, source: str, config: EvalConfig) -> _Scored:
     ids = model.tokenizer(text, verbose=False)["input_ids"]  # verbose=False: no "longer than max length" warning
     windows = token_windows(ids, config.window, config.windows, source)
-    return _Scored(windows, score_windows(model.params, model.config, windows, config.batch))
+    return _Scored(windows, score_windows(model.params, model.config, windows, config.batch, _int8_cache(model)))
+
+
+def _int8_cache(model) -> bool:
+    """Whether the model's scheme serves it with an int8 KV cache (kv-int8, 'int8+kv-int8', ...)."""
+    from compress.quant import schemes
+
+    return model.quantization is not None and bool(schemes.get(model.quantization).kv_bits)
 
 
 def _agreement(name: str, scored: _Scored, reference: str, ref: _Scored) -> float:
@@ -283,7 +299,8 @@ def evaluate_models(
         if config.decode_tokens:
             start = time.perf_counter()
             speed = decode_tokens_per_second(model.params, model.config, model.tokenizer,
-                                             new_tokens=config.decode_tokens, prompt=config.decode_prompt)
+                                             new_tokens=config.decode_tokens, prompt=config.decode_prompt,
+                                             kv_cache="int8" if _int8_cache(model) else None)
             log(f"{name}: decode {speed:.1f} tokens/s at batch 1 (measured in {time.perf_counter() - start:.1f} s "
                 f"with compilation and a first run)")
         results[i] = ModelEval(

@@ -171,3 +171,13 @@ def test_real_smollm2_perplexity_equals_transformers_on_its_gguf(capsys):
     want = _reference_perplexity(ref, ids, 2, 128)
     assert got["perplexity"] == pytest.approx(want, rel=1e-3)
     assert got["bytes"] == 2 * got["bf16_bytes"]  # float32 in memory
+
+
+def test_a_kv_int8_model_is_scored_through_its_int8_cache(tiny_dir, tmp_path, capsys):
+    kv_dir = str(tmp_path / "tiny-kv")
+    store.quantize_model(tiny_dir, "kv-int8", kv_dir)  # float weights, int8 cache
+    float_row, kv_row = _eval_json(capsys, "--compare", tiny_dir, kv_dir, "--windows", "2", "--window", "32", *FAST)
+    # The cache's rounding shows in the scores (so eval measures what serving computes) and stays small.
+    assert kv_row["quantization"] == "kv-int8" and kv_row["bytes"] == float_row["bytes"]
+    assert kv_row["perplexity"] != float_row["perplexity"]
+    assert kv_row["perplexity"] == pytest.approx(float_row["perplexity"], rel=0.01) and kv_row["agreement"] > 0.9
