@@ -146,12 +146,13 @@ def parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="write a model's integer weights and scales to a directory")
     quant.add_argument("--model", required=True, help="bundled name, Hugging Face directory or .gguf file (float)")
     quant.add_argument("--scheme", required=True,
-                       help="int8, int4-g{32,64,128}[-asym], gptq-int4-g{32,64,128}[-asym], w8a8; +kv-int8 adds an int8 KV cache")
+                       help="int8, int4-g{32,64,128}[-asym], gptq-int4-g{32,64,128}[-asym], w8a8, smooth-w8a8; "
+                            "+kv-int8 adds an int8 KV cache")
     quant.add_argument("--keep-float", metavar="PATTERNS",
                        help="comma-separated fnmatch patterns of projections left float, e.g. 'lm_head,layers/down' "
                             "(default lm_head; '' quantizes every projection)")
     quant.add_argument("--out", required=True, help="new directory to write; serve it with --model OUT")
-    calib = quant.add_argument_group("calibration (gptq-* schemes)")
+    calib = quant.add_argument_group("calibration (gptq-* and smooth-* schemes)")
     calib.add_argument("--calibration-data", metavar="PATH",
                        help="a UTF-8 text file (default: the train part of pydoc_data.topics, never the held-out part)")
     calib.add_argument("--calibration-sequences", type=int, default=128, help="windows drawn from it (default 128)")

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from compress.formats.safetensors_file import SafetensorsSet
@@ -90,3 +91,24 @@ def test_kv_int8_alone_keeps_float_weights_and_an_int8_cache(tmp_path):
         assert engine.kv_cache == "int8" and engine._cache.k.dtype == jnp.int8
         assert engine.params["layers"]["q"]["kernel"].dtype == jnp.float32
         assert engine.generate("The capital of France is", SamplingParams(max_new_tokens=4))[0].token_ids
+
+
+def test_smooth_w8a8_is_calibrated_stored_and_served(tmp_path):
+    from compress.quant import smooth
+    from compress.quant.gptq import GPTQConfig
+
+    out = str(tmp_path / "sq")
+    calibration = GPTQConfig(num_sequences=8, sequence_length=128)
+    store.quantize_model("smollm2-135m-instruct", "smooth-w8a8", out, calibration=calibration)
+    stored = load_decoder(out)
+    assert stored.quantization == "smooth-w8a8" and stored.params["layers"]["q"]["spec"].activation_bits == 8
+    float_model = load_decoder("smollm2-135m-instruct")
+    # The norms now carry the division (they differ from the float model's) ...
+    assert not np.allclose(np.asarray(stored.params["layers"]["attn_norm"]), np.asarray(float_model.params["layers"]["attn_norm"]))
+    # ... and the directory serves exactly what smoothing then quantizing in memory gives.
+    smoothed = smooth.smooth_decoder(float_model.params, float_model.config, float_model.tokenizer, calibration)
+    in_memory = quantize_params(smoothed, decoder.PROJECTIONS, schemes.get("smooth-w8a8"))
+    params = SamplingParams(max_new_tokens=12)
+    with Engine(stored.params, stored.config, stored.tokenizer, max_slots=2, max_seq_len=128) as a, \
+            Engine(in_memory, float_model.config, float_model.tokenizer, max_slots=2, max_seq_len=128) as b:
+        assert [o.token_ids for o in a.generate(PROMPTS[:2], params)] == [o.token_ids for o in b.generate(PROMPTS[:2], params)]

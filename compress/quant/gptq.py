@@ -266,6 +266,27 @@ def calibration_tokens(tokenizer, config: GPTQConfig) -> np.ndarray:
 # ----------------------------------------------------------------------------- the decoder, layer by layer
 
 
+def layer_batches(config: decoder.DecoderConfig, t: int, batch_size: int):
+    """batches(x [S, T, D]) -> iterator of (rows [b, T, D], [cos, sin, allowed] for those rows):
+    whole, unpadded sequences at positions 0..T-1 with a causal mask, as `forward` builds them,
+    for running calibration sequences through one layer at a time."""
+    positions = jnp.arange(t)[None, :]  # [1, T]
+    allowed = attn.attention_mask(positions, jnp.ones((1, t), bool), config.sliding_window)  # [1, T, T]
+    cos, sin = rope_tables(positions, *inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))
+
+    def batches(x):
+        for start in range(0, x.shape[0], batch_size):
+            rows = x[start : start + batch_size]
+            yield rows, [jnp.broadcast_to(a, (rows.shape[0], *a.shape[1:])) for a in (cos, sin, allowed)]
+
+    return batches
+
+
+def embed_tokens(params, config: decoder.DecoderConfig, tokens: np.ndarray) -> jnp.ndarray:
+    """The residual stream entering layer 0 for tokens [S, T]: [S, T, D]."""
+    return jnp.take(params["embed"], jnp.asarray(tokens), axis=0).astype(decoder.DTYPES[config.dtype])
+
+
 def _flat_inputs(x: jnp.ndarray, width: int) -> jnp.ndarray:
     """Activations [B, T, *in] -> [M, I] float32, inputs flattened row-major like the kernel's."""
     return x.reshape(-1, width).astype(jnp.float32)
@@ -344,18 +365,8 @@ def quantize_decoder_tokens(
         raise ValueError(f"calibration tokens must be [sequences, positions], got shape {tokens.shape}")
     t = tokens.shape[1]
 
-    # Whole, unpadded sequences: positions 0..T-1 and a causal mask, as `forward` builds them.
-    positions = jnp.arange(t)[None, :]  # [1, T]
-    allowed = attn.attention_mask(positions, jnp.ones((1, t), bool), config.sliding_window)  # [1, T, T]
-    cos, sin = rope_tables(positions, *inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))
-
-    def batches(x):
-        for start in range(0, x.shape[0], calibration.batch_size):
-            rows = x[start : start + calibration.batch_size]
-            tables = [jnp.broadcast_to(a, (rows.shape[0], *a.shape[1:])) for a in (cos, sin, allowed)]
-            yield rows, tables
-
-    x = jnp.take(params["embed"], jnp.asarray(tokens), axis=0).astype(decoder.DTYPES[config.dtype])  # [S, T, D]
+    batches = layer_batches(config, t, calibration.batch_size)
+    x = embed_tokens(params, config, tokens)  # [S, T, D]
     layers = params["layers"]
     stored: dict[str, list] = {name: [] for name in names}
     for layer in range(config.num_layers):

@@ -11,6 +11,8 @@
                   error compensation over calibration sequences); `-asym` works here too.
   w8a8            int8 weights (per output channel) and int8 activations quantized
                   dynamically, one scale per token; the matmul itself is int8 x int8.
+  smooth-w8a8     w8a8 after SmoothQuant (compress/quant/smooth.py): calibration text sets
+                  per-channel factors that move activation outliers into the weights.
   kv-int8         an int8 key/value cache with one scale per token and key/value head.
                   Combines with any of the above: 'int4-g64+kv-int8'; alone it leaves the
                   weights float.
@@ -36,7 +38,7 @@ class Scheme:
     description: str
     group_size: int | None = None  # input channels per scale; None: one scale per output channel
     zero_point: bool = False  # asymmetric groups: a float offset per group as well
-    calibration: str | None = None  # None: round to nearest; 'gptq': GPTQ
+    calibration: str | None = None  # None: round to nearest; 'gptq': GPTQ; 'smoothquant': smoothed, then rounded
     activation_bits: int | None = None  # dynamic per-token activation quantization (w8a8)
     kv_bits: int | None = None  # integer key/value cache
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # fnmatch patterns of projections left float
@@ -67,6 +69,8 @@ def _weight_schemes() -> dict[str, Scheme]:
     table = [
         Scheme("int8", 8, "int8 weights, one scale per output channel (symmetric, round to nearest)"),
         Scheme("w8a8", 8, "int8 weights per output channel and int8 activations per token (dynamic)", activation_bits=8),
+        Scheme("smooth-w8a8", 8, "w8a8 after SmoothQuant moves activation outliers into the weights (calibrated)",
+               activation_bits=8, calibration="smoothquant"),
     ]
     for n in GROUP_SIZES:
         table += [

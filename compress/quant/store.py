@@ -124,6 +124,11 @@ def quantize_model(
         from compress.quant import gptq
 
         qparams = gptq.quantize_decoder(model.params, model.config, scheme, model.tokenizer, calibration, log=log)
+    elif scheme.calibration == "smoothquant":
+        from compress.quant import smooth
+
+        smoothed = smooth.smooth_decoder(model.params, model.config, model.tokenizer, calibration, log=log)
+        qparams = quantize_params(smoothed, decoder.PROJECTIONS, scheme)
     else:
         qparams = quantize_params(model.params, decoder.PROJECTIONS, scheme)
     save(qparams, model.config, scheme, out, tokenizer=model.tokenizer)
