@@ -59,7 +59,7 @@ def add_parser(subparsers) -> None:
     build.add_argument("--expansion-add", type=int, default=settings.expansion_add, help="HNSW build candidates")
     build.add_argument("--expansion-search", type=int, default=settings.expansion_search,
                        help="HNSW search candidates")
-    build.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch")
+    build.add_argument("--batch-size", type=int, default=32, help="texts per encoder batch (default 32; on a CPU smaller batches stay in cache)")
 
     add = actions.add_parser("add", help="add or replace documents in an index")
     _docs_args(add)

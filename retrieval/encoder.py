@@ -147,7 +147,7 @@ class SentenceEncoder:
         *,
         dtype: str = "float32",
         max_length: int = 256,
-        batch_size: int = 64,
+        batch_size: int = 32,
         name: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
         quantization: str | None = None,

@@ -157,11 +157,11 @@ class VectorIndex:
             scores[:, :n] = np.take_along_axis(similarity, top, axis=1)
             return keys, scores
         matches = self._index.search(queries, min(k, len(self)))
-        found_keys = np.asarray(matches.keys).reshape(q, -1)
+        found_keys = np.asarray(matches.keys).reshape(q, -1)  # [q, k']
         distances = np.asarray(matches.distances, dtype=np.float32).reshape(q, -1)
         counts = np.asarray(matches.counts).reshape(q) if hasattr(matches, "counts") else np.full(q, found_keys.shape[1])
-        for row in range(q):
-            c = int(counts[row])
-            keys[row, :c] = found_keys[row, :c]
-            scores[row, :c] = 1.0 - distances[row, :c]
+        found = np.arange(found_keys.shape[1])[None, :] < counts[:, None]  # [q, k']: real results, not padding
+        width = found_keys.shape[1]
+        keys[:, :width] = np.where(found, found_keys, keys[:, :width])
+        scores[:, :width] = np.where(found, 1.0 - distances, -np.inf)
         return keys, scores
