@@ -32,8 +32,8 @@ import numpy as np
 from common import log, write_result
 
 QUESTIONS = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "pydoc_questions.jsonl")
-SCHEMES = "int8,kv-int8,int8+kv-int8,w8a8,int4-g64,int4-g32,int4-g64-asym,int4-g32-asym,gptq-int4-g64,gptq-int4-g32,gptq-int4-g64-asym"
-ENCODER_SCHEMES = "int8,kv-int8,int8+kv-int8,w8a8,int4-g64,int4-g32,int4-g32-asym"
+SCHEMES = "int8,kv-int8,int8+kv-int8,w8a8,smooth-w8a8,int4-g64,int4-g32,int4-g64-asym,int4-g32-asym,gptq-int4-g64,gptq-int4-g32,gptq-int4-g64-asym"
+ENCODER_SCHEMES = "int8,w8a8,int4-g64,int4-g32,int4-g32-asym"
 
 
 def decoder_schemes(args) -> dict:

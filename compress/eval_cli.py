@@ -114,11 +114,23 @@ def write_plot(results: Sequence[ModelEval], path: str) -> None:
     figure = Figure(figsize=(6.4, 4.4), dpi=120)
     FigureCanvasAgg(figure)  # the Agg canvas: no display, no global backend state
     ax = figure.add_subplot()
-    for r in results:
-        x = r.bytes / 1e6
-        ax.scatter([x], [r.perplexity], s=36)
-        ax.annotate(f"{label(r.model)} ({r.quantization or 'float'})", (x, r.perplexity),
-                    textcoords="offset points", xytext=(6, 6), fontsize=8)
+    # Labels go right of their points; one that would print over a label already placed near
+    # it (schemes of similar size and quality are a common sight) moves up, with a leader line.
+    xs, ys = [r.bytes / 1e6 for r in results], [r.perplexity for r in results]
+    x_near = 0.3 * (max(xs) - min(xs) or max(xs))  # a label runs about this far right
+    gap = 0.045 * (max(ys) - min(ys) or max(ys) * 0.1)
+    placed: list[tuple[float, float]] = []
+    for r in sorted(results, key=lambda r: r.perplexity):
+        x, y, scheme = r.bytes / 1e6, r.perplexity, r.quantization or "float"
+        name = label(r.model)
+        at = y
+        while any(abs(x - px) < x_near and abs(at - py) < gap for px, py in placed):
+            at = max(py for px, py in placed if abs(x - px) < x_near and abs(at - py) < gap) + gap
+        placed.append((x, at))
+        ax.scatter([x], [y], s=36)
+        ax.annotate(scheme if name == scheme else f"{name} ({scheme})", (x, y), xytext=(x + 0.02 * x_near / 0.3, at),
+                    textcoords="data", fontsize=8, va="center",
+                    arrowprops=None if at == y else {"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
     ax.set_xlabel("parameter bytes (MB)")
     ax.set_ylabel("perplexity (lower is better)")
     first = results[0]

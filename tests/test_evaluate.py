@@ -176,7 +176,8 @@ def test_real_smollm2_perplexity_equals_transformers_on_its_gguf(capsys):
 def test_a_kv_int8_model_is_scored_through_its_int8_cache(tiny_dir, tmp_path, capsys):
     kv_dir = str(tmp_path / "tiny-kv")
     store.quantize_model(tiny_dir, "kv-int8", kv_dir)  # float weights, int8 cache
-    float_row, kv_row = _eval_json(capsys, "--compare", tiny_dir, kv_dir, "--windows", "2", "--window", "32", *FAST)
+    float_row, kv_row = _eval_json(capsys, "--compare", tiny_dir, kv_dir, "--windows", "2", "--window", "32", *FAST,
+                                   "--plot", str(tmp_path / "kv.png"))
     # The cache's rounding shows in the scores (so eval measures what serving computes) and stays small.
     assert kv_row["quantization"] == "kv-int8" and kv_row["bytes"] == float_row["bytes"]
     assert kv_row["perplexity"] != float_row["perplexity"]
