@@ -59,6 +59,8 @@ def add_parser(subparsers) -> None:
     build.add_argument("--expansion-add", type=int, default=settings.expansion_add, help="HNSW build candidates")
     build.add_argument("--expansion-search", type=int, default=settings.expansion_search,
                        help="HNSW search candidates")
+    build.add_argument("--encoder-quantization", metavar="SCHEME",
+                       help="run the encoder on quantized weights (int8, w8a8, int4-g32, ...; recorded in the index)")
     build.add_argument("--batch-size", type=int, default=32, help="texts per encoder batch (default 32; on a CPU smaller batches stay in cache)")
 
     add = actions.add_parser("add", help="add or replace documents in an index")
@@ -152,7 +154,8 @@ def build(args: argparse.Namespace, out) -> int:
     chunking = ChunkingConfig(args.chunk_tokens, args.overlap)
     chunking.validate()
     documents = read_documents(args.docs, text_field=args.text_field)
-    encoder = SentenceEncoder.from_pretrained(args.encoder, batch_size=args.batch_size)
+    encoder = SentenceEncoder.from_pretrained(args.encoder, batch_size=args.batch_size,
+                                              quantization=args.encoder_quantization)
     retriever = Retriever(encoder, settings=settings, chunking=chunking, exact=args.exact, hybrid=not args.dense_only)
     replacing = store.is_index_dir(args.index)
     report = _add_with_progress(retriever, documents, not args.no_progress)

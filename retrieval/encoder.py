@@ -75,6 +75,7 @@ class SentenceEncoder:
       name: what the encoder is called (its bundled name or directory); indexes record it.
       mesh: devices to split each batch over. None: every local device when there are
         several, else a single device without a mesh.
+      quantization: the scheme `params` were quantized with, if any (indexes record it).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class SentenceEncoder:
         batch_size: int,
         name: str = "encoder",
         mesh: jax.sharding.Mesh | None = None,
+        quantization: str | None = None,
     ):
         if max_length > config.max_position_embeddings:
             raise ValueError(f"max_length={max_length} exceeds the model's {config.max_position_embeddings} positions")
@@ -97,6 +99,7 @@ class SentenceEncoder:
         self.config = config
         self.tokenizer = tokenizer
         self.name = name
+        self.quantization = quantization
         self.mesh = mesh
         self.max_length = max_length
         replicas = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
@@ -184,7 +187,7 @@ class SentenceEncoder:
         max_length = min(max_length, settings.get("max_seq_length") or max_length, config.max_position_embeddings)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
         return cls(config, params, tokenizer, max_length=max_length, batch_size=batch_size,
-                   name=name or model_dir, mesh=mesh)
+                   name=name or model_dir, mesh=mesh, quantization=quantization)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit-length embeddings of `texts`: float32 [len(texts), D], in the input order."""

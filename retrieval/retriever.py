@@ -128,7 +128,8 @@ class Retriever:
         """
         vectors, metadata, manifest = store.load(directory, view=view, verify=verify)
         if encoder is None:
-            encoder = SentenceEncoder.from_pretrained(manifest["encoder"])
+            encoder = SentenceEncoder.from_pretrained(manifest["encoder"],
+                                                      quantization=manifest.get("encoder_quantization"))
         meta_path = f"{directory}/{store.META_FILE}"
         if encoder.dim != manifest["dim"]:
             raise EncoderMismatchError(
@@ -158,7 +159,8 @@ class Retriever:
     def manifest(self) -> dict:
         """The manifest fields a save records (store.py), except the vectors file's."""
         return {
-            "encoder": self.encoder.name, "encoder_probe": self.probe().tolist(), "dim": self.encoder.dim,
+            "encoder": self.encoder.name, "encoder_quantization": self.encoder.quantization,
+            "encoder_probe": self.probe().tolist(), "dim": self.encoder.dim,
             "metric": "cos", **dataclasses.asdict(self.settings), "exact": self.exact, "hybrid": self.hybrid,
             **dataclasses.asdict(self.chunking), "next_key": self._next_key,
         }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from retrieval.retriever import Retriever
@@ -106,6 +107,17 @@ def test_build_errors_before_work(corpus, encoder_dir, capsys):
     code, _, err = press(capsys, "index", "search", "--index", "nowhere", "x")
     assert code == 2 and "nowhere: no such index directory" in err
     assert not os.path.exists("idx")
+
+
+def test_an_index_built_on_a_quantized_encoder_queries_with_it(corpus, encoder_dir, capsys):
+    code, out, err = build(capsys, encoder_dir, "--encoder-quantization", "int8")
+    assert code == 0, err
+    index = Retriever.load("idx")  # the encoder named in the index, quantized as recorded
+    assert index.encoder.quantization == "int8"
+    assert index.encoder.params["layers"]["up"]["qkernel"].dtype == np.int8
+    assert search(capsys, "sourdough bread")[0]["doc_id"] == "q-bread"
+    code, _, err = build(capsys, encoder_dir, "--encoder-quantization", "int5")
+    assert code == 2 and "valid schemes: int8" in err
 
 
 # The script a killed build runs: `press index add` with a SIGKILL at a chosen point.
