@@ -68,6 +68,7 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/decode.py --out bench-results/decode.json
 	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --out bench-results/server.json
 	$(BIN)/python benchmarks/quant.py --windows 16 --out bench-results/quant.json
+	$(BIN)/python benchmarks/gptq_ablation.py --out bench-results/gptq-ablation.json
 	$(BIN)/python benchmarks/retrieve.py --vectors 100000 --queries 1000 --out bench-results/retrieval.json
 
 clean:

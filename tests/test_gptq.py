@@ -163,3 +163,31 @@ def test_clip_search_never_rounds_a_group_worse(name):
     assert float(jnp.sum(group_error(searched))) < 0.97 * float(jnp.sum(group_error(plain)))
     with pytest.raises(ValueError, match="GPTQConfig.clip_search must be an integer >= 0"):
         gptq.GPTQConfig(clip_search=-1)
+
+
+def test_press_quantize_passes_its_calibration_settings(tmp_path, capsys):
+    from compress.formats import hf_decoder
+    from compress.pretrained import load_decoder
+    from compress.registry import resolve
+    from compress.tokenizer import load_tokenizer
+    from serve import cli
+
+    tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))
+    config = dataclasses.replace(CONFIG, vocab_size=len(tokenizer), architecture="llama",
+                                 eos_token_ids=(tokenizer.eos_token_id,), bos_token_id=tokenizer.bos_token_id)
+    model = str(tmp_path / "tiny")
+    hf_decoder.export(decoder.init_params(config, jax.random.key(0), scale=0.2), config, model, tokenizer=tokenizer)
+    text = tmp_path / "notes.txt"
+    text.write_text("Tea keeps its flavour in an airtight tin, away from light and warmth. " * 40)
+    argv = ["quantize", "--model", model, "--scheme", "gptq-int4-g32", "--calibration-data", str(text),
+            "--calibration-sequences", "3", "--calibration-length", "40"]
+    assert cli.main([*argv, "--out", str(tmp_path / "q")]) == 0
+    assert load_decoder(str(tmp_path / "q")).quantization == "gptq-int4-g32"
+    assert "GPTQ: layer 2/2 quantized" in capsys.readouterr().err  # progress, per layer
+    # The settings really arrive: a window longer than the text, and a missing file, are refused.
+    assert cli.main([*argv[:-1], "4000", "--out", str(tmp_path / "long")]) == 2
+    assert "fewer than GPTQConfig.sequence_length=4000" in capsys.readouterr().err
+    argv[argv.index(str(text))] = str(tmp_path / "missing.txt")
+    assert cli.main([*argv, "--out", str(tmp_path / "none")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "long").exists() and not (tmp_path / "none").exists()

@@ -13,7 +13,8 @@ its two half-groups and run two dense contractions, with no interleaving of the 
 
 Why not jnp.int4 through AQT (compress/quant/aqt_matmul.py): on a CPU, XLA unpacks an int4
 array element by element before any matmul reads it. Measured on the development machine
-(2 cores), 30 layers of SmolLM2's gate projection (576 -> 1536, groups of 32) at batch 1:
+(2 cores) against the AQT path this replaced (commit 7737a72 removed it; a one-off script, not
+kept), 30 layers of SmolLM2's gate projection (576 -> 1536, groups of 32) at batch 1:
 float32 3.2 ms, int4 through AQT's dot_general with the groups as a batch axis 11.3-13.9 ms,
 jnp.int4 dequantized then one matmul 6.2 ms, this layout 3.2 ms; decode of the whole model
 with int4-g64 went from 13.7 tokens/s (AQT) to the figures in BENCHMARKS.md. The bytes stay

@@ -74,8 +74,7 @@ def save(qparams: Any, config: decoder.DecoderConfig, scheme: schemes.Scheme, di
     tmp = tempfile.mkdtemp(dir=parent, prefix=".press-quantize-")
     os.chmod(tmp, 0o755)
     tensors = {_name(path): np.asarray(jax.device_get(leaf)) for path, leaf in jax.tree.flatten_with_path(qparams)[0]}
-    metadata = {"format": "press", KEY: scheme.name}
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata=metadata)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "press", KEY: scheme.name})
     hf_config = {**hf_decoder.config_to_hf(config), KEY: {**scheme.storage(), "format": FORMAT}}
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)

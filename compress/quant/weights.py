@@ -165,8 +165,6 @@ def dequantize_kernel(p: dict[str, Any], equation: str) -> jnp.ndarray:
 
 def round_trip_asymmetric(kernel: jnp.ndarray, equation: str, bits: int, group_size: int) -> jnp.ndarray:
     """The kernel quantized to its stored asymmetric group form and dequantized (QAT's forward)."""
-    from compress.quant.schemes import Scheme
-
     scheme = Scheme("asym", bits, "", group_size=group_size, zero_point=True)
     q = quantize_kernel(kernel, contracted_axes(equation, kernel.ndim), scheme)
     return dequantize_kernel(q, equation).astype(kernel.dtype)
