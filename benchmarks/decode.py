@@ -121,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
-    from compress.registry import resolve
+    from compress.formats.registry import resolve
 
     path = resolve(args.model).path
     press = bench_press(args.model, batches, args.new_tokens)

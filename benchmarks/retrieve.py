@@ -44,7 +44,7 @@ def timed(fn, *args, **kwargs):
 def encoding(texts: list[str], batch_size: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from compress import registry
+    from compress.formats import registry
     from retrieval.encoder import SentenceEncoder
 
     press = SentenceEncoder.from_pretrained("all-minilm-l6-v2", batch_size=batch_size)

@@ -19,9 +19,11 @@ None, and a str field takes the text as typed unless it reads as a YAML string
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import enum
+import json
 import os
 import re
 import types
@@ -30,13 +32,15 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
+from compress.errors import InputError
+
 T = TypeVar("T")
 
 _NONE_WORDS = {"null", "none", "~"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value, key or file is wrong. Says which key, where it came from, and what to do.
 
     key: the dotted key at fault, if any. source: a file path or "override 'k=v'", if known.
@@ -393,3 +397,111 @@ def _override_sources(data: Any) -> list[str]:
 
 def _join(path: str, name: Any) -> str:
     return f"{path}.{name}" if path else str(name)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+CONFIG_PREFIX = "config:"  # argparse dest of a flag that sets a config key
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")  # key=value (a dotted key, then '=')
+
+
+def add_config_arguments(parser, schema: type, *, positional: str | None = None) -> "ConfigFlags":
+    """Give a command's parser the typed config: `[CONFIG.yaml] [key=value ...]` positionals and
+    `--config PATH`. Returns a ConfigFlags to declare shorthand flags for config keys with.
+
+    positional: a config key that a bare word on the command line sets (e.g. 'question' for
+    `press ask ... "What is X?"`); a YAML file must then end in .yaml or .yml.
+    A command line reads as: the dataclass defaults, then the YAML file, then the flags, then
+    the key=value overrides. `config_from_args` builds the config.
+    """
+    example = positional or next((f.name for f in dataclasses.fields(schema) if f.init), "key")
+    words = f"[CONFIG.yaml] [{positional.upper()}] [key=value]" if positional else "[CONFIG.yaml] [key=value]"
+    parser.add_argument("config_args", nargs="*", metavar=words,
+                        help=f"a YAML file of {schema.__name__} values, then overrides such as {example}=... "
+                             "(dotted keys for sections)" + (f"; a bare word is the {positional}" if positional else ""))
+    parser.add_argument("--config", dest="config_file", metavar="CONFIG.yaml", help="the YAML file (as a flag)")
+    parser.set_defaults(config_schema=schema, config_positional=positional)
+    return ConfigFlags(parser, schema, argparse.SUPPRESS)
+
+
+@dataclasses.dataclass
+class ConfigFlags:
+    """Declares flags that are shorthands for config keys (their defaults stay in the dataclass)."""
+
+    parser: Any
+    schema: type
+    _suppress: Any
+
+    def flag(self, *names: str, key: str, help: str = "", **kwargs) -> None:
+        """`--flag VALUE` sets config key `key` (dotted for sections); the help shows the default."""
+        default = default_of(self.schema, key)
+        shown = ("" if kwargs.get("action") in ("store_true", "store_false") or default is dataclasses.MISSING
+                 else f" (default: {default!r})")
+        if kwargs.get("action") not in ("store_true", "store_false"):
+            kwargs.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
+        self.parser.add_argument(*names, dest=CONFIG_PREFIX + key, default=self._suppress,
+                                 help=f"{help}{shown}", **kwargs)
+
+
+def default_of(schema: type, key: str) -> Any:
+    """The default of dotted `key` in `schema` (dataclasses.MISSING for a required key)."""
+    value: Any = schema
+    for name in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(value)}
+        if name not in fields:
+            raise KeyError(f"{getattr(schema, '__name__', schema)} has no key {key!r}")
+        field = fields[name]
+        if isinstance(value, type):
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                return dataclasses.MISSING
+            value = _default(field)
+        else:
+            value = getattr(value, name)
+    return value
+
+
+def split_config_args(words: Sequence[str], positional: str | None = None) -> tuple[str | None, list[str]]:
+    """(YAML path or None, key=value overrides) of a command's positional words.
+
+    Words like key=value are overrides. Without `positional`, the first other word is the YAML
+    file. With it, a word ending in .yaml/.yml is the file and one other word sets `positional`.
+    """
+    path, overrides, free = None, [], []
+    for word in words:
+        if _OVERRIDE.match(word):
+            overrides.append(word)
+        elif path is None and (positional is None or word.lower().endswith((".yaml", ".yml"))) and not overrides:
+            path = word
+        else:
+            free.append(word)
+    if free and positional and len(free) == 1:
+        return path, [f"{positional}={_as_yaml(free[0])}", *overrides]
+    if free:
+        expected = f"[CONFIG.yaml] [{positional.upper()}] [key=value ...]" if positional else "[CONFIG.yaml] [key=value ...]"
+        raise ConfigError(f"unexpected word(s) {', '.join(map(repr, free))} on the command line; it reads {expected}")
+    return path, overrides
+
+
+def config_from_args(args, schema: type[T] | None = None, extra_overrides: Sequence[str] = ()) -> T:
+    """The typed config of a parsed command line (see add_config_arguments).
+
+    extra_overrides: key=value text the command derives itself, applied after the flags.
+    """
+    schema = schema or args.config_schema
+    path, overrides = split_config_args(getattr(args, "config_args", ()), getattr(args, "config_positional", None))
+    file_flag = getattr(args, "config_file", None)
+    if path and file_flag:
+        raise ConfigError(f"two config files: {file_flag} (--config) and {path}; give one")
+    flags = [f"{dest[len(CONFIG_PREFIX):]}={_as_yaml(value)}" for dest, value in vars(args).items()
+             if dest.startswith(CONFIG_PREFIX)]
+    return load(schema, path or file_flag, [*flags, *extra_overrides, *overrides])
+
+
+def _as_yaml(value: Any) -> str:
+    """A parsed value as override text that reads back as the same value."""
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value, ensure_ascii=False)

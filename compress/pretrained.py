@@ -7,13 +7,23 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from compress.formats import gguf_decoder, hf_decoder
+from compress.formats import gguf_decoder, hf_decoder, quantized
 from compress.formats.gguf_file import GGUFFile
 from compress.formats.safetensors_file import SafetensorsSet
 from compress.models import decoder
-from compress.placement import materialize
-from compress.registry import ModelLocation, resolve
-from compress.tokenizer import load_tokenizer
+from compress.models.params import Dtype
+from compress.formats.placement import materialize
+from compress.formats.registry import ModelLocation, resolve
+from compress.formats.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which model a job loads, and in which dtypes (a section of every job's config)."""
+
+    name: str = "smollm2-135m-instruct"  # bundled name, Hugging Face directory, .gguf file or quantized directory
+    dtype: Dtype = "float32"  # compute dtype of activations
+    param_dtype: Dtype | None = None  # storage dtype of the weights; None: dtype
 
 
 @dataclasses.dataclass
@@ -43,13 +53,9 @@ def load_decoder(
     """
     location = resolve(name_or_path)
     if location.format == "hf":
-        from compress.quant import store
-
-        scheme = store.scheme_of(location.path)
+        scheme = quantized.scheme_of(location.path)
         if scheme is not None:
-            import compress.quant.weights  # noqa: F401 - teaches dense the integer projections
-
-            config, params = store.load(location.path, scheme, mesh=mesh, dtype=dtype)
+            config, params = quantized.load(location.path, scheme, mesh=mesh, dtype=dtype)
             tokenizer = load_tokenizer(location) if with_tokenizer else None
             return Pretrained(config, params, tokenizer, location, scheme.name)
     if location.format == "gguf":

@@ -1,6 +1,8 @@
 """Retrieval: find the passages of the user's documents that answer a question.
 
-  from retrieval import Retriever, RagPipeline, SentenceEncoder, read_documents
+  from retrieval import Retriever, SentenceEncoder, read_documents
+
+Grounded answers (retrieval plus generation) are served from serve/rag.py.
 """
 
 # Embedding
@@ -15,12 +17,8 @@ from retrieval.retriever import AddReport, EncoderMismatchError, Hit, Retriever
 from retrieval.store import IndexFileError
 from retrieval.vector_index import IndexSettings
 
-# Grounded answers
-from retrieval.rag import MIN_SCORE, Answer, RagPipeline, Source
-
 __all__ = [
     "SentenceEncoder",
     "Chunk", "ChunkingConfig", "PYDOC_TOPICS", "Document", "pydoc_documents", "read_documents",
     "AddReport", "EncoderMismatchError", "Hit", "Retriever", "IndexFileError", "IndexSettings",
-    "MIN_SCORE", "Answer", "RagPipeline", "Source",
 ]

@@ -32,6 +32,8 @@ import json
 import os
 from typing import Any, Iterable, Iterator
 
+from compress.data import corpus
+
 PYDOC_TOPICS = "pydoc:topics"
 TEXT_SUFFIXES = (".txt", ".text", ".rst")
 MARKDOWN_SUFFIXES = (".md", ".markdown")
@@ -114,11 +116,8 @@ def read_jsonl_file(path: str, rel: str, text_field: str = "text") -> Iterator[D
 
 def pydoc_documents() -> list[Document]:
     """The CPython language reference shipped with Python: one document per topic."""
-    from pydoc_data.topics import topics
-
     docs = []
-    for name in sorted(topics):
-        text = topics[name]
+    for name, text in corpus.pydoc_topics().items():
         first = text.lstrip().split("\n", 1)[0].strip()
         docs.append(Document(name, text, f"{PYDOC_TOPICS}/{name}", first or name, "underlined"))
     return docs

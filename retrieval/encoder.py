@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from compress import registry
+from compress.formats import registry
 from compress import sharding as shd
 from compress.formats.hf_bert import load_encoder
 from compress.formats.tensor_source import FormatError
 from compress.models import encoder
-from compress.models.decoder import DTYPES
+from compress.models.params import DTYPES
+from compress.quant import schemes
+from compress.quant.weights import quantize_params
 
 MIN_BUCKET = 16
 
@@ -175,9 +177,6 @@ class SentenceEncoder:
         config, params = load_encoder(model_dir)
         config = dataclasses.replace(config, dtype=dtype)
         if quantization is not None:
-            from compress.quant import schemes
-            from compress.quant.weights import quantize_params
-
             scheme = schemes.get(quantization)
             if not scheme.quantizes_weights or scheme.calibration is not None:
                 raise ValueError(f"encoder quantization {quantization!r}: choose a weight scheme without "

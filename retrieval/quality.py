@@ -5,7 +5,7 @@ A question set is JSON Lines, one object per question:
 
   {"question": "What does the nonlocal statement do?", "topics": ["nonlocal"], ...}
 
-`topics` lists the document ids that answer it (tests/data/pydoc_questions.jsonl holds 62
+`topics` lists the document ids that answer it (compress/data/pydoc_questions.jsonl holds 62
 questions about the CPython language reference, whose document ids are its topic names).
 """
 

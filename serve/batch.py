@@ -1,8 +1,7 @@
 """Offline batch jobs: a JSONL file of prompts through the engine into a JSONL file of results.
 
-  press batch --model M --input prompts.jsonl --output results.jsonl [--errors FILE]
-              [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--stop STR ...]
-              [--max-slots N] [--max-seq-len N] [--dtype float32] [--no-progress] [--distributed]
+  press batch [configs/batch.yaml] --model M --input prompts.jsonl --output results.jsonl [key=value ...]
+  (the command: serve/commands/batch.py; the Python API: run_batch(engine, ...))
 
 Input: one JSON object per line with an "id" (string or integer, unique in the file) and
 either a "prompt" string or chat "messages" ([{"role", "content"}, ...]). An optional
@@ -37,7 +36,6 @@ devices. Concatenate the parts afterwards. Only the single-process path is teste
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -360,62 +358,3 @@ class _Progress:
 
 
 # --- the command
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("batch", help="run a JSONL file of prompts offline (resumable)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="bundled name, Hugging Face directory or .gguf file")
-    p.add_argument("--input", required=True, help='JSONL: {"id", "prompt" | "messages", "sampling"?} per line')
-    p.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
-    p.add_argument("--errors", help="JSONL of the lines that could not run (default: OUTPUT with .errors.jsonl)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, help="sampling seed of every line (default: a random one per line)")
-    p.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
-                   help="strings that end the text")
-    p.add_argument("--max-slots", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens per request")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary line on stderr")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host pods: one process per host)")
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """`press batch`; exit status 0 when every line is done, 1 when some are in the errors file."""
-    import jax
-
-    if args.distributed:
-        jax.distributed.initialize()
-    from compress import sharding as shd
-    from serve.engine import Engine
-
-    defaults = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=tuple(args.stop),
-    )
-    if not os.path.isfile(args.input):
-        raise FileNotFoundError(f"{args.input}: no such input file")
-    output, errors, shard = args.output, args.errors, (0, 1)
-    if jax.process_count() > 1:
-        shard = (jax.process_index(), jax.process_count())
-        output = f"{args.output}.part{shard[0]}"
-        errors = errors and f"{errors}.part{shard[0]}"
-    local = jax.local_devices()
-    mesh, max_slots = None, args.max_slots
-    if len(local) > 1:
-        mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=local)
-        max_slots = -(-max_slots // len(local)) * len(local)  # rows split evenly, else they are replicated
-        if max_slots != args.max_slots:
-            sys.stderr.write(f"press batch: --max-slots {args.max_slots} rounded up to {max_slots}, "
-                             f"a multiple of the {len(local)} devices\n")
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, max_slots=max_slots,
-                                    max_seq_len=args.max_seq_len)
-    with engine:
-        summary = run_batch(engine, args.input, output, errors, defaults, progress=not args.no_progress, shard=shard)
-    print(json.dumps(summary))
-    return 1 if summary["errors"] else 0

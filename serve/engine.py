@@ -42,8 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress import pretrained
 from compress import sharding as shd
+from compress.formats.tokenizer import cache_root
 from compress.models import decoder
+from compress.quant import schemes
 from compress.models.attention import KVCache
 from serve.sampling import SamplingParams, sample
 
@@ -71,8 +74,6 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     """Point JAX's persistent compilation cache at `directory` unless the user already set one."""
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
-    from compress.tokenizer import cache_root
-
     directory = directory or os.path.join(cache_root(), "jax-compilation")
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
@@ -219,12 +220,8 @@ class Engine:
         **kwargs,
     ) -> Engine:
         """Load a bundled name, Hugging Face directory or GGUF file (see `press models`)."""
-        from compress.pretrained import load_decoder
-
-        model = load_decoder(name_or_path, mesh=mesh, param_dtype=param_dtype or dtype, dtype=dtype)
+        model = pretrained.load_decoder(name_or_path, mesh=mesh, param_dtype=param_dtype or dtype, dtype=dtype)
         if model.quantization is not None and "kv_cache" not in kwargs:
-            from compress.quant import schemes
-
             # A directory quantized with '+kv-int8' (or 'kv-int8') is served with an int8 cache.
             kwargs["kv_cache"] = "int8" if schemes.get(model.quantization).kv_bits else None
         return cls(model.params, model.config, model.tokenizer, mesh=mesh, name=name_or_path, **kwargs)

@@ -16,9 +16,9 @@ whatever is in flight (continuous batching), so concurrency needs nothing here. 
 that disconnects mid-stream only ends its own response; its request still runs to its end
 in the engine, which has no way to cancel one yet.
 
-With --index DIR (a retrieval index, see retrieval/cli.py) chat completions are grounded:
+With --index DIR (a retrieval index, see retrieval/commands/index.py) chat completions are grounded:
 the last user message is searched in the index, the best chunks are put into the prompt as
-numbered sources to cite ([1], [2], ...; retrieval/rag.py), and a non-streamed response
+numbered sources to cite ([1], [2], ...; serve/rag.py), and a non-streamed response
 carries them in an extra top-level "sources" list (number, doc_id, source, heading, start,
 end, score, text). Plain completions are not changed.
 
@@ -28,10 +28,8 @@ The default host is loopback; serving on another interface without a key prints 
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
-import os
 import queue
 import signal
 import socket
@@ -61,7 +59,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], engine, *, api_key: str | None = None, log_requests: bool = False,
                  rag=None):
         self.engine, self.api_key, self.log_requests = engine, api_key, log_requests
-        self.rag = rag  # a retrieval.rag.RagPipeline: ground chat completions in its index
+        self.rag = rag  # a serve.rag.RagPipeline: ground chat completions in its index
         self.created = int(time.time())
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -333,7 +331,7 @@ def make_server(engine, host: str = "127.0.0.1", port: int = 0, api_key: str | N
     """A server bound to (host, port), not yet serving: call `serve_forever()` (in a thread if you like).
 
     port 0 picks a free one: read it from `server.server_address[1]`. rag: a
-    retrieval.rag.RagPipeline over `engine` to ground chat completions (see the module docstring).
+    serve.rag.RagPipeline over `engine` to ground chat completions (see the module docstring).
     """
     return Server((host, port), engine, api_key=api_key, log_requests=log_requests, rag=rag)
 
@@ -364,47 +362,3 @@ def serve_forever(engine, host: str = "127.0.0.1", port: int = 8000, api_key: st
 
 
 # --- the `press serve` subcommand
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("--model", required=True, help="bundled name, Hugging Face directory or .gguf file")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("PRESS_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $PRESS_API_KEY, else no key)")
-    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together (KV-cache rows)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per request")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations dtype")
-    p.add_argument("--warmup", action="store_true",
-                   help="compile every batch/length shape before listening (cached for the next start)")
-    p.add_argument("--index", metavar="DIR", help="ground chat completions in this retrieval index (press index build)")
-    p.add_argument("--rag-k", type=int, default=4, help="sources retrieved per chat request (with --index)")
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    from serve.engine import Engine
-
-    rag = None
-    if args.index:
-        from retrieval.rag import RagPipeline
-        from retrieval.retriever import Retriever
-
-        retriever = Retriever.load(args.index)  # a bad index fails before the model loads
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, max_slots=args.max_slots,
-                                    max_seq_len=args.max_seq_len)
-    if args.index:
-        rag = RagPipeline(retriever, engine, k=args.rag_k)
-    if args.warmup:
-        start = time.perf_counter()
-        programs = engine.warmup()
-        sys.stderr.write(f"press serve: {programs} programs compiled or loaded in {time.perf_counter() - start:.1f} s\n")
-    try:
-        serve_forever(engine, args.host, args.port, args.api_key, rag=rag)
-    except OSError as e:  # the port is taken, the host is not ours, ...
-        engine.close()
-        sys.stderr.write(f"press serve: error: cannot listen on {args.host}:{args.port}: {e}\n")
-        return 2
-    return 0

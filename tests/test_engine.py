@@ -25,7 +25,7 @@ def reference(engine):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from compress.registry import resolve
+    from compress.formats.registry import resolve
 
     path = resolve("smollm2-135m-instruct").path
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)

@@ -13,8 +13,8 @@ from compress import eval_cli, evaluate
 from compress.formats import hf_decoder
 from compress.models import decoder
 from compress.quant import store
-from compress.registry import resolve
-from compress.tokenizer import load_tokenizer
+from compress.formats.registry import resolve
+from compress.formats.tokenizer import load_tokenizer
 from serve import cli
 from tests.reference import hf_logits
 

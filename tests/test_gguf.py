@@ -152,7 +152,7 @@ def test_wrong_tensor_shape_names_the_tensor(tmp_path):
     f = GGUFFile(str(path))
     f.metadata["llama.embedding_length"] = 80
     from compress.formats import gguf_decoder
-    from compress.placement import check_sources
+    from compress.formats.placement import check_sources
 
     config = gguf_decoder.config_from_gguf(f)
     with pytest.raises(FormatError, match=r"tensor 'token_embd.weight' has shape \(97, 64\)"):

@@ -168,8 +168,8 @@ def test_clip_search_never_rounds_a_group_worse(name):
 def test_press_quantize_passes_its_calibration_settings(tmp_path, capsys):
     from compress.formats import hf_decoder
     from compress.pretrained import load_decoder
-    from compress.registry import resolve
-    from compress.tokenizer import load_tokenizer
+    from compress.formats.registry import resolve
+    from compress.formats.tokenizer import load_tokenizer
     from serve import cli
 
     tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))

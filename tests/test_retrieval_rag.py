@@ -9,9 +9,9 @@ import threading
 import jax
 import pytest
 
-from compress import registry
+from compress.formats import registry
 from compress.models import decoder
-from compress.tokenizer import load_tokenizer
+from compress.formats.tokenizer import load_tokenizer
 from retrieval.chunking import ChunkingConfig
 from retrieval.documents import read_documents
 from retrieval.encoder import SentenceEncoder

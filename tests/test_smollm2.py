@@ -9,7 +9,7 @@ import pytest
 from compress.formats import hf_decoder
 from compress.models import decoder
 from compress.pretrained import load_decoder
-from compress.registry import resolve
+from compress.formats.registry import resolve
 
 from tests.reference import PROMPTS
 

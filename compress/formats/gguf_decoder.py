@@ -15,7 +15,7 @@ from compress.formats.gguf_file import GGUFFile
 from compress.formats.tensor_source import FormatError
 from compress.models.decoder import DecoderConfig
 from compress.models.rope import RopeScaling
-from compress.placement import Recipe, per_layer
+from compress.formats.placement import Recipe, per_layer
 
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from compress.formats.safetensors_file import SafetensorsSet
 from compress.formats.tensor_source import FormatError, read_config_json
-from compress.models.decoder import DTYPES
+from compress.models.params import DTYPES
 from compress.models.encoder import EncoderConfig, ParamSpec, param_specs
 
 PREFIX = "bert."

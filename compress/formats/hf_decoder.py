@@ -18,7 +18,7 @@ from compress.formats import safetensors_file
 from compress.formats.tensor_source import FormatError, read_config_json
 from compress.models.decoder import DecoderConfig
 from compress.models.rope import ROPE_KINDS, RopeScaling
-from compress.placement import Recipe, flatten_for_export, per_layer
+from compress.formats.placement import Recipe, flatten_for_export, per_layer
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

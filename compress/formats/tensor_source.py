@@ -13,8 +13,10 @@ from typing import Protocol
 
 import numpy as np
 
+from compress.errors import InputError
 
-class FormatError(ValueError):
+
+class FormatError(InputError):
     """A weights or config file is malformed, unsupported or does not match the model."""
 
 

@@ -35,11 +35,10 @@ import jax.numpy as jnp
 from compress.models import attention as attn
 from compress.models import params as params_lib
 from compress.models.linear import dense
-from compress.models.params import ParamSpec
+from compress.models.params import DTYPES, ParamSpec
 from compress.models.rope import RopeScaling, apply_rope, inverse_frequencies, rope_tables
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from compress.models import attention as attn
 from compress.models import params as params_lib
-from compress.models.decoder import DTYPES
+from compress.models.params import DTYPES
 from compress.models.params import ParamSpec
 from compress.models.linear import dense
 

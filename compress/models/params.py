@@ -7,10 +7,16 @@ random initial values, so the three can never disagree.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import typing
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+# The dtypes a model stores its weights in and computes in: the one list (configs type their
+# dtype fields with Dtype; code looks the jnp type up in DTYPES).
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES = {name: getattr(jnp, name) for name in typing.get_args(Dtype)}
 
 
 class ParamSpec(NamedTuple):

@@ -15,6 +15,9 @@ from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2 import tiled_dot_general
 from aqt.jax.v2.numerics import utils as aqt_numerics
 
+from compress.quant import grid
+from compress.quant.schemes import Scheme
+
 
 def einsum_dimension_numbers(equation: str) -> tuple:
     """dot_general dimension numbers of a projection einsum 'lhs,rhs->out' without batch axes.
@@ -116,9 +119,8 @@ def fake_quant_einsum(
     dimension_numbers = einsum_dimension_numbers(equation)
     kernel = kernel.astype(x.dtype)
     if zero_point:
-        from compress.quant.weights import round_trip_asymmetric
-
-        w = kernel + jax.lax.stop_gradient(round_trip_asymmetric(kernel, equation, bits, group_size) - kernel)
+        scheme = Scheme(f"int{bits}-g{group_size}-asym", bits, "training grid", group_size=group_size, zero_point=True)
+        w = kernel + jax.lax.stop_gradient(grid.round_trip(kernel, equation, scheme) - kernel)
         return jnp.einsum(equation, x, w)
     dot_general = _config(bits, activation_bits)
     if group_size is None:

@@ -35,20 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress.data import corpus
 from compress.models import attention as attn
 from compress.models import decoder
 from compress.models.rope import inverse_frequencies, rope_tables
 from compress.quant.schemes import Scheme
-from compress.quant.weights import (
-    _grouped,
-    contracted_axes,
-    dequantize_kernel,
-    group_scale_offset,
-    pack_groups,
-    quantize_params,
-    round_to_grid,
-    to_quantize,
-)
+from compress.quant import grid
+from compress.quant.grid import as_float16, contracted_axes, group_scale_offset, round_to_grid
+from compress.quant.weights import dequantize_kernel, grouped_projection, quantize_params, to_quantize
 
 HIGHEST = jax.lax.Precision.HIGHEST  # Hessians and error updates in full float32 on every backend
 
@@ -131,7 +125,7 @@ def gptq_matrix(w: jnp.ndarray, hessian: jnp.ndarray, scheme: Scheme, config: GP
         # scales are fixed up front from the uncompensated weights.
         order = jnp.concatenate([jnp.argsort(-jnp.diagonal(hessian)[:inputs], stable=True), jnp.arange(inputs, padded)])
         scale, offset = _group_grid(w.reshape(groups, n, outputs), scheme, config)  # [G, 1, O] each
-        scale, offset = _as_float16(scale[:, 0]), None if offset is None else _as_float16(offset[:, 0])
+        scale, offset = as_float16(scale[:, 0]), None if offset is None else as_float16(offset[:, 0])
     else:
         order = jnp.arange(padded)
         scale = jnp.ones((groups, outputs), jnp.float32)  # filled as each group comes up
@@ -152,9 +146,9 @@ def gptq_matrix(w: jnp.ndarray, hessian: jnp.ndarray, scheme: Scheme, config: GP
             if not config.act_order:
                 current = jax.lax.dynamic_slice(w_block, (first, 0), (n, outputs))[None]  # [1, N, O]
                 s, o = _group_grid(current, scheme, config)  # [1, 1, O] each
-                scale = scale.at[(start + first) // n].set(_as_float16(s[0, 0]))
+                scale = scale.at[(start + first) // n].set(as_float16(s[0, 0]))
                 if o is not None:
-                    offset = offset.at[(start + first) // n].set(_as_float16(o[0, 0]))
+                    offset = offset.at[(start + first) // n].set(as_float16(o[0, 0]))
 
             def quantize_column(j, carry):
                 w_block, codes_block, errors = carry
@@ -209,7 +203,7 @@ def _group_grid(wg: jnp.ndarray, scheme: Scheme, config: GPTQConfig):
         else:  # shrink [min, max] towards its middle
             middle = offset + scale * (scheme.levels - 1) / 2
             s, o = scale * f, middle - scale * f * (scheme.levels - 1) / 2
-        s, o = _as_float16(s), None if o is None else _as_float16(o)
+        s, o = as_float16(s), None if o is None else as_float16(o)
         q = round_to_grid(wg, s, o, scheme)
         w = q * s if o is None else q * s + o
         return jnp.sum((wg - w) ** 2, axis=1, keepdims=True), s, o  # [G, 1, O] each
@@ -220,47 +214,35 @@ def _group_grid(wg: jnp.ndarray, scheme: Scheme, config: GPTQConfig):
     return pick(scales), None if offset is None else pick(offsets)
 
 
-def _as_float16(x: jnp.ndarray) -> jnp.ndarray:
-    """Scales are stored in float16: codes are chosen against the rounded value."""
-    return x.astype(jnp.float16).astype(jnp.float32)
-
-
 def gptq_kernel(kernel: jnp.ndarray, equation: str, hessian: jnp.ndarray, scheme: Scheme, config: GPTQConfig):
     """One unstacked kernel [*in, *out] quantized by GPTQ into its stored form.
 
     hessian: [I, I] over the contracted axes of `equation` flattened row-major (I = prod(in)).
-    Returns (the dict `pack_groups` stores: qkernel, group_scale [G, *out], group_offset?, spec;
+    Returns (the dict `grouped_projection` stores: qkernel, group_scale [G, *out], group_offset?, spec;
     finite, a bool scalar: False when the damped Hessian was not positive definite).
     """
     axes = contracted_axes(equation, kernel.ndim)
     if axes != tuple(range(len(axes))):
         raise ValueError(f"GPTQ needs a kernel whose contracted axes come first; {equation} contracts {axes}")
-    grouped = _grouped(kernel, axes, scheme.group_size)  # [G, N, *out]; checks N divides the input width
+    grouped = grid.grouped(kernel, axes, scheme.group_size)  # [G, N, *out]; checks N divides the input width
     out_shape = kernel.shape[len(axes) :]
     w = grouped.reshape(-1, math.prod(out_shape))  # [I, O]
     codes, scale, offset, finite = gptq_matrix(w, hessian, scheme, config)
     as_groups = lambda x: None if x is None else x.reshape(x.shape[0], 1, *out_shape)  # [G, 1, *out]
-    return pack_groups(codes.reshape(kernel.shape), as_groups(scale), as_groups(offset), 0, scheme), finite
+    return grouped_projection(codes.reshape(kernel.shape), as_groups(scale), as_groups(offset), 0, scheme), finite
 
 
 # ----------------------------------------------------------------------------- calibration data
 
 
-def calibration_text(config: GPTQConfig) -> str:
-    """The text calibration reads: `config.data`, or the train part of pydoc_data.topics (never the held-out part)."""
-    from compress.evaluate import pydoc_split, read_text
-
-    return pydoc_split()[0] if config.data is None else read_text(config.data)[0]
-
-
 def calibration_tokens(tokenizer, config: GPTQConfig) -> np.ndarray:
     """[S, T] int32: `num_sequences` windows of `sequence_length` tokens at random offsets (seeded)."""
-    ids = np.asarray(tokenizer(calibration_text(config), verbose=False)["input_ids"], np.int32)
-    t = config.sequence_length
-    if len(ids) < t:
-        raise ValueError(f"the calibration text is {len(ids)} tokens, fewer than GPTQConfig.sequence_length={t}")
-    starts = np.random.default_rng(config.seed).integers(0, len(ids) - t + 1, size=config.num_sequences)
-    return np.stack([ids[s : s + t] for s in starts])
+    text, source = corpus.train_text(config.data)
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    if len(ids) < config.sequence_length:
+        raise ValueError(f"{source}: the calibration text is {len(ids)} tokens, fewer than "
+                         f"GPTQConfig.sequence_length={config.sequence_length}")
+    return corpus.random_windows(ids, config.sequence_length, config.num_sequences, config.seed, source)
 
 
 # ----------------------------------------------------------------------------- the decoder, layer by layer

@@ -25,10 +25,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from compress.models import linear
-from compress.quant import aqt_matmul
+from compress.quant.matmul import spec_of
 from compress.quant.schemes import Scheme
-from compress.quant.weights import MatmulSpec, map_projections, spec_of, to_quantize
+from compress.quant.weights import map_projections, to_quantize
 
 
 def fake_quantize(params: dict[str, Any], projections: dict[str, str], scheme: Scheme) -> dict[str, Any]:
@@ -46,13 +45,3 @@ def fake_quantize(params: dict[str, Any], projections: dict[str, str], scheme: S
     spec = dataclasses.replace(spec_of(scheme), fake=True)
 
     return map_projections(params, selected, lambda path, value: {**value, "spec": spec})
-
-
-def _fake_quant_dense(p: dict[str, Any], x, equation: str):
-    spec: MatmulSpec = p["spec"]
-    return aqt_matmul.fake_quant_einsum(
-        equation, x, p["kernel"], spec.weight_bits, spec.group_size, spec.zero_point, spec.activation_bits
-    )
-
-
-linear.register_kernel(lambda p: "kernel" in p and "spec" in p and p["spec"].fake, _fake_quant_dense)

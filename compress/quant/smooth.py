@@ -32,6 +32,7 @@ import numpy as np
 
 from compress.models import attention as attn
 from compress.models import decoder
+from compress.quant.gptq import GPTQConfig, calibration_tokens, embed_tokens, layer_batches
 
 # The projections reading each smoothed input, and the parameter its division is folded into.
 GROUPS = {"attn": (("q", "k", "v"), "attn_norm"), "mlp": (("gate", "up"), "mlp_norm"), "down": (("down",), "up")}
@@ -48,8 +49,6 @@ def _layer_absmax(p, x, absmax, cos, sin, allowed, config: decoder.DecoderConfig
 
 def activation_absmax(params, config: decoder.DecoderConfig, tokens: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     """Per-channel max |input| of each group over calibration tokens [S, T]: {'attn': [L, D], 'mlp': [L, D], 'down': [L, F]}."""
-    from compress.quant.gptq import embed_tokens, layer_batches
-
     batches = layer_batches(config, tokens.shape[1], batch_size)
     x = embed_tokens(params, config, tokens)
     widths = {"attn": config.embed_dim, "mlp": config.embed_dim, "down": config.mlp_dim}
@@ -103,8 +102,6 @@ def smooth_decoder(params, config: decoder.DecoderConfig, tokenizer, calibration
     """`press quantize --scheme smooth-w8a8`: measure activations on calibration text (the
     text settings of a compress.quant.gptq.GPTQConfig: num_sequences, sequence_length, data,
     seed, batch_size), return the smoothed float parameters."""
-    from compress.quant.gptq import GPTQConfig, calibration_tokens
-
     calibration = GPTQConfig() if calibration is None else calibration
     tokens = calibration_tokens(tokenizer, calibration)
     absmax = activation_absmax(params, config, tokens, calibration.batch_size)

@@ -1,14 +1,11 @@
 """Evaluating causal language models: held-out perplexity, top-1 agreement, bytes, decode speed.
 
-    config = EvalConfig(windows=8, window=512)
-    results = evaluate_models(["smollm2-135m-instruct", "out/smollm2-int8"], config,
-                              reference="smollm2-135m-instruct")
+    config = EvalConfig(models=("smollm2-135m-instruct", "out/smollm2-int8"), windows=8, window=512)
+    results = evaluate_models(config)   # agreement with the first model
 
-Held-out text. Unless a text file is given, the text is the CPython language reference that
-ships with Python (`pydoc_data.topics`), split deterministically by `pydoc_split`: every fifth
-topic in sorted order is held out, the rest is the train part. Anything that trains or
-calibrates a model on this text must use the train part only, so that perplexity measured here
-stays a held-out figure.
+Held-out text. Unless a text file is given, the text is the held-out part of the CPython
+language reference that ships with Python (compress/data/corpus.py says how it is split;
+calibration and training read only the other part).
 
 Windows. The text is tokenized once and cut into consecutive, non-overlapping windows of
 `window` tokens (the tail that does not fill one is dropped). A window of T tokens gives T-1
@@ -18,7 +15,8 @@ windows. Perplexity is exp of the mean negative log-likelihood over all those pr
 Agreement is the fraction of those predictions whose argmax equals a reference model's argmax
 on the same windows (the same tokenizer is required). Bytes are those of the parameter tree as
 loaded (integers and scales for a quantized model; int4 at half a byte), beside the bf16 bytes
-of the float model with the same config.
+of the float model with the same config. Decode speed is measured by a function the caller
+passes (the serving engine's, in `press eval`: serve/decode_speed.py).
 """
 
 from __future__ import annotations
@@ -26,30 +24,35 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress.data import corpus
 from compress.models import decoder
+from compress.pretrained import Pretrained, load_decoder
+from compress.quant import schemes
 
-PYDOC_SOURCE = "pydoc_data.topics (held-out part: every fifth topic, sorted)"
-HELD_OUT_EVERY = 5  # every fifth topic (in sorted order) is held out
+
+DEFAULT_PLOT = "eval-compare.png"
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What `press eval` measures, and on what."""
+    """What `press eval` measures, and on what (the schema of configs/eval.yaml)."""
 
+    models: tuple[str, ...] = ()  # bundled names, HF directories, .gguf files or quantized directories
+    reference: str | None = None  # agreement is measured against it; None: the first model when there are 2+
     data: str | None = None  # a UTF-8 text file; None: the held-out part of pydoc_data.topics
     windows: int = 32  # at most this many windows (fewer if the text is shorter)
     window: int = 512  # tokens per window (window - 1 predictions each)
     batch: int = 4  # windows per forward pass
     decode_tokens: int = 128  # new tokens of the decode-speed run (batch 1, ignore_eos); 0 skips it, else >= 2
     decode_prompt: str = "Tell me a story about a dragon."  # prompt of the decode-speed run
+    plot: str | None = None  # `press eval`: a PNG of perplexity against bytes; None: eval-compare.png with 2+ models
 
     def __post_init__(self):
         for name, least in (("windows", 1), ("window", 2), ("batch", 1), ("decode_tokens", 0)):
@@ -60,6 +63,18 @@ class EvalConfig:
             raise ValueError("EvalConfig.decode_tokens must be 0 (no speed run) or at least 2, got 1")
         if not self.decode_prompt:
             raise ValueError("EvalConfig.decode_prompt is empty; the decode-speed run needs a prompt")
+        if self.plot is not None and not self.plot.lower().endswith(".png"):  # checked before minutes of work
+            raise ValueError(f"plot {self.plot}: the plot is a PNG; give a path ending in .png")
+
+    @property
+    def reference_model(self) -> str | None:
+        """The model agreement is measured against: `reference`, else the first of two or more models."""
+        return self.reference or (self.models[0] if len(self.models) > 1 else None)
+
+    @property
+    def plot_path(self) -> str | None:
+        """Where `press eval` writes its plot: `plot`, else eval-compare.png when comparing models."""
+        return self.plot or (DEFAULT_PLOT if len(self.models) > 1 else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,50 +112,6 @@ class WindowScores:
     @property
     def perplexity(self) -> float:
         return float(math.exp(self.nll.sum() / self.argmax.size))
-
-
-# ----------------------------------------------------------------------------- text
-
-
-def pydoc_split() -> tuple[str, str]:
-    """(train_text, held_out_text) of the CPython language reference in `pydoc_data.topics`.
-
-    Topics are taken in sorted order; every fifth (the 0th, 5th, ...) is held out. Trainers and
-    calibration must use train_text only. Topics are joined by blank lines.
-    """
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    held_out = [topics[k] for i, k in enumerate(names) if i % HELD_OUT_EVERY == 0]
-    train = [topics[k] for i, k in enumerate(names) if i % HELD_OUT_EVERY != 0]
-    return "\n\n".join(train), "\n\n".join(held_out)
-
-
-def read_text(path: str | None) -> tuple[str, str]:
-    """(text, source) of a UTF-8 text file, or of the held-out pydoc part when path is None."""
-    if path is None:
-        return pydoc_split()[1], PYDOC_SOURCE
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such text file (--data takes a UTF-8 text file)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read(), path
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-
-
-def token_windows(ids: Sequence[int], window: int, max_windows: int, source: str) -> np.ndarray:
-    """The first `max_windows` consecutive windows of `window` ids: [N, window] int32.
-
-    Raises ValueError naming `source` and the token count when not even one window fits.
-    """
-    count = min(len(ids) // window, max_windows)
-    if count == 0:
-        raise ValueError(
-            f"{source}: the text is {len(ids)} tokens, fewer than one window of {window}; "
-            f"give a longer text or a smaller --window"
-        )
-    return np.asarray(ids[: count * window], np.int32).reshape(count, window)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -197,33 +168,6 @@ def bf16_bytes(config: decoder.DecoderConfig) -> int:
     return int(sum(2 * math.prod(s.shape) for s in jax.tree.leaves(decoder.param_shapes(config))))
 
 
-def decode_tokens_per_second(params: Any, config: decoder.DecoderConfig, tokenizer, *, new_tokens: int,
-                             prompt: str, runs: int = 3, kv_cache: str | None = None) -> float:
-    """Batch-1 decode speed through the serving engine: `new_tokens` greedy tokens, EOS ignored.
-
-    The engine is warmed up, then a short request runs before the timed one: the first decode
-    after `Engine.warmup` still compiles one program (warmup compiles its first width with the
-    fresh cache, then the engine calls it with a committed one), which measured on a tiny model
-    halved the figure. The timed request is then free of compilation. It runs `runs` times and
-    the fastest counts: on a shared machine the others measure the neighbours as well.
-    """
-    from serve.engine import Engine, power_of_two_at_least
-    from serve.sampling import SamplingParams
-
-    prompt_len = len(tokenizer(prompt)["input_ids"])
-    max_seq_len = power_of_two_at_least(prompt_len + new_tokens)
-    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=max_seq_len, kv_cache=kv_cache) as engine:
-        engine.warmup(prompt_lengths=(prompt_len,))
-        speeds = []
-        for sampling in (SamplingParams(max_new_tokens=min(new_tokens, 4), ignore_eos=True),
-                         *[SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)] * runs):
-            out = engine.generate(prompt, sampling)[0]
-            if out.finish_reason == "error":
-                raise ValueError(f"decode-speed run failed: {out.error}")
-            speeds.append(out.decode_tokens_per_second)
-    return max(speeds[1:])
-
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -237,14 +181,12 @@ class _Scored:
 
 def _score(model, text: str, source: str, config: EvalConfig) -> _Scored:
     ids = model.tokenizer(text, verbose=False)["input_ids"]  # verbose=False: no "longer than max length" warning
-    windows = token_windows(ids, config.window, config.windows, source)
-    return _Scored(windows, score_windows(model.params, model.config, windows, config.batch, _int8_cache(model)))
+    windows = corpus.token_windows(ids, config.window, config.windows, source)
+    return _Scored(windows, score_windows(model.params, model.config, windows, config.batch, int8_cache(model)))
 
 
-def _int8_cache(model) -> bool:
+def int8_cache(model: Pretrained) -> bool:
     """Whether the model's scheme serves it with an int8 KV cache (kv-int8, 'int8+kv-int8', ...)."""
-    from compress.quant import schemes
-
     return model.quantization is not None and bool(schemes.get(model.quantization).kv_bits)
 
 
@@ -258,25 +200,25 @@ def _agreement(name: str, scored: _Scored, reference: str, ref: _Scored) -> floa
 
 
 def evaluate_models(
-    models: Sequence[str],
     config: EvalConfig,
     *,
-    reference: str | None = None,
     log: Callable[[str], None] | None = None,
+    decode_speed: Callable[[Pretrained, EvalConfig], float] | None = None,
 ) -> list[ModelEval]:
-    """Evaluate each model (one loaded at a time) on the same text; results in the order given.
+    """Evaluate each of `config.models` (one loaded at a time) on the same text, in the order given.
 
     Args:
-      models: bundled names, Hugging Face directories, .gguf files or `press quantize` directories.
-      config: what to measure (EvalConfig).
-      reference: the model whose argmax agreement is measured against (scored first; it need
-        not be among `models`). None: no agreement (reported as None).
+      config: the models and what to measure (EvalConfig). Agreement is measured against
+        `config.reference_model` (scored first; it need not be among the models), else None.
       log: called with a line of progress per step (e.g. to print to stderr).
+      decode_speed: (model, config) -> batch-1 decode tokens/s, run when config.decode_tokens
+        is not 0 (None: no speed figure; `press eval` passes the serving engine's).
     """
-    from compress.pretrained import load_decoder
-
+    if not config.models:
+        raise ValueError("no models to evaluate; give at least one (models=[...] or --model M)")
     log = log or (lambda line: None)
-    text, source = read_text(config.data)
+    models, reference = config.models, config.reference_model
+    text, source = corpus.held_out_text(config.data)
     ref: _Scored | None = None
     if reference is not None and reference not in models:
         ref = _score(load_decoder(reference), text, source, config)
@@ -296,11 +238,9 @@ def evaluate_models(
         if name == reference and ref is None:
             ref = scored
         speed = None
-        if config.decode_tokens:
+        if config.decode_tokens and decode_speed is not None:
             start = time.perf_counter()
-            speed = decode_tokens_per_second(model.params, model.config, model.tokenizer,
-                                             new_tokens=config.decode_tokens, prompt=config.decode_prompt,
-                                             kv_cache="int8" if _int8_cache(model) else None)
+            speed = decode_speed(model, config)
             log(f"{name}: decode {speed:.1f} tokens/s at batch 1 (measured in {time.perf_counter() - start:.1f} s "
                 f"with compilation and a first run)")
         results[i] = ModelEval(

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 
 from compress.formats.tensor_source import FormatError
-from compress.registry import ModelLocation
+from compress.formats.registry import ModelLocation
 
 
 def cache_root() -> str:

@@ -16,7 +16,7 @@ Relevance: hits scoring below `min_score` (cosine similarity, default MIN_SCORE)
 used. When none is left (an empty index, or nothing close to the question) the model is
 not asked at all: the answer says plainly that the index holds nothing relevant, so it
 never makes up an unsupported answer. MIN_SCORE = 0.3 is set for all-MiniLM-L6-v2: over the
-language reference, the 62 questions of tests/data/pydoc_questions.jsonl score 0.48 or more
+language reference, the 62 questions of compress/data/pydoc_questions.jsonl score 0.48 or more
 on their best chunk (median 0.71), while unrelated questions (a cake recipe, a football
 final, a mountain's height, a bicycle tyre, a capital city) score 0.11-0.21. Another
 encoder or corpus may want another threshold (`--min-score`).
@@ -29,6 +29,7 @@ import re
 from typing import Any, Sequence
 
 from retrieval.retriever import Hit, Retriever
+from serve.sampling import SamplingParams
 
 MIN_SCORE = 0.3
 DEFAULT_K = 4
@@ -176,8 +177,6 @@ class RagPipeline:
           k: sources to retrieve (default: the pipeline's k).
           sampling: serve.sampling.SamplingParams (default: greedy, 256 new tokens).
         """
-        from serve.sampling import SamplingParams
-
         sampling = sampling or SamplingParams(max_new_tokens=256)
         grounding = self.ground([{"role": "user", "content": question}], k=k, max_new_tokens=sampling.max_new_tokens)
         if not grounding.found:

@@ -34,9 +34,9 @@ from compress.formats import hf_decoder
 from compress.formats.safetensors_file import SafetensorsSet, save_file
 from compress.formats.tensor_source import FormatError
 from compress.models import decoder
-from compress.placement import Recipe, materialize
+from compress.formats.placement import Recipe, materialize
 from compress.quant import schemes
-from compress.quant.weights import is_quantized, quantize_params, quantized_axes
+from compress.quant.weights import quantize_params, quantized_axes
 
 KEY = "press_quantization"
 FORMAT = 2  # 1 (before 2026-11-23) stored 4-bit codes in the kernel's shape: re-quantize such directories
@@ -95,49 +95,3 @@ def load(directory: str, scheme: schemes.Scheme, *, mesh: Mesh | None = None, dt
 
 def _name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def quantize_model(
-    name_or_path: str, scheme_name: str, out: str, *, keep_float: list[str] | None = None, calibration=None,
-    log=None,
-) -> dict:
-    """`press quantize`: load a float model, quantize it with a scheme, write `out`. Returns a summary.
-
-    keep_float: fnmatch patterns of projections left float (default: the LM head).
-    calibration: settings for calibrated schemes (gptq-*): a compress.quant.gptq.GPTQConfig.
-    log: called with a line of progress per calibrated layer.
-    """
-    from compress.pretrained import load_decoder
-
-    scheme = schemes.get(scheme_name)
-    if keep_float is not None:
-        scheme = scheme.with_keep_float(keep_float)
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} already exists; choose a new --out or delete it")
-    model = load_decoder(name_or_path)
-    if model.quantization is not None or is_quantized(model.params):
-        raise ValueError(
-            f"{name_or_path} is already quantized ({model.quantization}); quantize the float model it came from"
-        )
-    if scheme.calibration == "gptq":
-        from compress.quant import gptq
-
-        qparams = gptq.quantize_decoder(model.params, model.config, scheme, model.tokenizer, calibration, log=log)
-    elif scheme.calibration == "smoothquant":
-        from compress.quant import smooth
-
-        smoothed = smooth.smooth_decoder(model.params, model.config, model.tokenizer, calibration, log=log)
-        qparams = quantize_params(smoothed, decoder.PROJECTIONS, scheme)
-    else:
-        qparams = quantize_params(model.params, decoder.PROJECTIONS, scheme)
-    save(qparams, model.config, scheme, out, tokenizer=model.tokenizer)
-    bf16 = sum(x.size * 2 for x in jax.tree.leaves(model.params))
-    stored = sum(x.nbytes for x in jax.tree.leaves(qparams))
-    # The quantized projections alone (integers + scales) against the same matrices in bf16.
-    quantized = [p for p in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, dict) and "qkernel" in x)
-                 if isinstance(p, dict)]
-    q_bytes = sum(a.nbytes for p in quantized for k, a in p.items() if k not in ("bias", "spec"))
-    q_bf16 = sum(p["qkernel"].size * (2 if p["spec"].weight_bits == 4 else 1) * 2 for p in quantized)  # 4-bit: 2 a byte
-    return {"model": name_or_path, "scheme": scheme.name, "keep_float": list(scheme.keep_float), "out": out,
-            "bytes": stored, "bf16_bytes": bf16, "fraction_of_bf16": round(stored / bf16, 4),
-            "quantized_matrices_fraction_of_bf16": round(q_bytes / q_bf16, 4) if q_bf16 else None}

@@ -1,0 +1,85 @@
+"""`press serve`: an OpenAI-compatible HTTP server over the engine (serve/server.py), optionally
+grounded in a retrieval index (serve/rag.py).
+
+  press serve [configs/serve.yaml] --model M [--host 127.0.0.1] [--port 8000] [--index DIR] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+from compress import config as cfg
+from compress.pretrained import ModelConfig
+
+HELP = "serve a model over an OpenAI-compatible HTTP API"
+API_KEY_VARIABLE = "PRESS_API_KEY"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`press serve`: which model, where to listen, and what to ground chat completions in."""
+
+    model: ModelConfig = ModelConfig()
+    host: str = "127.0.0.1"  # interface to listen on (default: loopback only)
+    port: int = 8000
+    api_key: str | None = None  # require 'Authorization: Bearer KEY'; None: $PRESS_API_KEY, else no key
+    max_slots: int = 8  # requests decoded together (KV-cache rows)
+    max_seq_len: int = 2048  # prompt + generated tokens per request
+    warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
+    index: str | None = None  # ground chat completions in this retrieval index (press index build)
+    rag_k: int = 4  # sources retrieved per chat request (with index)
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        for name in ("max_slots", "max_seq_len", "rag_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    flags = cfg.add_config_arguments(p, ServeConfig)
+    flags.flag("--model", key="model.name", help="bundled name, Hugging Face directory or .gguf file")
+    flags.flag("--host", key="host", help="interface to listen on")
+    flags.flag("--port", key="port", type=int)
+    flags.flag("--api-key", key="api_key", help=f"require 'Authorization: Bearer KEY' (None: ${API_KEY_VARIABLE})")
+    flags.flag("--max-slots", key="max_slots", type=int, help="requests decoded together (KV-cache rows)")
+    flags.flag("--max-seq-len", key="max_seq_len", type=int, help="prompt + generated tokens per request")
+    flags.flag("--dtype", key="model.dtype", help="weights and activations dtype")
+    flags.flag("--warmup", key="warmup", action="store_true",
+               help="compile every batch/length shape before listening (cached for the next start)")
+    flags.flag("--index", key="index", metavar="DIR", help="ground chat completions in this retrieval index")
+    flags.flag("--rag-k", key="rag_k", type=int, help="sources retrieved per chat request (with --index)")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_config(cfg.config_from_args(args))
+
+
+def run_config(config: ServeConfig) -> int:
+    from retrieval.retriever import Retriever
+    from serve.engine import Engine
+    from serve.rag import RagPipeline
+    from serve.server import serve_forever
+
+    retriever = Retriever.load(config.index) if config.index else None  # a bad index fails before the model loads
+    m = config.model
+    engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=config.max_slots,
+                                    max_seq_len=config.max_seq_len)
+    rag = RagPipeline(retriever, engine, k=config.rag_k) if retriever is not None else None
+    if config.warmup:
+        start = time.perf_counter()
+        programs = engine.warmup()
+        sys.stderr.write(f"press serve: {programs} programs compiled or loaded in {time.perf_counter() - start:.1f} s\n")
+    api_key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_VARIABLE)
+    try:
+        serve_forever(engine, config.host, config.port, api_key, rag=rag)
+    except OSError as e:  # the port is taken, the host is not ours, ...
+        engine.close()
+        sys.stderr.write(f"press serve: error: cannot listen on {config.host}:{config.port}: {e}\n")
+        return 2
+    return 0
