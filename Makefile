@@ -55,11 +55,14 @@ demo: install
 	$(BIN)/press ask --index out/pydoc-index --model smollm2-135m-instruct -k 3 --max-new-tokens 96 \
 		"What does the nonlocal statement do?"
 
+# The import contracts (pyproject.toml) first: a layering violation or an import cycle fails the run.
 test: install $(VENV)/.test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 # The suite without the real-model tests (a minute or two).
 test-fast: install $(VENV)/.test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: install $(VENV)/.bench

@@ -2,7 +2,10 @@
 
 SmolLM2-135M-Instruct from the bundled GGUF; press and transformers run it dequantized to
 fp32, llama.cpp (llama-cpp-python) runs the GGUF itself (Q4_1), with the same thread count.
-Every system generates exactly `--new-tokens` tokens per prompt (EOS ignored), greedy.
+Every system generates exactly `--new-tokens` tokens per prompt (EOS ignored), greedy, and is
+warmed up at every batch size before it is timed: press by `Engine.warmup()`, transformers and
+llama.cpp by one untimed `generate` of the same prompts. Each ratio names both sides and their
+formats (press_fp32_over_transformers_fp32: press's tokens/s over transformers').
 
   .venv/bin/python benchmarks/decode.py [--new-tokens 128] [--batches 1,16,64] [--out bench-results/decode.json]
 """
@@ -78,7 +81,7 @@ def bench_transformers(path: str, batches: list[int], new_tokens: int, threads: 
                     pad_token_id=tokenizer.pad_token_id,
                 )
 
-        run() if batch == 1 else None  # warm-up (allocator, kernels)
+        run()  # warm-up at this batch size, as press is warmed up for it (allocator, kernels, shapes)
         start = time.perf_counter()
         out = run()
         wall = time.perf_counter() - start
@@ -131,18 +134,20 @@ def main() -> None:
         "model": args.model,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
+        "formats": {"press": "fp32 (the GGUF dequantized)", "transformers": "fp32 (the GGUF dequantized)",
+                    "llama_cpp": "Q4_1 (the GGUF as shipped)"},
         "press": press,
         "transformers": hf,
         "llama_cpp": llama,
         "ratios": {
-            f"batch{b}_press_over_transformers": press[b]["tokens_per_s"] / hf[b]["tokens_per_s"] for b in batches
+            f"batch{b}_press_fp32_over_transformers_fp32": press[b]["tokens_per_s"] / hf[b]["tokens_per_s"]
+            for b in batches
         },
     }
-    if 1 in batches:
-        if llama:
-            result["ratios"]["batch1_decode_press_over_llama_cpp"] = (
-                press[1]["decode_tokens_per_s"] / llama["1"]["decode_tokens_per_s"]
-            )
+    if 1 in batches and llama:
+        result["ratios"]["batch1_decode_press_fp32_over_llama_cpp_q4_1"] = (
+            press[1]["decode_tokens_per_s"] / llama["1"]["decode_tokens_per_s"]
+        )
     write_result(args.out, result)
 
 

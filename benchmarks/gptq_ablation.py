@@ -24,8 +24,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/gptq-ablation.json")
     args = parser.parse_args()
 
-    from compress.evaluate import EvalConfig, evaluate_models
-    from compress.quant import store
+    from compress.commands.quantize import quantize_model
+    from compress.eval.perplexity import EvalConfig, evaluate_models
     from compress.quant.gptq import GPTQConfig
 
     base = GPTQConfig(num_sequences=64, act_order=False, clip_search=0)
@@ -36,12 +36,13 @@ def main() -> None:
         outs = []
         for i, (name, calibration) in enumerate(variants.items()):
             outs.append(os.path.join(tmp, str(i)))
-            store.quantize_model(args.model, args.scheme, outs[-1], calibration=calibration)
+            quantize_model(args.model, args.scheme, outs[-1], calibration=calibration)
             log(f"{name}: quantized")
-        results = evaluate_models([args.model, *outs], EvalConfig(windows=8, decode_tokens=0))
+        results = evaluate_models(EvalConfig(models=(args.model, *outs), windows=8, decode_tokens=0), log=log)
     fp32 = results[0].perplexity
     write_result(args.out, {"model": args.model, "scheme": args.scheme, "fp32_perplexity": fp32, "results": {
-        name: {"perplexity": r.perplexity, "change": r.perplexity / fp32 - 1} for name, r in zip(variants, results[1:])}})
+        name: {"perplexity": r.perplexity, "perplexity_change_from_fp32": r.perplexity / fp32 - 1}
+        for name, r in zip(variants, results[1:])}})
 
 
 if __name__ == "__main__":

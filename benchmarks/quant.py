@@ -4,14 +4,16 @@ Three parts, each measured against its own float model in the same process:
 
 1. Decoder weight schemes. Each is written by `press quantize` to a temporary directory and
    evaluated from there (integer weights on the device), beside the float model, with
-   compress/evaluate.py (the measurements of `press eval --compare`): held-out perplexity on
+   compress/eval/perplexity.py (the measurements of `press eval --compare`): held-out perplexity on
    the CPython language reference shipped with Python (`pydoc_data.topics`, every fifth topic
    in sorted order, cut into windows of `--window` tokens), next-token top-1 agreement with the
-   float model, parameter bytes and batch-1 decode tokens/s. GPTQ calibrates on the other
+   float model, parameter bytes and batch-1 decode tokens/s (serve/decode_speed.py), and each
+   scheme's decode tokens/s over float32's. GPTQ calibrates on the other
    topics only (`--gptq-sequences` windows of `--gptq-length` tokens). A PNG of perplexity
    against bytes goes beside the JSON.
-2. The int8 KV cache (`--kv-prompts` questions from tests/data/pydoc_questions.jsonl, greedy,
-   float weights): the share of answers identical to the float cache's, and the cache's bytes.
+2. The int8 KV cache (`--kv-prompts` questions from compress/data/pydoc_questions.jsonl, greedy,
+   float weights): the share of answers identical to the float cache's, and the cache's bytes
+   (`Engine.kv_cache_bytes`) against a bf16 cache's.
 3. Float-born weights: SmolLM2's weights come from a Q4_1 GGUF file (asymmetric int4 in groups
    of 32), which flatters int4-g32-asym; all-MiniLM-L6-v2 is stored in float. Its projections
    are quantized with each of `--encoder-schemes`: cosine of every pydoc chunk's embedding to the
@@ -31,28 +33,28 @@ import numpy as np
 
 from common import log, write_result
 
-QUESTIONS = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "pydoc_questions.jsonl")
 SCHEMES = "int8,kv-int8,int8+kv-int8,w8a8,smooth-w8a8,int4-g64,int4-g32,int4-g64-asym,int4-g32-asym,gptq-int4-g64,gptq-int4-g32,gptq-int4-g64-asym"
 ENCODER_SCHEMES = "int8,w8a8,int4-g64,int4-g32,int4-g32-asym"
 
 
 def decoder_schemes(args) -> dict:
-    from compress.eval_cli import write_plot
-    from compress.evaluate import EvalConfig, evaluate_models
-    from compress.quant import store
+    from compress.commands.quantize import quantize_model
+    from compress.eval.perplexity import EvalConfig, evaluate_models
+    from compress.eval.report import write_plot
     from compress.quant.gptq import GPTQConfig
+    from serve.decode_speed import model_decode_speed
 
     calibration = GPTQConfig(num_sequences=args.gptq_sequences, sequence_length=args.gptq_length)
-    config = EvalConfig(windows=args.windows, window=args.window)
     with tempfile.TemporaryDirectory() as tmp:
         summaries, seconds = {}, {}
         for name in args.schemes.split(","):
             start = time.perf_counter()
-            summaries[name] = store.quantize_model(args.model, name, os.path.join(tmp, name), calibration=calibration)
+            summaries[name] = quantize_model(args.model, name, os.path.join(tmp, name), calibration=calibration)
             seconds[name] = time.perf_counter() - start
             log(f"{name}: quantized in {seconds[name]:.1f} s")
-        evals = evaluate_models([args.model, *(s["out"] for s in summaries.values())], config, reference=args.model,
-                                log=log)
+        config = EvalConfig(models=(args.model, *(s["out"] for s in summaries.values())), reference=args.model,
+                            windows=args.windows, window=args.window)
+        evals = evaluate_models(config, log=log, decode_speed=model_decode_speed)
         write_plot(evals, args.plot)
     base = evals[0]
     rows = {"float32": {"perplexity": base.perplexity, "bytes": base.bytes,
@@ -61,13 +63,13 @@ def decoder_schemes(args) -> dict:
     for (name, summary), e in zip(summaries.items(), evals[1:]):
         rows[name] = {
             "perplexity": e.perplexity,
-            "perplexity_change": e.perplexity / base.perplexity - 1,
-            "top1_agreement_with_float": e.agreement,
+            "perplexity_change_from_float32": e.perplexity / base.perplexity - 1,
+            "top1_agreement_with_float32": e.agreement,
             "bytes": summary["bytes"],
             "fraction_of_bf16": summary["fraction_of_bf16"],
             "quantized_matrices_fraction_of_bf16": summary["quantized_matrices_fraction_of_bf16"],
             "decode_tokens_per_s": e.decode_tokens_per_second,
-            "decode_speedup_over_float32": e.decode_tokens_per_second / base.decode_tokens_per_second,
+            "decode_tokens_per_s_over_float32": e.decode_tokens_per_second / base.decode_tokens_per_second,
             "quantize_seconds": round(seconds[name], 1),
         }
     return {"held_out_tokens": base.windows * base.window, "gptq": vars(calibration), "plot": args.plot,
@@ -76,6 +78,7 @@ def decoder_schemes(args) -> dict:
 
 def kv_cache(args) -> dict:
     """Greedy answers with the int8 KV cache against the float cache, and int8 weights beside for scale."""
+    from compress.data.corpus import PYDOC_QUESTIONS
     from compress.models import decoder
     from compress.pretrained import load_decoder
     from compress.quant import schemes
@@ -85,7 +88,8 @@ def kv_cache(args) -> dict:
     from serve.sampling import SamplingParams
 
     model = load_decoder(args.model)
-    prompts = [[{"role": "user", "content": q["question"]}] for q in read_questions(QUESTIONS)[: args.kv_prompts]]
+    questions = read_questions(PYDOC_QUESTIONS)[: args.kv_prompts]
+    prompts = [[{"role": "user", "content": q["question"]}] for q in questions]
     sampling = SamplingParams(max_new_tokens=args.kv_tokens, ignore_eos=True)
     int8_weights = quantize_params(model.params, decoder.PROJECTIONS, schemes.get("int8"))
     outputs, cache_bytes = {}, {}
@@ -93,14 +97,14 @@ def kv_cache(args) -> dict:
                                ("int8 weights", int8_weights, None)):
         with Engine(params, model.config, model.tokenizer, max_slots=8, max_seq_len=256, kv_cache=kind) as e:
             outputs[name] = [o.token_ids for o in e.generate(prompts, sampling)]
-            cache_bytes[name] = e._cache.nbytes
+            cache_bytes[name] = e.kv_cache_bytes
 
     def first_difference(a, b):
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
 
     out = {"prompts": len(prompts), "max_new_tokens": args.kv_tokens,
            "cache_bytes_float32": cache_bytes["float"], "cache_bytes_int8": cache_bytes["kv-int8"],
-           "cache_fraction_of_bf16": cache_bytes["kv-int8"] / (cache_bytes["float"] / 2)}
+           "cache_bytes_int8_over_bf16": cache_bytes["kv-int8"] / (cache_bytes["float"] / 2)}
     for name in ("kv-int8", "int8 weights"):
         same = [first_difference(a, b) for a, b in zip(outputs["float"], outputs[name])]
         out[name] = {f"greedy_identical_share_first_{n}": sum(s >= n for s in same) / len(same)
@@ -110,14 +114,15 @@ def kv_cache(args) -> dict:
 
 
 def encoder_schemes(args) -> dict:
-    from compress.evaluate import parameter_bytes
+    from compress.data.corpus import PYDOC_QUESTIONS
+    from compress.eval.perplexity import parameter_bytes
     from compress.models.encoder import PROJECTIONS
     from retrieval.documents import pydoc_documents
     from retrieval.encoder import SentenceEncoder
     from retrieval.quality import hit_rates, read_questions
     from retrieval.retriever import Retriever
 
-    documents, questions = pydoc_documents(), read_questions(QUESTIONS)
+    documents, questions = pydoc_documents(), read_questions(PYDOC_QUESTIONS)
     rows, texts, reference = {}, None, None
     for scheme in [None, *args.encoder_schemes.split(",")]:
         encoder = SentenceEncoder.from_pretrained("all-minilm-l6-v2", quantization=scheme)

@@ -112,6 +112,14 @@ def dump(config: Any) -> str:
     return yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
+def require_at_least(config: Any, minimum: int, *names: str) -> None:
+    """For a schema's __post_init__: ValueError unless each named field is >= minimum."""
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
 # ----------------------------------------------------------------------------- reading input
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+from compress.errors import InputError
 from retrieval.documents import Document
 from retrieval.headings import sections
 
@@ -45,12 +46,12 @@ class ChunkingConfig:
     def validate(self, max_tokens: int | None = None) -> None:
         """Raise ValueError naming the bad setting; max_tokens is the encoder's limit (max_length - 2)."""
         if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 8:
-            raise ValueError(f"chunk_tokens={self.chunk_tokens!r}; it must be an integer >= 8")
+            raise InputError(f"chunk_tokens={self.chunk_tokens!r}; it must be an integer >= 8")
         if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.chunk_tokens // 2:
-            raise ValueError(f"overlap={self.overlap!r}; it must be an integer in [0, chunk_tokens/2) "
+            raise InputError(f"overlap={self.overlap!r}; it must be an integer in [0, chunk_tokens/2) "
                              f"= [0, {self.chunk_tokens // 2})")
         if max_tokens is not None and self.chunk_tokens > max_tokens:
-            raise ValueError(f"chunk_tokens={self.chunk_tokens} exceeds what the encoder reads: {max_tokens} tokens "
+            raise InputError(f"chunk_tokens={self.chunk_tokens} exceeds what the encoder reads: {max_tokens} tokens "
                              "(its max_length minus [CLS] and [SEP]); pass a smaller --chunk-tokens")
 
 

@@ -32,6 +32,7 @@ import json
 import os
 from typing import Any, Iterable, Iterator
 
+from compress.errors import InputError
 from compress.data import corpus
 
 PYDOC_TOPICS = "pydoc:topics"
@@ -69,7 +70,7 @@ def _read_text(path: str) -> str:
         with open(path, encoding="utf-8", newline="") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it or leave it out") from None
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it or leave it out") from None
 
 
 def _stem(path: str) -> str:
@@ -92,22 +93,22 @@ def read_jsonl_file(path: str, rel: str, text_field: str = "text") -> Iterator[D
             try:
                 obj = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 (byte {e.start}: {e.reason})") from None
+                raise InputError(f"{where}: not UTF-8 (byte {e.start}: {e.reason})") from None
             except ValueError as e:
-                raise ValueError(f"{where}: not valid JSON: {e}") from None
+                raise InputError(f"{where}: not valid JSON: {e}") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if text_field not in obj:
-                raise ValueError(f"{where}: no {text_field!r} field (fields: {', '.join(sorted(obj)) or 'none'}); "
+                raise InputError(f"{where}: no {text_field!r} field (fields: {', '.join(sorted(obj)) or 'none'}); "
                                  "pass --text-field NAME to read another one")
             text = obj[text_field]
             if not isinstance(text, str):
-                raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+                raise InputError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
             doc_id = obj.get("id")
             if doc_id is None:
                 doc_id = f"{rel}#{number}"
             elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
-                raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {doc_id!r}")
+                raise InputError(f"{where}: 'id' must be a non-empty string or an integer, got {doc_id!r}")
             title = obj.get("title") if isinstance(obj.get("title"), str) else None
             metadata = {k: v for k, v in obj.items() if k not in (text_field, "id")}
             metadata["line"] = number
@@ -148,7 +149,7 @@ def read_path(path: str, *, text_field: str = "text", root: str | None = None) -
             yield read_text_file(file, rel)
         else:
             suffixes = ", ".join(TEXT_SUFFIXES + MARKDOWN_SUFFIXES + JSONL_SUFFIXES)
-            raise ValueError(f"{file}: unsupported file type; press reads {suffixes} (or a directory of them)")
+            raise InputError(f"{file}: unsupported file type; press reads {suffixes} (or a directory of them)")
 
 
 def read_documents(paths: Iterable[str], *, text_field: str = "text", root: str | None = None) -> list[Document]:
@@ -157,7 +158,7 @@ def read_documents(paths: Iterable[str], *, text_field: str = "text", root: str 
     for path in paths:
         for doc in read_path(path, text_field=text_field, root=root):
             if doc.doc_id in seen:
-                raise ValueError(f"document id {doc.doc_id!r} comes twice: from {seen[doc.doc_id]} and {doc.source}; "
+                raise InputError(f"document id {doc.doc_id!r} comes twice: from {seen[doc.doc_id]} and {doc.source}; "
                                  "ids must be unique (JSONL: give each line its own 'id')")
             seen[doc.doc_id] = doc.source
             docs.append(doc)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from compress.errors import InputError
 from compress.formats import registry
 from compress import sharding as shd
 from compress.formats.hf_bert import load_encoder
@@ -57,7 +58,7 @@ def _sentence_transformers_settings(model_dir: str) -> dict[str, Any]:
             pooling = json.load(f)
         modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True)
         if modes != ["pooling_mode_mean_tokens"]:
-            raise ValueError(f"{pooling_path}: pooling {modes} is not supported; SentenceEncoder mean-pools only")
+            raise InputError(f"{pooling_path}: pooling {modes} is not supported; SentenceEncoder mean-pools only")
     return settings
 
 
@@ -93,9 +94,9 @@ class SentenceEncoder:
         quantization: str | None = None,
     ):
         if max_length > config.max_position_embeddings:
-            raise ValueError(f"max_length={max_length} exceeds the model's {config.max_position_embeddings} positions")
+            raise InputError(f"max_length={max_length} exceeds the model's {config.max_position_embeddings} positions")
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}; it must be at least 1")
+            raise InputError(f"batch_size={batch_size}; it must be at least 1")
         if mesh is None and len(jax.local_devices()) > 1:
             mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=jax.local_devices())
         self.config = config
@@ -173,13 +174,13 @@ class SentenceEncoder:
         import transformers
 
         if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise InputError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
         config, params = load_encoder(model_dir)
         config = dataclasses.replace(config, dtype=dtype)
         if quantization is not None:
             scheme = schemes.get(quantization)
             if not scheme.quantizes_weights or scheme.calibration is not None:
-                raise ValueError(f"encoder quantization {quantization!r}: choose a weight scheme without "
+                raise InputError(f"encoder quantization {quantization!r}: choose a weight scheme without "
                                  "calibration (int8, w8a8, int4-gN[-asym])")
             params = quantize_params(params, encoder.PROJECTIONS, scheme)
         settings = _sentence_transformers_settings(model_dir)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from compress.errors import InputError
+
 _ATX = re.compile(r" {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
 _FENCE = re.compile(r" {0,3}(```|~~~)")
 _SETEXT = re.compile(r" {0,3}(=+|-+)[ \t]*$")
@@ -112,7 +114,7 @@ def sections(text: str, style: str) -> list[Section]:
       Sections with their heading paths; a text without headings is one section.
     """
     if style not in STYLES:
-        raise ValueError(f"heading style {style!r}; choose one of {', '.join(STYLES)}")
+        raise InputError(f"heading style {style!r}; choose one of {', '.join(STYLES)}")
     lines = _lines(text)
     found = {"markdown": _markdown_headings, "underlined": _underlined_headings}.get(style, lambda _: [])(lines)
     out, path = [], []  # path: [(level, title)] of the headings enclosing the current point

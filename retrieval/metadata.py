@@ -28,6 +28,7 @@ import sqlite3
 import threading
 from typing import Any, Iterable, Iterator
 
+from compress.errors import InputError
 from retrieval.chunking import Chunk
 
 SCHEMA = """
@@ -95,13 +96,13 @@ class MetadataStore:
                 tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 missing = [t for t in TABLES if t not in tables]
                 if missing:
-                    raise ValueError(f"{path}: not a press index metadata store (tables {', '.join(missing)} missing)")
+                    raise InputError(f"{path}: not a press index metadata store (tables {', '.join(missing)} missing)")
                 memory = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
                 source.backup(memory)
             finally:
                 source.close()
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"{path}: the metadata store cannot be read ({e}); the index directory is damaged, "
+            raise InputError(f"{path}: the metadata store cannot be read ({e}); the index directory is damaged, "
                              "rebuild it with press index build") from None
         return cls(memory)
 

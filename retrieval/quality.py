@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
+from compress.errors import InputError
 from retrieval.retriever import Retriever
 
 
@@ -27,9 +28,9 @@ def read_questions(path: str) -> list[dict]:
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON: {e}") from None
+                raise InputError(f"{path}:{number}: not valid JSON: {e}") from None
             if not isinstance(obj.get("question"), str) or not isinstance(obj.get("topics"), list) or not obj["topics"]:
-                raise ValueError(f"{path}:{number}: needs a 'question' string and a non-empty 'topics' list")
+                raise InputError(f"{path}:{number}: needs a 'question' string and a non-empty 'topics' list")
             questions.append(obj)
     return questions
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from compress.errors import InputError
 from retrieval import store
 from retrieval.chunking import Chunk, ChunkingConfig, chunk_document
 from retrieval.documents import Document
@@ -210,7 +211,7 @@ class Retriever:
         seen: dict[str, str] = {}
         for doc in documents:
             if doc.doc_id in seen:
-                raise ValueError(f"document id {doc.doc_id!r} comes twice ({seen[doc.doc_id]} and {doc.source})")
+                raise InputError(f"document id {doc.doc_id!r} comes twice ({seen[doc.doc_id]} and {doc.source})")
             seen[doc.doc_id] = doc.source
         indexed = self.documents()
         todo = [d for d in documents if d.doc_id not in indexed or indexed[d.doc_id].fingerprint != d.fingerprint()]
@@ -290,7 +291,7 @@ class Retriever:
                     hybrid: bool | None = None) -> list[list[Hit]]:
         """`search` for several queries at once (one encoder batch)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r}; it must be a positive integer")
+            raise InputError(f"k={k!r}; it must be a positive integer")
         queries = list(queries)
         vectors = self.encode(queries)  # [q, D], outside the lock
         exact = self.exact if exact is None else exact

@@ -15,6 +15,8 @@ import dataclasses
 
 import numpy as np
 
+from compress.errors import InputError
+
 DTYPES = ("f32", "f16", "i8")
 
 
@@ -29,11 +31,11 @@ class IndexSettings:
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise InputError(f"dtype={self.dtype!r}; choose one of {', '.join(DTYPES)}")
         for name in ("connectivity", "expansion_add", "expansion_search"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise ValueError(f"{name}={value!r}; it must be an integer >= 2")
+                raise InputError(f"{name}={value!r}; it must be an integer >= 2")
 
 
 class VectorIndex:
@@ -82,7 +84,7 @@ class VectorIndex:
         self._check_writable()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"vectors have shape {vectors.shape}; this index holds {self.dim}-dimensional vectors")
+            raise InputError(f"vectors have shape {vectors.shape}; this index holds {self.dim}-dimensional vectors")
         if len(keys):
             self._matrix = None
             self._index.add(np.asarray(keys, dtype=np.uint64), vectors)
@@ -137,7 +139,7 @@ class VectorIndex:
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries have shape {queries.shape}; this index holds {self.dim}-dimensional vectors")
+            raise InputError(f"queries have shape {queries.shape}; this index holds {self.dim}-dimensional vectors")
         q = len(queries)
         keys = np.full((q, k), np.iinfo(np.uint64).max, np.uint64)
         scores = np.full((q, k), -np.inf, np.float32)

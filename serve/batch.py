@@ -43,6 +43,7 @@ import sys
 import time
 from typing import Any
 
+from compress.errors import InputError
 from serve.sampling import SamplingParams
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -151,7 +152,7 @@ def read_done_ids(output_path: str) -> set[str]:
             try:
                 done.add(id_key(json.loads(raw)["id"]))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
+                raise InputError(
                     f"{output_path}:{number}: not a result line of press batch ({type(e).__name__}: {e}); "
                     "pass a new --output or fix that line"
                 ) from None
@@ -195,9 +196,9 @@ def run_batch(
     errors_path = errors_path or default_errors_path(output_path)
     for other, what in ((output_path, "--output"), (errors_path, "--errors")):
         if os.path.exists(other) and os.path.exists(input_path) and os.path.samefile(other, input_path):
-            raise ValueError(f"{what} {other} is the input file; pass another path")
+            raise InputError(f"{what} {other} is the input file; pass another path")
     if os.path.abspath(errors_path) == os.path.abspath(output_path):
-        raise ValueError(f"the errors file and the output are the same file ({output_path})")
+        raise InputError(f"the errors file and the output are the same file ({output_path})")
     index, count = shard
     window = window or WINDOW_PER_SLOT * engine.max_slots
     done_before = read_done_ids(output_path)

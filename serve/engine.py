@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress.errors import InputError
 from compress import pretrained
 from compress import sharding as shd
 from compress.formats.tokenizer import cache_root
@@ -182,14 +183,14 @@ class Engine:
         kv_cache: str | None = None,
     ):
         if max_slots < 1:
-            raise ValueError(f"max_slots must be at least 1, got {max_slots}")
+            raise InputError(f"max_slots must be at least 1, got {max_slots}")
         self.params, self.config, self.tokenizer, self.name = params, config, tokenizer, name
         self.max_slots = max_slots
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
         self.eos_ids = frozenset(int(e) for e in config.eos_token_ids)
         self.mesh = mesh
         if kv_cache not in (None, "int8"):
-            raise ValueError(f"kv_cache={kv_cache!r}; choose None (the compute dtype) or 'int8'")
+            raise InputError(f"kv_cache={kv_cache!r}; choose None (the compute dtype) or 'int8'")
         self.kv_cache = kv_cache
         if compilation_cache:
             enable_compilation_cache()
@@ -225,6 +226,11 @@ class Engine:
             # A directory quantized with '+kv-int8' (or 'kv-int8') is served with an int8 cache.
             kwargs["kv_cache"] = "int8" if schemes.get(model.quantization).kv_bits else None
         return cls(model.params, model.config, model.tokenizer, mesh=mesh, name=name_or_path, **kwargs)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache's key/value vectors (and their scales, for an int8 cache)."""
+        return self._cache.nbytes
 
     # --- the compiled steps
 
@@ -285,25 +291,25 @@ class Engine:
             ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
             if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"{self.name} has no chat template; send a text prompt instead of messages")
+                raise InputError(f"{self.name} has no chat template; send a text prompt instead of messages")
             for i, m in enumerate(prompt):
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"message {i} needs string 'role' and 'content' fields, got {m!r}")
+                    raise InputError(f"message {i} needs string 'role' and 'content' fields, got {m!r}")
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             ids = [int(t) for t in prompt]
             if max(ids) >= self.config.vocab_size or min(ids) < 0:
-                raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+                raise InputError(f"token ids must be in [0, {self.config.vocab_size})")
         else:
-            raise ValueError("a prompt is a non-empty string, a list of chat messages, or a list of token ids")
+            raise InputError("a prompt is a non-empty string, a list of chat messages, or a list of token ids")
         if not ids:
-            raise ValueError("the prompt encodes to no tokens")
+            raise InputError("the prompt encodes to no tokens")
         return ids
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len + max_new_tokens > self.max_seq_len:
-            raise ValueError(
+            raise InputError(
                 f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the engine's "
                 f"context of {self.max_seq_len} tokens"
             )
@@ -349,7 +355,7 @@ class Engine:
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+            raise InputError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         pending: list[Request | RequestOutput] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:

@@ -28,6 +28,7 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
+from compress.errors import InputError
 from retrieval.retriever import Hit, Retriever
 from serve.sampling import SamplingParams
 
@@ -117,7 +118,7 @@ class RagPipeline:
     def __init__(self, retriever: Retriever, engine: Any, *, k: int = DEFAULT_K, min_score: float = MIN_SCORE,
                  system_prompt: str = SYSTEM_PROMPT):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r}; it must be a positive integer")
+            raise InputError(f"k={k!r}; it must be a positive integer")
         self.retriever, self.engine, self.k, self.min_score = retriever, engine, k, min_score
         self.system_prompt = system_prompt
 
@@ -137,7 +138,7 @@ class RagPipeline:
         messages = [dict(m) for m in messages]
         last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
         if last is None or not isinstance(messages[last].get("content"), str):
-            raise ValueError("grounding needs a user message with text content to retrieve for")
+            raise InputError("grounding needs a user message with text content to retrieve for")
         question = messages[last]["content"]
         hits, best = self.retrieve(question, k)
         sources = [Source(i + 1, h) for i, h in enumerate(hits)]
@@ -166,7 +167,7 @@ class RagPipeline:
         text = source.hit.text
         keep = max(len(text) - 4 * over - 16, 0)  # a token is rarely shorter than 4 characters of prose
         if keep == 0:
-            raise ValueError(f"the engine's context of {self.engine.max_seq_len} tokens cannot hold the question "
+            raise InputError(f"the engine's context of {self.engine.max_seq_len} tokens cannot hold the question "
                              f"and {max_new_tokens} new tokens; lower max_new_tokens or raise max_seq_len")
         return Source(source.number, dataclasses.replace(source.hit, text=text[:keep], end=source.hit.start + keep))
 
@@ -183,7 +184,7 @@ class RagPipeline:
             return unanswered(question, grounding.best_score, self.min_score)
         out = self.engine.generate(grounding.messages, sampling)[0]
         if out.finish_reason == "error":
-            raise ValueError(f"generation failed: {out.error}")
+            raise InputError(f"generation failed: {out.error}")
         text = out.text.strip()
         return Answer(question, text, grounding.sources, citations(text, len(grounding.sources)), True,
                       out.finish_reason)

@@ -1,13 +1,12 @@
 """press batch on the real SmolLM2: results equal engine.generate, bad lines numbered, resumable."""
 
-import argparse
 import dataclasses
 import json
 import shutil
 
 import pytest
 
-from serve import batch
+from serve import batch, cli
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 
@@ -165,15 +164,11 @@ def test_press_batch_command_on_all_local_devices(engine, tmp_path, capsys):
     """The CLI: a data-parallel engine over the 8 simulated devices, progress bar, exit status 1 for a bad line."""
     good = [{"id": "a", "prompt": "The capital of France is"}, {"id": "b", "prompt": "Water boils at"}]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in good) + "\n{bad\n")
-    subparsers = argparse.ArgumentParser().add_subparsers()
-    batch.add_parser(subparsers)
-    args = subparsers.choices["batch"].parse_args([
-        "--model", "smollm2-135m-instruct", "--input", str(tmp_path / "in.jsonl"), "--output",
+    assert cli.main([
+        "batch", "--model", "smollm2-135m-instruct", "--input", str(tmp_path / "in.jsonl"), "--output",
         str(tmp_path / "out.jsonl"), "--max-new-tokens", "5", "--max-slots", "2", "--max-seq-len", "64",
         "--stop", "zzz", "yyy",
-    ])
-    assert args.stop == ["zzz", "yyy"]
-    assert batch.run(args) == 1
+    ]) == 1
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert (summary["ok"], summary["errors"], summary["lines"]) == (2, 1, 3)

@@ -54,11 +54,95 @@ def test_unknown_model_names_what_to_pass(capsys):
 
 def test_shipped_configs_load():
     from compress import config as cfg
-    from serve.jobs import GenerateConfig
+    from serve.commands.generate import GenerateConfig
 
     demo = cfg.load(GenerateConfig, "configs/demo.yaml")
     assert demo.chat and demo.model.name == "smollm2-135m-instruct" and demo.sampling.greedy
     assert cfg.load(GenerateConfig, "configs/generate.yaml", ['prompt="x: y"']).prompt == "x: y"
+
+
+@pytest.mark.parametrize("command, path, extra, schema", [
+    ("quantize", "configs/quantize.yaml", [], "QuantizeConfig"),
+    ("eval", "configs/eval.yaml", [], "EvalConfig"),
+    ("index build", "configs/index.yaml", [], "IndexBuildConfig"),
+    ("batch", "configs/batch.yaml", [], "BatchConfig"),
+    ("serve", "configs/serve.yaml", [], "ServeConfig"),
+    ("ask", "configs/ask.yaml", ["What is a tuple?"], "AskConfig"),
+    ("generate", "configs/generate.yaml", ["prompt=hi"], "GenerateConfig"),
+])
+def test_every_job_reads_its_shipped_config(command, path, extra, schema):
+    """`press COMMAND configs/FILE.yaml [word] [key=value]` builds the command's typed config from the file."""
+    import yaml
+
+    from compress import config as cfg
+
+    config = cfg.config_from_args(cli.parse([*command.split(), path, *extra]))
+    assert type(config).__name__ == schema
+    with open(path) as f:
+        written = yaml.safe_load(f)
+    plain = cfg.to_dict(config)
+    overridden = {w.split("=")[0] for w in extra}
+    for key, value in written.items():  # every value of the file arrives (sections key by key)
+        if key in overridden:
+            continue
+        if isinstance(value, dict):
+            assert {k: plain[key][k] for k in value} == value, key
+        else:
+            assert plain[key] == value, key
+
+
+def test_quantize_takes_a_config_file_then_overrides_then_flags(tmp_path):
+    from compress import config as cfg
+
+    args = cli.parse(["quantize", "configs/quantize.yaml", "scheme=gptq-int4-g64", "--keep-float", "lm_head,layers/down",
+                      "calibration.num_sequences=16"])
+    config = cfg.config_from_args(args)
+    assert (config.scheme, config.keep_float, config.calibration.num_sequences) == (
+        "gptq-int4-g64", ("lm_head", "layers/down"), 16)
+    assert config.calibration.sequence_length == 256  # the default, written once in GPTQConfig
+    assert config.out_dir == "out/smollm2-135m-instruct-gptq-int4-g64"
+    # key=value after a flag is still an override; the last word wins.
+    assert cfg.config_from_args(cli.parse(["quantize", "--scheme", "int8", "scheme=w8a8"])).scheme == "w8a8"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["quantize", "scheme=int3"], "key 'scheme': unknown quantization scheme 'int3'"),
+    (["quantize", "configs/quantize.yaml", "calibration.num_sequencs=4"], "did you mean 'calibration.num_sequences'"),
+    (["quantize", "calibration.sequence_length=0"], "GPTQConfig.sequence_length must be a positive integer"),
+    (["eval", "--model", "m", "windows=0"], "EvalConfig.windows must be an integer >= 1"),
+    (["eval"], "no models"),
+    (["index", "build", "--index", "x"], "missing required key(s) 'docs'"),
+    (["index", "build", "chunking.overlap=500", "--index", "x", "--docs", "a"], "overlap=500"),
+    (["index", "search", "--index", "x", "q", "k=0"], "k must be at least 1"),
+    (["ask", "--index", "x", "--model", "m"], "missing required key(s) 'question'"),
+    (["batch", "--input", "a.jsonl"], "missing required key(s) 'output'"),
+    (["serve", "port=70000"], "port must be 0..65535"),
+    (["quantize", "configs/quantize.yaml", "configs/eval.yaml"], "unexpected word"),
+])
+def test_every_job_checks_its_config_before_any_work(argv, expected, no_loading, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_internal_error_prints_its_traceback_and_exits_1(monkeypatch, capsys):
+    """A bug (not bad input) is never hidden behind a one-line message."""
+    from compress.commands import models
+
+    def broken(args, out=None):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(models, "run", broken)
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an internal invariant broke" in err and "bug in press" in err
+
+
+def test_debug_shows_the_traceback_of_bad_input(no_loading, capsys):
+    assert cli.main(["--debug", "quantize", "scheme=int3"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "unknown quantization scheme" in err
 
 
 @pytest.mark.slow

@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from compress import eval_cli, evaluate
+from compress.data import corpus
+from compress.eval import perplexity, report
 from compress.formats import hf_decoder
 from compress.models import decoder
-from compress.quant import store
+from compress.commands.quantize import quantize_model
 from compress.formats.registry import resolve
 from compress.formats.tokenizer import load_tokenizer
 from serve import cli
@@ -41,7 +42,7 @@ def tiny_dir(tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8_dir(tiny_dir):
     out = os.path.join(os.path.dirname(tiny_dir), "tiny-int8")
-    store.quantize_model(tiny_dir, "int8", out)
+    quantize_model(tiny_dir, "int8", out)
     return out
 
 
@@ -73,8 +74,8 @@ def _eval_json(capsys, *argv) -> list[dict]:
 def test_pydoc_split_holds_out_every_fifth_sorted_topic_and_is_stable():
     from pydoc_data.topics import topics
 
-    train, held_out = evaluate.pydoc_split()
-    assert evaluate.pydoc_split() == (train, held_out)
+    train, held_out = corpus.pydoc_split()
+    assert corpus.pydoc_split() == (train, held_out)
     names = sorted(topics)
     for i, name in enumerate(names):  # each topic in exactly one part (the long ones are unique)
         if len(topics[name]) > 2000:
@@ -85,10 +86,10 @@ def test_pydoc_split_holds_out_every_fifth_sorted_topic_and_is_stable():
 def test_perplexity_equals_transformers_on_the_held_out_text(tiny_dir, capsys):
     # 3 windows in batches of 2: the padded last batch must not change the figure.
     [got] = _eval_json(capsys, "--model", tiny_dir, "--windows", "3", "--window", "32", "--batch", "2", *FAST)
-    want = _transformers_perplexity(tiny_dir, evaluate.pydoc_split()[1], 3, 32)
+    want = _transformers_perplexity(tiny_dir, corpus.pydoc_split()[1], 3, 32)
     assert got["perplexity"] == pytest.approx(want, rel=1e-4)
     assert got["windows"] == 3 and got["agreement"] is None and got["decode_tokens_per_second"] is None
-    assert got["data"] == evaluate.PYDOC_SOURCE
+    assert got["data"] == corpus.PYDOC_HELD_OUT_SOURCE
 
 
 def test_data_takes_any_text_file(tiny_dir, tmp_path, capsys):
@@ -118,7 +119,7 @@ def test_missing_file_and_too_short_text_fail_saying_why(tiny_dir, tokenizer, tm
 
 def test_config_and_flags_are_checked_before_any_work(capsys):
     with pytest.raises(ValueError, match="EvalConfig.window must be an integer >= 2, got 1"):
-        evaluate.EvalConfig(window=1)
+        perplexity.EvalConfig(window=1)
     not_loaded = "no/such/model"  # each check fails before a model would be loaded
     assert cli.main(["eval", "--compare", not_loaded]) == 2
     assert "--compare needs two or more models; use --model for one" in capsys.readouterr().err
@@ -148,7 +149,7 @@ def test_compare_float_and_int8_prints_a_table_writes_a_plot_and_json(tiny_dir, 
 
     # The table: one row per model, with the figures of the JSON (which reads back as ModelEval).
     out = io.StringIO()
-    eval_cli.print_table([evaluate.ModelEval(**{k: v for k, v in row.items() if k != "fraction_of_bf16"})
+    report.print_table([perplexity.ModelEval(**{k: v for k, v in row.items() if k != "fraction_of_bf16"})
                           for row in (float_row, int8_row)], out)
     table = out.getvalue()
     assert "perplexity" in table and "top-1 agree" in table
@@ -167,7 +168,7 @@ def test_real_smollm2_perplexity_equals_transformers_on_its_gguf(capsys):
     path = resolve("smollm2-135m-instruct").path
     ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                dtype=torch.float32).eval()
-    ids = load_tokenizer(resolve("smollm2-135m-instruct"))(evaluate.pydoc_split()[1])["input_ids"]
+    ids = load_tokenizer(resolve("smollm2-135m-instruct"))(corpus.pydoc_split()[1])["input_ids"]
     want = _reference_perplexity(ref, ids, 2, 128)
     assert got["perplexity"] == pytest.approx(want, rel=1e-3)
     assert got["bytes"] == 2 * got["bf16_bytes"]  # float32 in memory
@@ -175,7 +176,7 @@ def test_real_smollm2_perplexity_equals_transformers_on_its_gguf(capsys):
 
 def test_a_kv_int8_model_is_scored_through_its_int8_cache(tiny_dir, tmp_path, capsys):
     kv_dir = str(tmp_path / "tiny-kv")
-    store.quantize_model(tiny_dir, "kv-int8", kv_dir)  # float weights, int8 cache
+    quantize_model(tiny_dir, "kv-int8", kv_dir)  # float weights, int8 cache
     float_row, kv_row = _eval_json(capsys, "--compare", tiny_dir, kv_dir, "--windows", "2", "--window", "32", *FAST,
                                    "--plot", str(tmp_path / "kv.png"))
     # The cache's rounding shows in the scores (so eval measures what serving computes) and stays small.

@@ -133,7 +133,7 @@ def test_keep_float_patterns_are_honoured():
 
 
 def test_calibration_windows_are_seeded_and_come_from_the_train_text():
-    from compress.evaluate import pydoc_split
+    from compress.data.corpus import pydoc_split
 
     def characters(text, verbose=False):  # a tokenizer whose tokens are characters
         return {"input_ids": [ord(c) for c in text]}

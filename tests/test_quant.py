@@ -176,3 +176,59 @@ def test_sharded_int4_forward_equals_single_device(mesh_shape):
     sharded = jax.device_put(qparams, shd.tree_shardings(mesh, axes, qparams))
     got = jax.jit(lambda p, t: decoder.forward(p, t, CONFIG).logits)(sharded, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)  # group sums reassociate
+
+
+@pytest.mark.parametrize("name", ["int8", "w8a8", "int4-g32", "int4-g32-asym"])
+def test_a_quantized_projection_carries_its_kernel(name):
+    """dense runs the matmul the projection's spec names: no registry, so no import order can matter."""
+    from compress.models.linear import dense
+
+    x = jax.random.normal(jax.random.key(3), (2, 3, 64))
+    w = jax.random.normal(jax.random.key(4), (64, 8, 16))
+    q = quantize_kernel(w, (0,), schemes.get(name))
+    assert q["spec"].einsum.__self__ is q["spec"]  # the kernel is a method of the static spec in the tree
+    got = dense({**q, "bias": jnp.ones((8, 16))}, x, "BTD,DNH->BTNH")
+    want = jnp.einsum("BTD,DNH->BTNH", x, dequantize_kernel(q, "BTD,DNH->BTNH")) + 1
+    # w8a8 also rounds each token's activations to 8 bits: errors of a few steps of |x|max/127.
+    tolerance = 0.02 * float(jnp.abs(want).max()) if name == "w8a8" else 1e-4
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=tolerance)
+
+
+def test_a_projection_without_kernel_or_spec_names_its_arrays():
+    from compress.models.linear import dense
+
+    with pytest.raises(KeyError, match=r"\['qkernel', 'scale'\]: neither a float 'kernel' nor a 'spec'"):
+        dense({"qkernel": jnp.zeros((4, 2), jnp.int8), "scale": jnp.ones((1, 2))}, jnp.ones((1, 4)), "BD,DF->BF")
+
+
+def test_loading_a_quantized_model_needs_no_prior_import(tmp_path):
+    """A fresh process that imports only the loader serves an int8 directory (kernels are not registered)."""
+    import subprocess
+    import sys
+
+    from compress.commands.quantize import quantize_model
+    from compress.formats import hf_decoder
+    from compress.formats.registry import resolve
+    from compress.formats.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))
+    config = decoder.DecoderConfig(vocab_size=len(tokenizer), embed_dim=64, mlp_dim=128, num_layers=2, num_heads=8,
+                                   num_kv_heads=4, head_dim=8, architecture="llama")
+    float_dir, int8_dir = str(tmp_path / "float"), str(tmp_path / "int8")
+    hf_decoder.export(decoder.init_params(config, jax.random.key(0), scale=0.2), config, float_dir, tokenizer=tokenizer)
+    quantize_model(float_dir, "int8", int8_dir)
+    script = (
+        "import sys, numpy as np, jax.numpy as jnp\n"
+        "from compress.pretrained import load_decoder\n"
+        "from compress.models import decoder\n"
+        f"m = load_decoder({int8_dir!r})\n"
+        "logits = decoder.forward(m.params, jnp.arange(8)[None], m.config).logits\n"
+        "print(float(np.asarray(logits).sum()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    from compress.pretrained import load_decoder
+
+    m = load_decoder(int8_dir)
+    want = float(np.asarray(decoder.forward(m.params, jnp.arange(8)[None], m.config).logits).sum())
+    assert float(result.stdout.strip()) == pytest.approx(want, rel=1e-5)

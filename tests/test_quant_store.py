@@ -10,7 +10,7 @@ import pytest
 from compress.formats.safetensors_file import SafetensorsSet
 from compress.models import decoder
 from compress.pretrained import load_decoder
-from compress.quant import schemes, store
+from compress.quant import schemes
 from compress.quant.weights import quantize_params
 from serve import cli
 from serve.engine import Engine
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def int8_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("q") / "smollm2-int8")
-    summary = store.quantize_model("smollm2-135m-instruct", "int8", out)
+    summary = quantize_model("smollm2-135m-instruct", "int8", out)
     assert summary["quantized_matrices_fraction_of_bf16"] < 0.55
     return out
 
@@ -60,7 +60,7 @@ def test_quantize_command_refuses_bad_requests(int8_dir, tmp_path, capsys):
 @pytest.mark.parametrize("scheme", ["int4-g64+kv-int8", "int4-g32-asym", "w8a8"])
 def test_every_scheme_stores_reloads_and_serves(scheme, tmp_path):
     out = str(tmp_path / scheme)
-    summary = store.quantize_model("smollm2-135m-instruct", scheme, out)
+    summary = quantize_model("smollm2-135m-instruct", scheme, out)
     stored = load_decoder(out)
     assert stored.quantization == scheme
     q = stored.params["layers"]["gate"]
@@ -86,7 +86,7 @@ def test_every_scheme_stores_reloads_and_serves(scheme, tmp_path):
 
 def test_kv_int8_alone_keeps_float_weights_and_an_int8_cache(tmp_path):
     out = str(tmp_path / "kv")
-    store.quantize_model("smollm2-135m-instruct", "kv-int8", out)
+    quantize_model("smollm2-135m-instruct", "kv-int8", out)
     with Engine.from_pretrained(out, max_slots=1, max_seq_len=64) as engine:
         assert engine.kv_cache == "int8" and engine._cache.k.dtype == jnp.int8
         assert engine.params["layers"]["q"]["kernel"].dtype == jnp.float32
@@ -99,7 +99,7 @@ def test_smooth_w8a8_is_calibrated_stored_and_served(tmp_path):
 
     out = str(tmp_path / "sq")
     calibration = GPTQConfig(num_sequences=8, sequence_length=128)
-    store.quantize_model("smollm2-135m-instruct", "smooth-w8a8", out, calibration=calibration)
+    quantize_model("smollm2-135m-instruct", "smooth-w8a8", out, calibration=calibration)
     stored = load_decoder(out)
     assert stored.quantization == "smooth-w8a8" and stored.params["layers"]["q"]["spec"].activation_bits == 8
     float_model = load_decoder("smollm2-135m-instruct")

@@ -9,11 +9,12 @@ import os
 import pytest
 from pydoc_data.topics import topics
 
+from compress.data.corpus import PYDOC_QUESTIONS
 from retrieval.quality import hit_rates, read_questions
 from retrieval.retriever import Retriever
 from serve.cli import main
 
-QUESTIONS = os.path.join(os.path.dirname(__file__), "data", "pydoc_questions.jsonl")
+QUESTIONS = PYDOC_QUESTIONS
 
 
 def _flat(text: str) -> str:

@@ -15,7 +15,7 @@ from compress.formats.tokenizer import load_tokenizer
 from retrieval.chunking import ChunkingConfig
 from retrieval.documents import read_documents
 from retrieval.encoder import SentenceEncoder
-from retrieval.rag import EMPTY_INDEX, MIN_SCORE, NOTHING_FOUND, SYSTEM_PROMPT, RagPipeline, citations
+from serve.rag import EMPTY_INDEX, MIN_SCORE, NOTHING_FOUND, SYSTEM_PROMPT, RagPipeline, citations
 from retrieval.retriever import Retriever
 from serve.cli import main
 from serve.engine import Engine

@@ -37,8 +37,10 @@ def test_smoothing_keeps_the_float_function_and_helps_w8a8():
 
     tokens = _tokens(2)  # text calibration never saw
     want = decoder.forward(params, tokens, CONFIG).logits
+    # The same function up to float32 rounding of the rescaled weights (logits of magnitude ~2;
+    # jax 0.10.x on this CPU differs by up to 1.7e-4 in 2 of 24,576 logits).
     np.testing.assert_allclose(np.asarray(decoder.forward(smoothed, tokens, CONFIG).logits), np.asarray(want),
-                               rtol=1e-4, atol=1e-4)
+                               rtol=1e-4, atol=5e-4)
     w8a8 = schemes.get("w8a8")
     error = lambda p: float(jnp.mean((decoder.forward(quantize_params(p, decoder.PROJECTIONS, w8a8), tokens,
                                                        CONFIG).logits - want) ** 2))

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from compress.errors import InputError
+
 PYDOC_HELD_OUT_SOURCE = "pydoc_data.topics (held-out part: every fifth topic, sorted)"
 PYDOC_TRAIN_SOURCE = "pydoc_data.topics (train part: all but every fifth topic, sorted)"
 HELD_OUT_EVERY = 5  # every fifth topic (in sorted order) is held out
@@ -59,7 +61,7 @@ def read_text_file(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
 def held_out_text(path: str | None = None) -> tuple[str, str]:
@@ -83,7 +85,7 @@ def token_windows(ids: Sequence[int], window: int, max_windows: int, source: str
     """
     count = min(len(ids) // window, max_windows)
     if count == 0:
-        raise ValueError(
+        raise InputError(
             f"{source}: the text is {len(ids)} tokens, fewer than one window of {window}; "
             f"give a longer text or a smaller window"
         )
@@ -94,6 +96,6 @@ def random_windows(ids: Sequence[int], window: int, count: int, seed: int, sourc
     """`count` windows of `window` ids at random offsets (seeded; they may overlap): [count, window] int32."""
     ids = np.asarray(ids, np.int32)
     if len(ids) < window:
-        raise ValueError(f"{source}: the text is {len(ids)} tokens, fewer than one window of {window}")
+        raise InputError(f"{source}: the text is {len(ids)} tokens, fewer than one window of {window}")
     starts = np.random.default_rng(seed).integers(0, len(ids) - window + 1, size=count)
     return np.stack([ids[s : s + window] for s in starts])

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress.errors import InputError
 from compress.data import corpus
 from compress.models import decoder
 from compress.pretrained import Pretrained, load_decoder
@@ -58,13 +59,13 @@ class EvalConfig:
         for name, least in (("windows", 1), ("window", 2), ("batch", 1), ("decode_tokens", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"EvalConfig.{name} must be an integer >= {least}, got {value!r}")
+                raise InputError(f"EvalConfig.{name} must be an integer >= {least}, got {value!r}")
         if self.decode_tokens == 1:  # the speed is timed from the first new token to the last
-            raise ValueError("EvalConfig.decode_tokens must be 0 (no speed run) or at least 2, got 1")
+            raise InputError("EvalConfig.decode_tokens must be 0 (no speed run) or at least 2, got 1")
         if not self.decode_prompt:
-            raise ValueError("EvalConfig.decode_prompt is empty; the decode-speed run needs a prompt")
+            raise InputError("EvalConfig.decode_prompt is empty; the decode-speed run needs a prompt")
         if self.plot is not None and not self.plot.lower().endswith(".png"):  # checked before minutes of work
-            raise ValueError(f"plot {self.plot}: the plot is a PNG; give a path ending in .png")
+            raise InputError(f"plot {self.plot}: the plot is a PNG; give a path ending in .png")
 
     @property
     def reference_model(self) -> str | None:
@@ -192,7 +193,7 @@ def int8_cache(model: Pretrained) -> bool:
 
 def _agreement(name: str, scored: _Scored, reference: str, ref: _Scored) -> float:
     if not np.array_equal(scored.windows, ref.windows):
-        raise ValueError(
+        raise InputError(
             f"{name} and the reference {reference} tokenize the text differently; top-1 agreement needs "
             f"models that share a tokenizer (choose another --reference)"
         )
@@ -215,7 +216,7 @@ def evaluate_models(
         is not 0 (None: no speed figure; `press eval` passes the serving engine's).
     """
     if not config.models:
-        raise ValueError("no models to evaluate; give at least one (models=[...] or --model M)")
+        raise InputError("no models to evaluate; give at least one (models=[...] or --model M)")
     log = log or (lambda line: None)
     models, reference = config.models, config.reference_model
     text, source = corpus.held_out_text(config.data)

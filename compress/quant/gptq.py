@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress.errors import InputError
 from compress.data import corpus
 from compress.models import attention as attn
 from compress.models import decoder
@@ -240,7 +241,7 @@ def calibration_tokens(tokenizer, config: GPTQConfig) -> np.ndarray:
     text, source = corpus.train_text(config.data)
     ids = tokenizer(text, verbose=False)["input_ids"]
     if len(ids) < config.sequence_length:
-        raise ValueError(f"{source}: the calibration text is {len(ids)} tokens, fewer than "
+        raise InputError(f"{source}: the calibration text is {len(ids)} tokens, fewer than "
                          f"GPTQConfig.sequence_length={config.sequence_length}")
     return corpus.random_windows(ids, config.sequence_length, config.num_sequences, config.seed, source)
 
@@ -335,12 +336,12 @@ def quantize_decoder_tokens(
     (keep-float patterns honoured, biases and norms untouched). `log` receives a line per layer.
     """
     if scheme.calibration != "gptq" or scheme.group_size is None or scheme.weight_bits is None:
-        raise ValueError(f"GPTQ writes group-wise integer weights; scheme {scheme.name!r} is not a gptq-int4-gN scheme")
+        raise InputError(f"GPTQ writes group-wise integer weights; scheme {scheme.name!r} is not a gptq-int4-gN scheme")
     log = log or (lambda line: None)
     selected = to_quantize(params, decoder.PROJECTIONS, scheme)  # path -> einsum; checks keep_float
     unknown = [p for p in selected if p != "lm_head" and not p.startswith("layers/")]
     if unknown:
-        raise ValueError(f"GPTQ quantizes layer projections and lm_head; it cannot place {', '.join(unknown)}")
+        raise InputError(f"GPTQ quantizes layer projections and lm_head; it cannot place {', '.join(unknown)}")
     names = tuple(p.split("/", 1)[1] for p in selected if p.startswith("layers/"))
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from compress.errors import InputError
+
 GROUP_SIZES = (32, 64, 128)
 KV_SUFFIX = "kv-int8"
 DEFAULT_KEEP_FLOAT = ("lm_head",)
@@ -103,7 +105,7 @@ def get(name: str) -> Scheme:
     weights = [p for p in parts if p != KV_SUFFIX]
     if len(weights) > 1 or parts.count(KV_SUFFIX) > 1 or (weights and weights[0] not in SCHEMES):
         valid = "; ".join(f"{s.name} ({s.description})" for s in SCHEMES.values())
-        raise ValueError(
+        raise InputError(
             f"unknown quantization scheme {name!r}; valid schemes: {valid}; {KV_SUFFIX} (int8 key/value cache), "
             f"alone or added to a weight scheme as NAME+{KV_SUFFIX}"
         )

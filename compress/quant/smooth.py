@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress.errors import InputError
 from compress.models import attention as attn
 from compress.models import decoder
 from compress.quant.gptq import GPTQConfig, calibration_tokens, embed_tokens, layer_batches
@@ -73,7 +74,7 @@ def smooth(params: dict[str, Any], absmax: dict[str, np.ndarray], alpha: float =
     """The float parameters with each group's input channels divided by s and its weight rows
     multiplied by it (module docstring): the same function, easier activations."""
     if not 0 <= alpha <= 1:
-        raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha!r}")
+        raise InputError(f"SmoothQuant alpha must be in [0, 1], got {alpha!r}")
     layers = dict(params["layers"])
     for group, (names, producer) in GROUPS.items():
         a = jnp.asarray(absmax[group], jnp.float32)  # [L, width]

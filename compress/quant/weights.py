@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from compress.errors import InputError
 from compress.quant import grid
 from compress.quant.matmul import spec_of
 from compress.quant.schemes import Scheme
@@ -103,7 +104,7 @@ def to_quantize(params: dict[str, Any], projections: dict[str, str], scheme: Sch
     paths = projection_paths(params, projections)
     for pattern in scheme.keep_float:
         if pattern != "lm_head" and not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
-            raise ValueError(f"keep-float pattern {pattern!r} matches no projection; projections: {', '.join(paths)}")
+            raise InputError(f"keep-float pattern {pattern!r} matches no projection; projections: {', '.join(paths)}")
     if not scheme.quantizes_weights:
         return {}
     return {p: eq for p, eq in paths.items() if not any(fnmatch.fnmatchcase(p, pat) for pat in scheme.keep_float)}
@@ -121,7 +122,7 @@ def quantize_params(params: dict[str, Any], projections: dict[str, str], scheme:
     as it is. Raises ValueError for a tree that is already quantized.
     """
     if is_quantized(params):
-        raise ValueError("these parameters are already quantized; quantize the float model instead")
+        raise InputError("these parameters are already quantized; quantize the float model instead")
     selected = to_quantize(params, projections, scheme)
     quantize = quantize or (lambda path, kernel, axes: quantize_kernel(kernel, axes, scheme))
 

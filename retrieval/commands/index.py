@@ -52,8 +52,7 @@ class IndexBuildConfig:
     def __post_init__(self):
         if not self.docs:
             raise ValueError("docs is empty; give files, directories or pydoc:topics")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        cfg.require_at_least(self, 1, "batch_size")
         self.settings.validate()
         self.chunking.validate()
 
@@ -88,8 +87,7 @@ class IndexSearchConfig:
     view: bool = False  # memory-map the index instead of reading it
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
+        cfg.require_at_least(self, 1, "k")
 
 
 # --- the parsers

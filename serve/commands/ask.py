@@ -38,8 +38,7 @@ class AskConfig:
     def __post_init__(self):
         if not self.question.strip():
             raise ValueError("question is empty")
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
+        cfg.require_at_least(self, 1, "k", "max_seq_len")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -35,9 +35,7 @@ class BatchConfig:
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host pods: one process per host)
 
     def __post_init__(self):
-        for name in ("max_slots", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        cfg.require_at_least(self, 1, "max_slots", "max_seq_len")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

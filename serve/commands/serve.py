@@ -36,9 +36,7 @@ class ServeConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
-        for name in ("max_slots", "max_seq_len", "rag_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        cfg.require_at_least(self, 1, "max_slots", "max_seq_len", "rag_k")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
