@@ -10,6 +10,7 @@ import pytest
 from compress.formats.safetensors_file import SafetensorsSet
 from compress.models import decoder
 from compress.pretrained import load_decoder
+from compress.commands.quantize import quantize_model
 from compress.quant import schemes
 from compress.quant.weights import quantize_params
 from serve import cli
