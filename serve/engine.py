@@ -23,12 +23,24 @@ freed at once and a waiting request is prefilled into it on the next turn, so on
 request never holds a batch of short ones hostage. Requests with different sampling
 settings share a step (serve/sampling.py samples row by row).
 
+Prefix caching (serve/prefix_cache.py): the KV of every prompt's 16-token blocks is kept
+(least recently used evicted beyond prefix_cache_blocks), and a prompt that starts with
+cached blocks (a chat template's system prompt, a RAG instruction) prefills only the rest.
+
+Careless and hostile input: prompts are checked before they cost anything (text that is not
+valid Unicode, a text too long for the context judged from its head before the rest is
+tokenized); request threads encode, and the scheduler decodes with its own copy of the
+tokenizer, so encoding a long prompt never stalls generation; `max_queued` bounds the
+requests waiting for a row (EngineBusy beyond it); a cancelled request frees its row at the
+next step.
+
 Compiled programs persist across processes in JAX's compilation cache (under the press
 cache directory unless the user has configured one), so a second start does not compile.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import os
@@ -49,11 +61,33 @@ from compress.formats.tokenizer import cache_root
 from compress.models import decoder
 from compress.quant import schemes
 from compress.models.attention import KVCache
+from serve.prefix_cache import BLOCK, Block, PrefixCache, block_keys, reusable_blocks
 from serve.sampling import SamplingParams, sample
 
 Prompt = str | Sequence[dict] | Sequence[int]  # text, chat messages, or token ids
 MIN_PREFILL_BUCKET = 16
 MIN_SEQ_BUCKET = 64
+# A prompt longer than max_seq_len * this many characters is first tokenized by its head only: if
+# the head alone overflows the context the prompt is refused without tokenizing the rest.
+HEAD_CHARS_PER_TOKEN = 8
+MAX_CHARS_PER_TOKEN = 64  # beyond max_seq_len * this, a prompt is refused before any tokenizing
+
+
+DEFAULT_PREFIX_BLOCKS = 256  # prefix-cache blocks of 16 tokens kept (LRU); SmolLM2-135M fp32: 0.7 MB each
+MAX_STORED_BLOCKS = 64  # blocks of one prompt stored for reuse (its first 1,024 tokens)
+
+
+class EngineBusy(RuntimeError):
+    """The engine's queue is full (Engine.max_queued): retry later."""
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """InputError naming the position of a lone surrogate (text that no UTF-8 encoder accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}); "
+                         "send valid Unicode text") from None
 
 
 def power_of_two_at_least(n: int, minimum: int = 1) -> int:
@@ -119,8 +153,11 @@ class Request:
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self.output: RequestOutput | None = None
+        self._callbacks: list[Callable[[RequestOutput], None]] = []
+        self._callback_lock = threading.Lock()
         self.submitted = time.perf_counter()
         self.started = self.first_token = None
+        self.block_keys: list[bytes] = []  # chained keys of its prompt's blocks (prefix cache)
 
     def deltas(self) -> Iterator[str]:
         """Yield text as it is generated, until the request finishes."""
@@ -135,9 +172,21 @@ class Request:
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         return self.output
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the request finishes (at most `timeout` seconds); whether it has."""
+        return self._done.wait(timeout)
+
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def add_done_callback(self, fn: Callable[[RequestOutput], None]) -> None:
+        """Call fn(output) when the request finishes (at once if it has), on the engine's thread."""
+        with self._callback_lock:
+            if not self.done:
+                self._callbacks.append(fn)
+                return
+        fn(self.output)
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); the row is freed at the next step."""
@@ -163,7 +212,11 @@ class Request:
             total_seconds=now - self.submitted,
         )
         self._events.put(None)
-        self._done.set()
+        with self._callback_lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self.output)
 
 
 class Engine:
@@ -181,6 +234,8 @@ class Engine:
         name: str = "model",
         compilation_cache: bool = True,
         kv_cache: str | None = None,
+        max_queued: int | None = None,
+        prefix_cache_blocks: int = DEFAULT_PREFIX_BLOCKS,
     ):
         if max_slots < 1:
             raise InputError(f"max_slots must be at least 1, got {max_slots}")
@@ -192,10 +247,16 @@ class Engine:
         if kv_cache not in (None, "int8"):
             raise InputError(f"kv_cache={kv_cache!r}; choose None (the compute dtype) or 'int8'")
         self.kv_cache = kv_cache
+        if max_queued is not None and max_queued < 0:
+            raise InputError(f"max_queued must be >= 0 (or None for no limit), got {max_queued}")
+        self.max_queued = max_queued  # submissions that would leave more waiting for a row raise EngineBusy
         if compilation_cache:
             enable_compilation_cache()
         self._cache = self._new_cache()
+        # KV of prompt prefixes kept between requests (serve/prefix_cache.py); 0 blocks switches it off.
+        self.prefix_cache = PrefixCache(prefix_cache_blocks)
         self._prefill_insert = jax.jit(self._prefill_insert_fn, donate_argnums=1)
+        self._prefix_prefill_insert = jax.jit(self._prefix_prefill_insert_fn, donate_argnums=1)
         self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=(8, 9))
         self._slots: list[Request | None] = [None] * max_slots
         self._next_token = np.zeros(max_slots, np.int32)  # the token each row feeds next
@@ -204,11 +265,15 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._queue_lock = threading.Lock()  # makes a group of submissions visible at once
-        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share between threads
+        # Fast tokenizers are not safe to share between threads: request threads encode under a
+        # lock, and the scheduler decodes with its own copy, so a long encode never stalls decoding.
+        self._tokenizer_lock = threading.Lock()
+        self._detokenizer = copy.deepcopy(tokenizer)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counter = itertools.count()
-        self.stats = {"prefills": 0, "decode_steps": 0, "generated_tokens": 0}
+        self.stats = {"prefills": 0, "decode_steps": 0, "generated_tokens": 0, "cancelled": 0,
+                      "prefix_tokens_reused": 0}
 
     @classmethod
     def from_pretrained(
@@ -226,6 +291,16 @@ class Engine:
             # A directory quantized with '+kv-int8' (or 'kv-int8') is served with an int8 cache.
             kwargs["kv_cache"] = "int8" if schemes.get(model.quantization).kv_bits else None
         return cls(model.params, model.config, model.tokenizer, mesh=mesh, name=name_or_path, **kwargs)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a row."""
+        return self._waiting.qsize()
+
+    @property
+    def running(self) -> int:
+        """Rows generating now."""
+        return sum(r is not None for r in self._slots)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -255,23 +330,45 @@ class Engine:
         """Prefill left-padded prompts [n, T] and write their K/V into rows `slots` of the cache.
 
         Rows whose slot is out of range (max_slots) are padding: computed, never written.
+        Returns (first tokens [n], the cache, the prompts' own cache [L, n, T, ...]).
         """
         n, t = tokens.shape
         fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized)
+        return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, temperature, top_k, top_p)
+
+    def _prefix_prefill_insert_fn(self, params, cache, prefix, tokens, mask, slots, seeds, temperature, top_k, top_p):
+        """As _prefill_insert_fn, for prompts whose first P tokens' K/V are given (a prefix_cache.Block
+        of [L, n, P, ...] arrays): only the rest [n, T] is computed; the rows get P + T slots."""
+        n, t = tokens.shape
+        p = prefix.k.shape[2]
+        empty = decoder.init_cache(self.config, n, p + t, cache.k.dtype, quantized=cache.quantized)
+        put = lambda array, known: None if array is None else array.at[:, :, :p].set(known)  # noqa: E731
+        fresh = KVCache(
+            k=put(empty.k, prefix.k), v=put(empty.v, prefix.v),
+            valid=empty.valid.at[:, :p].set(True),
+            index=jnp.full((n,), p, jnp.int32), lengths=jnp.full((n,), p, jnp.int32),
+            k_scale=put(empty.k_scale, prefix.k_scale), v_scale=put(empty.v_scale, prefix.v_scale),
+        )
+        return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, temperature, top_k, top_p)
+
+    def _prefill_into(self, params, cache, fresh, tokens, mask, slots, seeds, temperature, top_k, top_p):
+        """Run tokens [n, T] after what `fresh` holds, sample each row's first token, and copy the
+        rows' caches (W = fresh.max_len slots) into rows `slots` of the engine's cache."""
+        n = tokens.shape[0]
         out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh, last_logits_only=True)
         first = sample(out.logits[:, -1], seeds, jnp.zeros((n,), jnp.int32), temperature, top_k, top_p)
-        new = out.cache
-        row_valid = jnp.zeros((n, cache.max_len), bool).at[:, :t].set(new.valid)
+        new, w = out.cache, out.cache.max_len
+        row_valid = jnp.zeros((n, cache.max_len), bool).at[:, :w].set(new.valid)
         cache = KVCache(
-            k=cache.k.at[:, slots, :t].set(new.k, mode="drop"),
-            v=cache.v.at[:, slots, :t].set(new.v, mode="drop"),
+            k=cache.k.at[:, slots, :w].set(new.k, mode="drop"),
+            v=cache.v.at[:, slots, :w].set(new.v, mode="drop"),
             valid=cache.valid.at[slots].set(row_valid, mode="drop"),
-            index=cache.index.at[slots].set(t, mode="drop"),
+            index=cache.index.at[slots].set(w, mode="drop"),
             lengths=cache.lengths.at[slots].set(new.lengths, mode="drop"),
-            k_scale=None if new.k_scale is None else cache.k_scale.at[:, slots, :t].set(new.k_scale, mode="drop"),
-            v_scale=None if new.v_scale is None else cache.v_scale.at[:, slots, :t].set(new.v_scale, mode="drop"),
+            k_scale=None if new.k_scale is None else cache.k_scale.at[:, slots, :w].set(new.k_scale, mode="drop"),
+            v_scale=None if new.v_scale is None else cache.v_scale.at[:, slots, :w].set(new.v_scale, mode="drop"),
         )
-        return first, cache
+        return first, cache, new
 
     def _decode_fn(self, params, cache, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int):
         """One token for rows [0, rows), attending over slots [0, width)."""
@@ -288,15 +385,18 @@ class Engine:
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = self._tokenize(prompt, "the prompt")
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InputError(f"{self.name} has no chat template; send a text prompt instead of messages")
             for i, m in enumerate(prompt):
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise InputError(f"message {i} needs string 'role' and 'content' fields, got {m!r}")
+                for field in ("role", "content"):
+                    _check_unicode(m[field], f"message {i} {field}")
+            self._check_length(sum(len(m["content"]) for m in prompt), "the messages")
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self._tokenize(text, "the messages", add_special_tokens=False)
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             ids = [int(t) for t in prompt]
             if max(ids) >= self.config.vocab_size or min(ids) < 0:
@@ -306,6 +406,28 @@ class Engine:
         if not ids:
             raise InputError("the prompt encodes to no tokens")
         return ids
+
+    def _check_length(self, chars: int, what: str) -> None:
+        if chars > self.max_seq_len * MAX_CHARS_PER_TOKEN:
+            raise InputError(f"{what} is {chars} characters, more than the engine's context of {self.max_seq_len} "
+                             f"tokens could hold (at most {self.max_seq_len * MAX_CHARS_PER_TOKEN} characters)")
+
+    def _tokenize(self, text: str, what: str, **kwargs) -> list[int]:
+        """Token ids of text; a text whose head alone overflows the context is refused untokenized."""
+        _check_unicode(text, what)
+        self._check_length(len(text), what)
+        head = self.max_seq_len * HEAD_CHARS_PER_TOKEN
+        try:
+            if len(text) > head:
+                count = len(self.tokenizer(text[:head], **kwargs)["input_ids"])
+                if count > self.max_seq_len:
+                    raise InputError(f"{what} is {len(text)} characters; its first {head} alone are {count} tokens, "
+                                     f"more than the engine's context of {self.max_seq_len}")
+            return self.tokenizer(text, **kwargs)["input_ids"]
+        except (TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"the tokenizer cannot encode {what}: {type(e).__name__}: {e}") from None
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len + max_new_tokens > self.max_seq_len:
@@ -320,18 +442,35 @@ class Engine:
         self._enqueue([request])
         return request
 
+    def submit_many(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams | None], *,
+                    request_id: str | None = None) -> list[Request]:
+        """Queue several requests at once, all or none: every prompt is checked first (ValueError
+        for a bad one), and EngineBusy leaves none queued. They are admitted together if rows are free."""
+        requests = [self._prepare(prompt, p, request_id and f"{request_id}-{i}")
+                    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))]
+        self._enqueue(requests)
+        return requests
+
     def _prepare(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None = None) -> Request:
         params = params or SamplingParams()
         params.validate()
         ids = self.encode(prompt)
         self.check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-        return Request(request_id or f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}", ids, params, seed)
+        request = Request(request_id or f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}", ids, params, seed)
+        if self.prefix_cache.max_blocks > 0:
+            request.block_keys = block_keys(ids[: MAX_STORED_BLOCKS * BLOCK])
+        return request
 
     def _enqueue(self, requests: list[Request]) -> None:
         """Queue requests together: the scheduler admits all of them in one turn if rows are free."""
         self._ensure_running()
         with self._queue_lock:
+            # Requests beyond the free rows wait; at most max_queued of them.
+            waiting = self._waiting.qsize() + len(requests) - (self.max_slots - self.running)
+            if self.max_queued is not None and waiting > self.max_queued:
+                raise EngineBusy(f"{self._waiting.qsize()} requests are waiting for a row (the limit is "
+                                 f"{self.max_queued}); retry in a moment")
             for r in requests:
                 self._waiting.put(r)
         self._wake.set()
@@ -400,7 +539,7 @@ class Engine:
                 if width > self.max_seq_len:
                     continue
                 slots = np.full(r, self.max_slots, np.int32)  # all padding rows: nothing written
-                _, self._cache = self._prefill_insert(
+                _, self._cache, _ = self._prefill_insert(
                     self.params, self._cache, np.zeros((r, width), np.int32), np.ones((r, width), np.int32), slots,
                     np.zeros(r, np.uint32), np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32),
                 )
@@ -466,24 +605,32 @@ class Engine:
                 except queue.Empty:
                     break
         groups: dict[int, list[tuple[int, Request]]] = {}
-        admitted = [r for r in admitted if not (r.cancelled and r._finish("cancelled") is None)]
+        for r in admitted:
+            if r.cancelled:
+                self.stats["cancelled"] += 1
+                r._finish("cancelled")
+        admitted = [r for r in admitted if not r.cancelled]
         for slot, request in zip(free, admitted):
-            groups.setdefault(self._prefill_width(request), []).append((slot, request))
-        for width, group in sorted(groups.items()):
+            prefix = BLOCK * reusable_blocks(self.prefix_cache.cached_blocks(request.block_keys),
+                                             len(request.prompt_ids))
+            groups.setdefault((prefix, self._prefill_width(request, prefix)), []).append((slot, request))
+        for (prefix, width), group in sorted(groups.items()):
             try:
-                self._prefill(group, width)
+                self._prefill(group, width, prefix)
             except Exception as e:  # noqa: BLE001 - fail these requests, not the engine
                 for _, request in group:
                     request._finish("error", f"{type(e).__name__}: {e}")
 
-    def _prefill_width(self, request: Request) -> int:
-        n = len(request.prompt_ids)
+    def _prefill_width(self, request: Request, prefix: int = 0) -> int:
+        """Slots the prompt's tokens after its cached prefix are prefilled in (a bucket)."""
+        n = len(request.prompt_ids) - prefix
         width = power_of_two_at_least(n, MIN_PREFILL_BUCKET)
-        if width + request.params.max_new_tokens > self.max_seq_len:
+        if prefix + width + request.params.max_new_tokens > self.max_seq_len:
             width = n  # a long prompt near the context limit: exact length (compiles once more)
         return width
 
-    def _prefill(self, group: list[tuple[int, Request]], width: int) -> None:
+    def _prefill(self, group: list[tuple[int, Request]], width: int, prefix: int = 0) -> None:
+        """Prefill a group of prompts into their rows: the tokens after `prefix` (cached) left-padded to `width`."""
         rows = min(power_of_two_at_least(len(group)), self.max_slots)  # bucketed; padding rows are dropped
         tokens = np.zeros((rows, width), np.int32)
         mask = np.zeros((rows, width), np.int32)
@@ -495,21 +642,40 @@ class Engine:
         now = time.perf_counter()
         for row, (slot, request) in enumerate(group):
             request.started = now
-            n = len(request.prompt_ids)
-            tokens[row, width - n :] = request.prompt_ids
-            mask[row, width - n :] = 1
+            rest = request.prompt_ids[prefix:]
+            tokens[row, width - len(rest) :] = rest
+            mask[row, width - len(rest) :] = 1
             p = request.params
             slots[row], seeds[row] = slot, request.seed
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
-        first, self._cache = self._prefill_insert(
-            self.params, self._cache, tokens, mask, slots, seeds, temperature, top_k, top_p
-        )
+        sampling = (slots, seeds, temperature, top_k, top_p)
+        if prefix:
+            known = [self.prefix_cache.prefix(request.block_keys[: prefix // BLOCK]) for _, request in group]
+            known += [known[0]] * (rows - len(group))  # padding rows attend over any valid prefix
+            stack = lambda arrays: None if arrays[0] is None else jnp.stack(arrays, axis=1)  # noqa: E731
+            blocks = Block(*(stack([getattr(b, field) for b in known]) for field in Block._fields))
+            first, self._cache, fresh = self._prefix_prefill_insert(self.params, self._cache, blocks, tokens, mask,
+                                                                    *sampling)
+            self.stats["prefix_tokens_reused"] += prefix * len(group)
+        else:
+            first, self._cache, fresh = self._prefill_insert(self.params, self._cache, tokens, mask, *sampling)
         first = np.asarray(first)
         self.stats["prefills"] += 1
         for row, (slot, request) in enumerate(group):
             self._slots[slot] = request
-            self._index[slot] = width
+            self._index[slot] = prefix + width
+            self._keep_prefix(request, fresh, row, prefix + width - len(request.prompt_ids), first_block=prefix // BLOCK)
             self._accept(slot, int(first[row]))
+
+    def _keep_prefix(self, request: Request, fresh: KVCache, row: int, offset: int, first_block: int) -> None:
+        """Store the prompt's blocks not yet cached; its token i sits at slot offset + i of `fresh` row `row`."""
+        for j in range(first_block, len(request.block_keys)):
+            key = request.block_keys[j]
+            if key in self.prefix_cache:
+                continue
+            at = slice(offset + j * BLOCK, offset + (j + 1) * BLOCK)
+            take = lambda array: None if array is None else array[:, row, at]  # noqa: E731
+            self.prefix_cache.store(key, Block(take(fresh.k), take(fresh.v), take(fresh.k_scale), take(fresh.v_scale)))
 
     def _step(self) -> None:
         active = [i for i, r in enumerate(self._slots) if r is not None]
@@ -539,6 +705,7 @@ class Engine:
         if r.first_token is None:
             r.first_token = time.perf_counter()
         if r.cancelled:
+            self.stats["cancelled"] += 1
             return self._release(slot, "cancelled")
         p = r.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
@@ -575,9 +742,9 @@ class Engine:
         The tail starts a few tokens back (prefix_offset) so byte-level merges and spacing
         come out as a full decode would; text waits while it ends in a partial character.
         """
-        with self._tokenizer_lock:
-            prefix = self.tokenizer.decode(r.token_ids[r._prefix_offset : r._read_offset], skip_special_tokens=True)
-            new = self.tokenizer.decode(r.token_ids[r._prefix_offset :], skip_special_tokens=True)
+        # Only the scheduler thread decodes, with its own tokenizer: no lock shared with encoding.
+        prefix = self._detokenizer.decode(r.token_ids[r._prefix_offset : r._read_offset], skip_special_tokens=True)
+        new = self._detokenizer.decode(r.token_ids[r._prefix_offset :], skip_special_tokens=True)
         if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
             r.text += new[len(prefix) :].removesuffix("\ufffd") if final else new[len(prefix) :]
             r._prefix_offset, r._read_offset = r._read_offset, len(r.token_ids)

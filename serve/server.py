@@ -12,9 +12,17 @@ shapes are OpenAI's (serve/openai_protocol.py validates the fields); errors are
 {"error": {"message", "type", "param", "code"}} with the matching HTTP status.
 
 Every HTTP request runs on its own thread and submits to the engine, whose scheduler batches
-whatever is in flight (continuous batching), so concurrency needs nothing here. A client
-that disconnects mid-stream only ends its own response; its request still runs to its end
-in the engine, which has no way to cancel one yet.
+whatever is in flight (continuous batching), so concurrency needs nothing here. Prompts are
+tokenized on that thread, never on the engine's; one too long for the context is refused
+from its head alone, before the rest is tokenized.
+
+Hostile and careless clients: a client that hangs up, streaming or not, has its requests
+cancelled (the engine frees their rows at its next step); one request carries at most
+`max_prompts` prompts (400 beyond); when the engine's queue is full (Engine.max_queued) the
+answer is 429 with Retry-After; text that is not valid Unicode (a lone surrogate) is a 400.
+SIGTERM or Ctrl-C drains: the server stops accepting, answers what is in flight (up to
+`drain_seconds`), refuses new requests on open connections with 503, then stops. GET
+/metrics serves Prometheus metrics (serve/metrics.py).
 
 With --index DIR (a retrieval index, see retrieval/commands/index.py) chat completions are grounded:
 the last user message is searched in the index, the best chunks are put into the prompt as
@@ -31,6 +39,7 @@ from __future__ import annotations
 import hmac
 import json
 import queue
+import select
 import signal
 import socket
 import socketserver
@@ -44,9 +53,16 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from serve import openai_protocol as api
+from serve.engine import EngineBusy
+from serve.metrics import ServerMetrics
 from serve.openai_protocol import ApiError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (each takes an engine row)
+DRAIN_SECONDS = 30.0  # after SIGTERM: how long requests in flight may take to finish
+RETRY_AFTER_SECONDS = 1  # told to clients refused because the queue is full
+CLIENT_CLOSED = 499  # the status metrics count a request under when its client hung up before the answer
+CLIENT_POLL_SECONDS = 0.05  # how often a waiting non-streaming request checks that its client is still there
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
@@ -57,10 +73,15 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog: many clients may connect at once
 
     def __init__(self, address: tuple[str, int], engine, *, api_key: str | None = None, log_requests: bool = False,
-                 rag=None):
+                 rag=None, max_prompts: int = MAX_PROMPTS):
         self.engine, self.api_key, self.log_requests = engine, api_key, log_requests
         self.rag = rag  # a serve.rag.RagPipeline: ground chat completions in its index
+        self.max_prompts = max_prompts
         self.created = int(time.time())
+        self.metrics = ServerMetrics(engine)
+        self.draining = False  # set by drain(): new requests get 503
+        self._in_flight = 0
+        self._idle = threading.Condition()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -74,6 +95,33 @@ class Server(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def in_flight(self) -> int:
+        """HTTP requests being handled now."""
+        return self._in_flight
+
+    def _track(self, delta: int) -> None:
+        with self._idle:
+            self._in_flight += delta
+            self.metrics.in_flight.set(self._in_flight)
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def drain(self, seconds: float = DRAIN_SECONDS) -> int:
+        """Stop accepting connections, let requests in flight finish for up to `seconds`, then close
+        the engine (what is still running then ends with an error). Call it from another thread than
+        serve_forever's. Returns the requests still in flight at the deadline."""
+        self.draining = True
+        self.shutdown()  # the accept loop ends; connections already open are still answered
+        self.socket.close()  # new connections are refused at once
+        deadline = time.monotonic() + seconds
+        with self._idle:
+            while self._in_flight and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            cut = self._in_flight
+        self.engine.close()
+        return cut
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], _CLIENT_GONE):
@@ -102,11 +150,29 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         self._body_pending = method == "POST"  # an unread body forces the connection closed after the answer
         self._streaming = False
+        self._status = None
         path = urlsplit(self.path).path.rstrip("/") or "/"
+        self.server._track(+1)
         try:
+            self._route(method, path)
+        finally:
+            self.server._track(-1)
+            route = path if path in ROUTES else "other"
+            self.server.metrics.requests.labels(route, str(self._status or 0)).inc()
+
+    def _route(self, method: str, path: str) -> None:
+        try:
+            if self.server.draining:
+                self.server.metrics.rejected.labels("draining").inc()
+                self.close_connection = True
+                raise ApiError(503, "the server is shutting down; retry against another instance",
+                               code="server_shutting_down")
             if path != "/health":
                 self._authorize()
-            if path == "/health":
+            if path == "/metrics":
+                self._only(method, "GET")
+                self._send_bytes(200, self.server.metrics.render(), self.server.metrics.content_type)
+            elif path == "/health":
                 self._only(method, "GET")
                 self._send_json(200, {"status": "ok"})
             elif path == "/v1/models":
@@ -121,11 +187,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._generate(self._read_json(), chat=path == "/v1/chat/completions")
             else:
                 raise ApiError(404, f"no route {method} {path}; see /v1/models, /v1/completions, "
-                                    "/v1/chat/completions, /health", code="not_found")
+                                    "/v1/chat/completions, /health, /metrics", code="not_found")
         except ApiError as e:
             self._send_error(e)
         except _CLIENT_GONE:
             self.close_connection = True
+            self._status = self._status or CLIENT_CLOSED  # counted as nginx counts it: 499
         except Exception as e:  # noqa: BLE001 - answer 500 and keep serving
             traceback.print_exc()
             self._send_error(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
@@ -178,14 +245,20 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
         return body
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._status = code
+        super().send_response(code, message)
+
     def _send_json(self, status: int, obj: dict, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode()
+        self._send_bytes(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        if self._body_pending:
+        if self._body_pending or self.close_connection:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
@@ -198,6 +271,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._end_stream()
             else:
                 headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+                if error.status == 429:
+                    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
                 self._send_json(error.status, error.body(), headers)
         except _CLIENT_GONE:
             self.close_connection = True
@@ -223,6 +298,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _generate(self, body: dict, *, chat: bool) -> None:
         self._check_model(body.get("model"))
         parsed = api.parse_chat(body) if chat else api.parse_completion(body)
+        if len(parsed.prompts) > self.server.max_prompts:
+            raise ApiError(400, f"{len(parsed.prompts)} prompts in one request; the limit is {self.server.max_prompts} "
+                                "(send several requests)", param="prompt", code="too_many_prompts")
         engine = self.server.engine
         sources = None
         if chat and self.server.rag is not None:  # every choice has the same messages: retrieve once
@@ -248,9 +326,15 @@ class _Handler(BaseHTTPRequestHandler):
             prepared.append((ids, params))
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
-            requests = [engine.submit(ids, p, request_id=f"{response_id}-{i}") for i, (ids, p) in enumerate(prepared)]
+            requests = engine.submit_many([ids for ids, _ in prepared], [p for _, p in prepared],
+                                          request_id=response_id)
+        except EngineBusy as e:
+            self.server.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(429, str(e), code="rate_limit_exceeded", type="rate_limit_error") from None
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
+        for r in requests:
+            r.add_done_callback(self.server.metrics.observe)
         head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": engine.name}
         if parsed.stream:
@@ -260,6 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
                 for r in requests:  # free the rows now instead of generating for nobody
                     r.cancel()
                 raise
+        self._wait_or_cancel(requests)
         outputs = [r.result() for r in requests]
         for out in outputs:
             if out.finish_reason == "error":
@@ -271,6 +356,25 @@ class _Handler(BaseHTTPRequestHandler):
             "usage": _usage(outputs),
             **({} if sources is None else {"sources": sources}),
         })
+
+    def _wait_or_cancel(self, requests) -> None:
+        """Wait for the requests; if the client hangs up meanwhile, cancel them (their rows are freed
+        at the engine's next step) and end this connection."""
+        for r in requests:
+            while not r.wait(CLIENT_POLL_SECONDS):
+                if self._client_gone():
+                    for other in requests:
+                        other.cancel()
+                    raise ConnectionResetError("the client closed the connection before the answer")
+
+    def _client_gone(self) -> bool:
+        """Whether the peer closed its side: readable with nothing to read (a pipelined next request
+        is data, not a hang-up)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _stream(self, requests, head: dict, *, chat: bool, include_usage: bool) -> None:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -301,6 +405,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._end_stream()
 
 
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
 def _usage(outputs) -> dict:
     return api.usage(sum(len(o.prompt_token_ids) for o in outputs), sum(len(o.token_ids) for o in outputs))
 
@@ -327,38 +434,44 @@ def _merged_deltas(requests) -> Iterator[tuple[int, str | None]]:
 
 
 def make_server(engine, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None, *,
-                log_requests: bool = False, rag=None) -> Server:
+                log_requests: bool = False, rag=None, max_prompts: int = MAX_PROMPTS) -> Server:
     """A server bound to (host, port), not yet serving: call `serve_forever()` (in a thread if you like).
 
     port 0 picks a free one: read it from `server.server_address[1]`. rag: a
     serve.rag.RagPipeline over `engine` to ground chat completions (see the module docstring).
+    max_prompts: the most prompts one /v1/completions request may carry.
     """
-    return Server((host, port), engine, api_key=api_key, log_requests=log_requests, rag=rag)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    return Server((host, port), engine, api_key=api_key, log_requests=log_requests, rag=rag, max_prompts=max_prompts)
 
 
 def serve_forever(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-                  log_requests: bool = True, out=None, rag=None) -> None:
-    """Serve until Ctrl-C or SIGTERM, then close the server and the engine."""
+                  log_requests: bool = True, out=None, rag=None, max_prompts: int = MAX_PROMPTS,
+                  drain_seconds: float = DRAIN_SECONDS) -> None:
+    """Serve until SIGTERM or Ctrl-C, then drain: stop accepting, let requests in flight finish
+    for up to `drain_seconds`, close the engine."""
     out = out or sys.stdout
-    server = make_server(engine, host, port, api_key, log_requests=log_requests, rag=rag)
+    server = make_server(engine, host, port, api_key, log_requests=log_requests, rag=rag, max_prompts=max_prompts)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         sys.stderr.write(f"press serve: warning: listening on {host} with no API key; anyone who can reach it "
                          "can use it (pass --api-key)\n")
-    out.write(f"press serve: {engine.name} at {server.url}/v1 (OpenAI API; Ctrl-C stops)\n")
+    out.write(f"press serve: {engine.name} at {server.url}/v1 (OpenAI API; Ctrl-C or SIGTERM drains and stops)\n")
     out.flush()
+    stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill`, `docker stop`: stop as Ctrl-C does
+        for sig in (signal.SIGTERM, signal.SIGINT):  # `kill`, `docker stop`, Ctrl-C: drain, then stop
+            signal.signal(sig, lambda signum, frame: stop.set())
+    accepting = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="press-accept",
+                                 daemon=True)
+    accepting.start()
     try:
-        server.serve_forever()
+        while not stop.wait(0.5) and accepting.is_alive():
+            pass
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
-        engine.close()
-
-
-# --- the `press serve` subcommand
+    start = time.monotonic()
+    waiting = server.in_flight
+    sys.stderr.write(f"press serve: stopping; draining {waiting} requests in flight (up to {drain_seconds:g} s)\n")
+    cut = server.drain(drain_seconds)
+    sys.stderr.write(f"press serve: stopped after {time.monotonic() - start:.1f} s"
+                     + (f"; {cut} requests were cut at the deadline\n" if cut else "\n"))
+    server.server_close()

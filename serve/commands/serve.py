@@ -29,6 +29,10 @@ class ServeConfig:
     api_key: str | None = None  # require 'Authorization: Bearer KEY'; None: $PRESS_API_KEY, else no key
     max_slots: int = 8  # requests decoded together (KV-cache rows)
     max_seq_len: int = 2048  # prompt + generated tokens per request
+    max_queued: int | None = None  # requests waiting for a row before new ones get 429; None: 8 x max_slots
+    max_prompts: int = 16  # prompts in one /v1/completions request
+    drain_seconds: float = 30.0  # after SIGTERM, how long requests in flight may take to finish
+    prefix_cache_blocks: int = 256  # prompt-prefix KV kept between requests, in blocks of 16 tokens (0: off)
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
@@ -36,7 +40,12 @@ class ServeConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
-        cfg.require_at_least(self, 1, "max_slots", "max_seq_len", "rag_k")
+        cfg.require_at_least(self, 1, "max_slots", "max_seq_len", "rag_k", "max_prompts")
+        cfg.require_at_least(self, 0, "drain_seconds", "prefix_cache_blocks", *(["max_queued"] if self.max_queued is not None else []))
+
+    @property
+    def queue_limit(self) -> int:
+        return 8 * self.max_slots if self.max_queued is None else self.max_queued
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--dtype", key="model.dtype", help="weights and activations dtype")
     flags.flag("--warmup", key="warmup", action="store_true",
                help="compile every batch/length shape before listening (cached for the next start)")
+    flags.flag("--max-queued", key="max_queued", type=int, help="waiting requests before new ones get 429")
+    flags.flag("--drain-seconds", key="drain_seconds", type=float, help="after SIGTERM, time to finish requests")
     flags.flag("--index", key="index", metavar="DIR", help="ground chat completions in this retrieval index")
     flags.flag("--rag-k", key="rag_k", type=int, help="sources retrieved per chat request (with --index)")
 
@@ -67,7 +78,8 @@ def run_config(config: ServeConfig) -> int:
     retriever = Retriever.load(config.index) if config.index else None  # a bad index fails before the model loads
     m = config.model
     engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=config.max_slots,
-                                    max_seq_len=config.max_seq_len)
+                                    max_seq_len=config.max_seq_len, max_queued=config.queue_limit,
+                                    prefix_cache_blocks=config.prefix_cache_blocks)
     rag = RagPipeline(retriever, engine, k=config.rag_k) if retriever is not None else None
     if config.warmup:
         start = time.perf_counter()
@@ -75,7 +87,8 @@ def run_config(config: ServeConfig) -> int:
         sys.stderr.write(f"press serve: {programs} programs compiled or loaded in {time.perf_counter() - start:.1f} s\n")
     api_key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_VARIABLE)
     try:
-        serve_forever(engine, config.host, config.port, api_key, rag=rag)
+        serve_forever(engine, config.host, config.port, api_key, rag=rag, max_prompts=config.max_prompts,
+                      drain_seconds=config.drain_seconds)
     except OSError as e:  # the port is taken, the host is not ours, ...
         engine.close()
         sys.stderr.write(f"press serve: error: cannot listen on {config.host}:{config.port}: {e}\n")

@@ -1,0 +1,79 @@
+"""Prefix caching: prompts that share a prefix reuse its KV and generate exactly what a full prefill gives."""
+
+import jax
+import pytest
+
+from compress import sharding as shd
+from compress.formats.registry import resolve
+from compress.formats.tokenizer import load_tokenizer
+from compress.models import decoder
+from serve import prefix_cache
+from serve.engine import Engine
+from serve.sampling import SamplingParams
+
+SYSTEM = "You answer questions about the Python language reference, briefly and with care. " * 3
+QUESTIONS = ["What is a tuple?", "What does nonlocal do?", "Explain list comprehensions.", "hi", "Is None a singleton?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))
+    config = decoder.DecoderConfig(vocab_size=len(tokenizer), architecture="llama")
+    return config, decoder.init_params(config, jax.random.key(0), scale=0.1), tokenizer
+
+
+def _chats():
+    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("kv_cache", [None, "int8"])
+def test_reused_prefixes_generate_what_a_full_prefill_does(tiny, kv_cache):
+    config, params, tokenizer = tiny
+    sampling = [SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=10, temperature=0.8, seed=3)]
+    kwargs = dict(max_slots=4, max_seq_len=512, kv_cache=kv_cache)
+    with Engine(params, config, tokenizer, prefix_cache_blocks=0, **kwargs) as plain:
+        want = [[plain.generate(c, s)[0].token_ids for c in _chats()] for s in sampling]
+        assert plain.stats["prefix_tokens_reused"] == 0
+    with Engine(params, config, tokenizer, **kwargs) as cached:
+        one_by_one = [[cached.generate(c, s)[0].token_ids for c in _chats()] for s in sampling]
+        together = [[o.token_ids for o in cached.generate(_chats(), s)] for s in sampling]  # two prefill groups
+        reused = cached.stats["prefix_tokens_reused"]
+    assert one_by_one == want and together == want
+    # All but the very first prompt found the system prompt's blocks.
+    assert reused >= (2 * len(QUESTIONS) * 2 - 1) * prefix_cache.BLOCK
+
+
+def test_a_data_parallel_engine_reuses_prefixes_on_every_device(tiny):
+    config, params, tokenizer = tiny
+    mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1)  # the 8 simulated devices
+    with Engine(params, config, tokenizer, max_slots=8, max_seq_len=512, prefix_cache_blocks=0) as plain:
+        want = [o.token_ids for o in plain.generate(_chats(), SamplingParams(max_new_tokens=8))]
+    with Engine(params, config, tokenizer, max_slots=8, max_seq_len=512, mesh=mesh) as cached:
+        cached.generate(_chats()[0], SamplingParams(max_new_tokens=2))  # the system prompt's blocks
+        got = [o.token_ids for o in cached.generate(_chats(), SamplingParams(max_new_tokens=8))]
+        assert cached.stats["prefix_tokens_reused"] > 0
+    assert got == want
+
+
+def test_blocks_are_keyed_by_their_whole_prefix_and_evicted_least_recently_used():
+    a = list(range(100))
+    b = list(range(40)) + [7] * 60
+    ka, kb = prefix_cache.block_keys(a), prefix_cache.block_keys(b)
+    assert len(ka) == 100 // prefix_cache.BLOCK and ka[:2] == kb[:2] and ka[2] != kb[2]
+    assert prefix_cache.block_keys(a[16:32]) != ka[1:2]  # the same tokens after another prefix: another key
+    cache = prefix_cache.PrefixCache(max_blocks=3)
+    block = prefix_cache.Block(jax.numpy.zeros((1, 16, 1, 2)), jax.numpy.zeros((1, 16, 1, 2)), None, None)
+    for key in ka[:3]:
+        cache.store(key, block)
+    assert cache.cached_blocks(ka) == 3
+    cache.cached_blocks(ka[:1])  # the first is used again...
+    cache.store(kb[2], block)  # ...so the second goes
+    assert len(cache) == 3 and ka[0] in cache and ka[1] not in cache and cache.cached_blocks(ka) == 1
+    assert cache.prefix(ka[:1]).k.shape == (1, 16, 1, 2)
+
+
+@pytest.mark.parametrize("cached, prompt_len, reused", [
+    (0, 100, 0), (5, 16, 0), (5, 17, 1), (5, 200, 4), (3, 200, 3), (7, 200, 6), (13, 1000, 12), (40, 1000, 32),
+])
+def test_reused_blocks_leave_a_token_to_prefill_and_few_lengths(cached, prompt_len, reused):
+    assert prefix_cache.reusable_blocks(cached, prompt_len) == reused
