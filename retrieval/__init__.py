@@ -14,11 +14,12 @@ from retrieval.documents import PYDOC_TOPICS, Document, pydoc_documents, read_do
 
 # The index
 from retrieval.retriever import AddReport, EncoderMismatchError, Hit, Retriever
-from retrieval.store import IndexFileError
+from retrieval.store import IndexChangedError, IndexFileError
 from retrieval.vector_index import IndexSettings
 
 __all__ = [
     "SentenceEncoder",
     "Chunk", "ChunkingConfig", "PYDOC_TOPICS", "Document", "pydoc_documents", "read_documents",
-    "AddReport", "EncoderMismatchError", "Hit", "Retriever", "IndexFileError", "IndexSettings",
+    "AddReport", "EncoderMismatchError", "Hit", "Retriever", "IndexChangedError", "IndexFileError",
+    "IndexSettings",
 ]

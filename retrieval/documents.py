@@ -6,8 +6,8 @@ bundled CPython language reference.
 Sources, and the document id each one gets:
 
   *.txt, *.text, *.rst   one document per file, id = the file's path relative to `root`
-                         (default: the current directory). Underlined (reStructuredText-
-                         style) headings are tracked.
+                         (see below). Underlined (reStructuredText-style) headings are
+                         tracked.
   *.md, *.markdown       the same, with Markdown headings tracked.
   *.jsonl                one document per non-blank line (a JSON object): its `text_field`
                          (default "text") is the text, an "id" field (string or integer) is
@@ -19,6 +19,15 @@ Sources, and the document id each one gets:
   pydoc:topics           `pydoc_data.topics.topics`, the CPython language reference shipped
                          with Python: one document per topic, id = the topic name
                          ("nonlocal", "assignment", ...), source "pydoc:topics/NAME".
+
+Ids of files do not depend on the current directory: paths are resolved (symlinks too)
+and taken relative to `root`, by default `document_root(paths)`, the deepest directory
+holding the parent of every path given, so a folder's name starts its files' ids:
+`notes/`, `./notes`, `/home/me/notes` and `.` inside notes/ all give `notes/a.md`. An index
+records the root of the first files added to it (Retriever.docs_root; Document.root
+carries it) and refuses documents read against another one; `press index add` reads with
+the index's root, so re-adding the same files from anywhere replaces or skips them. Files
+outside the root get ids starting `../`.
 
 Files are read as UTF-8 with their line endings kept, so the character offsets of chunks
 index the file's text exactly (`open(path, newline="").read()[start:end]`).
@@ -54,6 +63,7 @@ class Document:
     title: str | None = None  # shown with its chunks; also prefixed to them when embedded
     heading_style: str = "none"  # 'markdown', 'underlined' or 'none'
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # JSON-serialisable
+    root: str | None = None  # the directory doc_id is a path relative to; None when it is no path
 
     def fingerprint(self) -> str:
         """sha256 of everything that decides this document's chunks: an unchanged document is not re-embedded."""
@@ -77,14 +87,18 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def read_text_file(path: str, doc_id: str) -> Document:
-    """A .txt/.md file as one document (the heading style follows the suffix)."""
+def read_text_file(path: str, doc_id: str, root: str | None = None) -> Document:
+    """A .txt/.md file as one document (the heading style follows the suffix); doc_id is relative to root."""
     markdown = path.lower().endswith(MARKDOWN_SUFFIXES)
-    return Document(doc_id, _read_text(path), doc_id, _stem(path), "markdown" if markdown else "underlined")
+    return Document(doc_id, _read_text(path), doc_id, _stem(path), "markdown" if markdown else "underlined",
+                    root=root)
 
 
-def read_jsonl_file(path: str, rel: str, text_field: str = "text") -> Iterator[Document]:
-    """One document per non-blank line of a JSONL file; errors name the file, line and field."""
+def read_jsonl_file(path: str, rel: str, text_field: str = "text", root: str | None = None) -> Iterator[Document]:
+    """One document per non-blank line of a JSONL file; errors name the file, line and field.
+
+    rel: the file's path relative to root, the source of its documents and the id of those without one.
+    """
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -104,15 +118,15 @@ def read_jsonl_file(path: str, rel: str, text_field: str = "text") -> Iterator[D
             text = obj[text_field]
             if not isinstance(text, str):
                 raise InputError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
-            doc_id = obj.get("id")
+            doc_id, id_root = obj.get("id"), None
             if doc_id is None:
-                doc_id = f"{rel}#{number}"
+                doc_id, id_root = f"{rel}#{number}", root
             elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
                 raise InputError(f"{where}: 'id' must be a non-empty string or an integer, got {doc_id!r}")
             title = obj.get("title") if isinstance(obj.get("title"), str) else None
             metadata = {k: v for k, v in obj.items() if k not in (text_field, "id")}
             metadata["line"] = number
-            yield Document(str(doc_id), text, rel, title, "none", metadata)
+            yield Document(str(doc_id), text, rel, title, "none", metadata, id_root)
 
 
 def pydoc_documents() -> list[Document]:
@@ -132,28 +146,49 @@ def _walk(directory: str) -> Iterator[str]:
                 yield os.path.join(current, name)
 
 
+def check_path(path: str) -> None:
+    """Raise FileNotFoundError naming `path` unless it is a file, directory or pydoc:topics."""
+    if path != PYDOC_TOPICS and not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory (pass files, directories or {PYDOC_TOPICS})")
+
+
+def document_root(paths: Iterable[str]) -> str | None:
+    """The default root of file ids: the deepest directory holding the parent of every (resolved)
+    path given; None if there are only pydoc:topics. Independent of the current directory."""
+    parents = [os.path.dirname(os.path.realpath(p)) for p in paths if p != PYDOC_TOPICS]
+    return os.path.commonpath(parents) if parents else None
+
+
 def read_path(path: str, *, text_field: str = "text", root: str | None = None) -> Iterator[Document]:
-    """The documents of one file, directory or `pydoc:topics` (see the module docstring)."""
+    """The documents of one file, directory or `pydoc:topics` (see the module docstring).
+
+    root: file ids are paths relative to it; default document_root([path]).
+    """
     if path == PYDOC_TOPICS:
         yield from pydoc_documents()
         return
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or directory (pass files, directories or {PYDOC_TOPICS})")
+    check_path(path)
+    root = os.path.realpath(root) if root is not None else document_root([path])
     files = list(_walk(path)) if os.path.isdir(path) else [path]
     for file in files:
-        rel = os.path.relpath(file, root or os.getcwd())
+        rel = os.path.relpath(os.path.realpath(file), root)
         lower = file.lower()
         if lower.endswith(JSONL_SUFFIXES):
-            yield from read_jsonl_file(file, rel, text_field)
+            yield from read_jsonl_file(file, rel, text_field, root)
         elif lower.endswith(TEXT_SUFFIXES + MARKDOWN_SUFFIXES):
-            yield read_text_file(file, rel)
+            yield read_text_file(file, rel, root)
         else:
             suffixes = ", ".join(TEXT_SUFFIXES + MARKDOWN_SUFFIXES + JSONL_SUFFIXES)
             raise InputError(f"{file}: unsupported file type; press reads {suffixes} (or a directory of them)")
 
 
 def read_documents(paths: Iterable[str], *, text_field: str = "text", root: str | None = None) -> list[Document]:
-    """All documents of `paths` in order; two documents with one id is an error naming both."""
+    """All documents of `paths` in order; two documents with one id is an error naming both.
+
+    root: file ids are paths relative to it; default document_root(paths).
+    """
+    paths = list(paths)
+    root = root if root is not None else document_root(paths)
     docs, seen = [], {}
     for path in paths:
         for doc in read_path(path, text_field=text_field, root=root):

@@ -1,16 +1,27 @@
-"""A readers-writer lock: many searches at once, one update at a time with no search running.
+"""Locks: a readers-writer lock between the threads using one Retriever, and a writer lock
+between the processes updating one index directory.
+
+ReadWriteLock: many searches at once, one update at a time with no search running.
 
 USearch has open reports of concurrent `add` calls leaving unreachable graph nodes, and an
 update touches the vector index and the metadata store together, so every update holds the
 write side; searches share the read side. Writers are preferred: once one waits, new
 readers queue behind it, so a stream of searches cannot starve an update.
+
+directory_lock: two processes that load an index, update it and save it at the same time
+would each save their own update over the other's, so every update of an index directory
+(`press index add/remove/build`, `Retriever.save`, `Retriever.updating`) holds the
+directory's writer lock from before it loads until after it saves. Readers take no lock:
+saves replace files by atomic renames (retrieval/store.py), so a search never waits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class ReadWriteLock:
@@ -52,3 +63,63 @@ class ReadWriteLock:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+
+
+# --- one writer per index directory, across processes
+
+LOCK_FILE = "write.lock"
+
+
+class _DirectoryLock:
+    """The flock of one directory's lock file, re-entrant within a process (see directory_lock)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.threads = threading.RLock()  # flock does not exclude threads sharing one descriptor
+        self.depth = 0  # nested holds by the thread holding `threads`
+        self.fd: int | None = None
+
+
+_directory_locks: dict[str, _DirectoryLock] = {}
+_directory_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold `directory`'s writer lock: one holder at a time across processes and threads.
+
+    An exclusive `fcntl.flock` on DIRECTORY/write.lock (created if missing, never deleted:
+    deleting a lock file others may hold open would let two holders in). The kernel drops the
+    lock when its holder exits, however it exits, so a killed writer leaves no stale lock.
+    Re-entrant in the holding thread, so a command can hold it around load, update and save.
+    POSIX only; on NFS, Linux maps flock to byte-range locks, which the server arbitrates.
+
+    Args:
+      directory: an existing directory.
+      on_wait: called once, before blocking, if another holder has the lock.
+    """
+    path = os.path.join(os.path.realpath(directory), LOCK_FILE)
+    with _directory_locks_guard:
+        lock = _directory_locks.setdefault(path, _DirectoryLock(path))
+    with lock.threads:
+        if lock.depth == 0:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if on_wait is not None:
+                        on_wait()
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            lock.fd = fd
+        lock.depth += 1
+        try:
+            yield
+        finally:
+            lock.depth -= 1
+            if lock.depth == 0:
+                fd, lock.fd = lock.fd, None
+                os.close(fd)  # closing the last descriptor of the open file releases the flock

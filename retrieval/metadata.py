@@ -12,6 +12,13 @@ Tables:
                                                      in step with `chunks` by triggers, for
                                                      BM25 keyword search
 
+Reading the file checks it before anything is served from it: SQLite's quick_check (the
+file's structure), that every manifest value parses, and, unless the caller opts out, the
+checksum of the manifest, documents and chunks that the save recorded (manifest entry
+DIGEST_KEY: sha256 over their rows in key order, so an edited chunk text or a flipped byte
+in a row is caught, which no SQLite check does) and the FTS5 index against the chunks.
+Damage raises InputError naming the file.
+
 The live store is an in-memory database (copied from and to the file with SQLite's backup
 API), so updates never touch the file until an atomic save, and a failed update rolls back
 inside a transaction. One lock guards the connection: SQLite connections are not shared
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import sqlite3
@@ -52,6 +60,14 @@ CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
 END;
 """
 TABLES = ("manifest", "documents", "chunks", "chunks_fts")
+DIGEST_KEY = "metadata_sha256"  # the manifest entry holding content_digest() as saved
+# What content_digest() hashes, in this order: every row that decides what a search returns.
+DIGESTED = (
+    ("manifest", f"SELECT name, value FROM manifest WHERE name != '{DIGEST_KEY}' ORDER BY name"),
+    ("documents", "SELECT doc_id, source, title, fingerprint, chunks FROM documents ORDER BY doc_id"),
+    ("chunks", "SELECT key, doc_id, ordinal, text, source, heading, start, end, metadata FROM chunks ORDER BY key"),
+)
+REBUILD = "rebuild the index with press index build"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +104,14 @@ class MetadataStore:
             self._db.executescript(SCHEMA)
 
     @classmethod
-    def read(cls, path: str) -> MetadataStore:
-        """Copy the database file at `path` into memory; a file that is not one raises ValueError naming it."""
+    def read(cls, path: str, *, verify: bool = True) -> MetadataStore:
+        """Copy the database file at `path` into memory and check it (see the module docstring).
+
+        Args:
+          verify: also recompute the checksum (when the manifest records one) and check the
+            keyword index against the chunks; both read every row.
+        Raises InputError naming `path` if it is not a metadata store or is damaged.
+        """
         try:
             source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
@@ -101,13 +123,18 @@ class MetadataStore:
                 source.backup(memory)
             finally:
                 source.close()
+            try:
+                _check(memory, path, verify)
+                return cls(memory)
+            except BaseException:
+                memory.close()
+                raise
         except sqlite3.DatabaseError as e:
-            raise InputError(f"{path}: the metadata store cannot be read ({e}); the index directory is damaged, "
-                             "rebuild it with press index build") from None
-        return cls(memory)
+            raise InputError(f"{path}: the metadata store cannot be read ({_one_line(e)}); the index directory is "
+                             f"damaged, {REBUILD}") from None
 
     def write(self, path: str) -> None:
-        """Copy the whole database into a new file at `path` (which must not exist)."""
+        """Copy the whole database into the file at `path` (new or empty; its mode is kept)."""
         with self._lock:
             target = sqlite3.connect(path)
             try:
@@ -129,6 +156,22 @@ class MetadataStore:
 
     # --- the manifest
 
+    @staticmethod
+    def read_manifest_entry(path: str, name: str) -> Any:
+        """One manifest value of the database file at `path`, without copying the file (None if absent).
+
+        Raises InputError naming `path` if it cannot be read.
+        """
+        try:
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                row = source.execute("SELECT value FROM manifest WHERE name = ?", (name,)).fetchone()
+            finally:
+                source.close()
+            return None if row is None else json.loads(row[0])
+        except (sqlite3.DatabaseError, ValueError) as e:
+            raise InputError(f"{path}: the metadata store cannot be read ({_one_line(e)})") from None
+
     def manifest(self) -> dict[str, Any]:
         with self._lock:
             return {name: json.loads(value) for name, value in self._db.execute("SELECT name, value FROM manifest")}
@@ -137,6 +180,11 @@ class MetadataStore:
         with self._lock:
             self._db.executemany("INSERT OR REPLACE INTO manifest VALUES (?, ?)",
                                  [(k, json.dumps(v)) for k, v in values.items()])
+
+    def content_digest(self) -> str:
+        """sha256 of the manifest (all but DIGEST_KEY), documents and chunks: what a save records."""
+        with self._lock:
+            return _digest(self._db)
 
     # --- documents and chunks
 
@@ -201,3 +249,44 @@ class MetadataStore:
         with self._lock:
             return [r[0] for r in self._db.execute(
                 "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?", (match, n))]
+
+
+def _digest(db: sqlite3.Connection) -> str:
+    h = hashlib.sha256()
+    for table, query in DIGESTED:
+        h.update(f"{table}\0".encode())
+        for row in db.execute(query):  # one JSON list per row: types and NULLs stay distinct
+            h.update(json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()
+
+
+def _check(db: sqlite3.Connection, path: str, verify: bool) -> None:
+    """Raise InputError naming `path` unless the database `db` (read from it) is whole."""
+    problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+    if problems != ["ok"]:
+        found = "; ".join(_one_line(p.replace("*** in database main ***", "")) for p in problems)
+        raise InputError(f"{path}: the metadata store is damaged (SQLite finds: {found}); {REBUILD}")
+    manifest = {}
+    for name, value in db.execute("SELECT name, value FROM manifest"):
+        try:
+            manifest[name] = json.loads(value)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{path}: manifest entry {name!r} is not valid JSON ({_one_line(e)}); the file is "
+                             f"damaged or was edited, {REBUILD}") from None
+    if not verify:
+        return
+    if DIGEST_KEY in manifest and (digest := _digest(db)) != manifest[DIGEST_KEY]:
+        raise InputError(f"{path}: its manifest, documents or chunks differ from the checksum recorded when it "
+                         f"was saved (sha256 {digest[:16]}..., recorded {str(manifest[DIGEST_KEY])[:16]}...): "
+                         f"the file was edited or is damaged; {REBUILD}")
+    try:  # rank 1: also compare the index with the chunks table it was built from
+        db.execute("INSERT INTO chunks_fts (chunks_fts, rank) VALUES ('integrity-check', 1)")
+    except sqlite3.DatabaseError as e:
+        raise InputError(f"{path}: the keyword index (chunks_fts) does not match the chunks ({_one_line(e)}); "
+                         f"the file is damaged or was edited, {REBUILD}") from None
+
+
+def _one_line(error: object, limit: int = 200) -> str:
+    """`error` as one line of at most `limit` characters (SQLite quotes whole damaged values)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

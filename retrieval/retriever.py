@@ -6,6 +6,8 @@
       print(f"{hit.score:.2f} {hit.source} {hit.heading} [{hit.start}:{hit.end}]")
   retriever.save("out/index")
   retriever = Retriever.load("out/index")      # the encoder named in the index, checked
+  with Retriever.updating("out/index") as retriever:   # load, change, save: one writer at a time
+      retriever.add(read_documents(["docs/"], root=retriever.docs_root))
 
 Updates are by document id. `add` replaces a document that is already indexed (all its
 old chunks go), skips one whose content is unchanged, and is all-or-nothing: if anything
@@ -24,12 +26,28 @@ cosine similarity alone. Either way `Hit.score` is the chunk's cosine similarity
 Thread safety: searches from any number of threads run together; an update waits for
 them and blocks new ones while it runs (retrieval/locks.py). Encoding happens outside
 the lock, so searches continue while a large `add` embeds its chunks.
+
+Processes: several may search one index directory while another updates it. Updates from
+several processes must not each load, change and save, or the last save discards the
+others' changes: `Retriever.updating(directory)` holds the directory's writer lock from
+load to save, so they run one after the other (`press index add/remove` use it). A plain
+`save` over the directory an index was loaded from refuses (IndexChangedError) if another
+process saved it since, rather than discard that update; load again and repeat the change.
+(Merging instead would need the change replayed onto the newer index, and a conflict on
+one document id would be decided silently.) Saving to any other directory replaces its index.
+
+`docs_root` is the directory the ids of file documents are relative to (documents.py),
+recorded the first time files are added (from Document.root) and saved with the index;
+`add` refuses documents whose ids are relative to another directory, which would give one
+file two ids. Read files for an index with `read_documents(paths, root=retriever.docs_root)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+import os
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -48,7 +66,7 @@ ENCODER_PROBE_MIN_COSINE = 0.99  # below this, an encoder is not the one an inde
 Progress = Callable[[int, int], None]  # (chunks embedded so far, chunks to embed)
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(InputError):
     """The encoder differs from the one an index was built with."""
 
 
@@ -96,12 +114,14 @@ class Retriever:
       chunking: chunk size and overlap in encoder tokens.
       exact: search by brute force (NumPy) unless a search asks otherwise; for small corpora.
       hybrid: fuse keyword (BM25) matches into the ranking unless a search asks otherwise.
+      docs_root: the directory file document ids are relative to (documents.document_root);
+        default: that of the first documents added that have one (Document.root).
     """
 
     def __init__(self, encoder: SentenceEncoder, *, settings: IndexSettings = IndexSettings(),
                  chunking: ChunkingConfig = ChunkingConfig(), exact: bool = False, hybrid: bool = True,
-                 _vectors: VectorIndex | None = None, _metadata: MetadataStore | None = None,
-                 _next_key: int = 0):
+                 docs_root: str | None = None, _vectors: VectorIndex | None = None,
+                 _metadata: MetadataStore | None = None, _next_key: int = 0):
         self.max_tokens = encoder.max_length - 2  # [CLS] and [SEP]
         chunking.validate(self.max_tokens)
         settings.validate()
@@ -112,6 +132,10 @@ class Retriever:
         self._next_key = _next_key
         self._lock = ReadWriteLock()
         self._probe: list[float] | None = None
+        self._docs_root = None if docs_root is None else os.path.realpath(docs_root)
+        self.index_format: int | None = None  # the format of the index this was loaded from
+        self._origin: tuple[str, str | None] | None = None  # (directory, revision) last loaded or saved
+        self._unsaved = False  # changed since loaded or saved
 
     # --- persistence
 
@@ -141,7 +165,10 @@ class Retriever:
                         chunking=ChunkingConfig(manifest["chunk_tokens"], manifest["overlap"]),
                         exact=manifest["exact"] if exact is None else exact,
                         hybrid=manifest["hybrid"] if hybrid is None else hybrid,
+                        docs_root=manifest.get("docs_root"),
                         _vectors=vectors, _metadata=metadata, _next_key=manifest["next_key"])
+        retriever.index_format = manifest["format"]
+        retriever._origin = (os.path.realpath(directory), manifest.get("revision"))
         probe = np.asarray(manifest["encoder_probe"], np.float32)
         cosine = float(retriever.probe() @ probe / max(np.linalg.norm(probe), 1e-12))
         if cosine < ENCODER_PROBE_MIN_COSINE:
@@ -163,14 +190,57 @@ class Retriever:
             "encoder": self.encoder.name, "encoder_quantization": self.encoder.quantization,
             "encoder_probe": self.probe().tolist(), "dim": self.encoder.dim,
             "metric": "cos", **dataclasses.asdict(self.settings), "exact": self.exact, "hybrid": self.hybrid,
-            **dataclasses.asdict(self.chunking), "next_key": self._next_key,
+            **dataclasses.asdict(self.chunking), "docs_root": self._docs_root, "next_key": self._next_key,
         }
 
-    def save(self, directory: str) -> dict:
-        """Write the index atomically to `directory`; returns the manifest written."""
-        self.probe()  # encode outside the lock
-        with self._lock.write():  # nothing changes while the files are written
-            return store.save(directory, self._vectors, self._metadata, self.manifest())
+    @classmethod
+    @contextlib.contextmanager
+    def updating(cls, directory: str, *, on_wait: Callable[[], None] | None = None,
+                 **load_options: Any) -> Iterator[Retriever]:
+        """Load the index in `directory`, let the block change it, then save it, all under the
+        directory's writer lock: concurrent updates from other processes wait, none is lost.
+
+          with Retriever.updating("out/index") as retriever:
+              retriever.remove(["notes/old.md"])
+
+        Saved only if the block changed something and did not raise.
+
+        Args:
+          on_wait: called if another process holds the lock (before waiting for it).
+          load_options: passed to `load` (encoder, verify, ...).
+        """
+        store.require_index(directory)  # before the lock file is created in it
+        with store.writer_lock(directory, on_wait):
+            retriever = cls.load(directory, **load_options)
+            yield retriever
+            if retriever._unsaved:
+                retriever.save(directory)
+
+    def save(self, directory: str, *, on_wait: Callable[[], None] | None = None) -> dict:
+        """Write the index atomically to `directory`; returns the manifest written.
+
+        Over the directory this was loaded from (or last saved to), raises IndexChangedError
+        if another process saved it since; any other directory's index is replaced.
+        on_wait: called if another process holds the directory's writer lock.
+        """
+        self.probe()  # encode outside the locks
+        target = os.path.realpath(directory)
+        base = self._origin[1] if self._origin is not None and self._origin[0] == target else store.REPLACE
+        with store.writer_lock(directory, on_wait), self._lock.write():  # nothing changes while the files are written
+            written = store.save(directory, self._vectors, self._metadata, self.manifest(), base_revision=base)
+            self._origin, self._unsaved = (target, written["revision"]), False
+        return written
+
+    @property
+    def docs_root(self) -> str | None:
+        """The directory file document ids are relative to (see the module docstring)."""
+        return self._docs_root
+
+    @docs_root.setter
+    def docs_root(self, directory: str | None) -> None:
+        directory = None if directory is None else os.path.realpath(directory)
+        if directory != self._docs_root:
+            self._docs_root, self._unsaved = directory, True
 
     # --- what is indexed
 
@@ -213,6 +283,7 @@ class Retriever:
             if doc.doc_id in seen:
                 raise InputError(f"document id {doc.doc_id!r} comes twice ({seen[doc.doc_id]} and {doc.source})")
             seen[doc.doc_id] = doc.source
+        root = self._root_of(documents)
         indexed = self.documents()
         todo = [d for d in documents if d.doc_id not in indexed or indexed[d.doc_id].fingerprint != d.fingerprint()]
         todo_ids = {d.doc_id for d in todo}
@@ -240,9 +311,27 @@ class Retriever:
                 self._vectors.add(old[lost], old_vectors[lost])
                 raise
             self._next_key += len(flat)
+            self._unsaved = self._unsaved or bool(todo)
+            if root is not None:
+                self.docs_root = root
         return AddReport(added=tuple(d.doc_id for d in todo if d.doc_id not in indexed),
                          replaced=tuple(d.doc_id for d in todo if d.doc_id in indexed),
                          unchanged=unchanged, chunks=len(flat))
+
+    def _root_of(self, documents: list[Document]) -> str | None:
+        """The directory the documents' path ids are relative to; InputError if it is not this index's."""
+        roots: dict[str, Document] = {}
+        for doc in documents:
+            if doc.root is not None:
+                roots.setdefault(os.path.realpath(doc.root), doc)
+        expected = self._docs_root or next(iter(roots), None)
+        for root, doc in roots.items():
+            if root != expected:
+                whose = "this index's" if self._docs_root else "other"
+                raise InputError(f"document {doc.doc_id!r} has an id relative to {root}, but {whose} file ids are "
+                                 f"relative to {expected}: one file would get two ids. Read the documents with "
+                                 "read_documents(paths, root=retriever.docs_root)")
+        return expected if roots else None
 
     def _embed(self, texts: list[str], progress: Progress | None) -> np.ndarray:
         out = np.zeros((len(texts), self.encoder.dim), np.float32)
@@ -274,6 +363,7 @@ class Retriever:
             with self._metadata.transaction():
                 self._metadata.delete_documents(doc_ids)
                 self._vectors.remove(keys)
+            self._unsaved = self._unsaved or bool(doc_ids)
             return len(keys)
 
     # --- search

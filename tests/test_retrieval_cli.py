@@ -4,6 +4,7 @@ killed midway (SIGKILL) that leaves the saved index whole."""
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ def encoder_dir(tmp_path_factory):
 
 @pytest.fixture
 def corpus(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # document ids are paths relative to the working directory
+    monkeypatch.chdir(tmp_path)  # the commands below name docs/ and idx relative to it
     write_corpus(str(tmp_path / "docs"))
     return tmp_path
 
@@ -120,6 +121,62 @@ def test_an_index_built_on_a_quantized_encoder_queries_with_it(corpus, encoder_d
     assert code == 2 and "valid schemes: int8" in err
 
 
+def test_document_ids_do_not_depend_on_the_current_directory(corpus, encoder_dir, capsys, monkeypatch):
+    assert build(capsys, encoder_dir)[0] == 0
+    index, docs = str(corpus / "idx"), str(corpus / "docs")
+    ids = sorted(Retriever.load(index).documents())
+    assert ids == sorted(["docs/guide.md", "docs/notes/bikes.txt", "q-bread", "docs/notes/faq.jsonl#3"])
+    (corpus / "elsewhere").mkdir()
+    (corpus / "docs" / "guide.md").write_text("# Garden guide\n\nOnly cacti now.\n")
+    for cwd, path, report in [
+        (docs, ".", "0 documents added, 1 replaced, 3 unchanged"),  # the changed file replaced, no copies
+        (str(corpus / "elsewhere"), docs, "0 documents added, 0 replaced, 4 unchanged"),
+        ("/", os.path.join(docs, "notes"), "0 documents added, 0 replaced, 3 unchanged"),  # a subfolder
+    ]:
+        monkeypatch.chdir(cwd)
+        code, out, err = press(capsys, "index", "add", "--index", index, "--docs", path, "--no-progress")
+        assert code == 0 and report in out, (cwd, path, out, err)
+    assert sorted(Retriever.load(index).documents()) == ids
+    assert "cacti" in Retriever.load(index).search("cacti", 1)[0].text
+
+
+def _downgrade_to_format_1(meta: str) -> None:
+    """Make a saved index look as press wrote it before format 2 (no revision, root or checksum)."""
+    db = sqlite3.connect(meta)
+    with db:
+        db.execute("DELETE FROM manifest WHERE name IN ('revision', 'docs_root', 'metadata_sha256')")
+        db.execute("UPDATE manifest SET value = '1' WHERE name = 'format'")
+    db.close()
+
+
+def test_an_index_from_before_recorded_roots_keeps_its_ids(corpus, encoder_dir, capsys, monkeypatch):
+    assert build(capsys, encoder_dir)[0] == 0
+    _downgrade_to_format_1("idx/meta.sqlite")
+    with pytest.warns(UserWarning, match="index format 1"):
+        ids = sorted(Retriever.load("idx").documents())
+    # Its ids were relative to the directory press ran in: they still are, and that is recorded.
+    with pytest.warns(UserWarning, match="index format 1"):
+        code, out, err = press(capsys, "index", "add", "--index", "idx", "--docs", "docs", "--no-progress")
+    assert code == 0 and "0 documents added, 0 replaced, 4 unchanged" in out
+    assert f"relative to the current directory, {corpus}, as before" in err
+    monkeypatch.chdir(corpus / "docs")
+    code, out, err = press(capsys, "index", "add", "--index", "../idx", "--docs", ".", "--no-progress")
+    assert code == 0 and "4 unchanged" in out and not err
+    assert sorted(Retriever.load("../idx").documents()) == ids
+
+
+def test_a_damaged_index_is_one_line_naming_the_file_and_exit_2(corpus, encoder_dir, capsys):
+    assert build(capsys, encoder_dir)[0] == 0
+    db = sqlite3.connect("idx/meta.sqlite")
+    with db:
+        db.execute("UPDATE chunks SET text = 'Plant tomatoes in the shade.' WHERE key = 0")
+    db.close()
+    for argv in (["search", "tomatoes"], ["add", "--docs", "docs", "--no-progress"], ["remove", "--doc-id", "q-bread"]):
+        code, out, err = press(capsys, "index", argv[0], "--index", "idx", *argv[1:])
+        assert code == 2 and not out and err.count("\n") == 1, err
+        assert "idx/meta.sqlite: its manifest, documents or chunks differ from the checksum" in err
+
+
 # The script a killed build runs: `press index add` with a SIGKILL at a chosen point.
 KILLED = textwrap.dedent("""
     import os, signal, sys
@@ -176,4 +233,4 @@ def test_killed_update_leaves_a_whole_index(corpus, encoder_dir, capsys, point):
     assert sum(d.chunks for d in after.documents().values()) == len(after)
     # The next save clears what the killed one left behind.
     manifest = after.save("idx")
-    assert sorted(os.listdir("idx")) == sorted(["meta.sqlite", manifest["vectors_file"]])
+    assert sorted(os.listdir("idx")) == sorted(["meta.sqlite", manifest["vectors_file"], "write.lock"])

@@ -4,7 +4,9 @@ USearch against exact search, atomic saves, damaged and mismatched files, thread
 import os
 import re
 import shutil
+import sqlite3
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -238,7 +240,7 @@ def test_save_and_load_round_trip_and_view(retriever, encoder, tmp_path):
     directory = str(tmp_path / "idx")
     manifest = retriever.save(directory)
     files = sorted(os.listdir(directory))
-    assert files == ["meta.sqlite", manifest["vectors_file"]]
+    assert files == ["meta.sqlite", manifest["vectors_file"], "write.lock"]
     assert manifest["vectors_sha256"] == store.sha256_file(os.path.join(directory, manifest["vectors_file"]))
     assert manifest["vectors_count"] == len(retriever) and manifest["encoder"] == encoder.name
     for view in (False, True):
@@ -254,7 +256,7 @@ def test_save_and_load_round_trip_and_view(retriever, encoder, tmp_path):
     # An update saves under a new vectors file and deletes the old one.
     retriever.remove(["q-bread"])
     second = retriever.save(directory)
-    assert sorted(os.listdir(directory)) == ["meta.sqlite", second["vectors_file"]] != files
+    assert sorted(os.listdir(directory)) == ["meta.sqlite", second["vectors_file"], "write.lock"] != files
     assert "q-bread" not in Retriever.load(directory, encoder=encoder).documents()
 
 
@@ -314,6 +316,84 @@ def test_damaged_metadata_store_is_refused_naming_it(saved, encoder):
         Retriever.load(directory, encoder=encoder)
     with pytest.raises(FileNotFoundError, match="not a press index"):
         Retriever.load(os.path.dirname(directory), encoder=encoder)
+
+
+def test_every_damaged_page_of_the_metadata_store_is_refused_naming_it(saved, retriever, encoder):
+    directory, _ = saved
+    meta = os.path.join(directory, "meta.sqlite")
+    with open(meta, "rb") as f:
+        original = f.read()
+    page = int.from_bytes(original[16:18], "big")  # the page size, from the SQLite header
+    expected, refused = _state(retriever), 0
+    for start in range(0, len(original), page):
+        for offset in (8, page - 96):  # in the page header; among the cells, which fill pages from the end
+            damaged = bytearray(original)
+            damaged[start + offset : start + offset + 16] = bytes(b ^ 0xFF for b in damaged[start + offset :][:16])
+            with open(meta, "wb") as f:
+                f.write(damaged)
+            try:
+                loaded = Retriever.load(directory, encoder=encoder)
+            except IndexFileError as e:
+                assert str(e).startswith(f"{meta}: ") and "\n" not in str(e) and "rebuild" in str(e), str(e)
+                refused += 1
+                continue
+            assert _state(loaded) == expected, (start, offset)  # bytes no row uses (free space): nothing changed
+    assert refused >= len(original) // page  # most damage is caught
+
+
+def _edit(meta: str, sql: str, *args) -> None:
+    db = sqlite3.connect(meta)
+    with db:
+        db.execute(sql, args)
+    db.close()
+
+
+def test_an_edited_chunk_or_manifest_is_refused_naming_the_file(saved, retriever, encoder):
+    directory, _ = saved
+    meta = os.path.join(directory, "meta.sqlite")
+    with open(meta, "rb") as f:
+        original = f.read()
+    # SQLite finds nothing wrong with these: only the checksum recorded at save does.
+    for sql, args, message in [
+        ("UPDATE chunks SET text = ? WHERE key = (SELECT MIN(key) FROM chunks)", ("Plant tomatoes in the shade.",),
+         "its manifest, documents or chunks differ from the checksum recorded when it was saved"),
+        ("UPDATE documents SET title = ? WHERE doc_id = 'q-bread'", ("Bread",), "differ from the checksum"),
+        ("UPDATE manifest SET value = 'true' WHERE name = 'exact'", (), "differ from the checksum"),
+        ("UPDATE manifest SET value = ? WHERE name = 'dim'", ('{"oops',), "manifest entry 'dim' is not valid JSON"),
+    ]:
+        _edit(meta, sql, *args)
+        with pytest.raises(IndexFileError, match=f"^{re.escape(meta)}: .*{message}"):
+            Retriever.load(directory, encoder=encoder)
+        with open(meta, "wb") as f:
+            f.write(original)
+    assert _state(Retriever.load(directory, encoder=encoder)) == _state(retriever)
+
+
+def test_index_files_are_created_with_the_same_mode(retriever, tmp_path):
+    umask = os.umask(0o027)
+    try:
+        for _ in range(2):  # a new index, then an update
+            manifest = retriever.save(str(tmp_path / "idx"))
+            retriever.remove([sorted(retriever.documents())[0]])
+            modes = {name: os.stat(tmp_path / "idx" / name).st_mode & 0o777
+                     for name in ("meta.sqlite", manifest["vectors_file"])}
+            assert set(modes.values()) == {0o644 & ~0o027}, modes
+    finally:
+        os.umask(umask)
+
+
+def test_an_index_of_format_1_loads_with_a_warning_and_is_upgraded_by_a_save(saved, retriever, encoder):
+    directory, _ = saved
+    meta = os.path.join(directory, "meta.sqlite")
+    _edit(meta, "DELETE FROM manifest WHERE name IN ('revision', 'docs_root', 'metadata_sha256')")
+    _edit(meta, "UPDATE manifest SET value = '1' WHERE name = 'format'")
+    with pytest.warns(UserWarning, match=rf"{re.escape(meta)}: saved by an older press \(index format 1\).*unverified"):
+        loaded = Retriever.load(directory, encoder=encoder)
+    assert _state(loaded) == _state(retriever) and loaded.index_format == 1 and loaded.docs_root is None
+    assert loaded.save(directory)["format"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _state(Retriever.load(directory, encoder=encoder)) == _state(retriever)
 
 
 def test_another_encoder_is_refused(saved, encoder_dir, tmp_path):

@@ -63,9 +63,9 @@ def test_read_documents_ids_sources_and_metadata(corpus):
     assert by_id["q-bread"].source == "notes/faq.jsonl"
     # Line endings are kept, so offsets index the file's text.
     assert "\r\n" in by_id["notes/bikes.txt"].text
-    # Relative to the current directory by default.
-    assert read_documents([os.path.join(corpus, "guide.md")])[0].doc_id == os.path.relpath(
-        os.path.join(corpus, "guide.md"))
+    # By default relative to the directory above the paths given: a file's own name, a folder's
+    # name then its files' paths.
+    assert read_documents([os.path.join(corpus, "guide.md")])[0].doc_id == "guide.md"
     # Another text field.
     path = os.path.join(corpus, "other.jsonl")
     with open(path, "w") as f:
@@ -90,6 +90,23 @@ def test_bad_jsonl_names_the_file_line_and_field(tmp_path, content, field, messa
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_documents([str(path)], text_field=field)
+
+
+def test_document_ids_do_not_depend_on_the_current_directory(corpus, tmp_path, monkeypatch):
+    name = os.path.basename(corpus)
+    expected = [f"{name}/guide.md", f"{name}/notes/bikes.txt", "q-bread", f"{name}/notes/faq.jsonl#3"]
+    os.makedirs(tmp_path / "elsewhere")
+    for cwd, path in [(corpus, "."), (os.path.dirname(corpus), name), (tmp_path / "elsewhere", corpus),
+                      (os.path.join(corpus, "notes"), "..")]:
+        monkeypatch.chdir(cwd)
+        assert [d.doc_id for d in read_documents([path])] == expected, (cwd, path)
+    # With a root (an index's), a subfolder's files keep the ids they got with their folder.
+    root = os.path.dirname(corpus)
+    monkeypatch.chdir(corpus)
+    assert [d.doc_id for d in read_documents(["notes"], root=root)] == expected[1:]
+    # A symlink to the folder reads as the folder.
+    os.symlink(corpus, tmp_path / "link")
+    assert [d.doc_id for d in read_documents([str(tmp_path / "link")], root=root)] == expected
 
 
 def test_bad_paths_are_named(tmp_path):

@@ -11,7 +11,11 @@ new index from the documents (replacing DIR's index, if any, only once the new o
 saved); `add` embeds new and changed documents into an existing index (a document whose id
 is indexed is replaced, an unchanged one skipped); `remove` drops documents by id. Every
 update is saved atomically (retrieval/store.py): a killed command leaves the index as it
-was. `search --json` prints one JSON list of hits.
+was. Updates of one index run one at a time: each holds the index's writer lock from
+loading it to saving it (retrieval/locks.py), so two at once both land; searches never wait.
+A file's document id is its path relative to the index's document root (recorded when files
+are first indexed: the directory above the paths given, so `--docs notes/` gives ids
+`notes/...`), whatever the current directory of a later `add`. `search --json` prints one JSON list of hits.
 
 Each action reads a typed config (IndexBuildConfig, ...): YAML file, flags, key=value.
 """
@@ -22,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 
 from compress import config as cfg
@@ -72,7 +77,7 @@ class IndexRemoveConfig:
     """`press index remove`: remove documents by id."""
 
     index: str
-    doc_ids: tuple[str, ...]  # a file's relative path, a JSONL id, or a pydoc topic
+    doc_ids: tuple[str, ...]  # a file's path from the index's document root, a JSONL id, or a pydoc topic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +182,11 @@ def _add_with_progress(retriever, documents, show: bool):
         return retriever.add(documents, progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
+def _waiting(index: str):
+    """An on_wait callback: say why an update is not starting."""
+    return lambda: sys.stderr.write(f"press index: {index} is being updated by another process; waiting for it\n")
+
+
 def build(config: IndexBuildConfig, out) -> int:
     from retrieval import store
     from retrieval.documents import read_documents
@@ -184,28 +194,35 @@ def build(config: IndexBuildConfig, out) -> int:
     from retrieval.retriever import Retriever
 
     store.check_target(config.index)  # before any work
-    documents = read_documents(config.docs, text_field=config.text_field)
+    documents = read_documents(config.docs, text_field=config.text_field)  # ids relative to document_root(docs)
     encoder = SentenceEncoder.from_pretrained(config.encoder, batch_size=config.batch_size,
                                               quantization=config.encoder_quantization)
     retriever = Retriever(encoder, settings=config.settings, chunking=config.chunking, exact=config.exact,
                           hybrid=not config.dense_only)
     replacing = store.is_index_dir(config.index)
     report = _add_with_progress(retriever, documents, config.progress)
-    manifest = retriever.save(config.index)
+    manifest = retriever.save(config.index, on_wait=_waiting(config.index))
     out.write(f"{'rebuilt' if replacing else 'built'} {config.index}: {len(documents)} documents, {report.chunks} "
               f"chunks, {manifest['dim']}-d {manifest['dtype']} vectors, {manifest['vectors_bytes']} bytes\n")
     return 0
 
 
 def add(config: IndexAddConfig, out) -> int:
-    from retrieval.documents import read_documents
+    from retrieval.documents import PYDOC_TOPICS, check_path, read_documents
     from retrieval.retriever import Retriever
 
-    documents = read_documents(config.docs, text_field=config.text_field)
-    retriever = Retriever.load(config.index)  # with the encoder it was built with
-    report = _add_with_progress(retriever, documents, config.progress)
-    if report.chunks or report.added or report.replaced:
-        retriever.save(config.index)
+    for path in config.docs:
+        check_path(path)  # before the index loads
+    with Retriever.updating(config.index, on_wait=_waiting(config.index)) as retriever:
+        root = retriever.docs_root  # None: no files indexed yet, or an index from before roots were recorded
+        if root is None and retriever.index_format == 1 and any(p != PYDOC_TOPICS for p in config.docs):
+            # Its file ids are relative to the directory press ran in.
+            root = os.getcwd()
+            sys.stderr.write(f"press index: {config.index} predates recorded document roots; file ids are taken "
+                             f"relative to the current directory, {root}, as before, and this directory is "
+                             "recorded as its root\n")
+        documents = read_documents(config.docs, text_field=config.text_field, root=root)
+        report = _add_with_progress(retriever, documents, config.progress)
     out.write(f"{config.index}: {len(report.added)} documents added, {len(report.replaced)} replaced, "
               f"{len(report.unchanged)} unchanged; {report.chunks} chunks embedded; "
               f"{len(retriever.documents())} documents, {len(retriever)} chunks in all\n")
@@ -215,9 +232,8 @@ def add(config: IndexAddConfig, out) -> int:
 def remove(config: IndexRemoveConfig, out) -> int:
     from retrieval.retriever import Retriever
 
-    retriever = Retriever.load(config.index)
-    removed = retriever.remove(list(config.doc_ids))
-    retriever.save(config.index)
+    with Retriever.updating(config.index, on_wait=_waiting(config.index)) as retriever:
+        removed = retriever.remove(list(config.doc_ids))
     out.write(f"{config.index}: removed {len(set(config.doc_ids))} documents ({removed} chunks); "
               f"{len(retriever.documents())} documents, {len(retriever)} chunks left\n")
     return 0
