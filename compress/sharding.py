@@ -79,7 +79,8 @@ def make_mesh(
 
 
 def single_device_mesh() -> Mesh:
-    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    """A mesh of this process's first device (on a multi-host run, jax.devices()[0] is process 0's)."""
+    return make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
 
 
 def logical_to_spec(

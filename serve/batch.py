@@ -14,13 +14,19 @@ order, not input order):
 A killed job loses at most the requests in flight. Rerunning the same command resumes: ids
 already in the output are skipped, after a torn last line (a run killed mid-write) is cut off.
 
-Errors: a line that cannot run (bad JSON or UTF-8, no id, a duplicate id, neither prompt nor
-messages, bad sampling values, too long for the context, or a failure in the engine) goes to
-the errors file as {"line": N (1-based), "id": ... or null, "error": message} and the job goes
-on. Each run rewrites that file, so it lists exactly the lines still not done. Every input
-line is accounted for in the summary:
+Errors: one line cannot stop the job or touch another line. A line that cannot run (bad JSON
+or UTF-8, no id, a duplicate id, neither prompt nor messages, bad sampling values, a lone
+surrogate in any text, too long for the context, the tokenizer or the engine failing on it,
+a result that cannot be written) goes to the errors file as
+{"line": N (1-based), "id": ... or null, "error": message} and the job goes on. Each run
+rewrites that file, so it lists exactly the lines still not done; a rerun retries only them.
+Every input line is accounted for in the summary:
 
   ok + skipped (already in the output) + errors + blank == lines
+
+Every line written is valid UTF-8 JSON. An id holding a lone surrogate ("a\\ud800", valid JSON
+but no Unicode text) is refused, and its errors line is written with ASCII escapes, so its id
+reads exactly as the input line spelled it.
 
 Requests are submitted in a window of 4 x max_slots, refilled as each one finishes, so the
 engine always has work queued and a huge input is never all in memory.
@@ -28,10 +34,15 @@ engine always has work queued and a huge input is never all in memory.
 Parallelism: when a host has more than one device, the engine's mesh puts its data axis over
 all of them (`make_mesh(data=-1, fsdp=1, tensor=1)`), so the decode rows are split between
 devices; --max-slots is rounded up to a multiple of the device count. On a multi-host pod,
-start the same command on every host with --distributed (it calls jax.distributed.initialize()):
-process i of n takes the lines whose 1-based number satisfies number % n == i and writes
-OUTPUT.part{i} (and its own errors file); each process serves its share with its local
-devices. Concatenate the parts afterwards. Only the single-process path is tested here.
+start the same command on every host with --distributed (jax.distributed.initialize(); give
+--coordinator-address, --num-processes and --process-id where JAX cannot detect the cluster):
+process i of n takes the lines whose 1-based number satisfies number % n == i, serves them with
+its local devices and appends to OUTPUT.part{i} (errors to ERRORS.part{i}), skipping ids already
+in OUTPUT or in its part; it reads every line's id, so a duplicate is one across processes too.
+When every process is done, process 0 appends the parts' new lines to OUTPUT, writes the merged
+errors file (by line number) and removes the parts (merge_parts), so the job leaves one OUTPUT
+as a single process would, its lines grouped by process. OUTPUT must be on a filesystem every
+host sees. A job killed at any point, merge included, resumes by rerunning the same command.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from compress.errors import InputError
 from serve.sampling import SamplingParams
@@ -50,6 +61,8 @@ SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 WINDOW_PER_SLOT = 4  # requests in flight per engine row
 POLL_SECONDS = 0.02  # how long to wait on one request before checking the others
 PROGRESS_SECONDS = 0.1  # least time between two progress bar updates
+COUNTS = ("lines", "blank", "skipped", "ok", "errors", "requests", "generated_tokens")  # a summary's counts
+FINISHED = ("stop", "length")  # finish reasons of a result; any other ('error', 'cancelled') is not done
 
 
 class LineError(ValueError):
@@ -62,12 +75,13 @@ class LineError(ValueError):
 def parse_line(obj: Any) -> tuple[Any, Any, dict]:
     """(id, prompt or messages, sampling overrides) of one decoded input line, or LineError.
 
-    Checks JSON types only; SamplingParams checks the values' ranges and the engine the
-    prompt's length.
+    Checks JSON types and that every text is valid Unicode (no lone surrogates); SamplingParams
+    checks the values' ranges and the engine the prompt's length.
     """
     if not isinstance(obj, dict):
         raise LineError(f"expected a JSON object, got {type(obj).__name__}")
     line_id = parse_id(obj)
+    check_text(line_id, "id")
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         raise LineError("needs exactly one of 'prompt' (a string) or 'messages' (a chat list)")
@@ -75,10 +89,12 @@ def parse_line(obj: Any) -> tuple[Any, Any, dict]:
         prompt = obj["prompt"]
         if not isinstance(prompt, str) or not prompt:
             raise LineError(f"'prompt' must be a non-empty string, got {prompt!r:.80}")
+        check_text(prompt, "prompt")
     else:
         prompt = obj["messages"]
         if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
             raise LineError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+        check_text(prompt, "messages")  # every field: a chat template may render more than content
     overrides = obj.get("sampling", {})
     if not isinstance(overrides, dict):
         raise LineError(f"'sampling' must be an object, got {type(overrides).__name__}")
@@ -87,6 +103,7 @@ def parse_line(obj: Any) -> tuple[Any, Any, dict]:
         raise LineError(f"unknown sampling field(s) {unknown}; valid: {list(SAMPLING_FIELDS)}")
     for name, value in overrides.items():
         _check_sampling_type(name, value)
+    check_text(overrides.get("stop", ()), "sampling.stop")
     return line_id, prompt, overrides
 
 
@@ -95,6 +112,29 @@ def parse_id(obj: dict) -> Any:
     if isinstance(line_id, bool) or not isinstance(line_id, (str, int)) or line_id == "":
         raise LineError(f"needs an 'id' that is a non-empty string or an integer, got {line_id!r:.80}")
     return line_id
+
+
+def check_text(value: Any, where: str) -> None:
+    """LineError if a string in the JSON value holds a lone surrogate.
+
+    JSON may spell one ("\\ud800" unpaired) but no UTF-8 text can hold it: tokenizers reject
+    it (a TypeError in Hugging Face's fast ones) and it cannot be written back out.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise LineError(
+                f"'{where}' holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start}): a \\u escape "
+                "of a surrogate must pair a high one with a low one; fix or drop it"
+            ) from None
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_text(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, f"{where} (a key)")
+            check_text(item, f"{where}.{key}")
 
 
 def _check_sampling_type(name: str, value: Any) -> None:
@@ -118,20 +158,49 @@ def _check_sampling_type(name: str, value: Any) -> None:
         raise LineError(f"bad sampling: {name} must be {kind}, got {value!r:.80}")
 
 
+def decode_line(raw: bytes) -> Any:
+    """The JSON value of one input line, or LineError (not UTF-8, not JSON, nested too deep)."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise LineError(f"not valid UTF-8: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a number of > 4300 digits, deep nesting
+        raise LineError(f"not valid JSON: {e}") from None
+
+
 def id_key(line_id: Any) -> str:
     """A hashable key that keeps 2 and "2" apart."""
     return json.dumps(line_id)
 
 
-def read_done_ids(output_path: str) -> set[str]:
-    """Keys (id_key) of the ids already in an output file; a torn last line is cut off first.
+def read_done_ids(output_path: str, repair: bool = True) -> set[str]:
+    """Keys (id_key) of the ids already in an output file.
 
-    A run killed while writing leaves a last line without its newline: the file is truncated
-    to its last newline so appending starts on a fresh line (that request runs again).
+    A run killed while writing leaves a last line without its newline: with `repair` the file
+    is truncated to its last newline so appending starts on a fresh line (that request runs
+    again); without it (another process's file) that line is only left out.
     """
     if not os.path.exists(output_path):
         return set()
-    with open(output_path, "rb+") as f:
+    if repair:
+        _cut_torn_last_line(output_path)
+    done = set()
+    with open(output_path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip() or not raw.endswith(b"\n"):
+                continue
+            try:
+                done.add(id_key(json.loads(raw)["id"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(
+                    f"{output_path}:{number}: not a result line of press batch ({type(e).__name__}: {e}); "
+                    "pass a new --output or fix that line"
+                ) from None
+    return done
+
+
+def _cut_torn_last_line(path: str) -> None:
+    with open(path, "rb+") as f:
         end = f.seek(0, os.SEEK_END)
         while end > 0:  # back to just after the last newline, a block at a time
             start = max(0, end - 65536)
@@ -144,24 +213,33 @@ def read_done_ids(output_path: str) -> set[str]:
             end = start
         if end < f.seek(0, os.SEEK_END):
             f.truncate(end)
-    done = set()
-    with open(output_path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                done.add(id_key(json.loads(raw)["id"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise InputError(
-                    f"{output_path}:{number}: not a result line of press batch ({type(e).__name__}: {e}); "
-                    "pass a new --output or fix that line"
-                ) from None
-    return done
 
 
 def default_errors_path(output_path: str) -> str:
     root = output_path[: -len(".jsonl")] if output_path.endswith(".jsonl") else output_path
     return root + ".errors.jsonl"
+
+
+def part_path(path: str, index: int) -> str:
+    """Where process `index` of a multi-host job writes its share of the file `path`."""
+    return f"{path}.part{index}"
+
+
+# --- writing
+
+
+def result_json(record: dict) -> bytes:
+    """One output line: UTF-8 JSON and its newline (UnicodeEncodeError for a lone surrogate)."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def error_json(number: int, line_id: Any, message: str) -> bytes:
+    """One errors line; always valid UTF-8: a lone surrogate (in an id) is written as its \\u escape."""
+    record = {"line": number, "id": line_id, "error": message}
+    try:
+        return result_json(record)
+    except UnicodeEncodeError:
+        return (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
 
 
 # --- the job
@@ -177,6 +255,7 @@ def run_batch(
     *,
     window: int | None = None,
     shard: tuple[int, int] = (0, 1),
+    done_in: Sequence[str] = (),
 ) -> dict:
     """Run the JSONL job `input_path` through `engine`, appending results to `output_path`.
 
@@ -188,6 +267,8 @@ def run_batch(
       progress: show a progress bar with live tokens/s on stderr, and a summary line at the end.
       window: requests in flight at once (default 4 x engine.max_slots).
       shard: (index, count): take only the lines whose 1-based number % count == index.
+      done_in: more result files whose ids are done too, read but never written (a multi-host
+        job's merged OUTPUT, while this process writes its part).
     Returns:
       The summary: lines, blank, skipped, ok, errors (ok + skipped + errors + blank == lines),
       requests (sent to the engine), generated_tokens, wall_seconds, tokens_per_second,
@@ -201,18 +282,23 @@ def run_batch(
         raise InputError(f"the errors file and the output are the same file ({output_path})")
     index, count = shard
     window = window or WINDOW_PER_SLOT * engine.max_slots
+    if getattr(engine, "max_queued", None) is not None:  # never more in flight than the engine accepts
+        window = min(window, engine.max_slots + engine.max_queued)
     done_before = read_done_ids(output_path)
-    counts = {"lines": 0, "blank": 0, "skipped": 0, "ok": 0, "errors": 0, "requests": 0, "generated_tokens": 0}
+    for path in done_in:
+        done_before |= read_done_ids(path, repair=False)
+    counts = dict.fromkeys(COUNTS, 0)
     first_line: dict[str, int] = {}  # id key -> the line that used it first
     in_flight: list[tuple[int, Any, Any]] = []  # (line, id, Request)
     bar = _Progress(input_path, shard) if progress else None
     start = time.perf_counter()
 
-    with open(input_path, "rb") as lines, open(output_path, "a", encoding="utf-8") as out, \
-            open(errors_path, "w", encoding="utf-8") as errors:
+    # Binary files: every line is encoded whole before it is written, so a line that cannot be
+    # encoded is never half written.
+    with open(input_path, "rb") as lines, open(output_path, "ab") as out, open(errors_path, "wb") as errors:
 
         def error(number: int, message: str, line_id: Any = None) -> None:
-            errors.write(json.dumps({"line": number, "id": line_id, "error": message}, ensure_ascii=False) + "\n")
+            errors.write(error_json(number, line_id, message))
             errors.flush()
             counts["errors"] += 1
 
@@ -236,18 +322,25 @@ def run_batch(
             in_flight[:] = running
             for number, line_id, request in finished:
                 result = request.result()
-                if result.finish_reason != "error":
-                    out.write(json.dumps(_result_line(line_id, result), ensure_ascii=False) + "\n")
-                    out.flush()
-                    counts["ok"] += 1
-                    counts["generated_tokens"] += len(result.token_ids)
-                else:
-                    error(number, f"engine: {result.error}", line_id)
+                if result.finish_reason not in FINISHED:
+                    error(number, f"engine: {result.error or result.finish_reason}", line_id)
+                    continue
+                try:
+                    line = result_json(_result_line(line_id, result))
+                except (ValueError, TypeError) as e:  # a lone surrogate in the text, a value JSON cannot hold
+                    error(number, f"the result cannot be written as UTF-8 JSON: {type(e).__name__}: {e}", line_id)
+                    continue
+                out.write(line)
+                out.flush()
+                counts["ok"] += 1
+                counts["generated_tokens"] += len(result.token_ids)
             show()
 
         try:
             for number, raw in enumerate(lines, 1):
                 if number % count != index:
+                    if count > 1:  # another process's line: its id still makes a later one here a duplicate
+                        _note_id(raw, number, first_line)
                     continue
                 counts["lines"] += 1
                 if not raw.strip():
@@ -255,14 +348,10 @@ def run_batch(
                     continue
                 line_id = None
                 try:
-                    try:
-                        obj = json.loads(raw)
-                    except UnicodeDecodeError as e:
-                        raise LineError(f"not valid UTF-8: {e}") from None
-                    except json.JSONDecodeError as e:
-                        raise LineError(f"not valid JSON: {e}") from None
+                    obj = decode_line(raw)
                     if isinstance(obj, dict):
                         line_id = parse_id(obj)
+                        check_text(line_id, "id")  # after line_id is set: the errors line names it
                         key = id_key(line_id)
                         if key in first_line:
                             raise LineError(f"duplicate id {line_id!r} (first on line {first_line[key]})")
@@ -281,6 +370,10 @@ def run_batch(
                     error(number, str(e), line_id)
                     show()
                     continue
+                except Exception as e:  # noqa: BLE001 - the tokenizer or engine failing on this line only
+                    error(number, f"the engine cannot take this line: {type(e).__name__}: {e}", line_id)
+                    show()
+                    continue
                 counts["requests"] += 1
                 in_flight.append((number, line_id, request))
                 collect(block=len(in_flight) >= window)
@@ -296,17 +389,22 @@ def run_batch(
     wall = time.perf_counter() - start
     if counts["ok"] + counts["skipped"] + counts["errors"] + counts["blank"] != counts["lines"]:
         raise RuntimeError(f"press batch lost track of some lines: {counts}")  # a bug, never the input's fault
-    summary = {
-        **counts,
-        "wall_seconds": round(wall, 3),
-        "tokens_per_second": round(counts["generated_tokens"] / wall, 2) if wall > 0 else 0.0,
-        "requests_per_second": round(counts["ok"] / wall, 3) if wall > 0 else 0.0,
-        "output": output_path,
-        "errors_file": errors_path,
-    }
+    summary = summarize(counts, wall, output_path, errors_path)
     if progress:
         sys.stderr.write(summary_line(summary) + "\n")
     return summary
+
+
+def _note_id(raw: bytes, number: int, first_line: dict[str, int]) -> None:
+    """Record the line that used an id first, as run_batch does for its own lines (bad lines are not)."""
+    try:
+        obj = decode_line(raw)
+        if isinstance(obj, dict):
+            line_id = parse_id(obj)
+            check_text(line_id, "id")
+            first_line.setdefault(id_key(line_id), number)
+    except ValueError:
+        pass
 
 
 def _result_line(line_id: Any, result) -> dict:
@@ -320,6 +418,18 @@ def _result_line(line_id: Any, result) -> dict:
     }
 
 
+def summarize(counts: dict, wall: float, output_path: str, errors_path: str) -> dict:
+    """The summary run_batch returns, from its counts and wall time."""
+    return {
+        **{name: counts[name] for name in COUNTS},
+        "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(counts["generated_tokens"] / wall, 2) if wall > 0 else 0.0,
+        "requests_per_second": round(counts["ok"] / wall, 3) if wall > 0 else 0.0,
+        "output": output_path,
+        "errors_file": errors_path,
+    }
+
+
 def summary_line(s: dict) -> str:
     errors = f"{s['errors']} errors (see {s['errors_file']})" if s["errors"] else "0 errors"
     return (
@@ -327,6 +437,60 @@ def summary_line(s: dict) -> str:
         f"{s['requests']} requests, {s['generated_tokens']} tokens in {s['wall_seconds']:.1f} s: "
         f"{s['tokens_per_second']:.1f} tokens/s, {s['requests_per_second']:.2f} requests/s"
     )
+
+
+# --- multi-host jobs: one OUTPUT from the processes' parts
+
+
+def merge_parts(output_path: str, errors_path: str, count: int) -> None:
+    """Fold the parts of a `count`-process job into OUTPUT and ERRORS, then remove them.
+
+    Run by one process once every process has finished its part. Each part's result lines
+    whose id is not yet in OUTPUT are appended to it (after a torn last line is cut off) and
+    synced to disk before any part is removed; the errors parts are merged by line number and
+    replace ERRORS at once. A merge killed at any point is redone by the next one, which never
+    writes an id twice.
+    """
+    outputs = [part_path(output_path, i) for i in range(count)]
+    errors = [part_path(errors_path, i) for i in range(count)]
+    missing = [p for p in outputs + errors if not os.path.exists(p)]
+    if missing:
+        raise InputError(f"{', '.join(missing)} missing: every process of a multi-host job writes its part beside "
+                         f"{output_path}, which must be on a filesystem every host sees; the parts are kept, and "
+                         "rerunning the job merges them")
+    done = read_done_ids(output_path)
+    with open(output_path, "ab") as out:
+        for part in outputs:
+            with open(part, "rb") as f:
+                for raw in f:
+                    if not raw.strip() or not raw.endswith(b"\n"):  # a torn last line: that request runs again
+                        continue
+                    key = id_key(json.loads(raw)["id"])
+                    if key not in done:
+                        done.add(key)
+                        out.write(raw)
+        out.flush()
+        os.fsync(out.fileno())
+    lines = []
+    for part in errors:
+        with open(part, "rb") as f:
+            lines += [raw for raw in f if raw.strip() and raw.endswith(b"\n")]  # a torn one's line is retried
+    lines.sort(key=lambda raw: json.loads(raw)["line"])
+    staged = errors_path + ".merging"
+    with open(staged, "wb") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staged, errors_path)
+    for part in errors + outputs:
+        os.remove(part)
+
+
+def total_summary(summaries: Sequence[dict], output_path: str, errors_path: str) -> dict:
+    """One summary of a multi-host job from its processes' (they ran at once: the wall is the longest)."""
+    counts = {name: sum(s[name] for s in summaries) for name in COUNTS}
+    return {**summarize(counts, max(s["wall_seconds"] for s in summaries), output_path, errors_path),
+            "processes": len(summaries)}
 
 
 class _Progress:
@@ -356,6 +520,3 @@ class _Progress:
 
     def close(self) -> None:
         self.progress.stop()
-
-
-# --- the command

@@ -619,7 +619,19 @@ class Engine:
                 self._prefill(group, width, prefix)
             except Exception as e:  # noqa: BLE001 - fail these requests, not the engine
                 for _, request in group:
-                    request._finish("error", f"{type(e).__name__}: {e}")
+                    if request.done:
+                        continue
+                    slot = next((i for i, r in enumerate(self._slots) if r is request), None)
+                    if slot is not None:
+                        self._fail_row(slot, e)
+                    else:
+                        request._finish("error", f"{type(e).__name__}: {e}")
+
+    def _fail_row(self, slot: int, error: Exception) -> None:
+        """End the request in `slot` with an error and free the row."""
+        request, self._slots[slot] = self._slots[slot], None
+        if request is not None and not request.done:
+            request._finish("error", f"{type(error).__name__}: {error}")
 
     def _prefill_width(self, request: Request, prefix: int = 0) -> int:
         """Slots the prompt's tokens after its cached prefix are prefilled in (a bucket)."""
@@ -697,7 +709,10 @@ class Engine:
         self.stats["decode_steps"] += 1
         for i in active:
             self._index[i] += 1
-            self._accept(i, int(nxt[i]))
+            try:
+                self._accept(i, int(nxt[i]))
+            except Exception as e:  # noqa: BLE001 - one row's failure (its detokenizing, say) ends that row only
+                self._fail_row(i, e)
 
     def _accept(self, slot: int, token: int) -> None:
         """Record a row's new token; finish and free the row if the request is done."""

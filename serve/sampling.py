@@ -50,8 +50,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _integer(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 switches it off), got {self.top_k!r}")
+        if not _integer(self.top_k) or not 0 <= self.top_k < 2**31:  # an int32 in the sampler
+            raise ValueError(f"top_k must be an integer in [0, 2**31) (0 switches it off), got {self.top_k!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**32):

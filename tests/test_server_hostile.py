@@ -167,6 +167,26 @@ def test_encoding_never_holds_up_decoding(served):
         assert request.wait(120) and request.output.finish_reason == "length"
 
 
+def test_one_failing_row_ends_only_its_request(served, monkeypatch):
+    """A row that fails mid-generation (here: its detokenizing) ends with an error; the others and
+    the engine go on."""
+    _, engine = served
+    real = Engine._detokenize
+
+    def failing(self, request, final=False):
+        if request.id.startswith("bad") and len(request.token_ids) > 2:
+            raise RuntimeError("cannot decode this row")
+        return real(self, request, final)
+
+    monkeypatch.setattr(Engine, "_detokenize", failing)
+    good, bad = engine.submit_many(["Once upon", "Once upon"], [SamplingParams(max_new_tokens=20)] * 2)
+    bad_too = engine.submit("Hello", SamplingParams(max_new_tokens=20), request_id="bad-1")
+    assert good.result(120).finish_reason == "length" and len(good.output.token_ids) == 20
+    assert bad_too.result(120).finish_reason == "error" and "cannot decode this row" in bad_too.output.error
+    assert bad.result(120).finish_reason == "length"
+    assert engine.generate("again", SamplingParams(max_new_tokens=3))[0].finish_reason == "length"
+
+
 def test_metrics_count_requests_tokens_and_status(served):
     server, engine = served
     assert _request(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5})[0] == 200

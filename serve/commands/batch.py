@@ -14,6 +14,7 @@ import os
 import sys
 
 from compress import config as cfg
+from compress.errors import InputError
 from compress.pretrained import ModelConfig
 from serve.sampling import SamplingParams
 
@@ -33,9 +34,25 @@ class BatchConfig:
     max_seq_len: int = 1024  # prompt + generated tokens per request
     progress: bool = True  # a progress bar and a summary line on stderr
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host pods: one process per host)
+    # With distributed, where JAX cannot detect the cluster (None: detected, or JAX_COORDINATOR_ADDRESS):
+    coordinator_address: str | None = None  # host:port of process 0, the same on every process
+    num_processes: int | None = None  # processes in the job
+    process_id: int | None = None  # this process's index, 0 .. num_processes - 1
 
     def __post_init__(self):
         cfg.require_at_least(self, 1, "max_slots", "max_seq_len")
+        cluster = ("coordinator_address", "num_processes", "process_id")
+        given = [name for name in cluster if getattr(self, name) is not None]
+        if given and not self.distributed:
+            raise cfg.ConfigError(f"{', '.join(given)}: only for a multi-host job; add --distributed "
+                                  "(distributed=true)", key=given[0])
+        if self.num_processes is not None:
+            cfg.require_at_least(self, 1, "num_processes")
+        if self.process_id is not None and (
+            self.process_id < 0 or (self.num_processes is not None and self.process_id >= self.num_processes)
+        ):
+            top = "num_processes" if self.num_processes is None else self.num_processes
+            raise cfg.ConfigError(f"must be in [0, {top}), got {self.process_id}", key="process_id")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--no-progress", key="progress", action="store_false", help="no progress bar and no summary line")
     flags.flag("--distributed", key="distributed", action="store_true",
                help="call jax.distributed.initialize() first (multi-host pods: one process per host)")
+    flags.flag("--coordinator-address", key="coordinator_address",
+               help="with --distributed: host:port of process 0 (default: detected, or JAX_COORDINATOR_ADDRESS)")
+    flags.flag("--num-processes", key="num_processes", type=int, help="with --distributed: processes in the job")
+    flags.flag("--process-id", key="process_id", type=int, help="with --distributed: this process's index")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,21 +90,27 @@ def run_config(config: BatchConfig) -> int:
     import jax
 
     from compress import sharding as shd
-    from serve.batch import run_batch
+    from serve.batch import default_errors_path, run_batch
     from serve.engine import Engine
 
-    if config.distributed:
-        jax.distributed.initialize()
     if not os.path.isfile(config.input):
         raise FileNotFoundError(f"{config.input}: no such input file")
-    output, errors, shard = config.output, config.errors, (0, 1)
-    if jax.process_count() > 1:
-        shard = (jax.process_index(), jax.process_count())
-        output = f"{config.output}.part{shard[0]}"
-        errors = errors and f"{errors}.part{shard[0]}"
+    if config.distributed:
+        try:
+            jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+        except ValueError as e:  # what JAX could not detect and was not given
+            raise InputError(f"--distributed: {e} Give --coordinator-address HOST:PORT (or JAX_COORDINATOR_ADDRESS), "
+                             "--num-processes and --process-id, or run where JAX detects the cluster (SLURM, "
+                             "Open MPI, Kubernetes, Cloud TPU)") from None
+    errors = config.errors or default_errors_path(config.output)
+    index, count = jax.process_index(), jax.process_count()
+    if count > 1:
+        # First exchange now, while initialize() has the processes in step: opening the CPU
+        # collectives gives up after 30 s, while the exchanges once open wait as long as a share takes.
+        _check_same_job(config, errors)
     local = jax.local_devices()
     mesh, max_slots = None, config.max_slots
-    if len(local) > 1:
+    if len(local) > 1 or count > 1:  # with several processes, the default device may be another host's
         mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=local)
         max_slots = -(-max_slots // len(local)) * len(local)  # rows split evenly, else they are replicated
         if max_slots != config.max_slots:
@@ -93,7 +120,71 @@ def run_config(config: BatchConfig) -> int:
     engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
                                     max_slots=max_slots, max_seq_len=config.max_seq_len)
     with engine:
-        summary = run_batch(engine, config.input, output, errors, config.sampling, progress=config.progress,
-                            shard=shard)
+        if count == 1:
+            summary = run_batch(engine, config.input, config.output, errors, config.sampling,
+                                progress=config.progress)
+        else:
+            summary = _run_part(engine, config, errors, index, count)
     print(json.dumps(summary))
     return 1 if summary["errors"] else 0
+
+
+def _run_part(engine, config: BatchConfig, errors: str, index: int, count: int) -> dict:
+    """Process `index` of a multi-host job: its share into its parts, then one merged OUTPUT.
+
+    Every process reaches both exchanges (the barriers) even when its share or the merge
+    failed, so none waits forever for another and every one learns of a failure anywhere;
+    the parts are then kept (a rerun resumes from them) and every process fails.
+    """
+    from serve.batch import merge_parts, part_path, run_batch, total_summary
+
+    failure = None
+    try:
+        report = run_batch(engine, config.input, part_path(config.output, index), part_path(errors, index),
+                           config.sampling, progress=config.progress, shard=(index, count),
+                           done_in=(config.output,))
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the exchanges
+        failure, report = e, {"failed": f"process {index}: {type(e).__name__}: {e}"}
+    reports = _allgather_json(report)  # every part is complete after this
+    failed = [r["failed"] for r in reports if "failed" in r]
+    merge = None
+    if index == 0 and not failed:
+        try:
+            merge_parts(config.output, errors, count)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the exchange
+            failure, merge = e, {"failed": f"merging the parts: {type(e).__name__}: {e}",
+                                 "input_error": isinstance(e, InputError)}
+    merge = _allgather_json(merge)[0]  # process 0's; the job is over for all after this
+    if failure is not None:
+        raise failure
+    if merge is not None:
+        failed.append(merge["failed"])
+    if failed:
+        kind = InputError if merge is not None and merge["input_error"] else RuntimeError
+        raise kind(f"press batch: {'; '.join(failed)}. The parts beside {config.output} are kept: rerun the "
+                   "same command to resume")
+    return total_summary(reports, config.output, errors)
+
+
+def _check_same_job(config: BatchConfig, errors: str) -> None:
+    """InputError on every process unless all write the same files with the same sampling defaults."""
+    job = {"output": config.output, "errors": errors, "sampling": dataclasses.asdict(config.sampling)}
+    jobs = _allgather_json(job)
+    for i, other in enumerate(jobs):
+        if other != jobs[0]:
+            differ = sorted(k for k in job if other[k] != jobs[0][k])
+            raise InputError(f"process {i} of the multi-host job has other {', '.join(differ)} than process 0 "
+                             f"({other} against {jobs[0]}); start every process with the same command")
+
+
+def _allgather_json(obj) -> list:
+    """Every process's `obj` (JSON-serializable), in process order, on every process."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))  # [processes, 1]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = multihost_utils.process_allgather(padded)  # [processes, longest]
+    return [json.loads(bytes(row[: int(n)])) for row, n in zip(np.asarray(gathered), np.asarray(sizes)[:, 0])]
