@@ -70,6 +70,9 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/prefill.py --out bench-results/prefill.json
 	$(BIN)/python benchmarks/decode.py --out bench-results/decode.json
 	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --out bench-results/server.json
+	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --prefix-cache-blocks 0 \
+		--out bench-results/server-no-prefix-cache.json
+	$(BIN)/python benchmarks/hostile_clients.py --well-behaved 8 --seconds 60 --max-slots 16 --out bench-results/hostile.json
 	$(BIN)/python benchmarks/quant.py --windows 16 --out bench-results/quant.json
 	$(BIN)/python benchmarks/gptq_ablation.py --out bench-results/gptq-ablation.json
 	$(BIN)/python benchmarks/retrieve.py --vectors 100000 --queries 1000 --out bench-results/retrieval.json

@@ -4,7 +4,8 @@ The server runs in its own process (`press serve`), the clients here, each loopi
 chat requests until the time is up. Every request must be answered without error; the
 figures are requests/s, generated tokens/s and latency percentiles.
 
-  .venv/bin/python benchmarks/server_load.py [--clients 32] [--seconds 60] [--max-tokens 32] [--out bench-results/server.json]
+  .venv/bin/python benchmarks/server_load.py [--clients 32] [--seconds 60] [--max-tokens 32] [--prefix-cache-blocks 256]
+                                            [--out bench-results/server.json]
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-slots", type=int, default=32)
+    parser.add_argument("--prefix-cache-blocks", type=int, default=256,
+                        help="the server's prefix cache (0 switches it off, to measure what it buys)")
     parser.add_argument("--out", default="bench-results/server.json")
     args = parser.parse_args()
 
@@ -68,7 +71,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "press"), "serve", "--model", args.model, "--port", str(port),
-         "--max-slots", str(args.max_slots), "--max-seq-len", "256", "--warmup"],
+         "--max-slots", str(args.max_slots), "--max-seq-len", "256", "--warmup",
+         f"prefix_cache_blocks={args.prefix_cache_blocks}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -128,6 +132,7 @@ def main() -> None:
         "clients": args.clients,
         "seconds": wall,
         "max_tokens": args.max_tokens,
+        "prefix_cache_blocks": args.prefix_cache_blocks,
         "requests": len(latencies),
         "errors": len(errors),
         "first_errors": errors[:5],

@@ -7,19 +7,15 @@ import socket
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from compress.config import ConfigError
 from compress.errors import InputError
-from compress.formats import hf_decoder
-from compress.formats.registry import resolve
-from compress.formats.tokenizer import load_tokenizer
-from compress.models import decoder
 from serve import batch
 from serve.commands.batch import BatchConfig
 from serve.engine import Engine
 from serve.sampling import SamplingParams
+from tests.tiny_decoder import export_tiny_decoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = SamplingParams(max_new_tokens=4)
@@ -41,13 +37,8 @@ def _read(path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, exported as a Hugging Face directory."""
-    tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))
-    config = decoder.DecoderConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, architecture="llama",
-                                   eos_token_ids=(tokenizer.eos_token_id,), bos_token_id=tokenizer.bos_token_id)
-    params = decoder.init_params(config, jax.random.key(0), scale=0.1)
-    path = str(tmp_path_factory.mktemp("batch") / "tiny")
-    hf_decoder.export(params, config, path, tokenizer=tokenizer)
-    return path
+    return export_tiny_decoder(str(tmp_path_factory.mktemp("batch") / "tiny"), with_eos=True,
+                               tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,17 @@ import json
 import math
 import os
 
-import jax
 import numpy as np
 import pytest
 
 from compress.data import corpus
 from compress.eval import perplexity, report
-from compress.formats import hf_decoder
-from compress.models import decoder
 from compress.commands.quantize import quantize_model
 from compress.formats.registry import resolve
 from compress.formats.tokenizer import load_tokenizer
 from serve import cli
 from tests.reference import hf_logits
+from tests.tiny_decoder import export_tiny_decoder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = ["--decode-tokens", "0"]  # the decode-speed run only where a test checks it
@@ -31,12 +29,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny_dir(tokenizer, tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, exported as a Hugging Face directory."""
-    config = decoder.DecoderConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, architecture="llama",
-                                   eos_token_ids=(tokenizer.eos_token_id,), bos_token_id=tokenizer.bos_token_id)
-    params = decoder.init_params(config, jax.random.key(0), scale=0.1)
-    path = str(tmp_path_factory.mktemp("eval") / "tiny-float")
-    hf_decoder.export(params, config, path, tokenizer=tokenizer)
-    return path
+    return export_tiny_decoder(str(tmp_path_factory.mktemp("eval") / "tiny-float"), with_eos=True,
+                               tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

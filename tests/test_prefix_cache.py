@@ -4,12 +4,10 @@ import jax
 import pytest
 
 from compress import sharding as shd
-from compress.formats.registry import resolve
-from compress.formats.tokenizer import load_tokenizer
-from compress.models import decoder
 from serve import prefix_cache
 from serve.engine import Engine
 from serve.sampling import SamplingParams
+from tests.tiny_decoder import tiny_decoder
 
 SYSTEM = "You answer questions about the Python language reference, briefly and with care. " * 3
 QUESTIONS = ["What is a tuple?", "What does nonlocal do?", "Explain list comprehensions.", "hi", "Is None a singleton?"]
@@ -17,9 +15,7 @@ QUESTIONS = ["What is a tuple?", "What does nonlocal do?", "Explain list compreh
 
 @pytest.fixture(scope="module")
 def tiny():
-    tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))
-    config = decoder.DecoderConfig(vocab_size=len(tokenizer), architecture="llama")
-    return config, decoder.init_params(config, jax.random.key(0), scale=0.1), tokenizer
+    return tiny_decoder()
 
 
 def _chats():

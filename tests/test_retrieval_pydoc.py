@@ -4,7 +4,6 @@ over an index built by `press index build --docs pydoc:topics`; `press ask` answ
 Python question from it with numbered sources."""
 
 import json
-import os
 
 import pytest
 from pydoc_data.topics import topics

@@ -12,24 +12,19 @@ import sys
 import threading
 import time
 
-import jax
 import pytest
 
 from compress.formats import hf_decoder
-from compress.formats.registry import resolve
-from compress.formats.tokenizer import load_tokenizer
-from compress.models import decoder
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 from serve.server import make_server
+from tests.tiny_decoder import tiny_decoder
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """(config, params, tokenizer) of a tiny random Llama that never emits EOS (it has none)."""
-    tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))
-    config = decoder.DecoderConfig(vocab_size=len(tokenizer), architecture="llama", max_position_embeddings=8192)
-    return config, decoder.init_params(config, jax.random.key(0), scale=0.1), tokenizer
+    return tiny_decoder(max_position_embeddings=8192)
 
 
 def _serve(engine, **kwargs):
