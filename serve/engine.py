@@ -73,7 +73,9 @@ HEAD_CHARS_PER_TOKEN = 8
 MAX_CHARS_PER_TOKEN = 64  # beyond max_seq_len * this, a prompt is refused before any tokenizing
 
 
-DEFAULT_PREFIX_BLOCKS = 256  # prefix-cache blocks of 16 tokens kept (LRU); SmolLM2-135M fp32: 0.7 MB each
+# Prefix-cache blocks of 16 tokens kept (LRU; SmolLM2-135M fp32: 0.7 MB each). Off by default: on the
+# development CPU the 32-client benchmark gains little from it (BENCHMARKS.md), so it is opt-in.
+DEFAULT_PREFIX_BLOCKS = 0
 MAX_STORED_BLOCKS = 64  # blocks of one prompt stored for reuse (its first 1,024 tokens)
 
 
@@ -330,7 +332,8 @@ class Engine:
         """Prefill left-padded prompts [n, T] and write their K/V into rows `slots` of the cache.
 
         Rows whose slot is out of range (max_slots) are padding: computed, never written.
-        Returns (first tokens [n], the cache, the prompts' own cache [L, n, T, ...]).
+        Returns (first tokens [n], the cache, and with a prefix cache the prompts' own cache
+        [L, n, T, ...] whose blocks it keeps; else None).
         """
         n, t = tokens.shape
         fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized)
@@ -368,7 +371,10 @@ class Engine:
             k_scale=None if new.k_scale is None else cache.k_scale.at[:, slots, :w].set(new.k_scale, mode="drop"),
             v_scale=None if new.v_scale is None else cache.v_scale.at[:, slots, :w].set(new.v_scale, mode="drop"),
         )
-        return first, cache, new
+        # Blocks for the prefix cache come from the prompts' own cache, returned as an output: slicing
+        # them from the engine's cache instead would read a buffer the next step donates (measured: the
+        # 32-client benchmark's p50 went from 12 s to 22 s). An engine without a prefix cache returns none.
+        return first, cache, (new if self.prefix_cache.max_blocks > 0 else None)
 
     def _decode_fn(self, params, cache, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int):
         """One token for rows [0, rows), attending over slots [0, width)."""
@@ -515,8 +521,10 @@ class Engine:
         """Text deltas of one request as they are generated."""
         return self.submit(prompt, params).deltas()
 
-    def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64)) -> int:
-        """Compile every decode shape (row x slot buckets) and the prefills of these prompt buckets.
+    def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64), prefix_lengths: Sequence[int] = ()) -> int:
+        """Compile every decode shape (row x slot buckets), the prefills of these prompt buckets and,
+        for each cached-prefix length in `prefix_lengths`, the prefills after it (see
+        `chat_prefix_lengths`).
 
         Call it before serving traffic: shapes compiled here never compile mid-request, and with
         the persistent compilation cache a second start only loads them. Returns the number of
@@ -534,18 +542,37 @@ class Engine:
                                               zeros(np.int32), zeros(np.float32), zeros(np.int32),
                                               np.ones(self.max_slots, np.float32), r, w)
                 n += 1
-            for length in prompt_lengths:
-                width = power_of_two_at_least(length, MIN_PREFILL_BUCKET)
-                if width > self.max_seq_len:
-                    continue
-                slots = np.full(r, self.max_slots, np.int32)  # all padding rows: nothing written
-                _, self._cache, _ = self._prefill_insert(
-                    self.params, self._cache, np.zeros((r, width), np.int32), np.ones((r, width), np.int32), slots,
-                    np.zeros(r, np.uint32), np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32),
-                )
-                n += 1
+            sampling = (np.full(r, self.max_slots, np.int32),  # all padding rows: nothing written
+                        np.zeros(r, np.uint32), np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32))
+            for prefix in (0, *prefix_lengths):
+                for length in prompt_lengths:
+                    width = power_of_two_at_least(length, MIN_PREFILL_BUCKET)
+                    if prefix + width > self.max_seq_len:
+                        continue
+                    tokens, mask = np.zeros((r, width), np.int32), np.ones((r, width), np.int32)
+                    if prefix:
+                        known = decoder.init_cache(self.config, r, prefix, self._cache.k.dtype,
+                                                   quantized=self._cache.quantized)
+                        blocks = Block(known.k, known.v, known.k_scale, known.v_scale)
+                        _, self._cache, _ = self._prefix_prefill_insert(self.params, self._cache, blocks, tokens, mask,
+                                                                        *sampling)
+                    else:
+                        _, self._cache, _ = self._prefill_insert(self.params, self._cache, tokens, mask, *sampling)
+                    n += 1
         jax.block_until_ready(self._cache)
         return n
+
+    def chat_prefix_lengths(self) -> tuple[int, ...]:
+        """The cached-prefix lengths chat traffic meets: what the chat template puts before every
+        conversation (its default system prompt), as the prefix cache would reuse it; () without
+        a chat template or a prefix cache."""
+        if self.prefix_cache.max_blocks <= 0 or not getattr(self.tokenizer, "chat_template", None):
+            return ()
+        a, b = ([{"role": "user", "content": text}] for text in ("a", "b"))
+        ids_a, ids_b = self.encode(a), self.encode(b)
+        shared = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+        blocks = reusable_blocks(shared // BLOCK, shared + 1)
+        return (BLOCK * blocks,) if blocks else ()
 
     # --- the scheduler
 
@@ -679,8 +706,10 @@ class Engine:
             self._keep_prefix(request, fresh, row, prefix + width - len(request.prompt_ids), first_block=prefix // BLOCK)
             self._accept(slot, int(first[row]))
 
-    def _keep_prefix(self, request: Request, fresh: KVCache, row: int, offset: int, first_block: int) -> None:
+    def _keep_prefix(self, request: Request, fresh: KVCache | None, row: int, offset: int, first_block: int) -> None:
         """Store the prompt's blocks not yet cached; its token i sits at slot offset + i of `fresh` row `row`."""
+        if fresh is None:
+            return
         for j in range(first_block, len(request.block_keys)):
             key = request.block_keys[j]
             if key in self.prefix_cache:

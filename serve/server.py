@@ -39,7 +39,7 @@ from __future__ import annotations
 import hmac
 import json
 import queue
-import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -62,7 +62,6 @@ MAX_PROMPTS = 16  # prompts in one /v1/completions request (each takes an engine
 DRAIN_SECONDS = 30.0  # after SIGTERM: how long requests in flight may take to finish
 RETRY_AFTER_SECONDS = 1  # told to clients refused because the queue is full
 CLIENT_CLOSED = 499  # the status metrics count a request under when its client hung up before the answer
-CLIENT_POLL_SECONDS = 0.05  # how often a waiting non-streaming request checks that its client is still there
 _CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
@@ -79,6 +78,7 @@ class Server(ThreadingHTTPServer):
         self.max_prompts = max_prompts
         self.created = int(time.time())
         self.metrics = ServerMetrics(engine)
+        self.hangups = HangUpWatcher()
         self.draining = False  # set by drain(): new requests get 503
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -121,12 +121,54 @@ class Server(ThreadingHTTPServer):
                 self._idle.wait(left)
             cut = self._in_flight
         self.engine.close()
+        self.hangups.close()
         return cut
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], _CLIENT_GONE):
             return  # the client went away: nothing to answer, nothing to log
         super().handle_error(request, client_address)
+
+
+class HangUpWatcher:
+    """One thread that notices clients hanging up while their non-streaming answers are generated,
+    and cancels those requests. It sleeps in epoll on the waiting connections: no request thread
+    polls, so many waiting clients cost nothing until one of them closes."""
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._run, name="press-hangups", daemon=True).start()
+
+    def watch(self, sock: socket.socket, requests) -> None:
+        with self._lock:
+            self._selector.register(sock, selectors.EVENT_READ, requests)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        with self._lock:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):  # already dropped by the watcher
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _run(self) -> None:
+        while not self._closed:
+            for key, _ in self._selector.select(timeout=0.5):
+                sock, requests = key.fileobj, key.data
+                try:
+                    gone = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                self.unwatch(sock)  # readable either way: a hang-up, or a pipelined next request
+                if gone:
+                    for r in requests:
+                        r.cancel()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -358,23 +400,16 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def _wait_or_cancel(self, requests) -> None:
-        """Wait for the requests; if the client hangs up meanwhile, cancel them (their rows are freed
-        at the engine's next step) and end this connection."""
-        for r in requests:
-            while not r.wait(CLIENT_POLL_SECONDS):
-                if self._client_gone():
-                    for other in requests:
-                        other.cancel()
-                    raise ConnectionResetError("the client closed the connection before the answer")
-
-    def _client_gone(self) -> bool:
-        """Whether the peer closed its side: readable with nothing to read (a pipelined next request
-        is data, not a hang-up)."""
+        """Wait for the requests; if the client hangs up meanwhile, the server's watcher cancels them
+        (their rows are freed at the engine's next step) and this connection ends."""
+        self.server.hangups.watch(self.connection, requests)
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
+            for r in requests:
+                r.wait()
+        finally:
+            self.server.hangups.unwatch(self.connection)
+        if any(r.output.finish_reason == "cancelled" for r in requests):
+            raise ConnectionResetError("the client closed the connection before the answer")
 
     def _stream(self, requests, head: dict, *, chat: bool, include_usage: bool) -> None:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}

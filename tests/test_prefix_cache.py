@@ -30,7 +30,7 @@ def test_reused_prefixes_generate_what_a_full_prefill_does(tiny, kv_cache):
     with Engine(params, config, tokenizer, prefix_cache_blocks=0, **kwargs) as plain:
         want = [[plain.generate(c, s)[0].token_ids for c in _chats()] for s in sampling]
         assert plain.stats["prefix_tokens_reused"] == 0
-    with Engine(params, config, tokenizer, **kwargs) as cached:
+    with Engine(params, config, tokenizer, prefix_cache_blocks=256, **kwargs) as cached:
         one_by_one = [[cached.generate(c, s)[0].token_ids for c in _chats()] for s in sampling]
         together = [[o.token_ids for o in cached.generate(_chats(), s)] for s in sampling]  # two prefill groups
         reused = cached.stats["prefix_tokens_reused"]
@@ -44,7 +44,7 @@ def test_a_data_parallel_engine_reuses_prefixes_on_every_device(tiny):
     mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1)  # the 8 simulated devices
     with Engine(params, config, tokenizer, max_slots=8, max_seq_len=512, prefix_cache_blocks=0) as plain:
         want = [o.token_ids for o in plain.generate(_chats(), SamplingParams(max_new_tokens=8))]
-    with Engine(params, config, tokenizer, max_slots=8, max_seq_len=512, mesh=mesh) as cached:
+    with Engine(params, config, tokenizer, max_slots=8, max_seq_len=512, mesh=mesh, prefix_cache_blocks=256) as cached:
         cached.generate(_chats()[0], SamplingParams(max_new_tokens=2))  # the system prompt's blocks
         got = [o.token_ids for o in cached.generate(_chats(), SamplingParams(max_new_tokens=8))]
         assert cached.stats["prefix_tokens_reused"] > 0
@@ -73,3 +73,19 @@ def test_blocks_are_keyed_by_their_whole_prefix_and_evicted_least_recently_used(
 ])
 def test_reused_blocks_leave_a_token_to_prefill_and_few_lengths(cached, prompt_len, reused):
     assert prefix_cache.reusable_blocks(cached, prompt_len) == reused
+
+
+def test_warmup_compiles_the_prefills_after_the_chat_templates_prefix(tiny):
+    config, params, tokenizer = tiny
+    with Engine(params, config, tokenizer, max_slots=2, max_seq_len=256, prefix_cache_blocks=64) as engine:
+        [prefix] = engine.chat_prefix_lengths()  # SmolLM2's template: a default system prompt
+        assert prefix % prefix_cache.BLOCK == 0 and prefix >= prefix_cache.BLOCK
+        engine.warmup(prompt_lengths=(16, 32), prefix_lengths=(prefix,))
+        compiled = engine._prefix_prefill_insert._cache_size()
+        chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+        engine.generate(chats[0], SamplingParams(max_new_tokens=2))  # caches the template's blocks
+        engine.generate(chats[1:], SamplingParams(max_new_tokens=2))
+        assert engine.stats["prefix_tokens_reused"] >= prefix * (len(chats) - 1)
+        assert engine._prefix_prefill_insert._cache_size() == compiled  # nothing compiled mid-traffic
+    with Engine(params, config, tokenizer, max_slots=2, max_seq_len=256, prefix_cache_blocks=0) as off:
+        assert off.chat_prefix_lengths() == ()

@@ -32,7 +32,7 @@ class ServeConfig:
     max_queued: int | None = None  # requests waiting for a row before new ones get 429; None: 8 x max_slots
     max_prompts: int = 16  # prompts in one /v1/completions request
     drain_seconds: float = 30.0  # after SIGTERM, how long requests in flight may take to finish
-    prefix_cache_blocks: int = 256  # prompt-prefix KV kept between requests, in blocks of 16 tokens (0: off)
+    prefix_cache_blocks: int = 0  # prompt-prefix KV kept between requests, in blocks of 16 tokens (0: off)
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
@@ -83,7 +83,7 @@ def run_config(config: ServeConfig) -> int:
     rag = RagPipeline(retriever, engine, k=config.rag_k) if retriever is not None else None
     if config.warmup:
         start = time.perf_counter()
-        programs = engine.warmup()
+        programs = engine.warmup(prefix_lengths=engine.chat_prefix_lengths())
         sys.stderr.write(f"press serve: {programs} programs compiled or loaded in {time.perf_counter() - start:.1f} s\n")
     api_key = config.api_key if config.api_key is not None else os.environ.get(API_KEY_VARIABLE)
     try:
