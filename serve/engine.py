@@ -663,9 +663,11 @@ class Engine:
     def _prefill_width(self, request: Request, prefix: int = 0) -> int:
         """Slots the prompt's tokens after its cached prefix are prefilled in (a bucket)."""
         n = len(request.prompt_ids) - prefix
+        room = self.max_seq_len - prefix - request.params.max_new_tokens  # the widest prefill that fits
         width = power_of_two_at_least(n, MIN_PREFILL_BUCKET)
-        if prefix + width + request.params.max_new_tokens > self.max_seq_len:
-            width = n  # a long prompt near the context limit: exact length (compiles once more)
+        if width > room:  # a long prompt near the context limit: the next multiple of 16 that fits, so
+            width = -(-n // MIN_PREFILL_BUCKET) * MIN_PREFILL_BUCKET  # clients cannot force a compile per length
+            width = width if width <= room else n
         return width
 
     def _prefill(self, group: list[tuple[int, Request]], width: int, prefix: int = 0) -> None:

@@ -182,6 +182,18 @@ def test_one_failing_row_ends_only_its_request(served, monkeypatch):
     assert engine.generate("again", SamplingParams(max_new_tokens=3))[0].finish_reason == "length"
 
 
+def test_prompts_near_the_context_limit_share_compiled_widths(tiny):
+    """Prompts too long for their power-of-two bucket prefill at a multiple of 16, not at their
+    exact length: a client varying its prompt length cannot force a compile per length."""
+    config, params, tokenizer = tiny
+    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=64) as engine:
+        engine.generate([1] * 33, SamplingParams(max_new_tokens=16))
+        compiled = engine._prefill_insert._cache_size()
+        outs = [engine.generate([1] * n, SamplingParams(max_new_tokens=16))[0] for n in (35, 40, 47)]
+        assert all(o.finish_reason == "length" for o in outs)
+        assert engine._prefill_insert._cache_size() == compiled  # all in the 48-wide program
+
+
 def test_metrics_count_requests_tokens_and_status(served):
     server, engine = served
     assert _request(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 5})[0] == 200
