@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--max-slots", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32, help="of each well-behaved request")
     parser.add_argument("--slow", type=int, default=4, help="slowloris connections")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a press serve setting (e.g. prefill_delay=1.0); repeatable")
     parser.add_argument("--out", default="bench-results/hostile.json")
     args = parser.parse_args()
 
@@ -281,7 +283,7 @@ def main() -> None:
     server_log = tempfile.TemporaryFile("w+")  # read at the end: tracebacks the hostile clients caused
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "press"), "serve", "--model", args.model, "--host", HOST,
-         "--port", str(port), "--max-slots", str(args.max_slots), "--max-seq-len", "256", "--warmup"],
+         "--port", str(port), "--max-slots", str(args.max_slots), "--max-seq-len", "256", "--warmup", *args.set],
         stdout=subprocess.DEVNULL, stderr=server_log, text=True)
     try:
         log(f"hostile_clients: starting press serve on {url} (--warmup compiles once, then loads from cache)")
@@ -326,6 +328,7 @@ def main() -> None:
         "well_behaved_clients": args.well_behaved,
         "seconds_per_phase": args.seconds,
         "max_slots": args.max_slots,
+        "serve_settings": args.set,
         "max_tokens": args.max_tokens,
         "baseline": baseline,
         "with_hostile": hostile,

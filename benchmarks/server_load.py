@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--max-slots", type=int, default=32)
     parser.add_argument("--prefix-cache-blocks", type=int, default=256,
                         help="the server's prefix cache (0 switches it off, to measure what it buys)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a press serve setting (e.g. prefill_delay=1.0); repeatable")
     parser.add_argument("--out", default="bench-results/server.json")
     args = parser.parse_args()
 
@@ -72,7 +74,7 @@ def main() -> None:
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "press"), "serve", "--model", args.model, "--port", str(port),
          "--max-slots", str(args.max_slots), "--max-seq-len", "256", "--warmup",
-         f"prefix_cache_blocks={args.prefix_cache_blocks}"],
+         f"prefix_cache_blocks={args.prefix_cache_blocks}", *args.set],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -133,6 +135,7 @@ def main() -> None:
         "seconds": wall,
         "max_tokens": args.max_tokens,
         "prefix_cache_blocks": args.prefix_cache_blocks,
+        "serve_settings": args.set,
         "requests": len(latencies),
         "errors": len(errors),
         "first_errors": errors[:5],

@@ -40,6 +40,7 @@ cache directory unless the user has configured one), so a second start does not 
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import itertools
@@ -62,6 +63,7 @@ from compress.models import decoder
 from compress.quant import schemes
 from compress.models.attention import KVCache
 from serve.prefix_cache import BLOCK, Block, PrefixCache, block_keys, reusable_blocks
+from serve.scheduler import FairQueue
 from serve.sampling import SamplingParams, sample
 
 Prompt = str | Sequence[dict] | Sequence[int]  # text, chat messages, or token ids
@@ -160,6 +162,14 @@ class Request:
         self.submitted = time.perf_counter()
         self.started = self.first_token = None
         self.block_keys: list[bytes] = []  # chained keys of its prompt's blocks (prefix cache)
+        self.group = None  # its submission (serve/scheduler.py shares rows between submissions)
+        self.preemptions = 0  # times it gave up its row to another submission and was prefilled again
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What a prefill of this request runs: its prompt, then the tokens generated before it
+        gave up its row (none the first time)."""
+        return self.prompt_ids + self.token_ids if self.token_ids else self.prompt_ids
 
     def deltas(self) -> Iterator[str]:
         """Yield text as it is generated, until the request finishes."""
@@ -238,6 +248,8 @@ class Engine:
         kv_cache: str | None = None,
         max_queued: int | None = None,
         prefix_cache_blocks: int = DEFAULT_PREFIX_BLOCKS,
+        preempt: bool = True,
+        prefill_delay: float = 0.0,
     ):
         if max_slots < 1:
             raise InputError(f"max_slots must be at least 1, got {max_slots}")
@@ -252,6 +264,13 @@ class Engine:
         if max_queued is not None and max_queued < 0:
             raise InputError(f"max_queued must be >= 0 (or None for no limit), got {max_queued}")
         self.max_queued = max_queued  # submissions that would leave more waiting for a row raise EngineBusy
+        self.preempt = preempt  # a submission above its fair share of rows gives one up to one below it
+        if not 0 <= prefill_delay <= 100:
+            raise InputError(f"prefill_delay must be between 0 and 100, got {prefill_delay}")
+        # While rows are decoding, new prompts wait prefill_delay x the last admission's seconds after
+        # it, so arrivals are prefilled together (one call) instead of stalling every step for one each.
+        self.prefill_delay = prefill_delay
+        self._last_admission = (0.0, 0.0)  # (when it ended, its seconds)
         if compilation_cache:
             enable_compilation_cache()
         self._cache = self._new_cache()
@@ -263,10 +282,11 @@ class Engine:
         self._slots: list[Request | None] = [None] * max_slots
         self._next_token = np.zeros(max_slots, np.int32)  # the token each row feeds next
         self._index = np.zeros(max_slots, np.int64)  # mirror of cache.index (next write slot per row)
-        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._waiting: FairQueue[Request] = FairQueue()  # guarded by _queue_lock
+        self._groups = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._queue_lock = threading.Lock()  # makes a group of submissions visible at once
+        self._queue_lock = threading.Lock()  # guards _waiting; a submission's requests appear at once
         # Fast tokenizers are not safe to share between threads: request threads encode under a
         # lock, and the scheduler decodes with its own copy, so a long encode never stalls decoding.
         self._tokenizer_lock = threading.Lock()
@@ -275,7 +295,7 @@ class Engine:
         self._stopping = False
         self._counter = itertools.count()
         self.stats = {"prefills": 0, "decode_steps": 0, "generated_tokens": 0, "cancelled": 0,
-                      "prefix_tokens_reused": 0}
+                      "prefix_tokens_reused": 0, "preempted": 0}
 
     @classmethod
     def from_pretrained(
@@ -297,7 +317,7 @@ class Engine:
     @property
     def queued(self) -> int:
         """Requests waiting for a row."""
-        return self._waiting.qsize()
+        return len(self._waiting)
 
     @property
     def running(self) -> int:
@@ -328,7 +348,7 @@ class Engine:
         shardings = shd.tree_shardings(self.mesh, axes, cache)
         return jax.device_put(cache, shardings)
 
-    def _prefill_insert_fn(self, params, cache, tokens, mask, slots, seeds, temperature, top_k, top_p):
+    def _prefill_insert_fn(self, params, cache, tokens, mask, slots, seeds, counts, temperature, top_k, top_p):
         """Prefill left-padded prompts [n, T] and write their K/V into rows `slots` of the cache.
 
         Rows whose slot is out of range (max_slots) are padding: computed, never written.
@@ -337,9 +357,10 @@ class Engine:
         """
         n, t = tokens.shape
         fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized)
-        return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, temperature, top_k, top_p)
+        return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p)
 
-    def _prefix_prefill_insert_fn(self, params, cache, prefix, tokens, mask, slots, seeds, temperature, top_k, top_p):
+    def _prefix_prefill_insert_fn(self, params, cache, prefix, tokens, mask, slots, seeds, counts, temperature, top_k,
+                                  top_p):
         """As _prefill_insert_fn, for prompts whose first P tokens' K/V are given (a prefix_cache.Block
         of [L, n, P, ...] arrays): only the rest [n, T] is computed; the rows get P + T slots."""
         n, t = tokens.shape
@@ -352,14 +373,14 @@ class Engine:
             index=jnp.full((n,), p, jnp.int32), lengths=jnp.full((n,), p, jnp.int32),
             k_scale=put(empty.k_scale, prefix.k_scale), v_scale=put(empty.v_scale, prefix.v_scale),
         )
-        return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, temperature, top_k, top_p)
+        return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p)
 
-    def _prefill_into(self, params, cache, fresh, tokens, mask, slots, seeds, temperature, top_k, top_p):
+    def _prefill_into(self, params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p):
         """Run tokens [n, T] after what `fresh` holds, sample each row's first token, and copy the
         rows' caches (W = fresh.max_len slots) into rows `slots` of the engine's cache."""
         n = tokens.shape[0]
         out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh, last_logits_only=True)
-        first = sample(out.logits[:, -1], seeds, jnp.zeros((n,), jnp.int32), temperature, top_k, top_p)
+        first = sample(out.logits[:, -1], seeds, counts, temperature, top_k, top_p)
         new, w = out.cache, out.cache.max_len
         row_valid = jnp.zeros((n, cache.max_len), bool).at[:, :w].set(new.valid)
         cache = KVCache(
@@ -469,16 +490,19 @@ class Engine:
         return request
 
     def _enqueue(self, requests: list[Request]) -> None:
-        """Queue requests together: the scheduler admits all of them in one turn if rows are free."""
+        """Queue requests as one submission: they share one fair share of the rows (serve/scheduler.py)
+        and are admitted in one turn if rows are free."""
         self._ensure_running()
+        group = next(self._groups)
+        for r in requests:
+            r.group = group
         with self._queue_lock:
             # Requests beyond the free rows wait; at most max_queued of them.
-            waiting = self._waiting.qsize() + len(requests) - (self.max_slots - self.running)
+            waiting = len(self._waiting) + len(requests) - (self.max_slots - self.running)
             if self.max_queued is not None and waiting > self.max_queued:
-                raise EngineBusy(f"{self._waiting.qsize()} requests are waiting for a row (the limit is "
+                raise EngineBusy(f"{len(self._waiting)} requests are waiting for a row (the limit is "
                                  f"{self.max_queued}); retry in a moment")
-            for r in requests:
-                self._waiting.put(r)
+            self._waiting.put(group, requests)
         self._wake.set()
 
     def generate(
@@ -530,7 +554,7 @@ class Engine:
         the persistent compilation cache a second start only loads them. Returns the number of
         programs run.
         """
-        if any(self._slots) or not self._waiting.empty():
+        if any(self._slots) or len(self._waiting):
             raise RuntimeError("warmup() runs before requests are submitted")
         rows = [r for r in _buckets(1, self.max_slots)]
         widths = [w for w in _buckets(MIN_SEQ_BUCKET, self.max_seq_len)]
@@ -543,7 +567,8 @@ class Engine:
                                               np.ones(self.max_slots, np.float32), r, w)
                 n += 1
             sampling = (np.full(r, self.max_slots, np.int32),  # all padding rows: nothing written
-                        np.zeros(r, np.uint32), np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32))
+                        np.zeros(r, np.uint32), np.zeros(r, np.int32), np.zeros(r, np.float32), np.zeros(r, np.int32),
+                        np.ones(r, np.float32))
             for prefix in (0, *prefix_lengths):
                 for length in prompt_lengths:
                     width = power_of_two_at_least(length, MIN_PREFILL_BUCKET)
@@ -599,7 +624,11 @@ class Engine:
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                self._admit()
+                ended, seconds = self._last_admission
+                if not any(self._slots) or time.perf_counter() - ended >= self.prefill_delay * seconds:
+                    start = time.perf_counter()
+                    if self._admit():
+                        self._last_admission = (time.perf_counter(), time.perf_counter() - start)
                 if not any(self._slots):
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -615,28 +644,31 @@ class Engine:
             if r is not None:
                 r._finish("error", message)
                 self._slots[i] = None
-        while True:
-            try:
-                self._waiting.get_nowait()._finish("error", message)
-            except queue.Empty:
-                return
-
-    def _admit(self) -> None:
-        """Prefill waiting requests into free rows (lowest first), prompts of one length bucket together."""
-        admitted = []
-        free = [i for i, r in enumerate(self._slots) if r is None]
         with self._queue_lock:
-            while len(admitted) < len(free):
-                try:
-                    admitted.append(self._waiting.get_nowait())
-                except queue.Empty:
-                    break
-        groups: dict[int, list[tuple[int, Request]]] = {}
-        for r in admitted:
-            if r.cancelled:
-                self.stats["cancelled"] += 1
-                r._finish("cancelled")
-        admitted = [r for r in admitted if not r.cancelled]
+            waiting = self._waiting.remove_if(lambda r: True)
+        for r in waiting:
+            r._finish("error", message)
+
+    def _admit(self) -> bool:
+        """Prefill waiting requests into free rows (lowest first), prompts of one length bucket together;
+        whether any prefill ran.
+
+        Rows go to submissions fairly (serve/scheduler.py): a submission above its share may give
+        up a row here, its request going back to the head of its queue to be prefilled again later.
+        Requests whose client has gone are dropped before any prefill is spent on them.
+        """
+        held = collections.Counter(r.group for r in self._slots if r is not None)
+        with self._queue_lock:
+            gone = self._waiting.remove_if(lambda r: r.cancelled)
+            free = sum(r is None for r in self._slots)
+            admitted, victims = self._waiting.schedule(free, held, self.max_slots, self.preempt)
+            for group in victims:
+                self._waiting.put_front(group, self._preempt(group))
+        for r in gone:
+            self.stats["cancelled"] += 1
+            r._finish("cancelled")
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        groups: dict[tuple[int, int], list[tuple[int, Request]]] = {}
         for slot, request in zip(free, admitted):
             prefix = BLOCK * reusable_blocks(self.prefix_cache.cached_blocks(request.block_keys),
                                              len(request.prompt_ids))
@@ -653,6 +685,16 @@ class Engine:
                         self._fail_row(slot, e)
                     else:
                         request._finish("error", f"{type(e).__name__}: {e}")
+        return bool(groups)
+
+    def _preempt(self, group) -> Request:
+        """Free the row of `group` whose context is shortest (the least to prefill again); its request."""
+        slot = min((i for i, r in enumerate(self._slots) if r is not None and r.group == group),
+                   key=lambda i: len(self._slots[i].prompt_ids) + len(self._slots[i].token_ids))
+        request, self._slots[slot] = self._slots[slot], None
+        request.preemptions += 1
+        self.stats["preempted"] += 1
+        return request
 
     def _fail_row(self, slot: int, error: Exception) -> None:
         """End the request in `slot` with an error and free the row."""
@@ -662,8 +704,9 @@ class Engine:
 
     def _prefill_width(self, request: Request, prefix: int = 0) -> int:
         """Slots the prompt's tokens after its cached prefix are prefilled in (a bucket)."""
-        n = len(request.prompt_ids) - prefix
-        room = self.max_seq_len - prefix - request.params.max_new_tokens  # the widest prefill that fits
+        n = len(request.context_ids) - prefix
+        # the widest prefill that fits beside the tokens still to come
+        room = self.max_seq_len - prefix - (request.params.max_new_tokens - len(request.token_ids))
         width = power_of_two_at_least(n, MIN_PREFILL_BUCKET)
         if width > room:  # a long prompt near the context limit: the next multiple of 16 that fits, so
             width = -(-n // MIN_PREFILL_BUCKET) * MIN_PREFILL_BUCKET  # clients cannot force a compile per length
@@ -680,16 +723,17 @@ class Engine:
         temperature = np.zeros(rows, np.float32)
         top_k = np.zeros(rows, np.int32)
         top_p = np.ones(rows, np.float32)
+        counts = np.zeros(rows, np.int32)  # tokens generated so far: nonzero for a request prefilled again
         now = time.perf_counter()
         for row, (slot, request) in enumerate(group):
-            request.started = now
-            rest = request.prompt_ids[prefix:]
+            request.started = request.started or now
+            rest = request.context_ids[prefix:]
             tokens[row, width - len(rest) :] = rest
             mask[row, width - len(rest) :] = 1
             p = request.params
-            slots[row], seeds[row] = slot, request.seed
+            slots[row], seeds[row], counts[row] = slot, request.seed, len(request.token_ids)
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
-        sampling = (slots, seeds, temperature, top_k, top_p)
+        sampling = (slots, seeds, counts, temperature, top_k, top_p)
         if prefix:
             known = [self.prefix_cache.prefix(request.block_keys[: prefix // BLOCK]) for _, request in group]
             known += [known[0]] * (rows - len(group))  # padding rows attend over any valid prefix
@@ -705,7 +749,7 @@ class Engine:
         for row, (slot, request) in enumerate(group):
             self._slots[slot] = request
             self._index[slot] = prefix + width
-            self._keep_prefix(request, fresh, row, prefix + width - len(request.prompt_ids), first_block=prefix // BLOCK)
+            self._keep_prefix(request, fresh, row, prefix + width - len(request.context_ids), first_block=prefix // BLOCK)
             self._accept(slot, int(first[row]))
 
     def _keep_prefix(self, request: Request, fresh: KVCache | None, row: int, offset: int, first_block: int) -> None:

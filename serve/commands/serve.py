@@ -33,6 +33,8 @@ class ServeConfig:
     max_prompts: int = 16  # prompts in one /v1/completions request
     drain_seconds: float = 30.0  # after SIGTERM, how long requests in flight may take to finish
     prefix_cache_blocks: int = 0  # prompt-prefix KV kept between requests, in blocks of 16 tokens (0: off)
+    preempt: bool = True  # a request above its fair share of rows gives one up to a waiting one (then resumes)
+    prefill_delay: float = 1.0  # while decoding, new prompts wait this x the last prefill's time (batched prefills)
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
@@ -41,7 +43,7 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         cfg.require_at_least(self, 1, "max_slots", "max_seq_len", "rag_k", "max_prompts")
-        cfg.require_at_least(self, 0, "drain_seconds", "prefix_cache_blocks", *(["max_queued"] if self.max_queued is not None else []))
+        cfg.require_at_least(self, 0, "drain_seconds", "prefix_cache_blocks", "prefill_delay", *(["max_queued"] if self.max_queued is not None else []))
 
     @property
     def queue_limit(self) -> int:
@@ -79,7 +81,8 @@ def run_config(config: ServeConfig) -> int:
     m = config.model
     engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=config.max_slots,
                                     max_seq_len=config.max_seq_len, max_queued=config.queue_limit,
-                                    prefix_cache_blocks=config.prefix_cache_blocks)
+                                    prefix_cache_blocks=config.prefix_cache_blocks, preempt=config.preempt,
+                                    prefill_delay=config.prefill_delay)
     rag = RagPipeline(retriever, engine, k=config.rag_k) if retriever is not None else None
     if config.warmup:
         start = time.perf_counter()
