@@ -8,7 +8,8 @@ value is checked against its field's type before the dataclass is built, and `__
 runs last, so `load` returns only a fully validated config or raises `ConfigError`.
 
 Field types: int, float (ints accepted), str, bool, `X | None`, `Literal[...]`, `tuple[X, ...]`,
-`tuple[X, Y]`, `list[X]`, `enum.Enum` (by name or value) and nested dataclasses.
+`tuple[X, Y]`, `list[X]`, `dict[K, V]`, `enum.Enum` (by name or value) and nested dataclasses.
+A dict field's YAML mapping or `key.name=value` overrides update its default's entries.
 
 YAML values must already have the field's type (`steps: "3"` is an error). Override values are
 text, read as YAML (`mesh=[1,2,4]`, `steps=3`), with three allowances for the command line:
@@ -167,6 +168,10 @@ def _with_overrides(schema: type, data: Mapping, overrides: Sequence[str]) -> di
             if depth == len(names) - 1:
                 node[name] = _Override(value, source)
                 break
+            if _is_dict_type(hints[name]) and depth == len(names) - 2:  # one entry of a dict field
+                child = node.get(name)
+                node[name] = {**(dict(child) if isinstance(child, Mapping) else {}), names[-1]: _Override(value, source)}
+                break
             section = _section_type(hints[name])
             if section is None:
                 raise ConfigError(
@@ -196,6 +201,8 @@ def _build(schema: type[T], data: Mapping, path: str, source: str) -> T:
         value, default = data[field.name], _default(field)
         if isinstance(value, Mapping) and _is_dataclass_type(type(default)):
             value = _deep_merge(to_dict(default), value)  # a partial section overrides the default's values
+        elif isinstance(value, Mapping) and isinstance(default, Mapping):
+            value = {**_plain(default), **value}  # a dict field: the given entries update the default's
         kwargs[field.name] = _convert(hints[field.name], value, _join(path, field.name), source)
     required = [f.name for f in dataclasses.fields(schema)
                 if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -240,6 +247,11 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     elif origin in (tuple, list) or tp in (tuple, list):
         if isinstance(value, (list, tuple)):
             return (origin or tp)(_convert_items(tp, value, key, source))
+    elif origin is dict or tp is dict:
+        if isinstance(value, Mapping):
+            key_type, value_type = args or (Any, Any)
+            return {_convert(key_type, k, key, source): _convert(value_type, v, _join(key, k), source)
+                    for k, v in value.items()}
     elif _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
@@ -342,6 +354,12 @@ def _section_type(tp: Any) -> type | None:
     return tp if _is_dataclass_type(tp) else None
 
 
+def _is_dict_type(tp: Any) -> bool:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_is_dict_type(a) for a in typing.get_args(tp))
+    return tp is dict or typing.get_origin(tp) is dict
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -370,6 +388,8 @@ def _type_name(tp: Any) -> str:
         return f"one of {', '.join(map(repr, args))}"
     if origin in (tuple, list):
         return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return f"{tp.__name__} (one of {', '.join(tp.__members__)})"
     if _is_dataclass_type(tp):
@@ -384,6 +404,8 @@ def _plain(value: Any) -> Any:
         return value.name
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
