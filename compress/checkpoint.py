@@ -1,8 +1,10 @@
 """Checkpoints of sharded parameter pytrees, written and read with orbax-checkpoint.
 
 A checkpoint directory holds one sub-directory per saved step. Each step holds the
-parameter tree (every array written shard by shard, so no host ever gathers a full
-copy) and, optionally, a small JSON dict saved beside it (e.g. the model config).
+parameter tree, or a whole train state (every array written shard by shard, so no host
+ever gathers a full copy), optionally a small JSON dict saved beside it (e.g. the model
+config), and any extra items registered when the Checkpointer is created (a training run
+keeps its data iterator's position this way: `extra_items={"data": grain's handler}`).
 
 Arrays are restored straight into the sharding you ask for, which need not be the
 one they were saved from: save from a data x fsdp x tensor mesh, restore onto a
@@ -63,30 +65,41 @@ class Checkpointer:
         are copied to host memory, so the caller may donate or update them.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
+                 extra_items: dict[str, Any] | None = None):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep={max_to_keep}; it must be at least 1 (or None to keep every step)")
         self.directory = _absolute(directory)
+        self.extra_items = dict(extra_items or {})
+        clash = {PARAMS_ITEM, METADATA_ITEM} & self.extra_items.keys()
+        if clash:
+            raise ValueError(f"extra checkpoint items may not be named {sorted(clash)}")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
-        # Registering the two items up front lets a fresh Checkpointer read step metadata
+        # Registering every item up front lets a fresh Checkpointer read step metadata
         # (and so check shapes) before its first save or restore.
         registry = ocp.handlers.create_default_handler_registry(
-            **{PARAMS_ITEM: ocp.handlers.StandardCheckpointHandler(), METADATA_ITEM: ocp.handlers.JsonCheckpointHandler()}
+            **{PARAMS_ITEM: ocp.handlers.StandardCheckpointHandler(), METADATA_ITEM: ocp.handlers.JsonCheckpointHandler()},
+            **self.extra_items,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
     # --- saving
 
-    def save(self, step: int, params: Any, *, metadata: dict[str, Any] | None = None, wait: bool = False) -> None:
+    def save(self, step: int, params: Any, *, metadata: dict[str, Any] | None = None, wait: bool = False,
+             extra: dict[str, Any] | None = None) -> None:
         """Save `params` (a pytree of jax.Arrays, any sharding) as checkpoint `step`.
 
         Args:
           step: a step number larger than every step already saved here.
-          params: the parameter pytree.
+          params: the parameter pytree (or a whole train state).
           metadata: an optional JSON-serialisable dict stored beside the parameters,
             read back by `restore_metadata` (tuples come back as lists).
           wait: block until the checkpoint is committed to disk.
+          extra: orbax save args for the extra items (e.g. {"data": grain.checkpoint.CheckpointSave(it)}).
         """
+        unknown = (extra or {}).keys() - self.extra_items.keys()
+        if unknown:
+            raise ValueError(f"checkpoint items {sorted(unknown)} were not registered (extra_items={sorted(self.extra_items)})")
         steps = self.all_steps()
         if step in steps:
             raise ValueError(
@@ -104,7 +117,7 @@ class Checkpointer:
         except TypeError as e:
             raise TypeError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}") from e
         args = ocp.args.Composite(
-            **{PARAMS_ITEM: ocp.args.StandardSave(params), METADATA_ITEM: ocp.args.JsonSave(metadata)}
+            **{PARAMS_ITEM: ocp.args.StandardSave(params), METADATA_ITEM: ocp.args.JsonSave(metadata)}, **(extra or {})
         )
         if not self._manager.save(step, args=args):
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
@@ -170,6 +183,17 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise self._corrupt(step, e) from e
         return restored[PARAMS_ITEM]
+
+    def restore_item(self, name: str, args: Any, step: int | None = None) -> Any:
+        """Restore the extra item `name` of `step` (default: the latest) with orbax restore `args`
+        (e.g. grain.checkpoint.CheckpointRestore(iterator) sets the iterator's position)."""
+        if name not in self.extra_items:
+            raise ValueError(f"checkpoint item {name!r} was not registered (extra_items={sorted(self.extra_items)})")
+        step = self._resolve_step(step)
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+        except Exception as e:  # noqa: BLE001
+            raise self._corrupt(step, e) from e
 
     def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata saved with `step` (default: the latest); {} if none was given."""

@@ -14,6 +14,7 @@ import os
 import sys
 
 from compress import config as cfg
+from compress import distributed
 from compress.errors import InputError
 from compress.pretrained import ModelConfig
 from serve.sampling import SamplingParams
@@ -41,18 +42,7 @@ class BatchConfig:
 
     def __post_init__(self):
         cfg.require_at_least(self, 1, "max_slots", "max_seq_len")
-        cluster = ("coordinator_address", "num_processes", "process_id")
-        given = [name for name in cluster if getattr(self, name) is not None]
-        if given and not self.distributed:
-            raise cfg.ConfigError(f"{', '.join(given)}: only for a multi-host job; add --distributed "
-                                  "(distributed=true)", key=given[0])
-        if self.num_processes is not None:
-            cfg.require_at_least(self, 1, "num_processes")
-        if self.process_id is not None and (
-            self.process_id < 0 or (self.num_processes is not None and self.process_id >= self.num_processes)
-        ):
-            top = "num_processes" if self.num_processes is None else self.num_processes
-            raise cfg.ConfigError(f"must be in [0, {top}), got {self.process_id}", key="process_id")
+        distributed.check_cluster_fields(self)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,12 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--max-seq-len", key="max_seq_len", type=int, help="prompt + generated tokens per request")
     flags.flag("--dtype", key="model.dtype", help="weights and activations dtype")
     flags.flag("--no-progress", key="progress", action="store_false", help="no progress bar and no summary line")
-    flags.flag("--distributed", key="distributed", action="store_true",
-               help="call jax.distributed.initialize() first (multi-host pods: one process per host)")
-    flags.flag("--coordinator-address", key="coordinator_address",
-               help="with --distributed: host:port of process 0 (default: detected, or JAX_COORDINATOR_ADDRESS)")
-    flags.flag("--num-processes", key="num_processes", type=int, help="with --distributed: processes in the job")
-    flags.flag("--process-id", key="process_id", type=int, help="with --distributed: this process's index")
+    distributed.add_cluster_flags(flags)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,13 +80,7 @@ def run_config(config: BatchConfig) -> int:
 
     if not os.path.isfile(config.input):
         raise FileNotFoundError(f"{config.input}: no such input file")
-    if config.distributed:
-        try:
-            jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
-        except ValueError as e:  # what JAX could not detect and was not given
-            raise InputError(f"--distributed: {e} Give --coordinator-address HOST:PORT (or JAX_COORDINATOR_ADDRESS), "
-                             "--num-processes and --process-id, or run where JAX detects the cluster (SLURM, "
-                             "Open MPI, Kubernetes, Cloud TPU)") from None
+    distributed.initialize(config)
     errors = config.errors or default_errors_path(config.output)
     index, count = jax.process_index(), jax.process_count()
     if count > 1:
