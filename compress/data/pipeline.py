@@ -1,0 +1,206 @@
+"""Batches of packed rows to train on, through Grain: read, shuffle, shard, tokenize, pack, batch.
+
+    config = DataConfig(sources=("pydoc", "stdlib"), seq_len=512, batch_size=8, seed=0)
+    batches = iter(train_batches(config, tokenizer))  # this process's rows of each global batch
+    batch = next(batches)           # a dict of numpy arrays, below
+    state = batches.get_state()     # JSON-serialisable; checkpoint it beside the train state
+    batches.set_state(state)        # a fresh iterator given it yields exactly the next batches
+
+The batch: every array is [rows, seq_len], rows = batch_size // shard_count.
+  inputs       int32    token ids; 0 at padding
+  targets      int32    the next token of the same document at each position; 0 at padding
+  segment_ids  int32    1, 2, ... for the documents (or pieces of one) in a row; 0 at padding
+  positions    int32    position in the document piece, from 0 (RoPE's positions)
+  loss_mask    float32  1 where the target counts; 0 at padding and on chat tokens that are
+                        not an assistant's (compress/data/examples.py)
+
+Pipeline, in Grain's dataset API:
+  documents (sources.py, read and checked up front)
+  -> MapDataset.source -> shuffle(seed), a new order each epoch -> repeat(epochs)
+  -> per row r of the global batch: the documents r, r + batch_size, r + 2*batch_size, ...
+     -> map(encode_document) -> drop empty ones
+     -> ConcatThenSplitIterDataset: documents laid end to end in rows of seq_len; the one that
+        does not fit is split and continues (from position 0) in that row of the next batch
+  -> zip this process's rows -> stack them into a batch -> ThreadPrefetchIterDataset
+
+Sharding by batch row: every row of the global batch reads its own stream of documents,
+the same however many processes share the batch. So process i of n yields exactly rows
+[i*rows, (i+1)*rows) of the batch one process alone would yield (a run on two processes
+trains on the same data as one on a single process), each process reads and tokenizes only
+its own documents, and the shards are disjoint: document k of an epoch goes to row k mod
+batch_size only. This needs at least batch_size documents.
+
+Packing leaves padding only where a stream ends, at the end of the last epoch; with finite
+`epochs` iteration stops when the first row's stream ends, dropping less than one row from
+each of the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from compress.data.examples import EXAMPLE_KEYS, Tokenizer, encode_document
+from compress.data.sources import read_sources
+from compress.errors import InputError
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What a training run reads, and how it is cut into batches."""
+
+    sources: tuple[str, ...] = ("pydoc", "stdlib")  # built-in corpora ("pydoc", "stdlib"), text or .jsonl files, directories
+    seq_len: int = 512  # tokens per packed row
+    batch_size: int = 8  # rows per global batch, over all processes; a multiple of the process count
+    seed: int = 0  # of the shuffle; the same seed gives the same batches
+    shuffle: bool = True  # documents in a seeded random order, a new one each epoch; False: in the order read
+    epochs: int | None = None  # passes over the documents; None repeats them forever
+    prefetch: int = 2  # batches prepared ahead in a background thread; 0 prepares each when asked
+
+    def __post_init__(self):
+        if not self.sources:
+            raise InputError("DataConfig.sources is empty; name at least one file, directory or built-in corpus")
+        for name, least in (("seq_len", 1), ("batch_size", 1), ("seed", 0), ("prefetch", 0), ("epochs", 1)):
+            value = getattr(self, name)
+            if name == "epochs" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise InputError(f"DataConfig.{name} must be an integer >= {least}, got {value!r}")
+        if self.seed >= 2**32:
+            raise InputError(f"DataConfig.seed must be below 2**32 (Grain's shuffle), got {self.seed}")
+
+
+def train_batches(
+    config: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    documents: Sequence[Any] | None = None,
+) -> grain.IterDataset:
+    """This process's share of the training batches, as a Grain dataset (iterate it for batches).
+
+    Args:
+      config: sources, row length, global batch size, seed, epochs.
+      tokenizer: `encode`, `eos_token_id` and (for chats) `apply_chat_template`; see examples.py.
+      shard_index, shard_count: this process's place among those sharing each batch; default
+        jax.process_index() and jax.process_count().
+      documents: the documents to use instead of reading config.sources (already read ones).
+    Returns:
+      A grain.IterDataset of batches (module docstring); its iterators' get_state() is
+      JSON-serialisable and set_state() restores it exactly.
+    """
+    if tokenizer.eos_token_id is None:
+        raise InputError("the tokenizer has no EOS token, which ends every text document; use a tokenizer with one")
+    shard_index, shard_count = _shard(config, shard_index, shard_count)
+    where = ", ".join(config.sources) if documents is None else "the documents given"
+    documents = read_sources(config.sources) if documents is None else list(documents)
+    if len(documents) < config.batch_size:
+        raise InputError(
+            f"{where}: {len(documents)} documents for batches of {config.batch_size} rows; every row reads its "
+            f"own documents, so give at least {config.batch_size} (more files or JSONL lines) or a smaller batch_size"
+        )
+
+    ordered = grain.MapDataset.source(documents)
+    if config.shuffle:
+        ordered = ordered.shuffle(seed=config.seed)
+    ordered = ordered.repeat(config.epochs)  # reshuffled each epoch
+    rows_per_shard = config.batch_size // shard_count
+    first = shard_index * rows_per_shard
+    rows = [
+        _packed_row_stream(ordered[row :: config.batch_size], tokenizer, config.seq_len)  # documents row, row + B, ...
+        for row in range(first, first + rows_per_shard)
+    ]
+    # strict=False: with finite epochs the rows' streams end at different batches; stop at the first.
+    batches = grain.experimental.ZipIterDataset(rows, strict=False).map(_stack_rows)
+    if config.prefetch:
+        batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch)
+    return _JsonStateIterDataset(batches)
+
+
+def _packed_row_stream(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int) -> grain.IterDataset:
+    """One batch row's stream: its documents tokenized and packed into rows of seq_len."""
+    examples = documents.map(functools.partial(encode_document, tokenizer=tokenizer))
+    examples = examples.filter(lambda example: len(example["inputs"]) > 0)
+    # No reader threads: the documents are in memory, and the whole pipeline already runs in
+    # one prefetch thread (Grain recommends num_threads=0 for in-memory data).
+    examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    packed = grain.experimental.ConcatThenSplitIterDataset(examples, length_struct={key: seq_len for key in EXAMPLE_KEYS})
+    return packed.map(_batch_row)
+
+
+def _batch_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The packer's output (segment ids and positions per feature, all equal) as one row of a batch."""
+    return {
+        "inputs": packed["inputs"].astype(np.int32),
+        "targets": packed["targets"].astype(np.int32),
+        "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
+        "positions": packed["inputs_positions"].astype(np.int32),
+        "loss_mask": packed["loss_mask"].astype(np.float32),
+    }
+
+
+def _stack_rows(rows: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+    return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}  # each [rows, seq_len]
+
+
+def _shard(config: DataConfig, shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise InputError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
+    if config.batch_size % shard_count:
+        raise InputError(
+            f"DataConfig.batch_size={config.batch_size} rows cannot be shared by {shard_count} processes; "
+            f"give a multiple of {shard_count}"
+        )
+    return shard_index, shard_count
+
+
+class _JsonStateIterDataset(grain.IterDataset):
+    """Its parent, with iterators whose state survives a JSON round trip (what grain.checkpoint and
+    Orbax write).
+
+    Written by hand for a Grain bug (0.2.15 to 0.2.18 at least): its packer (ConcatThenSplit) compares
+    its saved `remainder_slices` with a tuple; JSON turns the tuples into lists, and a packer
+    restored from them skips a document. set_state turns them back into tuples.
+    """
+
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _JsonStateIterator(self._parent.__iter__())
+
+    def __str__(self) -> str:
+        return "JsonStateIterDataset"
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(_slices_as_tuples(state))
+
+
+def _slices_as_tuples(state: Any) -> Any:
+    """`state` with every `remainder_slices` entry a tuple again."""
+    if isinstance(state, dict):
+        return {
+            key: {k: tuple(v) for k, v in value.items()} if key == "remainder_slices" else _slices_as_tuples(value)
+            for key, value in state.items()
+        }
+    if isinstance(state, list):
+        return [_slices_as_tuples(item) for item in state]
+    return state
