@@ -148,6 +148,18 @@ def attention_mask(
     return allowed
 
 
+def same_segment(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """Which keys share each query's segment, for packed rows: [B, T, S=T] bool.
+
+    Args:
+      segment_ids: [B, T] document number of each token in a packed row; 0 marks padding,
+        which shares a segment with nothing (not even other padding).
+    Combine with `attention_mask` (causality, sliding window) by `&`.
+    """
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+    return same & (segment_ids[:, None, :] != 0)
+
+
 def grouped_query_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
     """Softmax attention with K key/value heads shared by groups of query heads.
 

@@ -1,7 +1,9 @@
 """A Llama-family causal decoder as pure functions over a parameter pytree.
 
 Covers Llama 2/3, Mistral, Qwen2 (biased q/k/v) and SmolLM2: RMSNorm, RoPE with
-scaling, grouped-query attention, SwiGLU, tied or untied embeddings.
+scaling, grouped-query attention, SwiGLU, tied or untied embeddings. For training, a row
+may pack several documents (`segment_ids`, `positions`: attention stays inside each) and
+the layer scan may rematerialise activations (`remat`).
 
 Glossary of axes (one letter each in einsums):
   B batch            T query positions     S key slots (cache length)
@@ -39,6 +41,15 @@ from compress.models.params import DTYPES, ParamSpec
 from compress.models.rope import RopeScaling, apply_rope, inverse_frequencies, rope_tables
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+# Rematerialisation of the layer scan (`forward(..., remat=...)`): what the backward pass keeps
+# of each layer instead of recomputing it. "none" (not listed) keeps every activation.
+REMAT_POLICIES = {
+    "full": None,  # keep only each layer's input; recompute the whole layer
+    # keep the projections' outputs; recompute attention (batched dots) and elementwise ops
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_NAMES = ("none", *REMAT_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +190,14 @@ class DecoderOutput(NamedTuple):
     hidden_states: jnp.ndarray | None  # [L+1, B, T, D] residual stream after embedding and each layer
 
 
+def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """[B, T] position of each token within its contiguous run of equal segment ids, from 0."""
+    b, t = segment_ids.shape
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))  # [B, T]
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [B, T]
+    return slots - jax.lax.cummax(jnp.where(starts, slots, 0), axis=1)
+
+
 def init_cache(c: DecoderConfig, batch: int, max_len: int, dtype=None, quantized: bool = False) -> attn.KVCache:
     """An empty key/value cache of `max_len` slots per row (int8 with per-head scales if quantized)."""
     return attn.KVCache.zeros(
@@ -196,6 +215,9 @@ def forward(
     return_hidden: bool = False,
     attend_len: int | None = None,
     last_logits_only: bool = False,
+    segment_ids: jnp.ndarray | None = None,
+    positions: jnp.ndarray | None = None,
+    remat: str = "none",
 ) -> DecoderOutput:
     """Run the decoder.
 
@@ -212,6 +234,13 @@ def forward(
         cache with more rows; the others are left as they are.
       last_logits_only: logits of the last position only ([B, 1, V]): what a prefill needs,
         without the LM head's cost over every prompt position.
+      segment_ids: [B, T] int, packed rows (no cache): the document of each token, contiguous
+        runs numbered from 1, 0 for padding. A token attends only to earlier tokens of its own
+        document; padding attends to nothing real and nothing attends to it.
+      positions: [B, T] int, packed rows (no cache): RoPE position of each token. Defaults to
+        counting from 0 at the start of each segment (with segment_ids) or of the real tokens.
+      remat: what the backward pass recomputes per layer: "none", "full" (the whole layer) or
+        "dots" (all but the projections' outputs); see REMAT_POLICIES.
 
     Returns:
       DecoderOutput with float32 logits [B, T, V], the updated cache (or None) and the
@@ -221,11 +250,15 @@ def forward(
     dtype = DTYPES[c.dtype]
     b, t = tokens.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if remat not in REMAT_NAMES:
+        raise ValueError(f"remat={remat!r}; choose one of {', '.join(REMAT_NAMES)}")
+    if cache is not None and (segment_ids is not None or positions is not None):
+        raise ValueError("segment_ids and positions describe packed rows, which run without a cache; pass no cache")
 
     if cache is None:
         start = jnp.zeros((b,), jnp.int32)
         past = jnp.zeros((b,), jnp.int32)
-        key_valid = mask  # [B, S=T]
+        key_valid = mask if segment_ids is None else mask & (segment_ids != 0)  # [B, S=T]
     else:
         if b > cache.index.shape[0]:
             raise ValueError(f"{b} token rows for a cache of {cache.index.shape[0]} rows")
@@ -233,9 +266,14 @@ def forward(
         start, past = cache.index[:b], cache.lengths[:b]
         row_valid = attn.write_rows(cache.valid[:b], mask, start)  # [B, S]
         key_valid = row_valid[:, :width]  # [B, W]
-    positions = past[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
+    if positions is None and segment_ids is not None:
+        positions = segment_positions(segment_ids)  # [B, T]
+    elif positions is None:
+        positions = past[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
     query_slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
     allowed = attn.attention_mask(query_slots, key_valid, c.sliding_window)  # [B, T, S or W]
+    if segment_ids is not None:
+        allowed &= attn.same_segment(segment_ids)  # [B, T, S=T]
     inv_freq, attention_factor = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
     cos, sin = rope_tables(positions, inv_freq, attention_factor)  # [B, T, H]
 
@@ -259,6 +297,9 @@ def forward(
         x, _ = decoder_layer(p, x, c, cos, sin, attend)
         return (x, (cache_k, k_scale), (cache_v, v_scale), layer + 1), (x if return_hidden else None)
 
+    if remat != "none":
+        # prevent_cse=False: the scan already keeps XLA from merging the recomputation away.
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
     if cache is not None:
         cache_kv = ((cache.k, cache.k_scale), (cache.v, cache.v_scale))
     else:
