@@ -23,8 +23,12 @@ Logical axes:
   positions    position-embedding rows        -> replicated (BERT; small, looked up)
   token_types  token-type-embedding rows      -> replicated (BERT's segments)
 
+A run may pass its own table (`rules=`) to every function here; RULES is the default.
 A dimension whose size the chosen mesh axes do not divide is replicated
-instead (SmolLM2 has 3 KV heads; a tensor axis of 2 cannot split them).
+instead (SmolLM2 has 3 KV heads; a tensor axis of 2 cannot split them), except
+with `strict=True`, which a training run uses: there it is an InputError naming
+the parameter, since silently replicating a dimension multiplies its memory
+(and its optimizer state's) by the mesh axis size.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from compress.errors import InputError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -55,6 +61,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 Axes = tuple[str | None, ...]
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 
 def make_mesh(
@@ -84,50 +91,97 @@ def single_device_mesh() -> Mesh:
 
 
 def logical_to_spec(
-    axes: Axes, shape: Sequence[int] | None = None, mesh: Mesh | None = None, rules=RULES
+    axes: Axes,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Rules = RULES,
+    *,
+    strict: bool = False,
+    name: str | None = None,
 ) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec through `rules`.
 
-    With `shape` and `mesh`, a dimension that the mesh axes do not divide, or a mesh
-    axis already used by an earlier dimension, is replicated rather than failing.
+    With `shape` and `mesh`, a mesh axis of size 1, or one already used by an earlier
+    dimension, is dropped. A dimension that the remaining mesh axes do not divide is
+    replicated, or with `strict` raises InputError naming the tensor `name`.
     """
     table = dict(rules)
     used: set[str] = set()
     spec = []
-    for i, name in enumerate(axes):
-        if name is not None and name not in table:
-            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
-        target = table.get(name) if name is not None else None
+    for i, axis in enumerate(axes):
+        if axis is not None and axis not in table:
+            raise KeyError(f"logical axis {axis!r} has no sharding rule; known: {sorted(table)}")
+        target = table.get(axis) if axis is not None else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
         if mesh is not None:
             mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
-            if shape is not None and mesh_axes and shape[i] % math.prod(mesh.shape[a] for a in mesh_axes):
+            split = math.prod(mesh.shape[a] for a in mesh_axes)
+            if shape is not None and mesh_axes and shape[i] % split:
+                if strict:
+                    raise _indivisible(name, axes, shape, i, mesh_axes, mesh)
                 mesh_axes = ()
         used.update(mesh_axes)
         spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, axes: Axes, shape: Sequence[int]) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
-
-
-def tree_shardings(mesh: Mesh, axes_tree: Any, shapes_tree: Any) -> Any:
-    """NamedShardings for a pytree, given the matching logical-axes and shape pytrees."""
-    return jax.tree.map(
-        lambda axes, s: named_sharding(mesh, axes, s.shape),
-        axes_tree,
-        shapes_tree,
-        is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x),
+def _indivisible(name, axes, shape, i, mesh_axes, mesh) -> InputError:
+    over = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
+    split = math.prod(mesh.shape[a] for a in mesh_axes)
+    return InputError(
+        f"{name or 'a tensor'} {tuple(shape)}: dimension {i} ({axes[i]!r}, size {shape[i]}) cannot be split "
+        f"over mesh axis {over} ({shape[i]} is not a multiple of {split}); choose mesh sizes that divide it, "
+        f"or a sharding rule that maps {axes[i]!r} to another mesh axis (or to None, replicated)"
     )
 
 
-def shard_params(params: Any, axes_tree: Any, mesh: Mesh) -> Any:
+def named_sharding(
+    mesh: Mesh, axes: Axes, shape: Sequence[int], *, rules: Rules = RULES, strict: bool = False, name: str | None = None
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules, strict=strict, name=name))
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """A pytree key path as the '/'-joined names freeze patterns and errors use: 'layers/q/kernel'."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def tree_shardings(
+    mesh: Mesh, axes_tree: Any, shapes_tree: Any, *, rules: Rules = RULES, strict: bool = False
+) -> Any:
+    """NamedShardings for a pytree, given the matching logical-axes and shape pytrees.
+
+    rules: the logical-to-mesh table (default RULES). strict: a dimension the mesh cannot
+    divide is an InputError naming the leaf's path ('layers/q/kernel') instead of replicated.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, axes, s: named_sharding(mesh, axes, s.shape, rules=rules, strict=strict, name=path_name(path)),
+        axes_tree,
+        shapes_tree,
+        is_leaf=_is_axes,
+    )
+
+
+def shard_params(params: Any, axes_tree: Any, mesh: Mesh, *, rules: Rules = RULES, strict: bool = False) -> Any:
     """Place an existing parameter pytree onto `mesh` according to its logical axes."""
-    return jax.device_put(params, tree_shardings(mesh, axes_tree, params))
+    return jax.device_put(params, tree_shardings(mesh, axes_tree, params, rules=rules, strict=strict))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None, *, rules: Rules = RULES
+) -> NamedSharding:
     """Sharding of a [batch, ...] input: the batch axis over data and fsdp."""
     axes: Mapping | tuple = ("batch",) + (None,) * (ndim - 1)
-    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))

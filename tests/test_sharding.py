@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compress import sharding as shd
+from compress.errors import InputError
 from compress.models import decoder
 from compress.pretrained import load_decoder
 from tests.reference import tiny_hf_model
@@ -73,3 +74,35 @@ def test_bfloat16_parameters_and_compute():
     ref = decoder.forward(jax.tree.map(lambda x: x.astype(jnp.float32), params), tokens, CONFIG).logits
     assert out.dtype == jnp.float32
     assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.05 * np.abs(np.asarray(ref)).max()
+
+
+def test_a_run_chooses_its_rules():
+    mesh = shd.make_mesh(1, 4, 2)
+    # Pure FSDP over the MLP width instead of the embedding, with tensor parallelism off.
+    rules = tuple((name, None) for name, _ in shd.RULES if name not in ("mlp", "batch")) + (
+        ("mlp", "fsdp"), ("batch", ("data", "fsdp")))
+    axes, shapes = decoder.param_axes(CONFIG), decoder.param_shapes(CONFIG)
+    custom = shd.tree_shardings(mesh, axes, shapes, rules=rules)
+    default = shd.tree_shardings(mesh, axes, shapes)
+    assert custom["layers"]["up"]["kernel"].spec == P(None, None, "fsdp")
+    assert custom["layers"]["q"]["kernel"].spec == P(None, None, None, None)
+    assert default["layers"]["up"]["kernel"].spec == P(None, "fsdp", "tensor")
+    assert shd.batch_sharding(mesh, 2, (8, 3), rules=rules).spec == P("fsdp", None)
+
+
+def test_strict_sharding_names_the_tensor_instead_of_replicating():
+    mesh = shd.make_mesh(2, 2, 2)
+    config = decoder.DecoderConfig(**{**CONFIG.__dict__, "num_heads": 6, "num_kv_heads": 3})
+    axes, shapes = decoder.param_axes(config), decoder.param_shapes(config)
+    loose = shd.tree_shardings(mesh, axes, shapes)  # the default: 3 KV heads replicated over tensor=2
+    assert loose["layers"]["k"]["kernel"].spec == P(None, "fsdp", None, None)
+    with pytest.raises(InputError) as caught:
+        shd.tree_shardings(mesh, axes, shapes, strict=True)
+    assert str(caught.value).startswith(
+        "layers/k/kernel (2, 64, 3, 8): dimension 2 ('kv_heads', size 3) cannot be split over mesh axis tensor=2 "
+        "(3 is not a multiple of 2)")
+    with pytest.raises(InputError, match=r"^x \(6,\): dimension 0 \('batch', size 6\) cannot be split over mesh axis "
+                                         r"data=2 x fsdp=2"):
+        shd.logical_to_spec(("batch",), (6,), mesh, strict=True, name="x")
+    # Mesh axes of size 1 never need dividing.
+    assert shd.logical_to_spec(("kv_heads",), (3,), shd.make_mesh(1, 8, 1), strict=True) == P(None)
