@@ -35,6 +35,17 @@ class Pretrained:
     quantization: str | None = None  # the scheme of a quantized directory (integer weights)
 
 
+def decoder_architecture(name_or_path: str) -> tuple[decoder.DecoderConfig, Any]:
+    """(config, tokenizer) of a bundled name, Hugging Face directory or .gguf file, without its weights:
+    what a model trained from random weights in the same shape (or a variation of it) needs."""
+    location = resolve(name_or_path)
+    if location.format == "gguf":
+        config = gguf_decoder.config_from_gguf(GGUFFile(location.path))
+    else:
+        config = hf_decoder.read_config(location.path)
+    return config, load_tokenizer(location)
+
+
 def load_decoder(
     name_or_path: str,
     *,

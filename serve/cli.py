@@ -5,6 +5,7 @@
   command    what it does                                   its code
   models     bundled models and architectures               compress/commands/models.py
   quantize   integer weights and scales to a directory      compress/commands/quantize.py
+  train      train a model on text (full or partial)        compress/commands/train.py
   index      build, update and search a retrieval index     retrieval/commands/index.py
   generate   one prompt through the engine                  serve/commands/generate.py
   batch      a JSONL file of prompts, offline, resumable    serve/commands/batch.py
@@ -30,7 +31,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from compress.commands import models, quantize
+from compress.commands import models, quantize, train
 from compress.errors import InputError
 from retrieval.commands import index
 from serve.commands import ask, batch, generate, serve
@@ -42,6 +43,7 @@ COMMANDS = {
     "batch": batch,
     "serve": serve,
     "quantize": quantize,
+    "train": train,
     "eval": eval_command,
     "index": index,
     "ask": ask,
