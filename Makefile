@@ -54,6 +54,9 @@ demo: install
 	@test -f out/pydoc-index/meta.sqlite || $(BIN)/press index build --docs pydoc:topics --index out/pydoc-index
 	$(BIN)/press ask --index out/pydoc-index --model smollm2-135m-instruct -k 3 --max-new-tokens 96 \
 		"What does the nonlocal statement do?"
+	@echo "--- training: a tiny model in SmolLM2's shape, trained from scratch on the language reference (under a minute; a rerun continues from its checkpoint):"
+	$(BIN)/press train configs/train-tiny.yaml --no-progress
+	$(BIN)/press generate --model out/train-tiny/hf --prompt "The for statement" --max-new-tokens 16
 
 # The import contracts (pyproject.toml) first: a layering violation or an import cycle fails the run.
 test: install $(VENV)/.test
@@ -76,6 +79,7 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/quant.py --windows 16 --out bench-results/quant.json
 	$(BIN)/python benchmarks/gptq_ablation.py --out bench-results/gptq-ablation.json
 	$(BIN)/python benchmarks/retrieve.py --vectors 100000 --queries 1000 --out bench-results/retrieval.json
+	$(BIN)/python benchmarks/train.py --out bench-results/train.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache

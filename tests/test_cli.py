@@ -69,6 +69,8 @@ def test_shipped_configs_load():
     ("serve", "configs/serve.yaml", [], "ServeConfig"),
     ("ask", "configs/ask.yaml", ["What is a tuple?"], "AskConfig"),
     ("generate", "configs/generate.yaml", ["prompt=hi"], "GenerateConfig"),
+    ("train", "configs/train-tiny.yaml", [], "TrainConfig"),
+    ("train", "configs/train-smollm2.yaml", [], "TrainConfig"),
 ])
 def test_every_job_reads_its_shipped_config(command, path, extra, schema):
     """`press COMMAND configs/FILE.yaml [word] [key=value]` builds the command's typed config from the file."""

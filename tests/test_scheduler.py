@@ -96,10 +96,9 @@ def test_a_lone_request_beside_a_fan_out_gets_a_row_and_the_fan_out_continues_ex
     assert sum(r.preemptions for r in fan_out) >= 1
 
 
-def test_prefill_delay_gathers_arrivals_during_decoding_into_one_prefill():
-    config, params, tokenizer = tiny_decoder(seed=3)
-    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=128, compilation_cache=False,
-                prefill_delay=100.0) as engine:
+def test_prefill_delay_gathers_arrivals_during_decoding_into_one_prefill(engine):
+    engine.prefill_delay = 100.0
+    try:
         engine.generate("warm the shapes up", SamplingParams(max_new_tokens=2))
         long = engine.submit("a long one", SamplingParams(max_new_tokens=100, ignore_eos=True))
         next(long.deltas())  # decoding: new prompts now wait 100 x the last prefill's time
@@ -110,3 +109,5 @@ def test_prefill_delay_gathers_arrivals_during_decoding_into_one_prefill():
         assert engine.stats["prefills"] == prefills + 1, "the three arrivals should share one prefill"
         assert engine.stats["decode_steps"] > steps + 2, "the running request kept decoding while they waited"
         assert len(long.result(timeout=120).token_ids) == 100
+    finally:
+        engine.prefill_delay = 0.0

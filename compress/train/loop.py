@@ -123,7 +123,7 @@ class TrainConfig:
 class TrainResult:
     steps: int  # updates applied when the run returned
     stopped: str  # "done", or "sigterm" (saved; rerun to continue)
-    last_loss: float
+    last_loss: float | None  # None when no step ran (the run had already reached `steps`)
     out: str
     exported: str | None  # the Hugging Face directory, when written
     eval_loss: float | None = None
@@ -209,7 +209,8 @@ def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[
         if checkpointer is not None:
             checkpointer.close()
         batches.close()  # stops Grain's prefetch thread (left to the interpreter's exit, it complains)
-    return TrainResult(int(jax.device_get(state.step)), stopped, loss, config.out, exported, eval_loss)
+    return TrainResult(int(jax.device_get(state.step)), stopped, loss if math.isfinite(loss) else None, config.out,
+                       exported, eval_loss)
 
 
 # ----------------------------------------------------------------------------- pieces
