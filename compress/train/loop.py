@@ -132,6 +132,18 @@ class TrainResult:
 def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run (or resume) the training `config` describes; see the module docstring."""
     distributed.initialize(config)
+    checkpointer = None
+    if config.save_every:
+        import grain
+
+        checkpointer = Checkpointer(os.path.join(config.out, CHECKPOINTS_DIR), max_to_keep=config.keep_checkpoints,
+                                    extra_items={DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+        if checkpointer.latest_step() is not None:
+            try:
+                _check_resumable(checkpointer, config)  # before anything is loaded
+            except BaseException:
+                checkpointer.close()
+                raise
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model_config, params, tokenizer = _model(config, mesh)
     optimizer = make_optimizer(config.optimizer)
@@ -146,20 +158,13 @@ def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[
                               grad_accum_steps=config.grad_accum_steps,
                               learning_rate=learning_rate_schedule(config.optimizer))
     batches = iter(train_batches(config.data, tokenizer))
-
-    checkpointer = None
-    if config.save_every:
-        import grain
-
-        checkpointer = Checkpointer(os.path.join(config.out, CHECKPOINTS_DIR), max_to_keep=config.keep_checkpoints,
-                                    extra_items={DATA_ITEM: grain.checkpoint.CheckpointHandler()})
     start = 0
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        state, start = _resume(checkpointer, config, state, shardings, batches)
+        state, start = _resume(checkpointer, state, shardings, batches)
     writer = MetricsWriter(config.out, config.steps, first_step=start, progress=config.progress, log=log)
     if start:
         writer.note(f"resumed from step {start} in {checkpointer.directory}")
-    evaluate = _held_out_eval(config, loss_fn, tokenizer, shardings, batch_sharding) if config.eval_every else None
+    evaluate = held_out_eval(config, loss_fn, tokenizer, shardings, batch_sharding) if config.eval_every else None
 
     stop = _SigtermFlag()
     stopped, loss, eval_loss = "done", float("nan"), None
@@ -238,11 +243,9 @@ def _model(config: TrainConfig, mesh) -> tuple[decoder.DecoderConfig, Any, Any]:
     return loaded.config, loaded.params, loaded.tokenizer
 
 
-def _resume(checkpointer: Checkpointer, config: TrainConfig, state: TrainState, shardings, batches):
-    import grain
-
-    step = checkpointer.latest_step()
-    saved = checkpointer.restore_metadata(step).get("config", {})
+def _check_resumable(checkpointer: Checkpointer, config: TrainConfig) -> None:
+    """The latest checkpoint was saved by a run with this run's model, data and frozen leaves."""
+    saved = checkpointer.restore_metadata(checkpointer.latest_step()).get("config", {})
     now = cfg.to_dict(config)
     changed = [key for key in RESUME_KEYS if key in saved and saved[key] != now[key]]
     if changed:
@@ -251,6 +254,12 @@ def _resume(checkpointer: Checkpointer, config: TrainConfig, state: TrainState, 
             f"(saved {', '.join(f'{k}={saved[k]!r}' for k in changed)}); resume with the same settings, "
             f"or train into another out directory"
         )
+
+
+def _resume(checkpointer: Checkpointer, state: TrainState, shardings, batches):
+    import grain
+
+    step = checkpointer.latest_step()
     state = checkpointer.restore(step, shapes=state, shardings=shardings)
     checkpointer.restore_item(DATA_ITEM, grain.checkpoint.CheckpointRestore(batches), step)
     return state, step
@@ -270,7 +279,7 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
     return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local.items()}
 
 
-def _held_out_eval(config: TrainConfig, loss_fn: LossFn, tokenizer, shardings: TrainState, batch_sharding):
+def held_out_eval(config: TrainConfig, loss_fn: LossFn, tokenizer, shardings: TrainState, batch_sharding):
     """params -> mean loss over the held-out windows (every process builds the same windows)."""
     text, source = corpus.held_out_text()
     seq_len, rows = config.data.seq_len, config.data.batch_size
