@@ -3,9 +3,6 @@ output with exactly the lines of a single-process run; the merge of their parts 
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -15,9 +12,9 @@ from serve import batch
 from serve.commands.batch import BatchConfig
 from serve.engine import Engine
 from serve.sampling import SamplingParams
+from tests.processes import run_job
 from tests.tiny_decoder import export_tiny_decoder
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = SamplingParams(max_new_tokens=4)
 ENGINE = {"max_slots": 1, "max_seq_len": 64}  # one row: a request's numbers do not depend on its neighbours
 LINES = [json.dumps({"id": i, "prompt": f"Item number {i} is"}).encode() for i in range(10)]
@@ -47,31 +44,16 @@ def tiny_engine(tiny_dir):
         yield e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_leave_the_output_of_one(tiny_dir, tiny_engine, tmp_path):
     _write_lines(tmp_path / "in.jsonl", LINES)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    port = _free_port()
-    command = [sys.executable, "-m", "serve.cli", "batch", "--model", tiny_dir, "--input", str(tmp_path / "in.jsonl"),
-               "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", str(DEFAULTS.max_new_tokens),
-               "--max-slots", str(ENGINE["max_slots"]), "--max-seq-len", str(ENGINE["max_seq_len"]), "--no-progress",
-               "--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
-    processes = [subprocess.Popen([*command, "--process-id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in processes] == [1, 1], logs  # 1: some lines are in the errors file
+    codes, logs = run_job(["batch", "--model", tiny_dir, "--input", str(tmp_path / "in.jsonl"),
+                           "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", str(DEFAULTS.max_new_tokens),
+                           "--max-slots", str(ENGINE["max_slots"]), "--max-seq-len", str(ENGINE["max_seq_len"]),
+                           "--no-progress"], 2, env)
+    assert codes == [1, 1], logs  # 1: some lines are in the errors file
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.errors.jsonl", "out.jsonl"]  # the parts are gone
 
     single = batch.run_batch(tiny_engine, str(tmp_path / "in.jsonl"), str(tmp_path / "single.jsonl"),

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from compress.errors import InputError
 from compress.pretrained import load_decoder
 from compress.train.loop import TrainConfig, TrainingDiverged, train
 from compress.train.metrics import read_metrics
+from tests.processes import run_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "train-tiny.yaml")
@@ -128,30 +128,14 @@ def test_a_mesh_that_cannot_split_a_parameter_is_an_error_naming_it(tmp_path):
         train(config)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(uninterrupted, tmp_path):
     assert jax.device_count() == 8
     want = _losses(uninterrupted[0])
     out = tmp_path / "two"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONUNBUFFERED": "1"}
-    port = _free_port()
-    command = [sys.executable, "-m", "serve.cli", "train", TINY, *SHORT, f"out={out}", "--distributed",
-               "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
-    processes = [subprocess.Popen([*command, "--process-id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in processes] == [0, 0], logs
+    codes, logs = run_job(["train", TINY, *SHORT, f"out={out}"], 2, env)
+    assert codes == [0, 0], logs
     got = _losses(out)
     assert list(got) == list(want)
     np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-5)
