@@ -1,0 +1,126 @@
+"""Knowledge-distillation losses: pure functions of student logits and a teacher's distribution.
+
+Every loss takes the student's logits [B, T, V], the teacher's (full logits [B, T, V], or its
+top-k as `TopK`: the ids and the log-probabilities at them, what a teacher cache stores), and a
+mask [B, T] of the positions that count, and returns the masked mean over those positions
+(0 with an empty mask). Distributions are softened by a temperature T, and each divergence is
+multiplied by T², so its gradient keeps the same scale whatever T (Hinton et al., 2015).
+
+  forward KL   KL(teacher || student): mass-covering, the classic KD loss
+  reverse KL   KL(student || teacher): mode-seeking (MiniLLM)
+  JSD(β)       β KL(teacher || M) + (1 - β) KL(student || M), M = β teacher + (1 - β) student:
+               the generalized Jensen-Shannon divergence of GKD (Agarwal et al., 2024); β = 0.5 is
+               the symmetric JSD, and it tends to the forward KL as β -> 0 (scaled by β) and the
+               reverse as β -> 1
+  distillation_loss   α x cross-entropy on the hard labels + (1 - α) x one of the above
+
+Top-k: a 49k-152k vocabulary makes a teacher's full distribution per token too large to
+keep; with `TopK` the teacher's distribution is its top k probabilities renormalised, and the
+student's full-vocabulary log-probabilities are read at those ids (sparse KD). With k = V this
+is exactly the full loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+class TopK(NamedTuple):
+    """A teacher's top k per position: ids [B, T, k] int32 and their log-probabilities [B, T, k]
+    under the teacher's temperature-softened distribution over the whole vocabulary."""
+
+    ids: jax.Array
+    log_probs: jax.Array
+
+
+def top_k(teacher_logits: jax.Array, k: int, temperature: float = 1.0) -> TopK:
+    """The teacher's k most likely ids per position and their log-probabilities at `temperature`."""
+    log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    values, ids = jax.lax.top_k(log_probs, k)
+    return TopK(ids.astype(jnp.int32), values)
+
+
+def forward_kl(student_logits, teacher, mask, temperature: float = 1.0) -> jax.Array:
+    """T² KL(teacher || student), the masked mean per position."""
+    log_p, log_q = _log_probs(student_logits, teacher, temperature)
+    return _masked_mean(_kl(log_p, log_q), mask) * temperature**2
+
+
+def reverse_kl(student_logits, teacher, mask, temperature: float = 1.0) -> jax.Array:
+    """T² KL(student || teacher), the masked mean per position."""
+    log_p, log_q = _log_probs(student_logits, teacher, temperature, renormalise_student=True)
+    return _masked_mean(_kl(log_q, log_p), mask) * temperature**2
+
+
+def generalized_jsd(student_logits, teacher, mask, temperature: float = 1.0, beta: float = 0.5) -> jax.Array:
+    """T² [β KL(teacher || M) + (1 - β) KL(student || M)], M = β teacher + (1 - β) student."""
+    if not 0 < beta < 1:
+        raise ValueError(f"beta must lie in (0, 1), got {beta} (use forward_kl or reverse_kl for the limits)")
+    log_p, log_q = _log_probs(student_logits, teacher, temperature, renormalise_student=True)
+    log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
+    divergence = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    return _masked_mean(divergence, mask) * temperature**2
+
+
+def cross_entropy(student_logits, targets, mask) -> jax.Array:
+    """The hard-label loss: -log q(target), the masked mean per position."""
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_q, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return _masked_mean(-picked, mask)
+
+
+def distillation_loss(student_logits, teacher, targets, mask, *, alpha: float = 0.0, temperature: float = 2.0,
+                      divergence: Divergence = "forward_kl", beta: float = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """α CE(targets) + (1 - α) divergence(teacher, student); (loss, {"kd", "ce"}) for the train step's aux."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if divergence == "forward_kl":
+        kd = forward_kl(student_logits, teacher, mask, temperature)
+    elif divergence == "reverse_kl":
+        kd = reverse_kl(student_logits, teacher, mask, temperature)
+    elif divergence == "jsd":
+        kd = generalized_jsd(student_logits, teacher, mask, temperature, beta)
+    else:
+        raise ValueError(f"divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    ce = cross_entropy(student_logits, targets, mask)
+    return alpha * ce + (1 - alpha) * kd, {"kd": kd, "ce": ce}
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _log_probs(student_logits, teacher, temperature: float, renormalise_student: bool = False):
+    """(teacher log p, student log q) over the same support: the vocabulary, or the teacher's top k
+    (p renormalised over them; q the student's full-vocabulary log-probabilities read at them, which
+    the forward KL keeps as they are, a cross-entropy against the teacher's top k, and the reverse KL
+    and JSD renormalise, so both sides are distributions over the same k ids)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    if isinstance(teacher, TopK):
+        log_p = teacher.log_probs - jax.nn.logsumexp(teacher.log_probs, axis=-1, keepdims=True)
+        log_q = jnp.take_along_axis(log_q, teacher.ids, axis=-1)
+        if renormalise_student:
+            log_q = log_q - jax.nn.logsumexp(log_q, axis=-1, keepdims=True)
+        return log_p, log_q
+    if teacher.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {teacher.shape} and student logits {student_logits.shape} differ; "
+                         "a student distils from a teacher with the same tokenizer")
+    return jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1), log_q
+
+
+def _kl(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+    """KL(a || b) per position over the last axis; 0 · log 0 is 0."""
+    a = jnp.exp(log_a)
+    return jnp.sum(jnp.where(a > 0, a * (log_a - log_b), 0.0), axis=-1)
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
