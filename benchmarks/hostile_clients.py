@@ -23,7 +23,6 @@ import argparse
 import collections
 import http.client
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import threading
 import time
 
 from common import log, write_result
-from server_load import QUESTIONS, free_port, wait_ready
+from server_load import QUESTIONS, free_port, start_server, wait_ready
 
 HOST = "127.0.0.1"
 P95_GOAL = 1.5  # well-behaved p95 with the hostile clients over without, at most
@@ -281,10 +280,7 @@ def main() -> None:
     port = free_port()
     url = f"http://{HOST}:{port}"
     server_log = tempfile.TemporaryFile("w+")  # read at the end: tracebacks the hostile clients caused
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "press"), "serve", "--model", args.model, "--host", HOST,
-         "--port", str(port), "--max-slots", str(args.max_slots), "--max-seq-len", "256", "--warmup", *args.set],
-        stdout=subprocess.DEVNULL, stderr=server_log, text=True)
+    server = start_server(args.model, port, args.max_slots, args.set, stderr=server_log, host=HOST)
     try:
         log(f"hostile_clients: starting press serve on {url} (--warmup compiles once, then loads from cache)")
         wait_ready(url, server)

@@ -53,6 +53,14 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> Non
     raise TimeoutError("press serve did not become ready")
 
 
+def start_server(model: str, port: int, max_slots: int, settings: list[str], stderr, host: str = "127.0.0.1"):
+    """`press serve` on loopback as its own process (--warmup: shapes compiled before it listens)."""
+    return subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "press"), "serve", "--model", model, "--host", host,
+         "--port", str(port), "--max-slots", str(max_slots), "--max-seq-len", "256", "--warmup", *settings],
+        stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -71,14 +79,8 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "press"), "serve", "--model", args.model, "--port", str(port),
-         "--max-slots", str(args.max_slots), "--max-seq-len", "256", "--warmup",
-         f"prefix_cache_blocks={args.prefix_cache_blocks}", *args.set],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = start_server(args.model, port, args.max_slots,
+                          [f"prefix_cache_blocks={args.prefix_cache_blocks}", *args.set], stderr=subprocess.PIPE)
     try:
         wait_ready(url, server)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
