@@ -67,7 +67,7 @@ def test_masked_positions_do_not_count():
 def test_top_k_with_k_equal_to_the_vocabulary_is_the_full_loss_and_a_small_k_is_close():
     for loss in (losses.forward_kl, losses.reverse_kl, losses.generalized_jsd):
         full = float(loss(STUDENT, TEACHER, MASK, 2.0))
-        assert float(loss(STUDENT, losses.top_k(TEACHER, V, 2.0), MASK, 2.0)) == pytest.approx(full, rel=1e-5)
+        assert float(loss(STUDENT, losses.top_k(TEACHER, V), MASK, 2.0)) == pytest.approx(full, rel=1e-5)
     peaked = _logits(1, scale=12.0)  # a confident teacher: its top 4 hold nearly all the mass
     full = float(losses.forward_kl(STUDENT, peaked, MASK))
     assert float(losses.forward_kl(STUDENT, losses.top_k(peaked, 4), MASK)) == pytest.approx(full, rel=0.05)

@@ -33,15 +33,17 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 class TopK(NamedTuple):
     """A teacher's top k per position: ids [B, T, k] int32 and their log-probabilities [B, T, k]
-    under the teacher's temperature-softened distribution over the whole vocabulary."""
+    under its distribution over the whole vocabulary at temperature 1. A loss at temperature T
+    softens them itself (log p / T, renormalised over the k ids: the top k of the softened
+    distribution, renormalised), so one stored top-k (a teacher cache) serves every T."""
 
     ids: jax.Array
     log_probs: jax.Array
 
 
-def top_k(teacher_logits: jax.Array, k: int, temperature: float = 1.0) -> TopK:
-    """The teacher's k most likely ids per position and their log-probabilities at `temperature`."""
-    log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+def top_k(teacher_logits: jax.Array, k: int) -> TopK:
+    """The teacher's k most likely ids per position and their log-probabilities (temperature 1)."""
+    log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
     values, ids = jax.lax.top_k(log_probs, k)
     return TopK(ids.astype(jnp.int32), values)
 
@@ -104,7 +106,8 @@ def _log_probs(student_logits, teacher, temperature: float, renormalise_student:
         raise ValueError(f"temperature must be positive, got {temperature}")
     log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     if isinstance(teacher, TopK):
-        log_p = teacher.log_probs - jax.nn.logsumexp(teacher.log_probs, axis=-1, keepdims=True)
+        softened = teacher.log_probs.astype(jnp.float32) / temperature
+        log_p = softened - jax.nn.logsumexp(softened, axis=-1, keepdims=True)
         log_q = jnp.take_along_axis(log_q, teacher.ids, axis=-1)
         if renormalise_student:
             log_q = log_q - jax.nn.logsumexp(log_q, axis=-1, keepdims=True)

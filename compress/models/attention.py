@@ -207,6 +207,18 @@ def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jn
     return jnp.concatenate(blocks, axis=2).transpose(0, 2, 1, 3)
 
 
+def attention_with_probs(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray):
+    """`grouped_query_attention` that also returns its probabilities, for attention transfer.
+
+    Returns ([B, T, N, H] attended values, [B, N, T, S] float32 probabilities; a row that may see
+    no key, a padding position, is uniform, as in the attention itself).
+    """
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    q, k, v = _heads_first(q, k, v)  # [B, N, T, H], [B, N, S, H]
+    probs = _probabilities(q, k, allowed)  # [B, N, T, S]
+    return jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v).transpose(0, 2, 1, 3), probs
+
+
 def _heads_first(q, k, v):
     """[B, T, N, H] and [B, S, K, H] -> [B, N, T, H] and K/V repeated to [B, N, S, H]."""
     groups = q.shape[2] // k.shape[2]
@@ -216,7 +228,11 @@ def _heads_first(q, k, v):
 
 def _softmax_attention(q, k, v, allowed):
     """q [B, N, T, H] (already scaled), k/v [B, N, S, H], allowed [B, T, S] -> [B, N, T, H]."""
+    return jnp.einsum("BNTS,BNSH->BNTH", _probabilities(q, k, allowed).astype(v.dtype), v)
+
+
+def _probabilities(q, k, allowed):
+    """q [B, N, T, H] (already scaled), k [B, N, S, H], allowed [B, T, S] -> float32 [B, N, T, S]."""
     scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(allowed[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("BNTS,BNSH->BNTH", probs, v)
+    return jax.nn.softmax(scores, axis=-1)

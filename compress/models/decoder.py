@@ -29,6 +29,7 @@ Parameters (logical axes in brackets; `layers` leaves are stacked over L):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -184,10 +185,67 @@ def decoder_layer(p: dict[str, Any], x: jnp.ndarray, c: DecoderConfig, cos, sin,
     return x, inputs
 
 
+class Capture(NamedTuple):
+    """What a forward pass keeps from inside its layers (for distillation losses), by layer number.
+
+    hidden: residual streams, numbered as Hugging Face's hidden_states: 0 is the embedding
+      output, i (1..L) the output of layer i (0-based layer i - 1).
+    attention: attention probabilities of these layers (0-based), [B, N, T, S] each; only the
+      captured layers compute them (each runs outside the scan, the others stay in it).
+    """
+
+    hidden: tuple[int, ...] = ()
+    attention: tuple[int, ...] = ()
+
+
 class DecoderOutput(NamedTuple):
     logits: jnp.ndarray  # [B, T, V] float32
     cache: attn.KVCache | None  # the updated cache when one was passed in
     hidden_states: jnp.ndarray | None  # [L+1, B, T, D] residual stream after embedding and each layer
+    captured: dict[str, jnp.ndarray] | None = None  # Capture's: "hidden" [n, B, T, D], "attention" [m, B, N, T, S]
+
+
+class LayerTables(NamedTuple):
+    """What every layer of a cache-free pass shares: rotary tables and the attention mask."""
+
+    cos: jnp.ndarray  # [B, T, H]
+    sin: jnp.ndarray  # [B, T, H]
+    allowed: jnp.ndarray  # [B, T, S=T] bool
+
+    def attend(self, q, k, v):
+        """Causal attention of the pass's own T positions: [B, T, N, H]."""
+        return attn.causal_attention(q, k, v, self.allowed)
+
+
+def layer_tables(
+    config: DecoderConfig,
+    attention_mask: jnp.ndarray,
+    *,
+    segment_ids: jnp.ndarray | None = None,
+    positions: jnp.ndarray | None = None,
+) -> LayerTables:
+    """The tables `forward` builds for tokens without a cache (see its arguments); also the
+    hook for walking the layers one at a time (`embed`, then `decoder_layer` with
+    `tables.attend`), as calibration does."""
+    c = config
+    mask = attention_mask.astype(bool)  # [B, T]
+    b, t = mask.shape
+    key_valid = mask if segment_ids is None else mask & (segment_ids != 0)  # [B, S=T]
+    if positions is None and segment_ids is not None:
+        positions = segment_positions(segment_ids)  # [B, T]
+    elif positions is None:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
+    query_slots = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))  # [B, T]
+    allowed = attn.attention_mask(query_slots, key_valid, c.sliding_window)  # [B, T, T]
+    if segment_ids is not None:
+        allowed &= attn.same_segment(segment_ids)
+    inv_freq, attention_factor = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+    return LayerTables(*rope_tables(positions, inv_freq, attention_factor), allowed)
+
+
+def embed(params: dict[str, Any], tokens: jnp.ndarray, config: DecoderConfig) -> jnp.ndarray:
+    """The residual stream entering layer 0: [B, T, D] in the compute dtype."""
+    return jnp.take(params["embed"], tokens, axis=0).astype(DTYPES[config.dtype])
 
 
 def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
@@ -218,6 +276,7 @@ def forward(
     segment_ids: jnp.ndarray | None = None,
     positions: jnp.ndarray | None = None,
     remat: str = "none",
+    capture: Capture | None = None,
 ) -> DecoderOutput:
     """Run the decoder.
 
@@ -241,10 +300,11 @@ def forward(
         counting from 0 at the start of each segment (with segment_ids) or of the real tokens.
       remat: what the backward pass recomputes per layer: "none", "full" (the whole layer) or
         "dots" (all but the projections' outputs); see REMAT_POLICIES.
+      capture: hidden states and attention probabilities of chosen layers to return (no cache).
 
     Returns:
-      DecoderOutput with float32 logits [B, T, V], the updated cache (or None) and the
-      hidden states (or None).
+      DecoderOutput with float32 logits [B, T, V], the updated cache (or None), the
+      hidden states (or None) and what `capture` asked for (or None).
     """
     c = config
     dtype = DTYPES[c.dtype]
@@ -254,38 +314,39 @@ def forward(
         raise ValueError(f"remat={remat!r}; choose one of {', '.join(REMAT_NAMES)}")
     if cache is not None and (segment_ids is not None or positions is not None):
         raise ValueError("segment_ids and positions describe packed rows, which run without a cache; pass no cache")
+    capture = capture or Capture()
+    if cache is not None and capture != Capture():
+        raise ValueError("capture is for passes without a cache (training, calibration)")
+    _check_layers(capture.hidden, c.num_layers + 1, "capture.hidden")
+    _check_layers(capture.attention, c.num_layers, "capture.attention")
 
     if cache is None:
-        start = jnp.zeros((b,), jnp.int32)
-        past = jnp.zeros((b,), jnp.int32)
-        key_valid = mask if segment_ids is None else mask & (segment_ids != 0)  # [B, S=T]
+        cos, sin, allowed = layer_tables(c, mask, segment_ids=segment_ids, positions=positions)
     else:
         if b > cache.index.shape[0]:
             raise ValueError(f"{b} token rows for a cache of {cache.index.shape[0]} rows")
         width = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
         start, past = cache.index[:b], cache.lengths[:b]
         row_valid = attn.write_rows(cache.valid[:b], mask, start)  # [B, S]
-        key_valid = row_valid[:, :width]  # [B, W]
-    if positions is None and segment_ids is not None:
-        positions = segment_positions(segment_ids)  # [B, T]
-    elif positions is None:
         positions = past[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
-    query_slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    allowed = attn.attention_mask(query_slots, key_valid, c.sliding_window)  # [B, T, S or W]
-    if segment_ids is not None:
-        allowed &= attn.same_segment(segment_ids)  # [B, T, S=T]
-    inv_freq, attention_factor = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-    cos, sin = rope_tables(positions, inv_freq, attention_factor)  # [B, T, H]
+        query_slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+        allowed = attn.attention_mask(query_slots, row_valid[:, :width], c.sliding_window)  # [B, T, W]
+        cos, sin = rope_tables(positions, *inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))  # [B, T, H]
 
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
+    x = embed(params, tokens, c)  # [B, T, D]
+    keep_hidden = return_hidden or bool(capture.hidden)
 
-    def block(carry, p):
+    def block(carry, p, with_probs=False):
         # The cache rides in the carry, so each layer updates its slots in place instead of
         # the scan copying the whole cache in and out on every call.
         x, (cache_k, k_scale), (cache_v, v_scale), layer = carry
+        probs = None
 
         def attend(q, k, v):  # [B, T, N, H], [B, T, K, H] x2 -> [B, T, N, H]
-            nonlocal cache_k, cache_v, k_scale, v_scale
+            nonlocal cache_k, cache_v, k_scale, v_scale, probs
+            if with_probs:
+                y, probs = attn.attention_with_probs(q, k, v, allowed)
+                return y
             if cache_k is None:
                 return attn.causal_attention(q, k, v, allowed)
             cache_k, k_scale = attn.store_kv(cache_k, k_scale, layer, k, start)  # [L, R, S, K, H]
@@ -295,27 +356,41 @@ def forward(
             return attn.grouped_query_attention(q, k, v, allowed)
 
         x, _ = decoder_layer(p, x, c, cos, sin, attend)
-        return (x, (cache_k, k_scale), (cache_v, v_scale), layer + 1), (x if return_hidden else None)
+        return (x, (cache_k, k_scale), (cache_v, v_scale), layer + 1), (x if keep_hidden else None, probs)
 
+    probe = functools.partial(block, with_probs=True)
     if remat != "none":
         # prevent_cse=False: the scan already keeps XLA from merging the recomputation away.
-        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        block, probe = (jax.checkpoint(f, policy=REMAT_POLICIES[remat], prevent_cse=False) for f in (block, probe))
     if cache is not None:
         cache_kv = ((cache.k, cache.k_scale), (cache.v, cache.v_scale))
     else:
         cache_kv = ((None, None), (None, None))
     x_embedded = x
-    (x, (new_k, new_k_scale), (new_v, new_v_scale), _), hidden = jax.lax.scan(
-        block, (x, *cache_kv, jnp.int32(0)), params["layers"]
-    )
+    carry = (x, *cache_kv, jnp.int32(0))
+    hidden, attention = [], {}
+    # Runs of layers in one scan each; a layer whose attention is captured runs on its own.
+    edges = sorted({0, c.num_layers, *capture.attention, *(i + 1 for i in capture.attention)})
+    for first, stop in zip(edges, edges[1:]):
+        run = jax.tree.map(lambda leaf: leaf[first:stop], params["layers"]) if len(edges) > 2 else params["layers"]
+        carry, (xs, probs) = jax.lax.scan(probe if first in capture.attention else block, carry, run)
+        hidden.append(xs)
+        if first in capture.attention:
+            attention[first] = probs[0]
+    (x, (new_k, new_k_scale), (new_v, new_v_scale), _) = carry
+
+    all_hidden = jnp.concatenate([x_embedded[None], *hidden], axis=0) if keep_hidden else None  # [L+1, B, T, D]
+    captured = None
+    if capture != Capture():
+        captured = {}
+        if capture.hidden:
+            captured["hidden"] = all_hidden[jnp.asarray(capture.hidden)]
+        if capture.attention:
+            captured["attention"] = jnp.stack([attention[i] for i in capture.attention])
 
     if last_logits_only:
         x = x[:, -1:]
-    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-    if c.tie_word_embeddings:
-        logits = jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(dtype), preferred_element_type=jnp.float32)
-    else:
-        logits = dense(params["lm_head"], x, PROJECTIONS["lm_head"]).astype(jnp.float32)
+    logits = lm_head(params, x, c)
 
     new_cache = None
     if cache is not None:
@@ -328,5 +403,19 @@ def forward(
             k_scale=new_k_scale,
             v_scale=new_v_scale,
         )
-    hidden_states = jnp.concatenate([x_embedded[None], hidden], axis=0) if return_hidden else None
-    return DecoderOutput(logits.astype(jnp.float32), new_cache, hidden_states)
+    return DecoderOutput(logits, new_cache, all_hidden if return_hidden else None, captured)
+
+
+def lm_head(params: dict[str, Any], x: jnp.ndarray, config: DecoderConfig) -> jnp.ndarray:
+    """Final norm and LM head: the residual stream [B, T, D] -> float32 logits [B, T, V]."""
+    c = config
+    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+    if c.tie_word_embeddings:
+        return jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(x.dtype), preferred_element_type=jnp.float32)
+    return dense(params["lm_head"], x, PROJECTIONS["lm_head"]).astype(jnp.float32)
+
+
+def _check_layers(layers: tuple[int, ...], count: int, what: str) -> None:
+    if list(layers) != sorted(set(layers)) or any(not 0 <= i < count for i in layers):
+        raise ValueError(f"{what}={layers}: distinct ascending numbers in [0, {count})")
+

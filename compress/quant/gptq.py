@@ -37,9 +37,7 @@ import numpy as np
 
 from compress.errors import InputError
 from compress.data import corpus
-from compress.models import attention as attn
 from compress.models import decoder
-from compress.models.rope import inverse_frequencies, rope_tables
 from compress.quant.schemes import Scheme
 from compress.quant import grid
 from compress.quant.grid import as_float16, contracted_axes, group_scale_offset, round_to_grid
@@ -251,23 +249,21 @@ def calibration_tokens(tokenizer, config: GPTQConfig) -> np.ndarray:
 
 def layer_batches(config: decoder.DecoderConfig, t: int, batch_size: int):
     """batches(x [S, T, D]) -> iterator of (rows [b, T, D], [cos, sin, allowed] for those rows):
-    whole, unpadded sequences at positions 0..T-1 with a causal mask, as `forward` builds them,
-    for running calibration sequences through one layer at a time."""
-    positions = jnp.arange(t)[None, :]  # [1, T]
-    allowed = attn.attention_mask(positions, jnp.ones((1, t), bool), config.sliding_window)  # [1, T, T]
-    cos, sin = rope_tables(positions, *inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))
+    whole, unpadded sequences at positions 0..T-1, with the tables `forward` builds
+    (decoder.layer_tables), for running calibration sequences through one layer at a time."""
+    tables = decoder.layer_tables(config, jnp.ones((1, t), bool))  # cos, sin [1, T, H]; allowed [1, T, T]
 
     def batches(x):
         for start in range(0, x.shape[0], batch_size):
             rows = x[start : start + batch_size]
-            yield rows, [jnp.broadcast_to(a, (rows.shape[0], *a.shape[1:])) for a in (cos, sin, allowed)]
+            yield rows, [jnp.broadcast_to(a, (rows.shape[0], *a.shape[1:])) for a in tables]
 
     return batches
 
 
 def embed_tokens(params, config: decoder.DecoderConfig, tokens: np.ndarray) -> jnp.ndarray:
     """The residual stream entering layer 0 for tokens [S, T]: [S, T, D]."""
-    return jnp.take(params["embed"], jnp.asarray(tokens), axis=0).astype(decoder.DTYPES[config.dtype])
+    return decoder.embed(params, jnp.asarray(tokens), config)
 
 
 def _flat_inputs(x: jnp.ndarray, width: int) -> jnp.ndarray:
@@ -278,7 +274,7 @@ def _flat_inputs(x: jnp.ndarray, width: int) -> jnp.ndarray:
 @functools.partial(jax.jit, static_argnames=("config",))
 def _layer_hessians(p, x, hessians, cos, sin, allowed, config: decoder.DecoderConfig):
     """hessians (name -> [I, I]) plus X^T X of each projection's inputs X for the batch x [B, T, D]."""
-    _, inputs = decoder.decoder_layer(p, x, config, cos, sin, lambda q, k, v: attn.causal_attention(q, k, v, allowed))
+    _, inputs = decoder.decoder_layer(p, x, config, cos, sin, decoder.LayerTables(cos, sin, allowed).attend)
     out, done = {}, []
     for name, total in hessians.items():
         # Projections reading the same activations (q, k, v; gate, up) share one product.
@@ -294,7 +290,7 @@ def _layer_hessians(p, x, hessians, cos, sin, allowed, config: decoder.DecoderCo
 @functools.partial(jax.jit, static_argnames=("config",))
 def _layer_output(p, x, cos, sin, allowed, config: decoder.DecoderConfig):
     """The layer's residual stream [B, T, D] for x [B, T, D]."""
-    return decoder.decoder_layer(p, x, config, cos, sin, lambda q, k, v: attn.causal_attention(q, k, v, allowed))[0]
+    return decoder.decoder_layer(p, x, config, cos, sin, decoder.LayerTables(cos, sin, allowed).attend)[0]
 
 
 def _quantize_layer(p, hessians, names, scheme: Scheme, config: GPTQConfig):

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.errors import InputError
-from compress.models import attention as attn
 from compress.models import decoder
 from compress.quant.gptq import GPTQConfig, calibration_tokens, embed_tokens, layer_batches
 
@@ -43,7 +42,7 @@ DEFAULT_ALPHA = 0.5  # the migration strength of the paper's default
 @functools.partial(jax.jit, static_argnames=("config",))
 def _layer_absmax(p, x, absmax, cos, sin, allowed, config: decoder.DecoderConfig):
     """(the layer's output [B, T, D], absmax with this batch's per-channel max |input| folded in)."""
-    out, inputs = decoder.decoder_layer(p, x, config, cos, sin, lambda q, k, v: attn.causal_attention(q, k, v, allowed))
+    out, inputs = decoder.decoder_layer(p, x, config, cos, sin, decoder.LayerTables(cos, sin, allowed).attend)
     seen = {"attn": inputs["q"], "mlp": inputs["gate"], "down": inputs["down"]}
     return out, {g: jnp.maximum(absmax[g], jnp.max(jnp.abs(seen[g].astype(jnp.float32)), axis=(0, 1))) for g in GROUPS}
 
