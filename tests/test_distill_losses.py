@@ -99,3 +99,43 @@ def test_alpha_mixes_hard_label_cross_entropy_with_the_divergence():
         losses.distillation_loss(STUDENT, TEACHER, targets, MASK, divergence="kl")
     with pytest.raises(ValueError, match="same tokenizer"):
         losses.forward_kl(STUDENT, TEACHER[..., :5], MASK)
+
+
+def test_hidden_state_losses_are_zero_for_equal_streams_and_see_through_the_projection():
+    rng = np.random.default_rng(5)
+    teacher = jnp.asarray(rng.normal(size=(2, B, T, 6)), jnp.float32)
+    for kind in ("cosine", "mse"):
+        assert float(losses.hidden_state_loss(teacher, teacher, MASK, kind=kind)) == pytest.approx(0.0, abs=1e-6)
+    # a narrower student mapped exactly onto the teacher by its projection: zero again
+    student = jnp.asarray(rng.normal(size=(2, B, T, 4)), jnp.float32)
+    projection = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+    mapped = jnp.einsum("LBTS,LSD->LBTD", student, projection)
+    assert float(losses.hidden_state_loss(student, mapped, MASK, projection, kind="mse")) == pytest.approx(0.0, abs=1e-6)
+    # cosine ignores scale; mse is the mean squared difference over the counted positions
+    assert float(losses.hidden_state_loss(3.0 * teacher, teacher, MASK)) == pytest.approx(0.0, abs=1e-6)
+    other = teacher + 1.0
+    want = float(jnp.sum(jnp.mean((other - teacher) ** 2, axis=(0, 3)) * MASK) / MASK.sum())
+    assert float(losses.hidden_state_loss(other, teacher, MASK, kind="mse")) == pytest.approx(want, rel=1e-6)
+    grad = jax.grad(lambda p: losses.hidden_state_loss(student, teacher, MASK, p, kind="mse"))(projection)
+    assert float(jnp.abs(grad).sum()) > 0  # the projection learns
+
+
+def test_the_attention_loss_is_zero_for_equal_maps_and_the_kl_of_each_query_row():
+    rng = np.random.default_rng(6)
+
+    def maps(heads):
+        scores = jnp.asarray(rng.normal(size=(1, B, heads, T, T)), jnp.float32)
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        return jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+
+    teacher, student = maps(4), maps(4)
+    assert float(losses.attention_loss(teacher, teacher, MASK)) == pytest.approx(0.0, abs=1e-7)
+    p, q = np.asarray(teacher, np.float64), np.asarray(student, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0).sum(-1)  # [1, B, N, T]
+    want = (kl.mean(axis=(0, 2)) * np.asarray(MASK)).sum() / np.asarray(MASK).sum()
+    assert float(losses.attention_loss(student, teacher, MASK)) == pytest.approx(want, rel=1e-5)
+    # different head counts compare the heads' mean maps
+    two_heads = maps(2)
+    mean_kl = losses.attention_loss(two_heads.mean(axis=2, keepdims=True), teacher.mean(axis=2, keepdims=True), MASK)
+    assert float(losses.attention_loss(two_heads, teacher, MASK)) == pytest.approx(float(mean_kl), rel=1e-6)

@@ -14,6 +14,15 @@ multiplied by T², so its gradient keeps the same scale whatever T (Hinton et al
                reverse as β -> 1
   distillation_loss   α x cross-entropy on the hard labels + (1 - α) x one of the above
 
+Beside the output distribution, a student can match the teacher's insides:
+
+  hidden_state_loss   the residual stream of matched layers, through a learned projection when
+                      the widths differ (TinyBERT, Jiao et al. 2020): 1 - cosine similarity
+                      (DistilBERT's) or the mean squared error
+  attention_loss      the attention maps of matched layers: KL(teacher || student) over the keys
+                      of each query (MiniLM, Wang et al. 2020), per head, or over the heads'
+                      mean when the head counts differ
+
 Top-k: a 49k-152k vocabulary makes a teacher's full distribution per token too large to
 keep; with `TopK` the teacher's distribution is its top k probabilities renormalised, and the
 student's full-vocabulary log-probabilities are read at those ids (sparse KD). With k = V this
@@ -92,6 +101,54 @@ def distillation_loss(student_logits, teacher, targets, mask, *, alpha: float = 
         raise ValueError(f"divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
     ce = cross_entropy(student_logits, targets, mask)
     return alpha * ce + (1 - alpha) * kd, {"kd": kd, "ce": ce}
+
+
+def hidden_state_loss(student, teacher, mask, projection=None, kind: Literal["cosine", "mse"] = "cosine") -> jax.Array:
+    """Distance between matched residual streams, the masked mean over layers and positions.
+
+    Args:
+      student: [n, B, T, Ds] hidden states of n student layers.
+      teacher: [n, B, T, Dt] the teacher's layers matched to them.
+      mask: [B, T] positions that count.
+      projection: [n, Ds, Dt] learned maps into the teacher's width (one per matched layer), or
+        None when Ds == Dt.
+      kind: "cosine" (1 - cosine similarity: scale-free, so layers whose streams have very
+        different norms weigh the same) or "mse" (mean over the width of the squared difference).
+    """
+    student = student.astype(jnp.float32)
+    teacher = teacher.astype(jnp.float32)
+    if projection is not None:
+        student = jnp.einsum("LBTS,LSD->LBTD", student, projection.astype(jnp.float32))
+    if student.shape != teacher.shape:
+        raise ValueError(f"student hidden states {student.shape} and the teacher's {teacher.shape} differ; "
+                         "a projection maps the student's width to the teacher's")
+    if kind == "cosine":
+        dot = jnp.sum(student * teacher, axis=-1)
+        norms = jnp.linalg.norm(student, axis=-1) * jnp.linalg.norm(teacher, axis=-1)
+        per_position = 1.0 - dot / jnp.maximum(norms, 1e-8)  # [n, B, T]
+    elif kind == "mse":
+        per_position = jnp.mean(jnp.square(student - teacher), axis=-1)
+    else:
+        raise ValueError(f"hidden-state loss {kind!r}; choose cosine or mse")
+    return _masked_mean(jnp.mean(per_position, axis=0), mask)
+
+
+def attention_loss(student, teacher, mask) -> jax.Array:
+    """KL(teacher || student) of matched attention maps over each query's keys, the masked mean.
+
+    Args:
+      student: [n, B, Ns, T, S] attention probabilities of n student layers.
+      teacher: [n, B, Nt, T, S] the teacher's matched layers; with Ns != Nt both are averaged
+        over their heads first (a map per layer).
+      mask: [B, T] query positions that count.
+    """
+    student = student.astype(jnp.float32)
+    teacher = teacher.astype(jnp.float32)
+    if student.shape[2] != teacher.shape[2]:
+        student, teacher = (x.mean(axis=2, keepdims=True) for x in (student, teacher))
+    log = lambda p: jnp.log(jnp.maximum(p, 1e-30))  # noqa: E731  (masked keys have p = 0 exactly)
+    kl = jnp.sum(jnp.where(teacher > 0, teacher * (log(teacher) - log(student)), 0.0), axis=-1)  # [n, B, N, T]
+    return _masked_mean(kl.mean(axis=(0, 2)), mask)
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -22,12 +22,13 @@ What a run does, in order:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import jax
 import numpy as np
@@ -52,8 +53,6 @@ from compress.train.state import TrainState
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "hf"
 DATA_ITEM = "data"
-# What a resumed run must share with the run that saved: the state's shape and the data stream.
-RESUME_KEYS = ("model", "init", "model_overrides", "data", "freeze")
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,12 +69,13 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """`press train`: causal-LM training (full, or partial with `freeze`) of a press decoder on text."""
+class RunConfig:
+    """What every training run shares (press train, press distill): data, optimizer, steps, layout,
+    checkpoints and metrics. A job's config adds what it trains."""
 
-    model: ModelConfig = ModelConfig()
-    init: Literal["pretrained", "random"] = "pretrained"  # start from the model's weights, or random ones in its shape
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # DecoderConfig fields (init: random)
+    # Keys a resumed run must share with the run that saved: the state's shape and the data stream.
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ("data", "freeze")
+
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     steps: int = 1000  # optimizer updates in all (a resumed run continues to this count)
@@ -101,9 +101,6 @@ class TrainConfig:
     def __post_init__(self):
         cfg.require_at_least(self, 1, "steps", "grad_accum_steps", "keep_checkpoints", "log_every", "eval_windows")
         cfg.require_at_least(self, 0, "save_every", "eval_every", "seed")
-        if self.model_overrides and self.init != "random":
-            raise ValueError("model_overrides change the model's shape, so they need init: random "
-                             f"(got init: {self.init} with {sorted(self.model_overrides)})")
         if self.data.batch_size % self.grad_accum_steps:
             raise ValueError(f"data.batch_size={self.data.batch_size} is not a multiple of "
                              f"grad_accum_steps={self.grad_accum_steps}")
@@ -119,6 +116,39 @@ class TrainConfig:
         return tuple((name, _mesh_axes(self.sharding_rules.get(name, axes))) for name, axes in shd.RULES)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """`press train`: causal-LM training (full, or partial with `freeze`) of a press decoder on text."""
+
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ("model", "init", "model_overrides", "data", "freeze")
+
+    model: ModelConfig = ModelConfig()
+    init: Literal["pretrained", "random"] = "pretrained"  # start from the model's weights, or random ones in its shape
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # DecoderConfig fields (init: random)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model_overrides and self.init != "random":
+            raise ValueError("model_overrides change the model's shape, so they need init: random "
+                             f"(got init: {self.init} with {sorted(self.model_overrides)})")
+
+
+@dataclasses.dataclass
+class Recipe:
+    """What a run trains and how, built once the mesh exists (press train's causal LM, press distill's
+    student and teacher); the run itself (state, steps, checkpoints, metrics, export) is shared."""
+
+    model_config: decoder.DecoderConfig  # of the model exported at the end
+    params: Any  # the trained tree, or a function rng -> tree (then created directly on its shards)
+    param_axes: Any  # logical axes of the tree's leaves
+    tokenizer: Any
+    loss_fn: LossFn  # (params, batch, rng[, constants]) -> (loss, aux)
+    eval_loss_fn: LossFn  # (params, batch, rng) -> (loss, aux): the held-out loss (the model's own CE)
+    constants: Any = None  # arrays the loss reads and never trains, laid out on the mesh (a teacher)
+    batches: Callable[[], Any] | None = None  # () -> this process's batches (checkpointable); None: the text pipeline
+    exported: Callable[[Any], Any] = lambda params: params  # the model's parameters within the trained tree
+
+
 @dataclasses.dataclass
 class TrainResult:
     steps: int  # updates applied when the run returned
@@ -131,6 +161,11 @@ class TrainResult:
 
 def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run (or resume) the training `config` describes; see the module docstring."""
+    return run(config, functools.partial(_causal_lm, config, loss_fn), log=log)
+
+
+def run(config: RunConfig, recipe: Callable[[Any], Recipe], *, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or resume) a training job: `recipe(mesh)` says what it trains; `config` how long and where."""
     distributed.initialize(config)
     checkpointer = None
     if config.save_every:
@@ -145,26 +180,29 @@ def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[
                 checkpointer.close()
                 raise
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    model_config, params, tokenizer = _model(config, mesh)
+    job = recipe(mesh)
+    tokenizer = job.tokenizer
     optimizer = make_optimizer(config.optimizer)
     state, shardings = init_train_state(
-        params, optimizer, jax.random.key(config.seed), mesh=mesh, param_axes=decoder.param_axes(model_config),
+        job.params, optimizer, jax.random.key(config.seed), mesh=mesh, param_axes=job.param_axes,
         freeze=config.freeze, rules=config.rules, strict=True,
     )
-    del params
-    loss_fn = loss_fn or causal_lm_loss(model_config, remat=config.remat)
+    job.params = None
     batch_sharding = shd.batch_sharding(mesh, 2, rules=config.rules)
-    step_fn = make_train_step(loss_fn, optimizer, mesh, shardings, batch_sharding,
+    constants = () if job.constants is None else (job.constants,)
+    step_fn = make_train_step(job.loss_fn, optimizer, mesh, shardings, batch_sharding,
                               grad_accum_steps=config.grad_accum_steps,
-                              learning_rate=learning_rate_schedule(config.optimizer))
-    batches = iter(train_batches(config.data, tokenizer))
+                              learning_rate=learning_rate_schedule(config.optimizer),
+                              constants_sharding=jax.tree.map(lambda x: x.sharding, job.constants) if constants else None)
+    batches = iter(job.batches() if job.batches is not None else train_batches(config.data, tokenizer))
     start = 0
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state, start = _resume(checkpointer, state, shardings, batches)
     writer = MetricsWriter(config.out, config.steps, first_step=start, progress=config.progress, log=log)
     if start:
         writer.note(f"resumed from step {start} in {checkpointer.directory}")
-    evaluate = held_out_eval(config, loss_fn, tokenizer, shardings, batch_sharding) if config.eval_every else None
+    evaluate = (held_out_eval(config, job.eval_loss_fn, tokenizer, shardings, batch_sharding)
+                if config.eval_every else None)
 
     stop = _SigtermFlag()
     stopped, loss, eval_loss = "done", float("nan"), None
@@ -173,7 +211,7 @@ def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[
         with stop:
             for step in range(start, config.steps):
                 batch = _global_batch(next(batches), batch_sharding)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, *constants)
                 metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
                 loss = metrics["loss"]
                 if not math.isfinite(loss):
@@ -207,7 +245,7 @@ def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[
         exported = None
         if config.export and stopped == "done":
             exported = os.path.join(config.out, EXPORT_DIR)
-            _export(state.params, model_config, tokenizer, exported)
+            _export(job.exported(state.params), job.model_config, tokenizer, exported)
             writer.note(f"exported the trained model to {exported} (press generate --model {exported})")
     finally:
         writer.close()
@@ -219,6 +257,14 @@ def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[
 
 
 # ----------------------------------------------------------------------------- pieces
+
+
+def _causal_lm(config: TrainConfig, loss_fn: LossFn | None, mesh) -> Recipe:
+    """press train's job: the model, trained on the text pipeline with the causal LM loss (or `loss_fn`)."""
+    model_config, params, tokenizer = _model(config, mesh)
+    eval_loss_fn = causal_lm_loss(model_config, remat=config.remat)
+    return Recipe(model_config, params, decoder.param_axes(model_config), tokenizer,
+                  loss_fn=loss_fn or eval_loss_fn, eval_loss_fn=loss_fn or eval_loss_fn)
 
 
 def _model(config: TrainConfig, mesh) -> tuple[decoder.DecoderConfig, Any, Any]:
@@ -243,11 +289,11 @@ def _model(config: TrainConfig, mesh) -> tuple[decoder.DecoderConfig, Any, Any]:
     return loaded.config, loaded.params, loaded.tokenizer
 
 
-def _check_resumable(checkpointer: Checkpointer, config: TrainConfig) -> None:
+def _check_resumable(checkpointer: Checkpointer, config: RunConfig) -> None:
     """The latest checkpoint was saved by a run with this run's model, data and frozen leaves."""
     saved = checkpointer.restore_metadata(checkpointer.latest_step()).get("config", {})
     now = cfg.to_dict(config)
-    changed = [key for key in RESUME_KEYS if key in saved and saved[key] != now[key]]
+    changed = [key for key in config.RESUME_KEYS if key in saved and saved[key] != now[key]]
     if changed:
         raise InputError(
             f"{checkpointer.directory} holds a run with other {', '.join(changed)} "
@@ -265,7 +311,7 @@ def _resume(checkpointer: Checkpointer, state: TrainState, shardings, batches):
     return state, step
 
 
-def _save(checkpointer: Checkpointer, step: int, state: TrainState, batches, config: TrainConfig) -> None:
+def _save(checkpointer: Checkpointer, step: int, state: TrainState, batches, config: RunConfig) -> None:
     import grain
 
     if step in checkpointer.all_steps():
@@ -279,7 +325,7 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
     return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local.items()}
 
 
-def held_out_eval(config: TrainConfig, loss_fn: LossFn, tokenizer, shardings: TrainState, batch_sharding):
+def held_out_eval(config: RunConfig, loss_fn: LossFn, tokenizer, shardings: TrainState, batch_sharding):
     """params -> mean loss over the held-out windows (every process builds the same windows)."""
     text, source = corpus.held_out_text()
     seq_len, rows = config.data.seq_len, config.data.batch_size

@@ -142,6 +142,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     learning_rate: optax.Schedule | None = None,
     donate: bool = True,
+    constants_sharding: Any = None,
 ) -> TrainStep:
     """The jitted step `(state, batch) -> (new_state, metrics)`; compiles once per batch shape.
 
@@ -157,6 +158,10 @@ def make_train_step(
         a multiple of it) and accumulate their gradients before one update.
       learning_rate: the optimizer's schedule, to report "learning_rate" (the rate this step used).
       donate: donate the state's buffers to the step (the caller must not use the old state).
+      constants_sharding: a tree of shardings, when the loss reads arrays it never trains (a
+        distillation teacher's parameters). The step is then `(state, batch, constants)`, the
+        loss `loss_fn(params, batch, rng, constants)`: the constants are an argument of the
+        compiled step, laid out on the mesh like the state, not values baked into the program.
     Returns:
       The step. Metrics are replicated float32 scalars: "loss", "grad_norm" (before clipping),
       "learning_rate" if a schedule was given, and the loss's aux (its "tokens" summed over
@@ -169,12 +174,14 @@ def make_train_step(
     replicated = NamedSharding(mesh, PartitionSpec())
     k = grad_accum_steps
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    with_constants = constants_sharding is not None
+
+    def train_step(state: TrainState, batch: Batch, *constants) -> tuple[TrainState, Metrics]:
         trainable, fixed = partition(state.params, state.frozen)
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
         def loss_of_trainable(trainable, batch, rng):
-            return loss_fn(combine(trainable, fixed), batch, rng)
+            return loss_fn(combine(trainable, fixed), batch, rng, *constants)
 
         grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
         if k == 1:
@@ -195,7 +202,7 @@ def make_train_step(
 
     return jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, *((constants_sharding,) if with_constants else ())),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,) if donate else (),
     )
