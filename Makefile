@@ -57,6 +57,9 @@ demo: install
 	@echo "--- training: a tiny model in SmolLM2's shape, trained from scratch on the language reference (under a minute; a rerun continues from its checkpoint):"
 	$(BIN)/press train configs/train-tiny.yaml --no-progress
 	$(BIN)/press generate --model out/train-tiny/hf --prompt "The for statement" --max-new-tokens 16
+	@echo "--- distillation: that model as the teacher of a student cut from it (its last layer, half its MLP, one head group), trained on its softened distribution:"
+	$(BIN)/press distill configs/distill-tiny.yaml --no-progress
+	$(BIN)/press eval --compare out/train-tiny/hf out/distill-tiny/hf --windows 8 --plot out/distill-compare.png
 
 # The import contracts (pyproject.toml) first: a layering violation or an import cycle fails the run.
 test: install $(VENV)/.test

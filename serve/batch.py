@@ -52,7 +52,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from compress.errors import InputError
 from serve.sampling import SamplingParams
@@ -256,6 +256,7 @@ def run_batch(
     window: int | None = None,
     shard: tuple[int, int] = (0, 1),
     done_in: Sequence[str] = (),
+    result_line: Callable[[dict, Any], dict | None] | None = None,
 ) -> dict:
     """Run the JSONL job `input_path` through `engine`, appending results to `output_path`.
 
@@ -269,6 +270,11 @@ def run_batch(
       shard: (index, count): take only the lines whose 1-based number % count == index.
       done_in: more result files whose ids are done too, read but never written (a multi-host
         job's merged OUTPUT, while this process writes its part).
+      result_line: what OUTPUT gets for a finished request: fn(the input line's JSON object, the
+        engine's RequestOutput) -> the record to write as its line (it must keep the "id"), or
+        None to write nothing (fn has kept the result elsewhere; it still counts as ok). A
+        ValueError or TypeError it raises sends the line to the errors file. Default: the result
+        line above (press batch's).
     Returns:
       The summary: lines, blank, skipped, ok, errors (ok + skipped + errors + blank == lines),
       requests (sent to the engine), generated_tokens, wall_seconds, tokens_per_second,
@@ -289,7 +295,7 @@ def run_batch(
         done_before |= read_done_ids(path, repair=False)
     counts = dict.fromkeys(COUNTS, 0)
     first_line: dict[str, int] = {}  # id key -> the line that used it first
-    in_flight: list[tuple[int, Any, Any]] = []  # (line, id, Request)
+    in_flight: list[tuple[int, Any, dict, Any]] = []  # (line, id, input object, Request)
     bar = _Progress(input_path, shard) if progress else None
     start = time.perf_counter()
 
@@ -305,33 +311,35 @@ def run_batch(
         def show(force: bool = False) -> None:
             if bar is not None:
                 handled = counts["ok"] + counts["skipped"] + counts["errors"]
-                live = counts["generated_tokens"] + sum(len(r.token_ids) for _, _, r in in_flight)  # partial ones too
+                live = counts["generated_tokens"] + sum(len(r.token_ids) for *_, r in in_flight)  # partial ones too
                 bar.update(handled, live, time.perf_counter() - start, force)
 
         def collect(block: bool) -> None:
             """Write the finished requests; with block, first wait until at least one finishes."""
-            while block and in_flight and not any(r.done for _, _, r in in_flight):
+            while block and in_flight and not any(r.done for *_, r in in_flight):
                 try:
-                    in_flight[0][2].result(timeout=POLL_SECONDS)
+                    in_flight[0][-1].result(timeout=POLL_SECONDS)
                 except TimeoutError:
                     pass
                 show()
             finished, running = [], []
             for item in in_flight:  # read `done` once per request: it may turn true meanwhile
-                (finished if item[2].done else running).append(item)
+                (finished if item[-1].done else running).append(item)
             in_flight[:] = running
-            for number, line_id, request in finished:
+            for number, line_id, obj, request in finished:
                 result = request.result()
                 if result.finish_reason not in FINISHED:
                     error(number, f"engine: {result.error or result.finish_reason}", line_id)
                     continue
                 try:
-                    line = result_json(_result_line(line_id, result))
+                    record = _result_line(line_id, result) if result_line is None else result_line(obj, result)
+                    line = None if record is None else result_json(record)
                 except (ValueError, TypeError) as e:  # a lone surrogate in the text, a value JSON cannot hold
                     error(number, f"the result cannot be written as UTF-8 JSON: {type(e).__name__}: {e}", line_id)
                     continue
-                out.write(line)
-                out.flush()
+                if line is not None:
+                    out.write(line)
+                    out.flush()
                 counts["ok"] += 1
                 counts["generated_tokens"] += len(result.token_ids)
             show()
@@ -375,12 +383,12 @@ def run_batch(
                     show()
                     continue
                 counts["requests"] += 1
-                in_flight.append((number, line_id, request))
+                in_flight.append((number, line_id, obj, request))
                 collect(block=len(in_flight) >= window)
             while in_flight:
                 collect(block=True)
         finally:
-            for _, _, request in in_flight:  # interrupted: do not leave the engine working for nobody
+            for *_, request in in_flight:  # interrupted: do not leave the engine working for nobody
                 request.cancel()
             show(force=True)
             if bar is not None:

@@ -6,9 +6,12 @@
   models     bundled models and architectures               compress/commands/models.py
   quantize   integer weights and scales to a directory      compress/commands/quantize.py
   train      train a model on text (full or partial)        compress/commands/train.py
+  distill    a teacher into a smaller student               compress/commands/distill.py
+  teacher-cache  a teacher's top-k over the data, resumable compress/commands/teacher_cache.py
   index      build, update and search a retrieval index     retrieval/commands/index.py
   generate   one prompt through the engine                  serve/commands/generate.py
   batch      a JSONL file of prompts, offline, resumable    serve/commands/batch.py
+  synthesize a teacher's answers as chat training data      serve/commands/synthesize.py
   serve      an OpenAI-compatible HTTP server               serve/commands/serve.py
   ask        a question answered from an index, cited       serve/commands/ask.py
   eval       perplexity, agreement, bytes, decode speed     serve/commands/eval.py
@@ -31,19 +34,22 @@ import sys
 import traceback
 from typing import Sequence
 
-from compress.commands import models, quantize, train
+from compress.commands import distill, models, quantize, teacher_cache, train
 from compress.errors import InputError
 from retrieval.commands import index
-from serve.commands import ask, batch, generate, serve
+from serve.commands import ask, batch, generate, serve, synthesize
 from serve.commands import eval as eval_command
 
 COMMANDS = {
     "models": models,
     "generate": generate,
     "batch": batch,
+    "synthesize": synthesize,
     "serve": serve,
     "quantize": quantize,
     "train": train,
+    "distill": distill,
+    "teacher-cache": teacher_cache,
     "eval": eval_command,
     "index": index,
     "ask": ask,

@@ -71,6 +71,10 @@ def test_shipped_configs_load():
     ("generate", "configs/generate.yaml", ["prompt=hi"], "GenerateConfig"),
     ("train", "configs/train-tiny.yaml", [], "TrainConfig"),
     ("train", "configs/train-smollm2.yaml", [], "TrainConfig"),
+    ("distill", "configs/distill-tiny.yaml", [], "DistillConfig"),
+    ("distill", "configs/distill-smollm2.yaml", [], "DistillConfig"),
+    ("teacher-cache", "configs/teacher-cache-smollm2.yaml", [], "TeacherCacheConfig"),
+    ("synthesize", "configs/synthesize.yaml", [], "SynthesizeConfig"),
 ])
 def test_every_job_reads_its_shipped_config(command, path, extra, schema):
     """`press COMMAND configs/FILE.yaml [word] [key=value]` builds the command's typed config from the file."""

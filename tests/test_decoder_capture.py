@@ -10,7 +10,6 @@ import torch
 
 from compress.formats import hf_decoder
 from compress.models import decoder
-from tests.reference import tiny_hf_model
 
 CONFIG = decoder.DecoderConfig(vocab_size=97, embed_dim=64, mlp_dim=96, num_layers=3, num_heads=4, num_kv_heads=2,
                                head_dim=16, rms_norm_eps=1e-6)

@@ -1,0 +1,75 @@
+"""Distillation against CE-only training of the same student (issue 14), through the press commands.
+
+Teacher SmolLM2-135M-Instruct; student cut from it with configs/distill-smollm2.yaml (every third
+layer and the last: 11 of 30 layers, at most half the parameters). Two arms, the same student
+init, data, steps, learning rate and seed:
+
+  kd   `press distill configs/distill-smollm2.yaml` as it is: forward KL at T=2 from the online
+       teacher (loss.alpha=0)
+  ce   the same with loss.alpha=1: hard-label cross-entropy only (the teacher is never run)
+
+then `press eval --compare TEACHER KD CE --json` on held-out windows of the language reference:
+perplexity, top-1 agreement with the teacher, bytes and batch-1 decode tokens/s. Each arm's
+train tokens/s is the median of its metrics.jsonl lines (the first, with compilation, left out).
+
+  .venv/bin/python benchmarks/distill.py [--steps 120] [--set key=value ...] [--out bench-results/distill.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from common import log, write_result
+
+PRESS = os.path.join(os.path.dirname(sys.executable), "press")
+CONFIG = "configs/distill-smollm2.yaml"
+TEACHER = "smollm2-135m-instruct"
+
+
+def arm(name: str, out: str, args, extra: list[str]) -> dict:
+    command = [PRESS, "distill", CONFIG, "--no-progress", f"out={out}", f"steps={args.steps}",
+               f"optimizer.total_steps={args.steps}", f"eval_every={args.steps}", "save_every=0", *args.set, *extra]
+    log(f"--- {name}: {' '.join(command)}")
+    start = time.perf_counter()
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    speeds = [line["tokens_per_s"] for line in lines if "tokens_per_s" in line][1:]
+    return {"command": " ".join(command), "seconds": round(seconds, 1), "eval_loss": result["eval_loss"],
+            "train_tokens_per_s": statistics.median(speeds) if speeds else None,
+            "last": {k: v for k, v in lines[-1].items()} if lines else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides for both arms")
+    p.add_argument("--windows", type=int, default=16, help="held-out windows for press eval")
+    p.add_argument("--work", default="out/bench-distill")
+    p.add_argument("--out", default="bench-results/distill.json")
+    args = p.parse_args()
+    arms = {"kd": arm("kd", os.path.join(args.work, "kd"), args, []),
+            "ce": arm("ce", os.path.join(args.work, "ce"), args, ["loss.alpha=1.0"])}
+    command = [PRESS, "eval", "--compare", TEACHER, *(os.path.join(args.work, a, "hf") for a in arms),
+               "--windows", str(args.windows), "--json", "--plot", os.path.join(args.work, "compare.png")]
+    log(f"--- eval: {' '.join(command)}")
+    rows = [json.loads(line) for line in subprocess.run(command, check=True, stdout=subprocess.PIPE,
+                                                        text=True).stdout.splitlines() if line.startswith("{")]
+    teacher, kd, ce = rows
+    result = {"arms": arms, "eval": rows, "eval_command": " ".join(command),
+              "kd_over_ce_perplexity": kd["perplexity"] / ce["perplexity"],
+              "kd_over_teacher_perplexity": kd["perplexity"] / teacher["perplexity"],
+              "ce_over_teacher_perplexity": ce["perplexity"] / teacher["perplexity"],
+              "student_over_teacher_bytes": kd["bytes"] / teacher["bytes"]}
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
