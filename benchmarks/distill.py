@@ -12,13 +12,21 @@ then `press eval --compare TEACHER KD CE --json` on held-out windows of the lang
 perplexity, top-1 agreement with the teacher, bytes and batch-1 decode tokens/s. Each arm's
 train tokens/s is the median of its metrics.jsonl lines (the first, with compilation, left out).
 
+Part "cache" (`--parts cache`): the online teacher against a cached one on the same text (the
+first `--cache-chars` characters of the language reference's train part, in a file): `press
+teacher-cache` over it (top-32, rows of 256 tokens; its wall time reported), then `--cache-steps`
+steps of `press distill` reading the file with the teacher online (full distribution) and the
+same reading the cache; train tokens/s and held-out perplexity of each.
+
   .venv/bin/python benchmarks/distill.py [--steps 120] [--set key=value ...] [--out bench-results/distill.json]
+  .venv/bin/python benchmarks/distill.py --parts cache --out bench-results/distill-cache.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,9 +40,10 @@ CONFIG = "configs/distill-smollm2.yaml"
 TEACHER = "smollm2-135m-instruct"
 
 
-def arm(name: str, out: str, args, extra: list[str]) -> dict:
-    command = [PRESS, "distill", CONFIG, "--no-progress", f"out={out}", f"steps={args.steps}",
-               f"optimizer.total_steps={args.steps}", f"eval_every={args.steps}", "save_every=0", *args.set, *extra]
+def arm(name: str, out: str, args, extra: list[str], steps: int | None = None) -> dict:
+    steps = steps or args.steps
+    command = [PRESS, "distill", CONFIG, "--no-progress", f"out={out}", f"steps={steps}",
+               f"optimizer.total_steps={steps}", f"eval_every={steps}", "save_every=0", *args.set, *extra]
     log(f"--- {name}: {' '.join(command)}")
     start = time.perf_counter()
     done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
@@ -54,7 +63,42 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16, help="held-out windows for press eval")
     p.add_argument("--work", default="out/bench-distill")
     p.add_argument("--out", default="bench-results/distill.json")
+    p.add_argument("--parts", default="kd-ce", help="kd-ce, cache, or both comma-separated")
+    p.add_argument("--cache-chars", type=int, default=120_000)
+    p.add_argument("--cache-steps", type=int, default=20)
     args = p.parse_args()
+    result = {}
+    if "kd-ce" in args.parts:
+        result.update(kd_against_ce(args))
+    if "cache" in args.parts:
+        result["cache"] = online_against_cached(args)
+    write_result(args.out, result)
+
+
+def online_against_cached(args) -> dict:
+    from compress.data import corpus
+
+    os.makedirs(args.work, exist_ok=True)
+    text, _ = corpus.train_text()
+    path = os.path.abspath(os.path.join(args.work, "cache-text.txt"))
+    with open(path, "w") as f:
+        f.write(text[: args.cache_chars])
+    cache = os.path.join(args.work, "teacher-cache")
+    command = [PRESS, "teacher-cache", "--teacher", TEACHER, "--top-k", "32", "--out", cache, "data.seq_len=256",
+               "data.batch_size=1", "data.epochs=1", f"--data={path}", "--batch-size=4"]
+    log(f"--- cache: {' '.join(command)}")
+    start = time.perf_counter()
+    summary = json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
+    cache_seconds = time.perf_counter() - start
+    online = arm("online", os.path.join(args.work, "online"), args, [f"data.sources=[{path}]"], args.cache_steps)
+    cached = arm("cached", os.path.join(args.work, "cached"), args, [f"teacher_cache={cache}"], args.cache_steps)
+    return {"cache_command": " ".join(command), "cache_seconds": round(cache_seconds, 1), "cache": summary,
+            "online": online, "cached": cached,
+            "cached_over_online_tokens_per_s": cached["train_tokens_per_s"] / online["train_tokens_per_s"],
+            "perplexity": {"online": math.exp(online["eval_loss"]), "cached": math.exp(cached["eval_loss"])}}
+
+
+def kd_against_ce(args) -> dict:
     arms = {"kd": arm("kd", os.path.join(args.work, "kd"), args, []),
             "ce": arm("ce", os.path.join(args.work, "ce"), args, ["loss.alpha=1.0"])}
     command = [PRESS, "eval", "--compare", TEACHER, *(os.path.join(args.work, a, "hf") for a in arms),
@@ -63,12 +107,11 @@ def main() -> None:
     rows = [json.loads(line) for line in subprocess.run(command, check=True, stdout=subprocess.PIPE,
                                                         text=True).stdout.splitlines() if line.startswith("{")]
     teacher, kd, ce = rows
-    result = {"arms": arms, "eval": rows, "eval_command": " ".join(command),
+    return {"arms": arms, "eval": rows, "eval_command": " ".join(command),
               "kd_over_ce_perplexity": kd["perplexity"] / ce["perplexity"],
               "kd_over_teacher_perplexity": kd["perplexity"] / teacher["perplexity"],
               "ce_over_teacher_perplexity": ce["perplexity"] / teacher["perplexity"],
               "student_over_teacher_bytes": kd["bytes"] / teacher["bytes"]}
-    write_result(args.out, result)
 
 
 if __name__ == "__main__":

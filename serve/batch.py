@@ -215,6 +215,28 @@ def _cut_torn_last_line(path: str) -> None:
             f.truncate(end)
 
 
+def offline_engine(model, max_slots: int, max_seq_len: int, *, multi_process: bool = False, name: str = "press batch"):
+    """The engine of an offline job (press batch, press synthesize) over this process's devices:
+    with several, rows are decoded over all of them (max_slots rounded up to a multiple, said on
+    stderr). `model` is a ModelConfig. With `multi_process`, a mesh is made even on one local
+    device (the default device may be another host's)."""
+    import jax
+
+    from compress import sharding as shd
+    from serve.engine import Engine
+
+    local = jax.local_devices()
+    mesh, slots = None, max_slots
+    if len(local) > 1 or multi_process:
+        mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=local)
+        slots = -(-max_slots // len(local)) * len(local)  # rows split evenly, else they are replicated
+        if slots != max_slots:
+            sys.stderr.write(f"{name}: max_slots {max_slots} rounded up to {slots}, "
+                             f"a multiple of the {len(local)} devices\n")
+    return Engine.from_pretrained(model.name, dtype=model.dtype, param_dtype=model.param_dtype, mesh=mesh,
+                                  max_slots=slots, max_seq_len=max_seq_len)
+
+
 def default_errors_path(output_path: str) -> str:
     root = output_path[: -len(".jsonl")] if output_path.endswith(".jsonl") else output_path
     return root + ".errors.jsonl"

@@ -178,3 +178,15 @@ def test_a_student_distils_from_a_teacher_cache_without_loading_the_teacher(teac
     assert {"kd", "agreement"} <= set(metrics[4]) and np.isfinite(metrics[4]["kd"])
     with pytest.raises(InputError, match="seq_len"):  # rows of another length than the cache's
         distill(_config(teacher, tmp_path / "other", *overrides, "data.seq_len=64"))
+
+
+def test_an_int8_teacher_runs_online_from_its_integer_weights(teacher, tmp_path):
+    from compress.commands.quantize import quantize_model
+
+    int8 = str(tmp_path / "int8")
+    quantize_model(teacher, "int8", int8)
+    overrides = ["steps=2", "optimizer.total_steps=2", "student.init=random", "student.model_overrides={num_layers: 1}"]
+    result = distill(_config(int8, tmp_path / "run", *overrides))
+    assert result.stopped == "done" and np.isfinite(read_metrics(str(tmp_path / "run"))[2]["kd"])
+    with pytest.raises(InputError, match="integer weights"):  # a student is cut from float weights
+        distill(_config(int8, tmp_path / "cut", "steps=1", "student.layers=[0]"))

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 
 from compress import config as cfg
 from compress import distributed
@@ -74,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
 def run_config(config: BatchConfig) -> int:
     import jax
 
-    from compress import sharding as shd
-    from serve.batch import default_errors_path, run_batch
-    from serve.engine import Engine
+    from serve.batch import default_errors_path, offline_engine, run_batch
 
     if not os.path.isfile(config.input):
         raise FileNotFoundError(f"{config.input}: no such input file")
@@ -87,17 +84,7 @@ def run_config(config: BatchConfig) -> int:
         # First exchange now, while initialize() has the processes in step: opening the CPU
         # collectives gives up after 30 s, while the exchanges once open wait as long as a share takes.
         _check_same_job(config, errors)
-    local = jax.local_devices()
-    mesh, max_slots = None, config.max_slots
-    if len(local) > 1 or count > 1:  # with several processes, the default device may be another host's
-        mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=local)
-        max_slots = -(-max_slots // len(local)) * len(local)  # rows split evenly, else they are replicated
-        if max_slots != config.max_slots:
-            sys.stderr.write(f"press batch: max_slots {config.max_slots} rounded up to {max_slots}, "
-                             f"a multiple of the {len(local)} devices\n")
-    m = config.model
-    engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
-                                    max_slots=max_slots, max_seq_len=config.max_seq_len)
+    engine = offline_engine(config.model, config.max_slots, config.max_seq_len, multi_process=count > 1)
     with engine:
         if count == 1:
             summary = run_batch(engine, config.input, config.output, errors, config.sampling,

@@ -139,21 +139,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_config(config: SynthesizeConfig) -> int:
-    import jax
-
-    from compress import sharding as shd
-    from serve.engine import Engine
+    from serve.batch import offline_engine
 
     if not os.path.isfile(config.prompts):
         raise FileNotFoundError(f"{config.prompts}: no such prompts file")
-    local = jax.local_devices()
-    mesh, max_slots = None, config.max_slots
-    if len(local) > 1:  # decode rows over every device, as press batch does
-        mesh = shd.make_mesh(data=-1, fsdp=1, tensor=1, devices=local)
-        max_slots = -(-max_slots // len(local)) * len(local)
-    m = config.teacher
-    engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
-                                    max_slots=max_slots, max_seq_len=config.max_seq_len)
+    engine = offline_engine(config.teacher, config.max_slots, config.max_seq_len, name="press synthesize")
     with engine:
         summary = synthesize(engine, config)
     print(json.dumps(summary))
