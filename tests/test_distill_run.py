@@ -185,7 +185,7 @@ def test_an_int8_teacher_runs_online_from_its_integer_weights(teacher, tmp_path)
 
     int8 = str(tmp_path / "int8")
     quantize_model(teacher, "int8", int8)
-    overrides = ["steps=2", "optimizer.total_steps=2", "student.init=random", "student.model_overrides={num_layers: 1}"]
+    overrides = ["steps=2", "optimizer.total_steps=3", "student.init=random", "student.model_overrides={num_layers: 1}"]
     result = distill(_config(int8, tmp_path / "run", *overrides))
     assert result.stopped == "done" and np.isfinite(read_metrics(str(tmp_path / "run"))[2]["kd"])
     with pytest.raises(InputError, match="integer weights"):  # a student is cut from float weights

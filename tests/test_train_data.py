@@ -1,5 +1,6 @@
-"""The training data pipeline: packing, chat loss masks, determinism, sharding, exact resume,
-bad input named by file and line, and the held-out language reference never trained on.
+"""The training data pipeline: packing, chat loss masks, determinism, sharding, exact resume, a
+finite pass training on every token once whatever the batch size, bad input named by file and
+line, and the held-out language reference never trained on.
 
 Most tests use a byte tokenizer (token = UTF-8 byte, EOS = 256), so every row decodes back to
 the text it came from; the chat test uses SmolLM2's real tokenizer and chat template.
@@ -54,6 +55,27 @@ def _write_jsonl(path, records):
 
 def _documents(texts):
     return [TextDocument(text, f"doc {i}") for i, text in enumerate(texts)]
+
+
+def _uneven_texts(count=37, seed=0):
+    """`count` distinct documents from 3 to ~300 bytes: rows of 16 take from under one to many of them."""
+    rng = np.random.default_rng(seed)
+    return [f"{i:02d}:" + "".join(rng.choice(list("abcdefgh"), rng.integers(0, 300 if i % 5 == 0 else 40)))
+            for i in range(count)]
+
+
+def _trained_documents(batches):
+    """The loss-counted targets of the batches' rows in order (row by row), cut after each EOS:
+    one text per document (its bytes but the first, as targets are)."""
+    targets = np.concatenate([batch["targets"][batch["loss_mask"] > 0] for batch in batches])
+    pieces = np.split(targets, np.flatnonzero(targets == EOS) + 1)
+    assert len(pieces[-1]) == 0  # the stream ends with a document's EOS
+    return [_text(piece) for piece in pieces[:-1]]
+
+
+def _rows(batches):
+    """The batches' rows in order, each a dict of [seq_len] arrays."""
+    return [{key: batch[key][i] for key in BATCH_KEYS} for batch in batches for i in range(len(batch["inputs"]))]
 
 
 def _assert_equal_batches(got, want):
@@ -140,14 +162,17 @@ def test_a_seed_gives_the_same_batches_and_another_seed_others():
     assert not all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(first, other))
 
 
-def test_shards_split_each_batch_disjointly_and_cover_every_document():
+@pytest.mark.parametrize("epochs", [2, None])
+def test_shards_split_each_batch_disjointly_and_cover_every_document(epochs):
     # 12 documents of 7 bytes + EOS = 7 (input, target) pairs each; rows of 21 hold exactly
-    # three, so one batch of 4 rows is one whole epoch.
+    # three, so one batch of 4 rows is one whole epoch, finite (one stream) or not (a stream per row).
     texts = [f"doc {i:02d}." for i in range(12)]
-    config = DataConfig(seq_len=21, batch_size=4, epochs=2, seed=5, prefetch=0)
-    whole = _batches(config, documents=_documents(texts))
+    config = DataConfig(seq_len=21, batch_size=4, epochs=epochs, seed=5, prefetch=0)
+    count = None if epochs else 2  # all the batches of a finite pass
+    whole = _batches(config, count, documents=_documents(texts))
     assert len(whole) == 2  # one batch per epoch
-    shards = [_batches(config, documents=_documents(texts), shard_index=i, shard_count=2) for i in range(2)]
+    shards = [_batches(config, count, documents=_documents(texts), shard_index=i, shard_count=2) for i in range(2)]
+    assert [len(shard) for shard in shards] == [2, 2]
 
     for epoch, batch in enumerate(whole):
         seen = []
@@ -161,19 +186,88 @@ def test_shards_split_each_batch_disjointly_and_cover_every_document():
     assert not np.array_equal(whole[0]["inputs"], whole[1]["inputs"])  # each epoch in a new order
 
 
+@pytest.mark.parametrize(
+    "epochs, layout",
+    [(1, [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]),  # one stream, cut batch_size rows at a time
+     (None, [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]])],  # row r reads documents r, r + B, r + 2B
+)
+def test_rows_take_the_documents_the_docstring_says(epochs, layout):
+    texts = [f"doc {i:02d}." for i in range(12)]  # 7 (input, target) pairs each: three fill a row of 21
+    config = DataConfig(seq_len=21, batch_size=4, epochs=epochs, shuffle=False, prefetch=0)
+    batch = _batches(config, 1, documents=_documents(texts))[0]
+    assert [[_text(document) for document in np.split(row, 3)] for row in batch["inputs"]] == [
+        [texts[i] for i in row] for row in layout
+    ]
+
+
+def test_a_finite_pass_trains_on_every_token_once_whatever_the_batch_size_and_processes():
+    texts = _uneven_texts()
+    documents = _documents(texts)
+    want = sorted(text[1:] for text in texts)  # each document's targets: its bytes but the first, then EOS
+
+    def run(batch_size, epochs=1, **kwargs):
+        config = DataConfig(seq_len=16, batch_size=batch_size, epochs=epochs, seed=3, prefetch=0)
+        return _batches(config, documents=documents, **kwargs)
+
+    one = run(1)
+    assert sorted(_trained_documents(one)) == want  # every document's tokens, once
+    assert _trained_documents(one) != [text[1:] for text in texts]  # in the seed's order, not the order read
+
+    # Batches of 8: the same rows in the same order, 8 at a time, the last batch completed with
+    # padding rows; so the same tokens, every one trained on once.
+    eight = run(8)
+    assert all(batch["inputs"].shape == (8, 16) for batch in eight) and len(eight) == -(-len(one) // 8)
+    rows = _rows(eight)
+    padding = len(rows) - len(one)
+    assert 0 < padding < 8  # (these documents leave a partial last batch)
+    for got, row in zip(rows, _rows(one)):
+        for key in BATCH_KEYS:
+            np.testing.assert_array_equal(got[key], row[key], err_msg=key)
+    for row in rows[len(one) :]:
+        for key in BATCH_KEYS:
+            assert not row[key].any(), key
+    real = np.concatenate([row["segment_ids"] for row in rows]) > 0
+    assert real[: real.sum()].all()  # padding only at the end: in the last real row and the rows after it
+    np.testing.assert_array_equal(np.concatenate([row["loss_mask"] for row in rows]), real.astype(np.float32))
+    assert sorted(_trained_documents(eight)) == want
+
+    # Two processes: each yields its half of every one of those batches, padding rows included.
+    halves = [run(8, shard_index=i, shard_count=2) for i in range(2)]
+    assert [len(half) for half in halves] == [len(eight)] * 2
+    for batch, first, second in zip(eight, *halves):
+        for key in BATCH_KEYS:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key], err_msg=key)
+
+    # Two epochs: every document twice, each epoch in its own order, packed across the boundary.
+    first, second = np.split(np.asarray(_trained_documents(run(8, epochs=2)), dtype=object), [len(texts)])
+    assert sorted(first) == want and sorted(second) == want and list(first) != list(second)
+
+    # Fewer documents than rows: a finite pass still takes them all (padding rows fill the batch).
+    few = _batches(DataConfig(seq_len=16, batch_size=8, epochs=1, prefetch=0), documents=documents[:3])
+    assert sorted(_trained_documents(few)) == sorted(text[1:] for text in texts[:3])
+
+
 @pytest.mark.parametrize("prefetch", [0, 2])
-@pytest.mark.parametrize("exact_fit", [False, True])
-def test_a_restored_iterator_yields_exactly_the_next_batches(tmp_path, prefetch, exact_fit):
+@pytest.mark.parametrize("data", ["pydoc", "exact_fit", "one_epoch"])
+def test_a_restored_iterator_yields_exactly_the_next_batches(tmp_path, prefetch, data):
     import grain
     from etils import epath
 
-    if exact_fit:  # documents of 7 (input, target) pairs, two per row: rows end at document ends
+    count = 12
+    if data == "exact_fit":  # documents of 7 (input, target) pairs, two per row: rows end at document ends
         kwargs = dict(documents=_documents([f"doc {i:02d}." for i in range(40)]))
         config = DataConfig(seq_len=14, batch_size=2, seed=1, prefetch=prefetch)
+    elif data == "one_epoch":  # a finite pass, saved inside a document and read to its padded end
+        kwargs = dict(documents=_documents(_uneven_texts()))
+        config = DataConfig(seq_len=16, batch_size=4, seed=1, epochs=1, prefetch=prefetch)
+        count = None
     else:
         kwargs = {}
         config = DataConfig(sources=("pydoc",), seq_len=48, batch_size=4, seed=1, prefetch=prefetch)
-    uninterrupted = _batches(config, 12, **kwargs)
+    uninterrupted = _batches(config, count, **kwargs)
+    if data == "one_epoch":
+        assert len(uninterrupted) > 12 and uninterrupted[6]["targets"][-1, -1] != EOS  # a document continues at 7
+        assert not uninterrupted[-1]["segment_ids"][-1].any()  # the last batch ends with a padding row
 
     # Saved and restored by Grain's checkpoint handler (JSON on disk), as a training run's checkpoints are.
     iterator = iter(train_batches(config, ByteTokenizer(), shard_index=0, shard_count=1, **kwargs))
@@ -184,7 +278,8 @@ def test_a_restored_iterator_yields_exactly_the_next_batches(tmp_path, prefetch,
 
     restored = iter(train_batches(config, ByteTokenizer(), shard_index=0, shard_count=1, **kwargs))
     grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), item=restored)
-    _assert_equal_batches([next(restored) for _ in range(5)], uninterrupted[7:])
+    rest = list(restored) if count is None else [next(restored) for _ in range(5)]
+    _assert_equal_batches(rest, uninterrupted[7 : count and 12])
     restored.close()
 
 
@@ -220,8 +315,10 @@ def test_other_bad_input_fails_before_training(tmp_path):
     with pytest.raises(InputError, match="no such file or directory.*built-in corpora: pydoc, stdlib"):
         train_batches(DataConfig(sources=(str(tmp_path / "missing.txt"),)), ByteTokenizer(), shard_index=0, shard_count=1)
     few = _write_jsonl(tmp_path / "few.jsonl", [{"text": "one"}, {"text": "two"}])
-    with pytest.raises(InputError, match="2 documents for batches of 4 rows"):
+    with pytest.raises(InputError, match="2 documents for batches of 4 rows; with epochs None every row"):
         train_batches(DataConfig(sources=(few,), batch_size=4), ByteTokenizer(), shard_index=0, shard_count=1)
+    with pytest.raises(InputError, match="the documents given: no documents to train on"):
+        train_batches(DataConfig(epochs=1), ByteTokenizer(), shard_index=0, shard_count=1, documents=[])
     with pytest.raises(InputError, match="batch_size=6 rows cannot be shared by 4 processes"):
         train_batches(DataConfig(batch_size=6), ByteTokenizer(), shard_index=1, shard_count=4)
     with pytest.raises(InputError, match="seq_len must be an integer >= 1"):

@@ -14,25 +14,30 @@ The batch: every array is [rows, seq_len], rows = batch_size // shard_count.
   loss_mask    float32  1 where the target counts; 0 at padding and on chat tokens that are
                         not an assistant's (compress/data/examples.py)
 
-Pipeline, in Grain's dataset API:
-  documents (sources.py, read and checked up front)
-  -> MapDataset.source -> shuffle(seed), a new order each epoch -> repeat(epochs)
-  -> per row r of the global batch: the documents r, r + batch_size, r + 2*batch_size, ...
-     -> map(encode_document) -> drop empty ones
-     -> ConcatThenSplitIterDataset: documents laid end to end in rows of seq_len; the one that
-        does not fit is split and continues (from position 0) in that row of the next batch
-  -> zip this process's rows -> stack them into a batch -> ThreadPrefetchIterDataset
+Documents (sources.py, read and checked up front) -> MapDataset.source -> shuffle(seed), a new
+order each epoch -> repeat(epochs) -> map(encode_document) -> drop empty ones ->
+ConcatThenSplitIterDataset: documents laid end to end in rows of seq_len; the one that does not
+fit is split and continues (from position 0) in the stream's next row. How the packed rows make
+batches depends on whether the documents end:
 
-Sharding by batch row: every row of the global batch reads its own stream of documents,
-the same however many processes share the batch. So process i of n yields exactly rows
-[i*rows, (i+1)*rows) of the batch one process alone would yield (a run on two processes
-trains on the same data as one on a single process), each process reads and tokenizes only
-its own documents, and the shards are disjoint: document k of an epoch goes to row k mod
-batch_size only. This needs at least batch_size documents.
+Finite `epochs`: one stream, every token of every document once per epoch. All the documents
+of all the epochs, in the seeded order, are packed into one stream of rows, and each batch is
+its next batch_size rows (row k of the stream is row k mod batch_size of batch k // batch_size,
+so a split document continues in the next row). Only the end has padding: the stream's last
+row is filled up with it, and the last batch is completed with padding rows (loss_mask and
+segment_ids 0 everywhere), so every process yields the same number of whole batches and no
+token is lost. Process i of n yields rows [i*rows, (i+1)*rows) of each batch; to know where its
+rows start, every process tokenizes and packs all the documents (and keeps only its rows).
+A batch_size of 1 gives the same rows, one per batch.
 
-Packing leaves padding only where a stream ends, at the end of the last epoch; with finite
-`epochs` iteration stops when the first row's stream ends, dropping less than one row from
-each of the others.
+`epochs` None (forever): one stream per row of the global batch, so each process tokenizes only
+its own documents. Row r reads the documents r, r + batch_size, r + 2*batch_size, ... of the
+endless shuffled sequence, packed as above (a split document continues in that row of the next
+batch); process i zips its rows [i*rows, (i+1)*rows) into batches. The shards are disjoint
+(document k of an epoch goes to row k mod batch_size only) and the batches are those one process
+alone would yield. The rows' streams never end, so none waits on another; this needs at least
+batch_size documents. (A finite pass cannot work this way: streams of unequal documents end at
+different batches, and stopping at the first would drop most of the others' tokens.)
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ class DataConfig:
     batch_size: int = 8  # rows per global batch, over all processes; a multiple of the process count
     seed: int = 0  # of the shuffle; the same seed gives the same batches
     shuffle: bool = True  # documents in a seeded random order, a new one each epoch; False: in the order read
-    epochs: int | None = None  # passes over the documents; None repeats them forever
+    epochs: int | None = None  # passes over the documents, every token once each; None repeats them forever
     prefetch: int = 2  # batches prepared ahead in a background thread; 0 prepares each when asked
 
     def __post_init__(self):
@@ -102,10 +107,13 @@ def train_batches(
     shard_index, shard_count = _shard(config, shard_index, shard_count)
     where = ", ".join(config.sources) if documents is None else "the documents given"
     documents = read_sources(config.sources) if documents is None else list(documents)
-    if len(documents) < config.batch_size:
+    if not documents:
+        raise InputError(f"{where}: no documents to train on (every file is empty or blank); give some text")
+    if config.epochs is None and len(documents) < config.batch_size:
         raise InputError(
-            f"{where}: {len(documents)} documents for batches of {config.batch_size} rows; every row reads its "
-            f"own documents, so give at least {config.batch_size} (more files or JSONL lines) or a smaller batch_size"
+            f"{where}: {len(documents)} documents for batches of {config.batch_size} rows; with epochs None every "
+            f"row reads its own documents, so give at least {config.batch_size} (more files or JSONL lines), a "
+            f"smaller batch_size, or finite epochs"
         )
 
     ordered = grain.MapDataset.source(documents)
@@ -114,19 +122,22 @@ def train_batches(
     ordered = ordered.repeat(config.epochs)  # reshuffled each epoch
     rows_per_shard = config.batch_size // shard_count
     first = shard_index * rows_per_shard
-    rows = [
-        _packed_row_stream(ordered[row :: config.batch_size], tokenizer, config.seq_len)  # documents row, row + B, ...
-        for row in range(first, first + rows_per_shard)
-    ]
-    # strict=False: with finite epochs the rows' streams end at different batches; stop at the first.
-    batches = grain.experimental.ZipIterDataset(rows, strict=False).map(_stack_rows)
+    if config.epochs is None:
+        rows = [  # row r packs the documents r, r + B, r + 2B, ...
+            _packed_row_stream(ordered[row :: config.batch_size], tokenizer, config.seq_len)
+            for row in range(first, first + rows_per_shard)
+        ]
+        batches = grain.experimental.ZipIterDataset(rows).map(_stack_rows)  # endless streams: none stops the zip
+    else:  # one stream of all the documents; each batch its next batch_size rows, of which this process keeps its own
+        mine = functools.partial(_shard_of_batch, rows=slice(first, first + rows_per_shard), seq_len=config.seq_len)
+        batches = _packed_row_stream(ordered, tokenizer, config.seq_len).batch(config.batch_size, batch_fn=mine)
     if config.prefetch:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch)
     return _JsonStateIterDataset(batches)
 
 
 def _packed_row_stream(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int) -> grain.IterDataset:
-    """One batch row's stream: its documents tokenized and packed into rows of seq_len."""
+    """A stream of packed rows: the documents tokenized and laid end to end in rows of seq_len."""
     examples = documents.map(functools.partial(encode_document, tokenizer=tokenizer))
     examples = examples.filter(lambda example: len(example["inputs"]) > 0)
     # No reader threads: the documents are in memory, and the whole pipeline already runs in
@@ -147,8 +158,16 @@ def _batch_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _stack_rows(rows: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+def _stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}  # each [rows, seq_len]
+
+
+def _shard_of_batch(batch: Sequence[dict[str, np.ndarray]], *, rows: slice, seq_len: int) -> dict[str, np.ndarray]:
+    """This process's `rows` of a global batch of packed rows, padding rows where the stream has
+    ended (only the last batch is short)."""
+    mine = list(batch[rows])
+    padding = {key: np.zeros((seq_len,), np.float32 if key == "loss_mask" else np.int32) for key in BATCH_KEYS}
+    return _stack_rows(mine + [padding] * (rows.stop - rows.start - len(mine)))
 
 
 def _shard(config: DataConfig, shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
