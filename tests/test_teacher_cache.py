@@ -54,7 +54,10 @@ def _pipeline_rows(data: DataConfig, tokenizer) -> dict[str, np.ndarray]:
         listed = list(batches)
     finally:
         batches.close()
-    return {key: np.concatenate([batch[key] for batch in listed]) for key in BATCH_KEYS}
+    rows = {key: np.concatenate([batch[key] for batch in listed]) for key in BATCH_KEYS}
+    real = rows["segment_ids"].any(axis=1)  # the padding rows completing the last batch are not cached
+    assert real[: real.sum()].all()
+    return {key: value[real] for key, value in rows.items()}
 
 
 def _read_all(directory) -> dict[str, np.ndarray]:

@@ -32,9 +32,9 @@ class TeacherCacheConfig:
     """`press teacher-cache`: which teacher, over which rows, keeping how many of its tokens, where."""
 
     teacher: ModelConfig = ModelConfig()  # bundled name, Hugging Face directory, .gguf file or quantized directory
-    # The rows: one pass of the training pipeline. batch_size here is its number of packing streams
-    # (documents k, k + B, ... go to stream k) and a pass ends with its shortest stream, so 1 (one
-    # stream) packs every token; epochs must be finite (1: every document once).
+    # The rows: one pass of the training pipeline, every token of the documents packed once (a
+    # finite pass is one stream of rows, whatever data.batch_size); epochs must be finite (1: every
+    # document once).
     data: DataConfig = DataConfig(batch_size=1, epochs=1)
     top_k: int = 64  # the teacher's most likely tokens kept per position
     batch_size: int = 8  # rows per teacher forward (and per shard of the stored arrays)

@@ -173,8 +173,8 @@ def write_cache(
       teacher_config, teacher_params: the teacher (float or quantized parameters, on device).
       tokenizer: the teacher's tokenizer; it encodes the documents.
       data: the rows: one pass of train_batches(data, tokenizer), `data.epochs` passes over the
-        documents (it must be finite). data.batch_size is the pipeline's number of packing streams,
-        and a pass stops when the first stream runs out of documents, so 1 packs every token.
+        documents (it must be finite), every token of them once; the padding rows that complete
+        the pass's last batch are not cached (data.batch_size changes nothing else).
       directory: the cache; created if absent. One holding a cache of the same teacher, tokenizer,
         data and k is continued (or, complete, left as it is); any other is refused.
       k: how many of the teacher's most likely tokens to keep per position.
@@ -279,17 +279,24 @@ def _teacher_top_k(config: decoder.DecoderConfig, k: int):
 def _count_rows(data: DataConfig, tokenizer: Any, documents: list) -> int:
     batches = iter(train_batches(data, tokenizer, shard_index=0, shard_count=1, documents=documents))
     try:
-        return sum(len(batch["inputs"]) for batch in batches)
+        return sum(len(batch["inputs"]) for batch in _without_padding_rows(batches))
     finally:
         batches.close()
 
 
+def _without_padding_rows(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """The pipeline's batches less the padding rows (no segment) that complete a finite pass's last batch."""
+    for batch in batches:
+        real = batch["segment_ids"].any(axis=1)  # [rows]
+        yield batch if real.all() else {key: value[real] for key, value in batch.items()}
+
+
 def _row_batches(batches: Iterator[dict[str, np.ndarray]], size: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
     """The pipeline's rows, after the first `skip`, regrouped into batches of `size` rows (the last
-    may be smaller)."""
+    may be smaller); padding rows are left out."""
     held: list[dict[str, np.ndarray]] = []
     count = 0
-    for batch in batches:
+    for batch in _without_padding_rows(batches):
         rows = len(batch["inputs"])
         if skip >= rows:
             skip -= rows
