@@ -83,6 +83,7 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/gptq_ablation.py --out bench-results/gptq-ablation.json
 	$(BIN)/python benchmarks/retrieve.py --vectors 100000 --queries 1000 --out bench-results/retrieval.json
 	$(BIN)/python benchmarks/train.py --out bench-results/train.json
+	$(BIN)/python benchmarks/distill.py --parts kd-ce,cache --out bench-results/distill.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache

@@ -1,14 +1,15 @@
 """Distillation against CE-only training of the same student (issue 14), through the press commands.
 
 Teacher SmolLM2-135M-Instruct; student cut from it with configs/distill-smollm2.yaml (every third
-layer and the last: 11 of 30 layers, at most half the parameters). Two arms, the same student
-init, data, steps, learning rate and seed:
+layer and the last: 11 of 30 layers, at most half the parameters). Arms (`--arms`), the same
+student init, data, steps, learning rate and seed:
 
-  kd   `press distill configs/distill-smollm2.yaml` as it is: forward KL at T=2 from the online
-       teacher (loss.alpha=0)
-  ce   the same with loss.alpha=1: hard-label cross-entropy only (the teacher is never run)
+  kd-t1  `press distill configs/distill-smollm2.yaml` as it is: forward KL at T=1 from the online
+         teacher (loss.alpha=0)
+  kd-t2  the same at T=2
+  ce     loss.alpha=1: hard-label cross-entropy only (the teacher is never run)
 
-then `press eval --compare TEACHER KD CE --json` on held-out windows of the language reference:
+then `press eval --compare TEACHER ARM... --json` on held-out windows of the language reference:
 perplexity, top-1 agreement with the teacher, bytes and batch-1 decode tokens/s. Each arm's
 train tokens/s is the median of its metrics.jsonl lines (the first, with compilation, left out).
 
@@ -18,7 +19,9 @@ teacher-cache` over it (top-32, rows of 256 tokens; its wall time reported), the
 steps of `press distill` reading the file with the teacher online (full distribution) and the
 same reading the cache; train tokens/s and held-out perplexity of each.
 
-  .venv/bin/python benchmarks/distill.py [--steps 120] [--set key=value ...] [--out bench-results/distill.json]
+  .venv/bin/python benchmarks/distill.py [--steps 120] [--arms kd-t1,kd-t2,ce] [--reuse] [--set key=value ...]
+
+--reuse keeps an arm whose run is already in --work (its figures read from its metrics.jsonl).
   .venv/bin/python benchmarks/distill.py --parts cache --out bench-results/distill-cache.json
 """
 
@@ -40,20 +43,26 @@ CONFIG = "configs/distill-smollm2.yaml"
 TEACHER = "smollm2-135m-instruct"
 
 
+ARMS = {"kd-t1": ["loss.temperature=1.0"], "kd-t2": ["loss.temperature=2.0"], "ce": ["loss.alpha=1.0"]}
+
+
 def arm(name: str, out: str, args, extra: list[str], steps: int | None = None) -> dict:
     steps = steps or args.steps
     command = [PRESS, "distill", CONFIG, "--no-progress", f"out={out}", f"steps={steps}",
                f"optimizer.total_steps={steps}", f"eval_every={steps}", "save_every=0", *args.set, *extra]
-    log(f"--- {name}: {' '.join(command)}")
-    start = time.perf_counter()
-    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - start
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    seconds = None
+    if not (args.reuse and os.path.isdir(os.path.join(out, "hf"))):
+        log(f"--- {name}: {' '.join(command)}")
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+        seconds = round(time.perf_counter() - start, 1)
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     speeds = [line["tokens_per_s"] for line in lines if "tokens_per_s" in line][1:]
-    return {"command": " ".join(command), "seconds": round(seconds, 1), "eval_loss": result["eval_loss"],
+    train = [line for line in lines if line.get("split") != "eval"]
+    return {"command": " ".join(command), "seconds": seconds,
+            "eval_loss": next(line["loss"] for line in reversed(lines) if line.get("split") == "eval"),
             "train_tokens_per_s": statistics.median(speeds) if speeds else None,
-            "last": {k: v for k, v in lines[-1].items()} if lines else None}
+            "last": train[-1] if train else None}
 
 
 def main() -> None:
@@ -64,6 +73,8 @@ def main() -> None:
     p.add_argument("--work", default="out/bench-distill")
     p.add_argument("--out", default="bench-results/distill.json")
     p.add_argument("--parts", default="kd-ce", help="kd-ce, cache, or both comma-separated")
+    p.add_argument("--arms", default="kd-t1,kd-t2,ce", help=f"of {', '.join(ARMS)}; ce last is the baseline")
+    p.add_argument("--reuse", action="store_true", help="keep arms already run in --work")
     p.add_argument("--cache-chars", type=int, default=120_000)
     p.add_argument("--cache-steps", type=int, default=20)
     args = p.parse_args()
@@ -99,19 +110,21 @@ def online_against_cached(args) -> dict:
 
 
 def kd_against_ce(args) -> dict:
-    arms = {"kd": arm("kd", os.path.join(args.work, "kd"), args, []),
-            "ce": arm("ce", os.path.join(args.work, "ce"), args, ["loss.alpha=1.0"])}
+    names = args.arms.split(",")
+    arms = {name: arm(name, os.path.join(args.work, name), args, ARMS[name]) for name in names}
     command = [PRESS, "eval", "--compare", TEACHER, *(os.path.join(args.work, a, "hf") for a in arms),
                "--windows", str(args.windows), "--json", "--plot", os.path.join(args.work, "compare.png")]
     log(f"--- eval: {' '.join(command)}")
     rows = [json.loads(line) for line in subprocess.run(command, check=True, stdout=subprocess.PIPE,
                                                         text=True).stdout.splitlines() if line.startswith("{")]
-    teacher, kd, ce = rows
-    return {"arms": arms, "eval": rows, "eval_command": " ".join(command),
-              "kd_over_ce_perplexity": kd["perplexity"] / ce["perplexity"],
-              "kd_over_teacher_perplexity": kd["perplexity"] / teacher["perplexity"],
-              "ce_over_teacher_perplexity": ce["perplexity"] / teacher["perplexity"],
-              "student_over_teacher_bytes": kd["bytes"] / teacher["bytes"]}
+    teacher, students = rows[0], dict(zip(names, rows[1:]))
+    result = {"arms": arms, "eval": rows, "eval_command": " ".join(command)}
+    for name, row in students.items():
+        result[f"{name}_over_teacher_perplexity"] = row["perplexity"] / teacher["perplexity"]
+        if "ce" in students and name != "ce":
+            result[f"{name}_over_ce_perplexity"] = row["perplexity"] / students["ce"]["perplexity"]
+    result["student_over_teacher_bytes"] = rows[1]["bytes"] / teacher["bytes"]
+    return result
 
 
 if __name__ == "__main__":
