@@ -124,7 +124,37 @@ def kd_against_ce(args) -> dict:
         if "ce" in students and name != "ce":
             result[f"{name}_over_ce_perplexity"] = row["perplexity"] / students["ce"]["perplexity"]
     result["student_over_teacher_bytes"] = rows[1]["bytes"] / teacher["bytes"]
+    result["kl_to_teacher"] = kl_to_teacher({name: os.path.join(args.work, name, "hf") for name in names})
     return result
+
+
+def kl_to_teacher(students: dict[str, str], windows: int = 8, length: int = 256) -> dict:
+    """KL(teacher || student) and the data cross-entropy, nats per token, of each student and the
+    teacher on the first `windows` held-out windows of `length` + 1 tokens (in this process)."""
+    import jax
+    import jax.numpy as jnp
+
+    from compress.data import corpus
+    from compress.models import decoder
+    from compress.pretrained import load_decoder
+
+    teacher = load_decoder(TEACHER)
+    text, source = corpus.held_out_text()
+    w = corpus.token_windows(teacher.tokenizer.encode(text), length + 1, windows, source)[:windows]
+    tokens, targets = jnp.asarray(w[:, :-1]), jnp.asarray(w[:, 1:])
+
+    def log_probs(model):
+        return jax.nn.log_softmax(decoder.forward(model.params, tokens, model.config).logits)
+
+    def data_ce(q):
+        return float(-jnp.mean(jnp.take_along_axis(q, targets[..., None], axis=-1)))
+
+    p = log_probs(teacher)
+    out = {"teacher": {"data_ce": data_ce(p)}}
+    for name, path in students.items():
+        q = log_probs(load_decoder(path, with_tokenizer=False))
+        out[name] = {"kl": float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1))), "data_ce": data_ce(q)}
+    return out
 
 
 if __name__ == "__main__":
