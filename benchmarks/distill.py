@@ -49,7 +49,8 @@ ARMS = {"kd-t1": ["loss.temperature=1.0"], "kd-t2": ["loss.temperature=2.0"], "c
 def arm(name: str, out: str, args, extra: list[str], steps: int | None = None) -> dict:
     steps = steps or args.steps
     command = [PRESS, "distill", CONFIG, "--no-progress", f"out={out}", f"steps={steps}",
-               f"optimizer.total_steps={steps}", f"eval_every={steps}", "save_every=0", *args.set, *extra]
+               f"optimizer.total_steps={steps}", f"optimizer.warmup_steps={max(1, steps // 12)}",
+               f"eval_every={steps}", "save_every=0", *args.set, *extra]
     seconds = None
     if not (args.reuse and os.path.isdir(os.path.join(out, "hf"))):
         log(f"--- {name}: {' '.join(command)}")

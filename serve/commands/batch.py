@@ -50,18 +50,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--input", key="input", help='JSONL: {"id", "prompt" | "messages", "sampling"?} per line')
     flags.flag("--output", key="output", help="JSONL results, appended; ids already there are skipped")
     flags.flag("--errors", key="errors", help="JSONL of the lines that could not run")
+    add_engine_flags(flags, model="model", seed_help="sampling seed of every line (None: random per line)",
+                     stop_help="strings that end the text")
+    flags.flag("--no-progress", key="progress", action="store_false", help="no progress bar and no summary line")
+    distributed.add_cluster_flags(flags)
+
+
+def add_engine_flags(flags, *, model: str, seed_help: str, stop_help: str) -> None:
+    """The sampling and engine flags of an offline job (press batch, press synthesize); `model` is
+    the config section of the model."""
     flags.flag("--max-new-tokens", key="sampling.max_new_tokens", type=int)
     flags.flag("--temperature", key="sampling.temperature", type=float, help="0 is greedy")
     flags.flag("--top-p", key="sampling.top_p", type=float)
     flags.flag("--top-k", key="sampling.top_k", type=int)
-    flags.flag("--seed", key="sampling.seed", type=int, help="sampling seed of every line (None: random per line)")
-    flags.flag("--stop", key="sampling.stop", action="extend", nargs="+", metavar="STR",
-               help="strings that end the text")
+    flags.flag("--seed", key="sampling.seed", type=int, help=seed_help)
+    flags.flag("--stop", key="sampling.stop", action="extend", nargs="+", metavar="STR", help=stop_help)
     flags.flag("--max-slots", key="max_slots", type=int, help="requests decoded together")
     flags.flag("--max-seq-len", key="max_seq_len", type=int, help="prompt + generated tokens per request")
-    flags.flag("--dtype", key="model.dtype", help="weights and activations dtype")
-    flags.flag("--no-progress", key="progress", action="store_false", help="no progress bar and no summary line")
-    distributed.add_cluster_flags(flags)
+    flags.flag("--dtype", key=f"{model}.dtype", help="weights and activations dtype")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -77,6 +77,7 @@ from compress.errors import InputError
 from compress.pretrained import ModelConfig
 from serve import batch
 from serve.sampling import SamplingParams
+from serve.commands.batch import add_engine_flags
 
 HELP = "a teacher answers prompts: chat training data (resumable)"
 
@@ -119,16 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--system", key="system", help="a system message for the prompts without one")
     flags.flag("--keep-truncated", key="keep_truncated", action="store_true",
                help="write answers cut at max_new_tokens to OUT too")
-    flags.flag("--max-new-tokens", key="sampling.max_new_tokens", type=int)
-    flags.flag("--temperature", key="sampling.temperature", type=float, help="0 is greedy")
-    flags.flag("--top-p", key="sampling.top_p", type=float)
-    flags.flag("--top-k", key="sampling.top_k", type=int)
-    flags.flag("--seed", key="sampling.seed", type=int, help="of the answers' seeds (None: random per answer)")
-    flags.flag("--stop", key="sampling.stop", action="extend", nargs="+", metavar="STR",
-               help="strings that end an answer")
-    flags.flag("--max-slots", key="max_slots", type=int, help="requests decoded together")
-    flags.flag("--max-seq-len", key="max_seq_len", type=int, help="prompt + generated tokens per request")
-    flags.flag("--dtype", key="teacher.dtype", help="weights and activations dtype")
+    add_engine_flags(flags, model="teacher", seed_help="of the answers' seeds (None: random per answer)",
+                     stop_help="strings that end an answer")
     flags.flag("--no-progress", key="progress", action="store_false", help="no progress bar and no summary lines")
 
 
