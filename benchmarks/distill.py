@@ -14,7 +14,7 @@ perplexity, top-1 agreement with the teacher, bytes and batch-1 decode tokens/s.
 train tokens/s is the median of its metrics.jsonl lines (the first, with compilation, left out).
 
 Part "cache" (`--parts cache`): the online teacher against a cached one on the same text (the
-first `--cache-chars` characters of the language reference's train part, in a file): `press
+first `--cache-chars` characters of the language reference's train part, as JSONL documents): `press
 teacher-cache` over it (top-32, rows of 256 tokens; its wall time reported), then `--cache-steps`
 steps of `press distill` reading the file with the teacher online (full distribution) and the
 same reading the cache; train tokens/s and held-out perplexity of each.
@@ -92,9 +92,16 @@ def online_against_cached(args) -> dict:
 
     os.makedirs(args.work, exist_ok=True)
     text, _ = corpus.train_text()
-    path = os.path.abspath(os.path.join(args.work, "cache-text.txt"))
-    with open(path, "w") as f:
-        f.write(text[: args.cache_chars])
+    path = os.path.abspath(os.path.join(args.work, "cache-text.jsonl"))
+    with open(path, "w") as f:  # documents of about 2,000 characters (paragraphs kept whole)
+        document = ""
+        for paragraph in text[: args.cache_chars].split("\n\n"):
+            document += paragraph + "\n\n"
+            if len(document) > 2000:
+                f.write(json.dumps({"text": document}) + "\n")
+                document = ""
+        if document.strip():
+            f.write(json.dumps({"text": document}) + "\n")
     cache = os.path.join(args.work, "teacher-cache")
     command = [PRESS, "teacher-cache", "--teacher", TEACHER, "--top-k", "32", "--out", cache, "data.seq_len=256",
                "data.batch_size=1", "data.epochs=1", f"--data={path}", "--batch-size=4"]
