@@ -19,8 +19,8 @@ but each layer its own best ones, in their original order. Embeddings and layer 
 alone (students.keep_layers drops layers).
 
 The scores are measured by running calibration windows through the layers under one
-`jax.lax.scan` over the stacked layers per batch, with GPTQ's calibration set-up (embedding,
-RoPE tables and causal mask of whole, unpadded windows: compress/quant/gptq.py).
+`jax.lax.scan` over the stacked layers per batch, through the decoder's layer-walk hook
+(decoder.embed, decoder.layer_tables, decoder.decoder_layer), as GPTQ's calibration does.
 
 Axes (as in compress/models/decoder.py): S calibration windows, B a batch of them, T positions,
 L layers, D embed, F mlp hidden, N query heads, K key/value heads, G query heads per key/value
@@ -39,9 +39,7 @@ import numpy as np
 
 from compress.data import corpus
 from compress.errors import InputError
-from compress.models import attention as attn
 from compress.models import decoder
-from compress.quant.gptq import embed_tokens, layer_batches
 
 
 class Importance(NamedTuple):
@@ -69,20 +67,21 @@ def calibration_windows(tokenizer, count: int, seq_len: int, *, seed: int = 0, d
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _batch_scores(layers, x, cos, sin, allowed, config: decoder.DecoderConfig):
+def _batch_scores(params, tokens, config: decoder.DecoderConfig):
     """Sums over the batch's tokens: (|input of down| [L, F], ||head output||_2 [L, N]), float32.
 
-    x: [B, T, D] embedded windows; cos, sin: [B, T, H]; allowed: [B, T, T].
+    tokens: [B, T] whole windows (no padding), run through the decoder's layer-walk hook.
     """
+    tables = decoder.layer_tables(config, jnp.ones(tokens.shape, bool))  # cos, sin [B, T, H]; allowed [B, T, T]
 
     def layer(x, p):
-        x, inputs = decoder.decoder_layer(p, x, config, cos, sin, lambda q, k, v: attn.causal_attention(q, k, v, allowed))
+        x, inputs = decoder.decoder_layer(p, x, config, tables.cos, tables.sin, tables.attend)
         hidden = inputs["down"].astype(jnp.float32)  # [B, T, F]
         heads = inputs["o"].astype(jnp.float32)  # [B, T, N, H]
         head_norms = jnp.sqrt(jnp.einsum("BTNH,BTNH->BTN", heads, heads))  # [B, T, N]
         return x, (jnp.sum(jnp.abs(hidden), axis=(0, 1)), jnp.sum(head_norms, axis=(0, 1)))  # [F], [N]
 
-    _, (mlp, heads) = jax.lax.scan(layer, x, layers)  # [L, F], [L, N]
+    _, (mlp, heads) = jax.lax.scan(layer, decoder.embed(params, tokens, config), params["layers"])  # [L, F], [L, N]
     return mlp, heads
 
 
@@ -105,11 +104,11 @@ def importance(config: decoder.DecoderConfig, params: dict[str, Any], windows: n
         raise InputError(f"importance: batch_size must be a positive integer, got {batch_size!r}")
     _check_float_layers(params)
     s, t = windows.shape
-    batches = layer_batches(config, t, batch_size)
     mlp = jnp.zeros((config.num_layers, config.mlp_dim), jnp.float32)  # [L, F]
     heads = jnp.zeros((config.num_layers, config.num_heads), jnp.float32)  # [L, N]
-    for rows, tables in batches(embed_tokens(params, config, windows.astype(np.int32))):
-        batch_mlp, batch_heads = _batch_scores(params["layers"], rows, *tables, config=config)
+    for start in range(0, s, batch_size):
+        rows = jnp.asarray(windows[start : start + batch_size], jnp.int32)
+        batch_mlp, batch_heads = _batch_scores(params, rows, config=config)
         mlp, heads = mlp + batch_mlp, heads + batch_heads
     return Importance(mlp=np.asarray(mlp) / (s * t), heads=np.asarray(heads) / (s * t))
 
