@@ -18,6 +18,8 @@ from compress import config as cfg
 from compress.data.pipeline import DataConfig, train_batches
 from compress.distill import losses
 from compress.distill.job import DistillConfig, KDLossConfig, distill, kd_loss, make_student
+from compress.distill.pruning import calibration_windows
+from compress.distill.students import select_layers
 from compress.errors import InputError
 from compress.models import decoder
 from compress.pretrained import load_decoder
@@ -68,6 +70,17 @@ def test_a_pruned_student_distils_toward_its_teacher_and_exports(teacher, tmp_pa
     # the teacher is untouched by the donated steps (the student's leaves were copies)
     assert np.array_equal(np.asarray(load_decoder(teacher, with_tokenizer=False).params["embed"]),
                           np.asarray(t.params["embed"]))
+
+
+def test_a_student_of_num_layers_keeps_the_greedy_choice_made_on_the_full_width_teacher(teacher, tmp_path):
+    config = _config(teacher, tmp_path / "run", "student.num_layers=2", "student.layer_windows=3",
+                     "student.mlp_dim=64", "student.calibration_windows=4", "student.calibration_seq_len=32")
+    t = load_decoder(teacher)
+    student, params, kept = make_student(config.student, t.config, t.params, t.tokenizer, log=print)
+    windows = calibration_windows(t.tokenizer, 3, 32)
+    assert kept == select_layers(t.config, t.params, windows, keep=2)[0]
+    assert (student.num_layers, student.mlp_dim) == (2, 64)
+    np.testing.assert_array_equal(params["layers"]["attn_norm"], np.asarray(t.params["layers"]["attn_norm"])[list(kept)])
 
 
 def test_hidden_state_and_attention_transfer_train_a_narrower_student_through_a_projection(teacher, tmp_path):
@@ -140,7 +153,7 @@ def test_the_step_loss_is_the_distillation_loss_of_the_teacher_online_or_from_it
 def test_bad_settings_are_refused_before_any_work(teacher, tmp_path):
     with pytest.raises(InputError, match="teacher cache holds output distributions only"):
         _config(teacher, tmp_path, "teacher_cache=somewhere", "loss.hidden_weight=1.0")
-    with pytest.raises(InputError, match="every_nth_layer or layers"):
+    with pytest.raises(InputError, match="one of every_nth_layer, layers and num_layers"):
         _config(teacher, tmp_path, "student.every_nth_layer=2", "student.layers=[0]")
     with pytest.raises(InputError, match="model_overrides"):
         _config(teacher, tmp_path, "student.model_overrides={num_layers: 1}")

@@ -54,6 +54,8 @@ class StudentConfig:
     init: Literal["teacher", "random"] = "teacher"  # start from the teacher's weights (pruned), or random ones
     every_nth_layer: int = 0  # keep teacher layers 0, n, 2n, ... and the last (0: see `layers`)
     layers: tuple[int, ...] = ()  # teacher layers kept, ascending (empty with every_nth_layer 0: all)
+    num_layers: int | None = None  # keep this many teacher layers, those whose removal costs least (greedy)
+    layer_windows: int = 8  # calibration windows that score each layer removal (num_layers)
     mlp_dim: int | None = None  # MLP channels kept per layer, the most important on calibration text
     num_heads: int | None = None  # query heads kept per layer, in whole grouped-query groups
     calibration_windows: int = 32  # windows of the language reference's train part that score importance
@@ -61,14 +63,15 @@ class StudentConfig:
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # DecoderConfig fields (init: random)
 
     def __post_init__(self):
-        if self.every_nth_layer and self.layers:
-            raise InputError("student: give every_nth_layer or layers, not both")
-        if self.init == "random" and (self.every_nth_layer or self.layers or self.mlp_dim or self.num_heads):
-            raise InputError("student: layers, every_nth_layer, mlp_dim and num_heads prune the teacher (init: teacher); "
-                             "a random student takes its shape from model_overrides")
+        if sum(bool(x) for x in (self.every_nth_layer, self.layers, self.num_layers is not None)) > 1:
+            raise InputError("student: give one of every_nth_layer, layers and num_layers")
+        if self.init == "random" and (self.every_nth_layer or self.layers or self.num_layers is not None
+                                      or self.mlp_dim or self.num_heads):
+            raise InputError("student: layers, every_nth_layer, num_layers, mlp_dim and num_heads prune the teacher "
+                             "(init: teacher); a random student takes its shape from model_overrides")
         if self.init == "teacher" and self.model_overrides:
             raise InputError("student.model_overrides change a random student's shape (init: random); a student cut "
-                             "from the teacher takes layers, every_nth_layer, mlp_dim and num_heads")
+                             "from the teacher takes layers, every_nth_layer, num_layers, mlp_dim and num_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,17 +161,20 @@ def make_student(config: StudentConfig, teacher_config: decoder.DecoderConfig, t
         raise InputError("the teacher holds integer weights; a student is cut from float weights (distil from the "
                          "float teacher, or from a quantized one with student.init: random)")
     student, params = teacher_config, teacher_params
+    layers = tuple(range(teacher_config.num_layers))
+    if config.every_nth_layer:
+        layers = students.every_nth_layer(teacher_config.num_layers, config.every_nth_layer)
+    elif config.layers:
+        layers = tuple(config.layers)
+    elif config.num_layers is not None:  # chosen on the teacher as it is, before any width is pruned
+        windows = pruning.calibration_windows(tokenizer, config.layer_windows, config.calibration_seq_len)
+        layers, _ = students.select_layers(teacher_config, teacher_params, windows, config.num_layers, log=log)
     if config.mlp_dim is not None or config.num_heads is not None:
         windows = pruning.calibration_windows(tokenizer, config.calibration_windows, config.calibration_seq_len)
         scores = pruning.importance(student, params, windows)
         student, params = pruning.prune_width(student, params, scores, mlp_dim=config.mlp_dim, num_heads=config.num_heads)
         log(f"student: widths pruned by importance on {len(windows)} calibration windows "
             f"(mlp_dim {teacher_config.mlp_dim} -> {student.mlp_dim}, heads {teacher_config.num_heads} -> {student.num_heads})")
-    layers = tuple(range(teacher_config.num_layers))
-    if config.every_nth_layer:
-        layers = students.every_nth_layer(teacher_config.num_layers, config.every_nth_layer)
-    elif config.layers:
-        layers = tuple(config.layers)
     if len(layers) != teacher_config.num_layers:
         student, params = students.keep_layers(student, params, layers)
         log(f"student: teacher layers {list(layers)} kept")
