@@ -67,8 +67,8 @@ def test_greedy_layer_choice_drops_the_cheapest_layer_each_round_and_a_silent_la
     silent = {name: ({**p, "kernel": p["kernel"].at[3].set(0)} if name in ("o", "down") else p)
               for name, p in params["layers"].items()}
     params = {**params, "layers": silent}
-    kept, losses = select_layers(TEACHER, params, np.asarray(tokens), keep=2)
-    assert len(kept) == 2 and len(losses) == 3
+    kept, losses = select_layers(TEACHER, params, np.asarray(tokens), keep=3)
+    assert len(kept) == 3 and len(losses) == 2
     # Exhaustive search over single removals, each scored by a full forward pass, round by round.
     current = list(range(TEACHER.num_layers))
     for round_loss in losses:
