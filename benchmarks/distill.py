@@ -1,12 +1,13 @@
 """Distillation against CE-only training of the same student (issue 14), through the press commands.
 
-Teacher SmolLM2-135M-Instruct; student cut from it with configs/distill-smollm2.yaml (every third
-layer and the last: 11 of 30 layers, at most half the parameters). Arms (`--arms`), the same
+Teacher SmolLM2-135M-Instruct; student cut from it with configs/distill-smollm2.yaml (20 of 30
+layers chosen greedily, MLPs pruned to 608 channels: half the parameters). Arms (`--arms`), the same
 student init, data, steps, learning rate and seed:
 
   kd-t1  `press distill configs/distill-smollm2.yaml` as it is: forward KL at T=1 from the online
          teacher (loss.alpha=0)
   kd-t2  the same at T=2
+  kd-mix loss.alpha=0.5: half hard-label CE, half forward KL at T=1
   ce     loss.alpha=1: hard-label cross-entropy only (the teacher is never run)
 
 then `press eval --compare TEACHER ARM... --json` on held-out windows of the language reference:
@@ -18,6 +19,17 @@ first `--cache-chars` characters of the language reference's train part, as JSON
 teacher-cache` over it (top-32, rows of 256 tokens; its wall time reported), then `--cache-steps`
 steps of `press distill` reading the file with the teacher online (full distribution) and the
 same reading the cache; train tokens/s and held-out perplexity of each.
+
+Part "init" (`--parts init`): the held-out cross-entropy each student starts from, before any
+training (8 windows of 256 tokens): every third layer and the last; the config's layers at full
+width; the config's student (layers and widths). `--search` also runs the greedy layer search
+(students.select_layers, 4 calibration windows of 256 tokens) down to the config's layer count
+and reports its choice (about 15 minutes on 2 cores).
+
+--teacher-steps N first adapts the teacher to the training text (Minitron's "teacher correction"):
+`press train configs/train-smollm2.yaml` from the bundled weights for N steps of the same data
+and batch (learning rate 2e-5), and every part then uses its export as the teacher (students cut
+from it, evaluated against it).
 
   .venv/bin/python benchmarks/distill.py [--steps 120] [--arms kd-t1,kd-t2,ce] [--reuse] [--set key=value ...]
 
@@ -43,7 +55,20 @@ CONFIG = "configs/distill-smollm2.yaml"
 TEACHER = "smollm2-135m-instruct"
 
 
-ARMS = {"kd-t1": ["loss.temperature=1.0"], "kd-t2": ["loss.temperature=2.0"], "ce": ["loss.alpha=1.0"]}
+ARMS = {"kd-t1": ["loss.temperature=1.0"], "kd-t2": ["loss.temperature=2.0"],
+        "kd-mix": ["loss.temperature=1.0", "loss.alpha=0.5"], "ce": ["loss.alpha=1.0"]}
+
+
+def run_once(name: str, out: str, command: list[str], reuse: bool) -> tuple[float | None, list[dict]]:
+    """Run a press training command writing to `out` (unless `reuse` and it exported already):
+    (its wall seconds, None if reused; its metrics.jsonl lines)."""
+    seconds = None
+    if not (reuse and os.path.isdir(os.path.join(out, "hf"))):
+        log(f"--- {name}: {' '.join(command)}")
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+        seconds = round(time.perf_counter() - start, 1)
+    return seconds, [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
 def arm(name: str, out: str, args, extra: list[str], steps: int | None = None) -> dict:
@@ -51,13 +76,7 @@ def arm(name: str, out: str, args, extra: list[str], steps: int | None = None) -
     command = [PRESS, "distill", CONFIG, "--no-progress", f"out={out}", f"steps={steps}",
                f"optimizer.total_steps={steps}", f"optimizer.warmup_steps={max(1, steps // 12)}",
                f"eval_every={steps}", "save_every=0", *args.set, *extra]
-    seconds = None
-    if not (args.reuse and os.path.isdir(os.path.join(out, "hf"))):
-        log(f"--- {name}: {' '.join(command)}")
-        start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
-        seconds = round(time.perf_counter() - start, 1)
-    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    seconds, lines = run_once(name, out, command, args.reuse)
     speeds = [line["tokens_per_s"] for line in lines if "tokens_per_s" in line][1:]
     train = [line for line in lines if line.get("split") != "eval"]
     return {"command": " ".join(command), "seconds": seconds,
@@ -73,18 +92,39 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16, help="held-out windows for press eval")
     p.add_argument("--work", default="out/bench-distill")
     p.add_argument("--out", default="bench-results/distill.json")
-    p.add_argument("--parts", default="kd-ce", help="kd-ce, cache, or both comma-separated")
+    p.add_argument("--parts", default="kd-ce", help="kd-ce, cache, init, comma-separated")
+    p.add_argument("--search", action="store_true", help="init: also run the greedy layer search")
+    p.add_argument("--teacher-steps", type=int, default=0, help="adapt the teacher first (0: as bundled)")
     p.add_argument("--arms", default="kd-t1,kd-t2,ce", help=f"of {', '.join(ARMS)}; ce last is the baseline")
     p.add_argument("--reuse", action="store_true", help="keep arms already run in --work")
     p.add_argument("--cache-chars", type=int, default=120_000)
     p.add_argument("--cache-steps", type=int, default=20)
     args = p.parse_args()
     result = {}
+    args.teacher = TEACHER
+    if args.teacher_steps:
+        result["teacher_correction"] = correct_teacher(args)
+        args.teacher = result["teacher_correction"]["teacher"]
+    args.set = [f"teacher.name={args.teacher}", *args.set]
     if "kd-ce" in args.parts:
         result.update(kd_against_ce(args))
     if "cache" in args.parts:
         result["cache"] = online_against_cached(args)
+    if "init" in args.parts:
+        result["init"] = student_inits(args)
     write_result(args.out, result)
+
+
+def correct_teacher(args) -> dict:
+    """`press train` from the bundled weights on the distillation data; its export is the teacher."""
+    out = os.path.join(args.work, f"teacher-{args.teacher_steps}")
+    n = args.teacher_steps
+    command = [PRESS, "train", "configs/train-smollm2.yaml", "--no-progress", f"out={out}", "data.sources=[pydoc]",
+               "data.seq_len=256", "data.batch_size=4", f"steps={n}", f"optimizer.total_steps={n}",
+               f"optimizer.warmup_steps={max(1, n // 6)}", "remat=none", f"eval_every={n}", "save_every=0"]
+    seconds, lines = run_once("teacher correction", out, command, args.reuse)
+    return {"command": " ".join(command), "seconds": seconds, "teacher": os.path.abspath(os.path.join(out, "hf")),
+            "eval_loss": next(line["loss"] for line in reversed(lines) if line.get("split") == "eval")}
 
 
 def online_against_cached(args) -> dict:
@@ -103,7 +143,7 @@ def online_against_cached(args) -> dict:
         if document.strip():
             f.write(json.dumps({"text": document}) + "\n")
     cache = os.path.join(args.work, "teacher-cache")
-    command = [PRESS, "teacher-cache", "--teacher", TEACHER, "--top-k", "32", "--out", cache, "data.seq_len=256",
+    command = [PRESS, "teacher-cache", "--teacher", args.teacher, "--top-k", "32", "--out", cache, "data.seq_len=256",
                "data.batch_size=1", "data.epochs=1", f"--data={path}", "--batch-size=4"]
     log(f"--- cache: {' '.join(command)}")
     start = time.perf_counter()
@@ -120,7 +160,7 @@ def online_against_cached(args) -> dict:
 def kd_against_ce(args) -> dict:
     names = args.arms.split(",")
     arms = {name: arm(name, os.path.join(args.work, name), args, ARMS[name]) for name in names}
-    command = [PRESS, "eval", "--compare", TEACHER, *(os.path.join(args.work, a, "hf") for a in arms),
+    command = [PRESS, "eval", "--compare", args.teacher, *(os.path.join(args.work, a, "hf") for a in arms),
                "--windows", str(args.windows), "--json", "--plot", os.path.join(args.work, "compare.png")]
     log(f"--- eval: {' '.join(command)}")
     rows = [json.loads(line) for line in subprocess.run(command, check=True, stdout=subprocess.PIPE,
@@ -132,11 +172,49 @@ def kd_against_ce(args) -> dict:
         if "ce" in students and name != "ce":
             result[f"{name}_over_ce_perplexity"] = row["perplexity"] / students["ce"]["perplexity"]
     result["student_over_teacher_bytes"] = rows[1]["bytes"] / teacher["bytes"]
-    result["kl_to_teacher"] = kl_to_teacher({name: os.path.join(args.work, name, "hf") for name in names})
+    result["kl_to_teacher"] = kl_to_teacher(args.teacher, {name: os.path.join(args.work, name, "hf") for name in names})
     return result
 
 
-def kl_to_teacher(students: dict[str, str], windows: int = 8, length: int = 256) -> dict:
+def student_inits(args) -> dict:
+    """Held-out cross-entropy (nats/token) of students cut from the teacher, before training."""
+    import jax
+    import jax.numpy as jnp
+
+    from compress import config as cfg
+    from compress.data import corpus
+    from compress.distill import students
+    from compress.distill.job import DistillConfig, make_student
+    from compress.distill.pruning import calibration_windows
+    from compress.models import decoder
+    from compress.pretrained import load_decoder
+
+    teacher = load_decoder(args.teacher)
+    text, source = corpus.held_out_text()
+    w = jnp.asarray(corpus.token_windows(teacher.tokenizer.encode(text), 257, 8, source)[:8])
+
+    def loss(config, params):
+        log_probs = jax.nn.log_softmax(decoder.forward(params, w[:, :-1], config).logits)
+        return float(-jnp.mean(jnp.take_along_axis(log_probs, w[:, 1:, None], axis=-1)))
+
+    student = cfg.load(DistillConfig, CONFIG, args.set).student
+    every = students.every_nth_layer(teacher.config.num_layers, 3)
+    out = {"teacher": loss(teacher.config, teacher.params),
+           "every_third_and_last": {"layers": every, "loss": loss(*students.keep_layers(teacher.config, teacher.params, every))},
+           "config_layers_full_width": {"layers": student.layers,
+                                        "loss": loss(*students.keep_layers(teacher.config, teacher.params, student.layers))}}
+    config, params, _ = make_student(student, teacher.config, teacher.params, teacher.tokenizer, log)
+    out["config_student"] = {"loss": loss(config, params), "mlp_dim": config.mlp_dim, "num_heads": config.num_heads}
+    if args.search:
+        windows = calibration_windows(teacher.tokenizer, 8, 257, seed=1)[:4]
+        start = time.perf_counter()
+        kept, losses = students.select_layers(teacher.config, teacher.params, windows, len(student.layers), log=log)
+        out["search"] = {"layers": kept, "calibration_losses": losses, "seconds": round(time.perf_counter() - start, 1),
+                         "loss": loss(*students.keep_layers(teacher.config, teacher.params, kept))}
+    return out
+
+
+def kl_to_teacher(teacher: str, students: dict[str, str], windows: int = 8, length: int = 256) -> dict:
     """KL(teacher || student) and the data cross-entropy, nats per token, of each student and the
     teacher on the first `windows` held-out windows of `length` + 1 tokens (in this process)."""
     import jax
@@ -146,7 +224,7 @@ def kl_to_teacher(students: dict[str, str], windows: int = 8, length: int = 256)
     from compress.models import decoder
     from compress.pretrained import load_decoder
 
-    teacher = load_decoder(TEACHER)
+    teacher = load_decoder(teacher)
     text, source = corpus.held_out_text()
     w = corpus.token_windows(teacher.tokenizer.encode(text), length + 1, windows, source)[:windows]
     tokens, targets = jnp.asarray(w[:, :-1]), jnp.asarray(w[:, 1:])
