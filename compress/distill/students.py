@@ -8,7 +8,7 @@ layer at a time, it drops the layer whose removal raises the next-token cross-en
 depth-pruning criterion of Minitron and of Gromov et al.'s "unreasonable ineffectiveness of the
 deeper layers", measured directly rather than through a proxy). On SmolLM2-135M, keeping 20 of 30
 layers this way starts the student at a held-out cross-entropy of 4.4 nats where every third
-layer and the last (11) start at 12.2 and the greedy 11 at 7.7: BENCHMARKS.md.
+layer and the last (11) start at 12.2 (BENCHMARKS.md, `benchmarks/distill.py --parts init`).
 
 A decoder's layers are stacked on a leading axis of every `params["layers"]` leaf, so a student
 of layers (0, 3, 6, ...) is that axis indexed; the embeddings, final norm and LM head are the
