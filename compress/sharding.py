@@ -22,6 +22,7 @@ Logical axes:
   norm         norm scales and biases         -> replicated
   positions    position-embedding rows        -> replicated (BERT; small, looked up)
   token_types  token-type-embedding rows      -> replicated (BERT's segments)
+  lora_rank    an adapter's rank (LoRA)       -> replicated (small; its other axis shards)
 
 A run may pass its own table (`rules=`) to every function here; RULES is the default.
 A dimension whose size the chosen mesh axes do not divide is replicated
@@ -58,6 +59,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("positions", None),
     ("token_types", None),
+    ("lora_rank", None),
 )
 
 Axes = tuple[str | None, ...]

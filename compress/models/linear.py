@@ -21,7 +21,8 @@ def dense(p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
         shape, or arrays described by a static `p['spec']` whose `einsum(p, x, equation)`
         computes the product from them (quantized weights, fake-quantized training: see
         compress/quant/matmul.py). The kernel travels with the parameters, so nothing needs
-        registering and no import order matters.
+        registering and no import order matters. A static `p['lora']` adds a low-rank
+        adapter's `scale * x A B` to whichever of the two computed the base.
       x: the activations (first operand).
       equation: e.g. 'BTD,DNH->BTNH'. The bias, if present, has the output's trailing shape.
     """
@@ -35,4 +36,7 @@ def dense(p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
                        "nor a 'spec' saying how to read its arrays")
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
+    lora = p.get("lora")
+    if lora is not None:  # a low-rank adapter beside the base weights (compress/adapters/lora.py)
+        y = y + lora.apply(p, x, equation)
     return y

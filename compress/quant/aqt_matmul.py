@@ -46,7 +46,34 @@ def int_weight_einsum(
     the product runs on integers (w8a8). No float copy of the weights exists outside this matmul.
     """
     dimension_numbers = einsum_dimension_numbers(equation)
+    return _int_weight_dot(x, qvalue, scale, equation, dimension_numbers, bits, activation_bits)
+
+
+# Gradients to the activations through stored integer weights (QLoRA: the adapters of earlier
+# layers learn through this matmul). AQT's serving path refuses any gradient into a QTensor, so
+# the backward pass is written here: dx = g . (qvalue * scale)^T, straight through x's own
+# quantization under w8a8, with the scale folded into g (scale varies along output axes only),
+# so no float copy of the weights is made for it either. The integers get no cotangent.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _int_weight_dot(x, qvalue, scale, equation, dimension_numbers, bits, activation_bits):
     return _dg_core(x, qvalue, scale, dimension_numbers, bits, activation_bits)
+
+
+def _int_weight_dot_fwd(x, qvalue, scale, equation, dimension_numbers, bits, activation_bits):
+    return _dg_core(x, qvalue, scale, dimension_numbers, bits, activation_bits), (qvalue, scale)
+
+
+def _int_weight_dot_bwd(equation, dimension_numbers, bits, activation_bits, residuals, g):
+    qvalue, scale = residuals
+    inputs, out = equation.split("->")
+    lhs, rhs = inputs.split(",")
+    kept = "".join(c for c in rhs if c not in lhs)
+    s = scale.reshape([n for n, c in zip(scale.shape, rhs) if c in kept]).astype(g.dtype)  # [*out]
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", g * s, qvalue.astype(g.dtype))
+    return dx, None, None
+
+
+_int_weight_dot.defvjp(_int_weight_dot_fwd, _int_weight_dot_bwd)
 
 
 def _dg_core(x, qvalue, scale, dimension_numbers, bits, activation_bits=None):
