@@ -125,6 +125,11 @@ def config_to_hf(c: DecoderConfig) -> dict[str, Any]:
     return d
 
 
+# Each press projection's module under `model.layers.{i}.` in transformers (PEFT names adapters by it).
+PROJECTION_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                      "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
 def _projection(c: DecoderConfig, name: str, heads: int | None, out: bool = False, bias: bool = False) -> dict:
     """Recipe and inverse for one projection's kernel (and bias) under `model.layers.{i}.`."""
     D, H = c.embed_dim, c.head_dim
@@ -150,14 +155,15 @@ def decoder_recipes(c: DecoderConfig) -> tuple[dict, dict]:
     """(recipes, inverse) pytrees mapping press parameters to Hugging Face tensor names."""
     L = c.num_layers
     ident = lambda x: x  # noqa: E731
+    m = PROJECTION_MODULES
     projections = {
-        "q": _projection(c, "self_attn.q_proj", c.num_heads, bias=c.qkv_bias),
-        "k": _projection(c, "self_attn.k_proj", c.num_kv_heads, bias=c.qkv_bias),
-        "v": _projection(c, "self_attn.v_proj", c.num_kv_heads, bias=c.qkv_bias),
-        "o": _projection(c, "self_attn.o_proj", c.num_heads, out=True, bias=c.o_bias),
-        "gate": _projection(c, "mlp.gate_proj", None, bias=c.mlp_bias),
-        "up": _projection(c, "mlp.up_proj", None, bias=c.mlp_bias),
-        "down": _projection(c, "mlp.down_proj", None, bias=c.mlp_bias),
+        "q": _projection(c, m["q"], c.num_heads, bias=c.qkv_bias),
+        "k": _projection(c, m["k"], c.num_kv_heads, bias=c.qkv_bias),
+        "v": _projection(c, m["v"], c.num_kv_heads, bias=c.qkv_bias),
+        "o": _projection(c, m["o"], c.num_heads, out=True, bias=c.o_bias),
+        "gate": _projection(c, m["gate"], None, bias=c.mlp_bias),
+        "up": _projection(c, m["up"], None, bias=c.mlp_bias),
+        "down": _projection(c, m["down"], None, bias=c.mlp_bias),
     }
     recipes = {
         "embed": Recipe("model.embed_tokens.weight"),
