@@ -7,6 +7,7 @@
   quantize   integer weights and scales to a directory      compress/commands/quantize.py
   train      train a model on text (full or partial)        compress/commands/train.py
   distill    a teacher into a smaller student               compress/commands/distill.py
+  finetune   full, partial, LoRA or QLoRA fine-tuning       compress/commands/finetune.py
   teacher-cache  a teacher's top-k over the data, resumable compress/commands/teacher_cache.py
   index      build, update and search a retrieval index     retrieval/commands/index.py
   generate   one prompt through the engine                  serve/commands/generate.py
@@ -34,7 +35,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from compress.commands import distill, models, quantize, teacher_cache, train
+from compress.commands import distill, finetune, models, quantize, teacher_cache, train
 from compress.errors import InputError
 from retrieval.commands import index
 from serve.commands import ask, batch, generate, serve, synthesize
@@ -49,6 +50,7 @@ COMMANDS = {
     "quantize": quantize,
     "train": train,
     "distill": distill,
+    "finetune": finetune,
     "teacher-cache": teacher_cache,
     "eval": eval_command,
     "index": index,

@@ -252,10 +252,12 @@ def _recipe(config: DistillConfig, log: Callable[[str], None], mesh) -> Recipe:
         batches = lambda: teacher_cache.cache_batches(  # noqa: E731
             config.teacher_cache, batch_size=d.batch_size, seed=d.seed, shuffle=d.shuffle, epochs=d.epochs,
             prefetch=d.prefetch)
+    student_ce = causal_lm_loss(student_config)
     return Recipe(
         model_config=student_config, params=params, param_axes=axes, tokenizer=tokenizer,
         loss_fn=loss_fn if online else (lambda params, batch, rng: loss_fn(params, batch, rng, None)),
-        eval_loss_fn=causal_lm_loss(student_config),
+        # the student's own CE; the teacher (a constant of the run) is passed and not read
+        eval_loss_fn=lambda params, batch, rng, *teacher: student_ce(params, batch, rng),
         constants=teacher_params if online else None,
         batches=batches,
         exported=lambda tree: {k: v for k, v in tree.items() if k != PROJECTION},

@@ -143,10 +143,12 @@ class Recipe:
     param_axes: Any  # logical axes of the tree's leaves
     tokenizer: Any
     loss_fn: LossFn  # (params, batch, rng[, constants]) -> (loss, aux)
-    eval_loss_fn: LossFn  # (params, batch, rng) -> (loss, aux): the held-out loss (the model's own CE)
-    constants: Any = None  # arrays the loss reads and never trains, laid out on the mesh (a teacher)
+    eval_loss_fn: LossFn  # (params, batch, rng[, constants]) -> (loss, aux): the held-out loss (the model's own CE)
+    constants: Any = None  # arrays the loss reads and never trains, laid out on the mesh (a teacher, a frozen base)
     batches: Callable[[], Any] | None = None  # () -> this process's batches (checkpointable); None: the text pipeline
-    exported: Callable[[Any], Any] = lambda params: params  # the model's parameters within the trained tree
+    # The model's parameters within the trained tree, exported as out/hf; None: no model to export.
+    exported: Callable[[Any], Any] = lambda params: params
+    also_write: Callable[[Any, str], str] | None = None  # (trained tree, out) -> a note: more outputs (an adapter)
 
 
 @dataclasses.dataclass
@@ -201,7 +203,7 @@ def run(config: RunConfig, recipe: Callable[[Any], Recipe], *, log: Callable[[st
     writer = MetricsWriter(config.out, config.steps, first_step=start, progress=config.progress, log=log)
     if start:
         writer.note(f"resumed from step {start} in {checkpointer.directory}")
-    evaluate = (held_out_eval(config, job.eval_loss_fn, tokenizer, shardings, batch_sharding)
+    evaluate = (held_out_eval(config, job.eval_loss_fn, tokenizer, shardings, batch_sharding, job.constants)
                 if config.eval_every else None)
 
     stop = _SigtermFlag()
@@ -244,9 +246,15 @@ def run(config: RunConfig, recipe: Callable[[Any], Recipe], *, log: Callable[[st
             checkpointer.wait()
         exported = None
         if config.export and stopped == "done":
-            exported = os.path.join(config.out, EXPORT_DIR)
-            _export(job.exported(state.params), job.model_config, tokenizer, exported)
-            writer.note(f"exported the trained model to {exported} (press generate --model {exported})")
+            model = job.exported(state.params)
+            if model is not None:
+                exported = os.path.join(config.out, EXPORT_DIR)
+                _export(model, job.model_config, tokenizer, exported)
+                writer.note(f"exported the trained model to {exported} (press generate --model {exported})")
+            if job.also_write is not None:
+                params = _gathered(state.params)
+                if jax.process_index() == 0:
+                    writer.note(job.also_write(params, config.out))
     finally:
         writer.close()
         if checkpointer is not None:
@@ -325,8 +333,10 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
     return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local.items()}
 
 
-def held_out_eval(config: RunConfig, loss_fn: LossFn, tokenizer, shardings: TrainState, batch_sharding):
-    """params -> mean loss over the held-out windows (every process builds the same windows)."""
+def held_out_eval(config: RunConfig, loss_fn: LossFn, tokenizer, shardings: TrainState, batch_sharding,
+                  constants: Any = None):
+    """params -> mean loss over the held-out windows (every process builds the same windows);
+    `constants`, when given, are the loss's last argument (as in the train step)."""
     text, source = corpus.held_out_text()
     seq_len, rows = config.data.seq_len, config.data.batch_size
     windows = corpus.token_windows(tokenizer.encode(text), seq_len + 1, config.eval_windows, source)
@@ -345,21 +355,29 @@ def held_out_eval(config: RunConfig, loss_fn: LossFn, tokenizer, shardings: Trai
     batches = [{k: jax.make_array_from_callback(v.shape, batch_sharding, lambda i, v=v: v[i]) for k, v in b.items()}
                for b in batches]
     key = jax.random.key(0)
-    loss_of = jax.jit(lambda params, batch: loss_fn(params, batch, key)[0],
-                      in_shardings=(shardings.params, batch_sharding))
+    extra = () if constants is None else (constants,)
+    loss_of = jax.jit(lambda params, batch, *extra: loss_fn(params, batch, key, *extra)[0],
+                      in_shardings=(shardings.params, batch_sharding, *(jax.tree.map(lambda x: x.sharding, c)
+                                                                        for c in extra)))
 
     def evaluate(params) -> float:
-        return float(np.mean([float(loss_of(params, b)) for b in batches]))
+        return float(np.mean([float(loss_of(params, b, *extra)) for b in batches]))
 
     return evaluate
 
 
-def _export(params: Any, model_config: decoder.DecoderConfig, tokenizer, directory: str) -> None:
-    """The parameters as a Hugging Face directory, written by process 0 (gathered from every host)."""
+def _gathered(params: Any) -> Any:
+    """The whole arrays on every process (a no-op with one)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
+    return params
+
+
+def _export(params: Any, model_config: decoder.DecoderConfig, tokenizer, directory: str) -> None:
+    """The parameters as a Hugging Face directory, written by process 0 (gathered from every host)."""
+    params = _gathered(params)
     if jax.process_index() == 0:
         hf_decoder.export(params, model_config, directory, tokenizer=tokenizer, dtype="float32")
 

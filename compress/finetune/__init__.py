@@ -1,0 +1,1 @@
+"""Fine-tuning on the shared trainer: full, partial (frozen patterns) and adapters (LoRA, QLoRA)."""

@@ -1,0 +1,129 @@
+"""`press finetune` end to end on a tiny model: LoRA checkpoints hold the adapter alone, the
+exported adapter loads in `peft` with the logits of the merged model, QLoRA trains on a stored
+int8 base, partial fine-tuning leaves frozen weights bit-identical, and a resumed run
+continues with the losses of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from compress import config as cfg
+from compress.commands.quantize import quantize_model
+from compress.errors import InputError
+from compress.finetune.job import FinetuneConfig, finetune
+from compress.formats import safetensors_file
+from serve import cli
+from tests.tiny_decoder import export_tiny_decoder
+
+SETTINGS = ["data.sources=[pydoc]", "data.seq_len=32", "data.batch_size=8", "optimizer.learning_rate=1e-2",
+            "optimizer.warmup_steps=1", "optimizer.total_steps=6", "steps=6", "log_every=1", "eval_every=0",
+            "save_every=3", "progress=false", "lora.rank=4", "lora.alpha=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return export_tiny_decoder(str(tmp_path_factory.mktemp("finetune") / "tiny"), with_eos=True)
+
+
+def _run(out, *overrides, log=None):
+    return finetune(cfg.load(FinetuneConfig, None, [*SETTINGS, f"out={out}", *overrides]), log=log)
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"split"' not in line]
+
+
+def _tensors(directory):
+    f = safetensors_file.SafetensorsFile(os.path.join(directory, "model.safetensors"))
+    return {name: np.asarray(f.read(name)) for name in f.names()}
+
+
+def _bytes(directory):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lora") / "run")
+    notes = []
+    result = _run(out, f"model.name={tiny_dir}", log=notes.append)
+    return out, result, notes
+
+
+def test_lora_trains_the_adapter_alone_and_checkpoints_only_it(tiny_dir, lora_run):
+    out, result, notes = lora_run
+    losses = _losses(out)
+    assert result.steps == 6 and losses[-1] < losses[0]
+    assert any("LoRA: rank 4 on 7 projections" in n and "% of the model's" in n for n in notes)
+    model_bytes = os.path.getsize(os.path.join(tiny_dir, "model.safetensors"))
+    step = os.path.join(out, "checkpoints", "6")
+    assert _bytes(step) < 0.1 * model_bytes  # adapter + its Adam moments, not the model
+    adapter = os.path.join(out, "adapter")
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_the_merged_export_and_the_peft_adapter_on_transformers_give_the_same_logits(tiny_dir, lora_run):
+    import peft
+    import torch
+    import transformers
+
+    out, _, _ = lora_run
+    tokens = torch.tensor([[1, 50, 700, 3000, 12, 9, 444]])
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"))(tokens).logits.numpy()
+        base = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32)
+        with_adapter = peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter"))(tokens).logits.numpy()
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)(tokens).logits.numpy()
+    np.testing.assert_allclose(merged, with_adapter, atol=2e-4, rtol=1e-4)
+    assert np.abs(merged - plain).max() > 1e-3  # the adapter learned something
+
+
+def test_a_resumed_adapter_run_continues_with_the_losses_of_an_uninterrupted_one(tiny_dir, lora_run, tmp_path):
+    out, _, _ = lora_run
+    resumed = str(tmp_path / "resumed")
+    _run(resumed, f"model.name={tiny_dir}", "steps=3")
+    result = _run(resumed, f"model.name={tiny_dir}")
+    assert result.steps == 6
+    np.testing.assert_allclose(_losses(resumed), _losses(out), rtol=1e-5)
+
+
+def test_qlora_trains_an_adapter_on_the_stored_int8_base(tiny_dir, tmp_path):
+    base = str(tmp_path / "int8")
+    quantize_model(tiny_dir, "int8", base)
+    before = _tensors(base)
+    notes = []
+    result = _run(str(tmp_path / "run"), f"model.name={base}", log=notes.append)
+    losses = _losses(str(tmp_path / "run"))
+    assert result.steps == 6 and losses[-1] < losses[0]
+    assert any(n.startswith("QLoRA on the int8 base") for n in notes)
+    assert not os.path.exists(tmp_path / "run" / "hf")  # integers are not merged into
+    assert os.path.exists(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    after = _tensors(base)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_partial_fine_tuning_leaves_frozen_weights_bit_identical(tiny_dir, tmp_path):
+    out = str(tmp_path / "partial")
+    _run(out, f"model.name={tiny_dir}", "method=partial", "freeze=[embed, 'layers/(q|k|v|o)/.*', 'layers/.*_norm']")
+    before, after = _tensors(tiny_dir), _tensors(os.path.join(out, "hf"))
+    for name in before:
+        frozen = "embed" in name or "self_attn" in name or "layernorm" in name  # model.norm trains
+        assert np.array_equal(before[name], after[name]) == frozen, name
+
+
+def test_bad_requests_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
+    with pytest.raises(InputError, match="method: partial needs freeze patterns"):
+        cfg.load(FinetuneConfig, None, ["method=partial"])
+    with pytest.raises(InputError, match="freeze is for method: partial"):
+        cfg.load(FinetuneConfig, None, ["freeze=[embed]"])
+    assert cli.main(["finetune", *SETTINGS, f"model.name={tiny_dir}", f"out={tmp_path / 'x'}",
+                     "lora.targets=[layers/nope]"]) == 2
+    assert "'layers/nope' matches no projection" in capsys.readouterr().err
+    base = str(tmp_path / "int8")
+    quantize_model(tiny_dir, "int8", base)
+    assert cli.main(["finetune", *SETTINGS, f"model.name={base}", "method=full", f"out={tmp_path / 'y'}"]) == 2
+    assert "use method: lora for QLoRA" in capsys.readouterr().err
