@@ -49,7 +49,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +164,7 @@ class Request:
         self.block_keys: list[bytes] = []  # chained keys of its prompt's blocks (prefix cache)
         self.group = None  # its submission (serve/scheduler.py shares rows between submissions)
         self.preemptions = 0  # times it gave up its row to another submission and was prefilled again
+        self.adapter = 0  # the engine's adapter it runs (1-based; 0: the base model)
 
     @property
     def context_ids(self) -> list[int]:
@@ -250,6 +251,7 @@ class Engine:
         prefix_cache_blocks: int = DEFAULT_PREFIX_BLOCKS,
         preempt: bool = True,
         prefill_delay: float = 0.0,
+        adapters: Mapping[str, str | dict] | None = None,
     ):
         if max_slots < 1:
             raise InputError(f"max_slots must be at least 1, got {max_slots}")
@@ -276,6 +278,11 @@ class Engine:
         self._cache = self._new_cache()
         # KV of prompt prefixes kept between requests (serve/prefix_cache.py); 0 blocks switches it off.
         self.prefix_cache = PrefixCache(prefix_cache_blocks)
+        # LoRA adapters served beside the base (multi-LoRA): name -> a PEFT directory or press adapter.
+        # Each row of a batch runs its request's adapter; the base weights are read once per step.
+        self.adapters = tuple(adapters or ())
+        self._bank = self._make_bank(adapters) if adapters else None
+        self._adapter_rows = np.zeros(max_slots, np.int32)  # the adapter (1-based; 0 none) of each row
         self._prefill_insert = jax.jit(self._prefill_insert_fn, donate_argnums=1)
         self._prefix_prefill_insert = jax.jit(self._prefix_prefill_insert_fn, donate_argnums=1)
         self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=(8, 9))
@@ -314,6 +321,36 @@ class Engine:
             kwargs["kv_cache"] = "int8" if schemes.get(model.quantization).kv_bits else None
         return cls(model.params, model.config, model.tokenizer, mesh=mesh, name=name_or_path, **kwargs)
 
+    def _make_bank(self, adapters: Mapping[str, str | dict]) -> dict:
+        from compress.adapters import bank, peft
+
+        loaded = []
+        for name, adapter in adapters.items():
+            if not isinstance(name, str) or not name or name == self.name:
+                raise InputError(f"adapter name {name!r}: give each adapter a name of its own (not the base's)")
+            loaded.append(peft.read(adapter, self.config) if isinstance(adapter, str) else adapter)
+        stacked = bank.make_bank(loaded, self.config)
+        if self.mesh is not None:
+            stacked = jax.device_put(stacked, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return stacked
+
+    def _with_adapters(self, params, rows):
+        """params with the adapter bank and each row's choice (rows [n] int32), when adapters are served."""
+        if rows is None:
+            return params
+        from compress.adapters import bank
+
+        return bank.with_bank(params, self._bank, rows)
+
+    def adapter_index(self, adapter: str | None) -> int:
+        """1 + the position of a served adapter's name (0: the base model); ValueError naming the choices."""
+        if adapter is None or adapter == self.name:
+            return 0
+        if adapter not in self.adapters:
+            served = ", ".join(self.adapters) or "none"
+            raise InputError(f"no adapter named {adapter!r}; this engine serves {self.name!r} and the adapters: {served}")
+        return 1 + self.adapters.index(adapter)
+
     @property
     def queued(self) -> int:
         """Requests waiting for a row."""
@@ -348,7 +385,8 @@ class Engine:
         shardings = shd.tree_shardings(self.mesh, axes, cache)
         return jax.device_put(cache, shardings)
 
-    def _prefill_insert_fn(self, params, cache, tokens, mask, slots, seeds, counts, temperature, top_k, top_p):
+    def _prefill_insert_fn(self, params, cache, tokens, mask, slots, seeds, counts, temperature, top_k, top_p,
+                           adapter_rows=None):
         """Prefill left-padded prompts [n, T] and write their K/V into rows `slots` of the cache.
 
         Rows whose slot is out of range (max_slots) are padding: computed, never written.
@@ -357,10 +395,11 @@ class Engine:
         """
         n, t = tokens.shape
         fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized)
+        params = self._with_adapters(params, adapter_rows)
         return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p)
 
     def _prefix_prefill_insert_fn(self, params, cache, prefix, tokens, mask, slots, seeds, counts, temperature, top_k,
-                                  top_p):
+                                  top_p, adapter_rows=None):
         """As _prefill_insert_fn, for prompts whose first P tokens' K/V are given (a prefix_cache.Block
         of [L, n, P, ...] arrays): only the rest [n, T] is computed; the rows get P + T slots."""
         n, t = tokens.shape
@@ -373,6 +412,7 @@ class Engine:
             index=jnp.full((n,), p, jnp.int32), lengths=jnp.full((n,), p, jnp.int32),
             k_scale=put(empty.k_scale, prefix.k_scale), v_scale=put(empty.v_scale, prefix.v_scale),
         )
+        params = self._with_adapters(params, adapter_rows)
         return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p)
 
     def _prefill_into(self, params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p):
@@ -397,8 +437,10 @@ class Engine:
         # 32-client benchmark's p50 went from 12 s to 22 s). An engine without a prefix cache returns none.
         return first, cache, (new if self.prefix_cache.max_blocks > 0 else None)
 
-    def _decode_fn(self, params, cache, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int):
+    def _decode_fn(self, params, cache, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int,
+                   adapter_rows=None):
         """One token for rows [0, rows), attending over slots [0, width)."""
+        params = self._with_adapters(params, None if adapter_rows is None else adapter_rows[:rows])
         out = decoder.forward(params, tokens[:rows, None], self.config, cache=cache, attend_len=width)
         nxt = sample(out.logits[:, -1], seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows])
         return nxt, out.cache
@@ -463,30 +505,35 @@ class Engine:
                 f"context of {self.max_seq_len} tokens"
             )
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None) -> Request:
-        """Queue a request; raises ValueError at once for a bad prompt or settings."""
-        request = self._prepare(prompt, params, request_id)
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, request_id: str | None = None,
+               adapter: str | None = None) -> Request:
+        """Queue a request (with one of the served adapters, by name); raises ValueError at once for a
+        bad prompt, settings or adapter."""
+        request = self._prepare(prompt, params, request_id, adapter)
         self._enqueue([request])
         return request
 
     def submit_many(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams | None], *,
-                    request_id: str | None = None) -> list[Request]:
+                    request_id: str | None = None, adapter: str | None = None) -> list[Request]:
         """Queue several requests at once, all or none: every prompt is checked first (ValueError
         for a bad one), and EngineBusy leaves none queued. They are admitted together if rows are free."""
-        requests = [self._prepare(prompt, p, request_id and f"{request_id}-{i}")
+        requests = [self._prepare(prompt, p, request_id and f"{request_id}-{i}", adapter)
                     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))]
         self._enqueue(requests)
         return requests
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None = None) -> Request:
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None = None,
+                 adapter: str | None = None) -> Request:
         params = params or SamplingParams()
         params.validate()
+        which = self.adapter_index(adapter)
         ids = self.encode(prompt)
         self.check_fits(len(ids), params.max_new_tokens)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         request = Request(request_id or f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}", ids, params, seed)
-        if self.prefix_cache.max_blocks > 0:
-            request.block_keys = block_keys(ids[: MAX_STORED_BLOCKS * BLOCK])
+        request.adapter = which
+        if self.prefix_cache.max_blocks > 0:  # an adapter changes the keys and values: its own blocks
+            request.block_keys = block_keys(ids[: MAX_STORED_BLOCKS * BLOCK], salt=f"adapter {which}".encode() if which else b"")
         return request
 
     def _enqueue(self, requests: list[Request]) -> None:
@@ -511,8 +558,10 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         on_output: Callable[[RequestOutput], None] | None = None,
+        adapter: str | None = None,
     ) -> list[RequestOutput]:
-        """Generate for one prompt or a list of them (all queued at once); outputs in input order.
+        """Generate for one prompt or a list of them (all queued at once, with `adapter` if given);
+        outputs in input order.
 
         A prompt that cannot be queued (bad settings, too long) gets an output with
         finish_reason 'error' and does not affect the others.
@@ -528,7 +577,7 @@ class Engine:
         pending: list[Request | RequestOutput] = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                pending.append(self._prepare(prompt, p))
+                pending.append(self._prepare(prompt, p, adapter=adapter))
             except ValueError as e:
                 pending.append(RequestOutput(f"prompt-{i}", [], "", [], "error", str(e)))
         # One batch of prefills instead of a trickle of small ones (fewer calls, fewer shapes).
@@ -560,15 +609,16 @@ class Engine:
         widths = [w for w in _buckets(MIN_SEQ_BUCKET, self.max_seq_len)]
         n = 0
         zeros = lambda dtype: np.zeros(self.max_slots, dtype)  # noqa: E731
+        adapters = (lambda n: np.zeros(n, np.int32)) if self._bank is not None else (lambda n: None)  # noqa: E731
         for r in rows:
             for w in widths:  # garbage in idle rows; a prefill resets a row before it is read
                 _, self._cache = self._decode(self.params, self._cache, zeros(np.int32), zeros(np.uint32),
                                               zeros(np.int32), zeros(np.float32), zeros(np.int32),
-                                              np.ones(self.max_slots, np.float32), r, w)
+                                              np.ones(self.max_slots, np.float32), r, w, adapters(self.max_slots))
                 n += 1
             sampling = (np.full(r, self.max_slots, np.int32),  # all padding rows: nothing written
                         np.zeros(r, np.uint32), np.zeros(r, np.int32), np.zeros(r, np.float32), np.zeros(r, np.int32),
-                        np.ones(r, np.float32))
+                        np.ones(r, np.float32), adapters(r))
             for prefix in (0, *prefix_lengths):
                 for length in prompt_lengths:
                     width = power_of_two_at_least(length, MIN_PREFILL_BUCKET)
@@ -724,6 +774,7 @@ class Engine:
         top_k = np.zeros(rows, np.int32)
         top_p = np.ones(rows, np.float32)
         counts = np.zeros(rows, np.int32)  # tokens generated so far: nonzero for a request prefilled again
+        adapter_rows = np.zeros(rows, np.int32)
         now = time.perf_counter()
         for row, (slot, request) in enumerate(group):
             request.started = request.started or now
@@ -732,8 +783,9 @@ class Engine:
             mask[row, width - len(rest) :] = 1
             p = request.params
             slots[row], seeds[row], counts[row] = slot, request.seed, len(request.token_ids)
+            adapter_rows[row] = request.adapter
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
-        sampling = (slots, seeds, counts, temperature, top_k, top_p)
+        sampling = (slots, seeds, counts, temperature, top_k, top_p, adapter_rows if self._bank is not None else None)
         if prefix:
             known = [self.prefix_cache.prefix(request.block_keys[: prefix // BLOCK]) for _, request in group]
             known += [known[0]] * (rows - len(group))  # padding rows attend over any valid prefix
@@ -748,6 +800,7 @@ class Engine:
         self.stats["prefills"] += 1
         for row, (slot, request) in enumerate(group):
             self._slots[slot] = request
+            self._adapter_rows[slot] = request.adapter
             self._index[slot] = prefix + width
             self._keep_prefix(request, fresh, row, prefix + width - len(request.context_ids), first_block=prefix // BLOCK)
             self._accept(slot, int(first[row]))
@@ -778,7 +831,8 @@ class Engine:
             seeds[i], counts[i] = r.seed, len(r.token_ids)
             temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
         nxt, self._cache = self._decode(
-            self.params, self._cache, self._next_token, seeds, counts, temperature, top_k, top_p, rows, width
+            self.params, self._cache, self._next_token, seeds, counts, temperature, top_k, top_p, rows, width,
+            self._adapter_rows if self._bank is not None else None,
         )
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1

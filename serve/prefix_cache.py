@@ -32,9 +32,10 @@ class Block(NamedTuple):
     v_scale: jnp.ndarray | None
 
 
-def block_keys(ids: Sequence[int]) -> list[bytes]:
-    """The chained keys of the full blocks of `ids` (a trailing partial block has none)."""
-    keys, parent = [], b""
+def block_keys(ids: Sequence[int], salt: bytes = b"") -> list[bytes]:
+    """The chained keys of the full blocks of `ids` (a trailing partial block has none); a
+    `salt` starts the chain, so the same tokens under another salt (an adapter) share no block."""
+    keys, parent = [], salt
     tokens = np.asarray(ids, np.int32)
     for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
         parent = hashlib.blake2b(parent + tokens[start : start + BLOCK].tobytes(), digest_size=16).digest()
