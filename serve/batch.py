@@ -6,7 +6,8 @@
 Input: one JSON object per line with an "id" (string or integer, unique in the file) and
 either a "prompt" string or chat "messages" ([{"role", "content"}, ...]). An optional
 "sampling" object overrides the command line's SamplingParams fields for that line
-(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids, ignore_eos).
+(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids, ignore_eos), and an
+optional "adapter" names one of the LoRA adapters the engine serves (--adapter NAME=DIR).
 
 Output: one line per finished request, written whole and flushed as it finishes (completion
 order, not input order):
@@ -215,7 +216,8 @@ def _cut_torn_last_line(path: str) -> None:
             f.truncate(end)
 
 
-def offline_engine(model, max_slots: int, max_seq_len: int, *, multi_process: bool = False, name: str = "press batch"):
+def offline_engine(model, max_slots: int, max_seq_len: int, *, multi_process: bool = False, name: str = "press batch",
+                   adapters: dict[str, str] | None = None):
     """The engine of an offline job (press batch, press synthesize) over this process's devices:
     with several, rows are decoded over all of them (max_slots rounded up to a multiple, said on
     stderr). `model` is a ModelConfig. With `multi_process`, a mesh is made even on one local
@@ -234,7 +236,7 @@ def offline_engine(model, max_slots: int, max_seq_len: int, *, multi_process: bo
             sys.stderr.write(f"{name}: max_slots {max_slots} rounded up to {slots}, "
                              f"a multiple of the {len(local)} devices\n")
     return Engine.from_pretrained(model.name, dtype=model.dtype, param_dtype=model.param_dtype, mesh=mesh,
-                                  max_slots=slots, max_seq_len=max_seq_len)
+                                  max_slots=slots, max_seq_len=max_seq_len, adapters=adapters)
 
 
 def default_errors_path(output_path: str) -> str:
@@ -395,7 +397,11 @@ def run_batch(
                         sampling = dataclasses.replace(defaults, **overrides)
                     except (TypeError, ValueError) as e:
                         raise LineError(f"bad sampling: {e}") from None
-                    request = engine.submit(prompt, sampling, request_id=str(line_id))
+                    adapter = obj.get("adapter")
+                    if adapter is not None and not isinstance(adapter, str):
+                        raise LineError(f"'adapter' must be a string naming a served adapter, got {adapter!r:.80}")
+                    check_text(adapter or "", "adapter")
+                    request = engine.submit(prompt, sampling, request_id=str(line_id), adapter=adapter)
                 except ValueError as e:  # LineError, or the engine refusing the prompt (too long, ...)
                     error(number, str(e), line_id)
                     show()

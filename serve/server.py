@@ -219,11 +219,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(200, {"status": "ok"})
             elif path == "/v1/models":
                 self._only(method, "GET")
-                self._send_json(200, {"object": "list", "data": [self._model_card()]})
+                engine = self.server.engine
+                self._send_json(200, {"object": "list",
+                                      "data": [self._model_card(name) for name in (engine.name, *engine.adapters)]})
             elif path.startswith("/v1/models/"):
                 self._only(method, "GET")
-                self._check_model(path.removeprefix("/v1/models/"))
-                self._send_json(200, self._model_card())
+                name = path.removeprefix("/v1/models/")
+                self._check_model(name)
+                self._send_json(200, self._model_card(name))
             elif path in ("/v1/completions", "/v1/chat/completions"):
                 self._only(method, "POST")
                 self._generate(self._read_json(), chat=path == "/v1/chat/completions")
@@ -252,15 +255,25 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer KEY' "
                                 "with the key the server was started with", code="invalid_api_key")
 
-    def _model_card(self) -> dict:
-        return {"id": self.server.engine.name, "object": "model", "created": self.server.created, "owned_by": "press"}
+    def _model_card(self, name: str) -> dict:
+        engine = self.server.engine
+        card = {"id": name, "object": "model", "created": self.server.created, "owned_by": "press"}
+        if name != engine.name:  # a LoRA adapter served on the base
+            card.update(parent=engine.name, root=engine.name)
+        return card
 
-    def _check_model(self, model) -> None:
+    def _check_model(self, model) -> str | None:
+        """The served adapter `model` names (None: the base model); 404 for anything not served."""
+        engine = self.server.engine
         if model is not None and not isinstance(model, str):
             raise ApiError(400, f"model must be a string, got {model!r}", param="model", code="invalid_value")
-        if model is not None and model != self.server.engine.name:
-            raise ApiError(404, f"The model `{model}` does not exist: this server serves "
-                                f"`{self.server.engine.name}`", param="model", code="model_not_found")
+        if model is None or model == engine.name:
+            return None
+        if model not in engine.adapters:
+            served = ", ".join(f"`{name}`" for name in (engine.name, *engine.adapters))
+            raise ApiError(404, f"The model `{model}` does not exist: this server serves {served}", param="model",
+                           code="model_not_found")
+        return model
 
     # --- bodies and answers
 
@@ -338,7 +351,7 @@ class _Handler(BaseHTTPRequestHandler):
     # --- generation
 
     def _generate(self, body: dict, *, chat: bool) -> None:
-        self._check_model(body.get("model"))
+        adapter = self._check_model(body.get("model"))
         parsed = api.parse_chat(body) if chat else api.parse_completion(body)
         if len(parsed.prompts) > self.server.max_prompts:
             raise ApiError(400, f"{len(parsed.prompts)} prompts in one request; the limit is {self.server.max_prompts} "
@@ -369,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             requests = engine.submit_many([ids for ids, _ in prepared], [p for _, p in prepared],
-                                          request_id=response_id)
+                                          request_id=response_id, adapter=adapter)
         except EngineBusy as e:
             self.server.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, str(e), code="rate_limit_exceeded", type="rate_limit_error") from None
@@ -378,7 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
         for r in requests:
             r.add_done_callback(self.server.metrics.observe)
         head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": engine.name}
+                "created": int(time.time()), "model": adapter or engine.name}
         if parsed.stream:
             try:
                 return self._stream(requests, head, chat=chat, include_usage=parsed.include_usage)

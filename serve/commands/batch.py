@@ -1,6 +1,7 @@
 """`press batch`: a JSONL file of prompts through the engine into a JSONL file of results (resumable).
 
   press batch [configs/batch.yaml] --model M --input prompts.jsonl --output results.jsonl [key=value ...]
+  press batch --model M --adapter NAME=DIR ... --input ...   # a line's "adapter": NAME runs that LoRA adapter
 
 What the files hold, how a job resumes and how it splits over devices and hosts: serve/batch.py.
 """
@@ -32,6 +33,7 @@ class BatchConfig:
     sampling: SamplingParams = SamplingParams()  # every line's defaults; a line's "sampling" overrides them
     max_slots: int = 16  # requests decoded together
     max_seq_len: int = 1024  # prompt + generated tokens per request
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> PEFT LoRA directory (a line's "adapter")
     progress: bool = True  # a progress bar and a summary line on stderr
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host pods: one process per host)
     # With distributed, where JAX cannot detect the cluster (None: detected, or JAX_COORDINATOR_ADDRESS):
@@ -53,7 +55,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_flags(flags, model="model", seed_help="sampling seed of every line (None: random per line)",
                      stop_help="strings that end the text")
     flags.flag("--no-progress", key="progress", action="store_false", help="no progress bar and no summary line")
+    add_adapter_flag(p)
     distributed.add_cluster_flags(flags)
+
+
+def add_adapter_flag(p: argparse.ArgumentParser) -> None:
+    """--adapter NAME=DIR, repeatable: a LoRA adapter served beside the base (see `with_adapter_flags`)."""
+    p.add_argument("--adapter", dest="adapter_flags", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter (PEFT directory) served beside the base under NAME; repeatable")
+
+
+def with_adapter_flags(config, args: argparse.Namespace):
+    """`config` with the --adapter NAME=DIR flags added to its `adapters` mapping."""
+    if not getattr(args, "adapter_flags", None):
+        return config
+    adapters = dict(config.adapters)
+    for flag in args.adapter_flags:
+        name, sep, directory = flag.partition("=")
+        if not sep or not name or not directory:
+            raise InputError(f"--adapter {flag!r}: expected NAME=DIR (the name a request gives to use it)")
+        adapters[name] = directory
+    return dataclasses.replace(config, adapters=adapters)
 
 
 def add_engine_flags(flags, *, model: str, seed_help: str, stop_help: str) -> None:
@@ -72,7 +94,7 @@ def add_engine_flags(flags, *, model: str, seed_help: str, stop_help: str) -> No
 
 def run(args: argparse.Namespace) -> int:
     """`press batch`; exit status 0 when every line is done, 1 when some are in the errors file."""
-    config: BatchConfig = cfg.config_from_args(args)
+    config: BatchConfig = with_adapter_flags(cfg.config_from_args(args), args)
     return run_config(config)
 
 
@@ -90,7 +112,8 @@ def run_config(config: BatchConfig) -> int:
         # First exchange now, while initialize() has the processes in step: opening the CPU
         # collectives gives up after 30 s, while the exchanges once open wait as long as a share takes.
         _check_same_job(config, errors)
-    engine = offline_engine(config.model, config.max_slots, config.max_seq_len, multi_process=count > 1)
+    engine = offline_engine(config.model, config.max_slots, config.max_seq_len, multi_process=count > 1,
+                            adapters=config.adapters or None)
     with engine:
         if count == 1:
             summary = run_batch(engine, config.input, config.output, errors, config.sampling,

@@ -2,6 +2,11 @@
 grounded in a retrieval index (serve/rag.py).
 
   press serve [configs/serve.yaml] --model M [--host 127.0.0.1] [--port 8000] [--index DIR] [key=value ...]
+  press serve --model M --adapter NAME=DIR [--adapter NAME=DIR ...]   # LoRA adapters beside the base
+
+Each adapter (a PEFT directory: `press finetune` writes one in out/adapter) is served on the one
+base model under its own name: it is listed in /v1/models and chosen by a request's `model`
+field; requests for different adapters share a batch (the base weights read once per step).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 import time
 
 from compress import config as cfg
+from serve.commands.batch import add_adapter_flag, with_adapter_flags
 from compress.pretrained import ModelConfig
 
 HELP = "serve a model over an OpenAI-compatible HTTP API"
@@ -38,6 +44,7 @@ class ServeConfig:
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # model name -> PEFT LoRA directory
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -65,10 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--drain-seconds", key="drain_seconds", type=float, help="after SIGTERM, time to finish requests")
     flags.flag("--index", key="index", metavar="DIR", help="ground chat completions in this retrieval index")
     flags.flag("--rag-k", key="rag_k", type=int, help="sources retrieved per chat request (with --index)")
+    add_adapter_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_config(cfg.config_from_args(args))
+    return run_config(with_adapter_flags(cfg.config_from_args(args), args))
 
 
 def run_config(config: ServeConfig) -> int:
@@ -82,7 +90,7 @@ def run_config(config: ServeConfig) -> int:
     engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=config.max_slots,
                                     max_seq_len=config.max_seq_len, max_queued=config.queue_limit,
                                     prefix_cache_blocks=config.prefix_cache_blocks, preempt=config.preempt,
-                                    prefill_delay=config.prefill_delay)
+                                    prefill_delay=config.prefill_delay, adapters=config.adapters or None)
     rag = RagPipeline(retriever, engine, k=config.rag_k) if retriever is not None else None
     if config.warmup:
         start = time.perf_counter()
