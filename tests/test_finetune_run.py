@@ -19,7 +19,7 @@ from compress.formats import safetensors_file
 from serve import cli
 from tests.tiny_decoder import export_tiny_decoder
 
-SETTINGS = ["data.sources=[pydoc]", "data.seq_len=32", "data.batch_size=8", "optimizer.learning_rate=1e-2",
+SETTINGS = ["data.sources=[pydoc-qa]", "data.seq_len=32", "data.batch_size=8", "optimizer.learning_rate=1e-2",
             "optimizer.warmup_steps=1", "optimizer.total_steps=6", "steps=6", "log_every=1", "eval_every=0",
             "save_every=3", "progress=false", "lora.rank=4", "lora.alpha=8"]
 
@@ -50,7 +50,8 @@ def _bytes(directory):
 def lora_run(tiny_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lora") / "run")
     notes = []
-    result = _run(out, f"model.name={tiny_dir}", log=notes.append)
+    result = _run(out, f"model.name={tiny_dir}", "eval_every=6", "eval_sources=[pydoc-qa]", "eval_at_start=true",
+                  log=notes.append)
     return out, result, notes
 
 
@@ -59,6 +60,9 @@ def test_lora_trains_the_adapter_alone_and_checkpoints_only_it(tiny_dir, lora_ru
     losses = _losses(out)
     assert result.steps == 6 and losses[-1] < losses[0]
     assert any("LoRA: rank 4 on 7 projections" in n and "% of the model's" in n for n in notes)
+    evals = {line["step"]: line["loss"] for line in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+             if line.get("split") == "eval"}
+    assert sorted(evals) == [0, 6] and evals[6] < evals[0]  # held-out answers, before and after
     model_bytes = os.path.getsize(os.path.join(tiny_dir, "model.safetensors"))
     step = os.path.join(out, "checkpoints", "6")
     assert _bytes(step) < 0.1 * model_bytes  # adapter + its Adam moments, not the model

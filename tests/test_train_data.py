@@ -290,7 +290,9 @@ def test_a_restored_iterator_yields_exactly_the_next_batches(tmp_path, prefetch,
     "line, message",
     [
         ('{"text": "fine"', r"not valid JSON \(Expecting ',' delimiter at column 16\)"),
-        ('{"content": "x"}', r"no 'text' or 'messages' key \(keys: 'content'\)"),
+        ('{"content": "x"}', r"no 'text', 'messages' or 'prompt'/'response' key \(keys: 'content'\)"),
+        ('{"prompt": "x"}', r"a 'prompt' needs a 'response' .* \(no 'response'\)"),
+        ('{"prompt": "x", "response": 3}', r"'response' must be a string, got a number"),
         ('{"text": 5}', r"'text' must be a string, got a number"),
         ('["text"]', r"expected a JSON object .* got an array"),
         ('{"text": "a\\ud800b"}', r"'text' holds a lone surrogate \(\\ud800 at character 1\)"),
@@ -305,6 +307,34 @@ def test_bad_jsonl_lines_fail_naming_file_and_line(tmp_path, line, message):
     path = _write_jsonl(tmp_path / "data.jsonl", ['{"text": "a good line"}', "", line])
     with pytest.raises(InputError, match=rf"^{re.escape(path)}:3: {message}"):
         read_sources([path])
+
+
+def test_with_an_errors_file_bad_lines_are_recorded_there_and_the_good_ones_kept(tmp_path):
+    lines = ['{"text": "first"}', '{"text": 5}', "not json", b'{"text": "caf\xe9"}', '{"prompt": "p", "response": "r"}']
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in lines) + b"\n")
+    errors = str(tmp_path / "out" / "bad-lines.jsonl")
+    documents = read_sources([str(path)], errors=errors)
+    assert [getattr(d, "text", None) for d in documents] == ["first", None]
+    assert documents[1].messages == ({"role": "user", "content": "p"}, {"role": "assistant", "content": "r"})
+    bad = [json.loads(line) for line in open(errors)]
+    assert [b["where"] for b in bad] == [f"{path}:2", f"{path}:3", f"{path}:4"]
+    assert "'text' must be a string" in bad[0]["error"] and bad[1]["line"] == "not json"
+    assert "not UTF-8" in bad[2]["error"] and bad[2]["line"] == '{"text": "caf\ufffd"}'
+    read_sources(["pydoc"], errors=errors)  # a clean read leaves an empty record
+    assert open(errors).read() == ""
+
+
+def test_prompt_response_lines_train_on_the_response_only(tmp_path):
+    from compress.formats.registry import resolve
+    from compress.formats.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [{"system": "Be brief.", "prompt": "Name a colour.",
+                                                    "response": "Blue."}])
+    example = encode_document(read_sources([path])[0], tokenizer)
+    assert tokenizer.decode(example["targets"][example["loss_mask"] > 0]) == "Blue.<|im_end|>\n"
+    assert "Be brief." in tokenizer.decode(example["inputs"])
 
 
 def test_other_bad_input_fails_before_training(tmp_path):

@@ -68,6 +68,7 @@ class DataConfig:
     shuffle: bool = True  # documents in a seeded random order, a new one each epoch; False: in the order read
     epochs: int | None = None  # passes over the documents, every token once each; None repeats them forever
     prefetch: int = 2  # batches prepared ahead in a background thread; 0 prepares each when asked
+    errors: str | None = None  # a JSONL file recording bad lines, which are then skipped; None: the first stops the run
 
     def __post_init__(self):
         if not self.sources:
@@ -106,7 +107,7 @@ def train_batches(
         raise InputError("the tokenizer has no EOS token, which ends every text document; use a tokenizer with one")
     shard_index, shard_count = _shard(config, shard_index, shard_count)
     where = ", ".join(config.sources) if documents is None else "the documents given"
-    documents = read_sources(config.sources) if documents is None else list(documents)
+    documents = read_sources(config.sources, config.errors) if documents is None else list(documents)
     if not documents:
         raise InputError(f"{where}: no documents to train on (every file is empty or blank); give some text")
     if config.epochs is None and len(documents) < config.batch_size:

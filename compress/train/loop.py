@@ -40,6 +40,7 @@ from compress import sharding as shd
 from compress.checkpoint import Checkpointer
 from compress.data import corpus
 from compress.data.pipeline import DataConfig, train_batches
+from compress.data.sources import read_sources
 from compress.errors import InputError
 from compress.formats import hf_decoder
 from compress.models import decoder
@@ -90,6 +91,10 @@ class RunConfig:
     log_every: int = 10  # steps between metrics lines
     eval_every: int = 100  # steps between held-out losses (0: never)
     eval_windows: int = 8  # held-out windows of data.seq_len tokens (the language reference's held-out part)
+    # Held-out data instead of those windows: files, or built-in corpora (their held-out part: pydoc,
+    # pydoc-qa), packed like the training data, loss where the data's mask says (a chat's answers).
+    eval_sources: tuple[str, ...] = ()
+    eval_at_start: bool = False  # also evaluate before the first step (the starting model's loss)
     export: bool = True  # write the trained parameters as a Hugging Face directory at the end
     seed: int = 0  # of a random init (the data's order has data.seed)
     progress: bool = True
@@ -203,8 +208,18 @@ def run(config: RunConfig, recipe: Callable[[Any], Recipe], *, log: Callable[[st
     writer = MetricsWriter(config.out, config.steps, first_step=start, progress=config.progress, log=log)
     if start:
         writer.note(f"resumed from step {start} in {checkpointer.directory}")
+    if job.batches is None and config.data.errors:
+        with open(config.data.errors, encoding="utf-8") as f:
+            skipped = sum(1 for _ in f)
+        if skipped:
+            writer.note(f"skipped {skipped} bad line{'s' * (skipped != 1)} of the data, each recorded with its "
+                        f"file:line and the problem in {config.data.errors}")
     evaluate = (held_out_eval(config, job.eval_loss_fn, tokenizer, shardings, batch_sharding, job.constants)
                 if config.eval_every else None)
+
+    if evaluate is not None and config.eval_at_start and start == 0:
+        first = evaluate(state.params)
+        writer.write(0, {"loss": first, "perplexity": math.exp(min(first, 50.0))}, prefix="eval")
 
     stop = _SigtermFlag()
     stopped, loss, eval_loss = "done", float("nan"), None
@@ -337,21 +352,7 @@ def held_out_eval(config: RunConfig, loss_fn: LossFn, tokenizer, shardings: Trai
                   constants: Any = None):
     """params -> mean loss over the held-out windows (every process builds the same windows);
     `constants`, when given, are the loss's last argument (as in the train step)."""
-    text, source = corpus.held_out_text()
-    seq_len, rows = config.data.seq_len, config.data.batch_size
-    windows = corpus.token_windows(tokenizer.encode(text), seq_len + 1, config.eval_windows, source)
-    count = len(windows) - len(windows) % rows
-    if count == 0:
-        raise InputError(f"{source}: {len(windows)} held-out windows of {seq_len + 1} tokens, fewer than one batch "
-                         f"of {rows}; raise eval_windows or set eval_every: 0")
-    windows = windows[:count]
-    ones = np.ones((rows, seq_len), np.int32)
-    batches = [
-        {"inputs": w[:, :-1], "targets": w[:, 1:], "segment_ids": ones,
-         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)),
-         "loss_mask": ones.astype(np.float32)}
-        for w in np.split(windows, count // rows)
-    ]
+    batches = _eval_batches(config, tokenizer) if config.eval_sources else _eval_windows(config, tokenizer)
     batches = [{k: jax.make_array_from_callback(v.shape, batch_sharding, lambda i, v=v: v[i]) for k, v in b.items()}
                for b in batches]
     key = jax.random.key(0)
@@ -360,10 +361,49 @@ def held_out_eval(config: RunConfig, loss_fn: LossFn, tokenizer, shardings: Trai
                       in_shardings=(shardings.params, batch_sharding, *(jax.tree.map(lambda x: x.sharding, c)
                                                                         for c in extra)))
 
-    def evaluate(params) -> float:
-        return float(np.mean([float(loss_of(params, b, *extra)) for b in batches]))
+    tokens = np.asarray([float(np.sum(b["loss_mask"])) for b in batches])
+
+    def evaluate(params) -> float:  # the mean over every counted token (batches may count different numbers)
+        losses = np.asarray([float(loss_of(params, b, *extra)) for b in batches])
+        return float(np.sum(losses * tokens) / np.sum(tokens))
 
     return evaluate
+
+
+def _eval_windows(config: RunConfig, tokenizer) -> list[dict[str, np.ndarray]]:
+    """Batches of consecutive windows of the language reference's held-out text (every token counts)."""
+    text, source = corpus.held_out_text()
+    seq_len, rows = config.data.seq_len, config.data.batch_size
+    windows = corpus.token_windows(tokenizer.encode(text), seq_len + 1, config.eval_windows, source)
+    count = len(windows) - len(windows) % rows
+    if count == 0:
+        raise InputError(f"{source}: {len(windows)} held-out windows of {seq_len + 1} tokens, fewer than one batch "
+                         f"of {rows}; raise eval_windows or set eval_every: 0")
+    ones = np.ones((rows, seq_len), np.int32)
+    return [
+        {"inputs": w[:, :-1], "targets": w[:, 1:], "segment_ids": ones,
+         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)),
+         "loss_mask": ones.astype(np.float32)}
+        for w in np.split(windows[:count], count // rows)
+    ]
+
+
+def _eval_batches(config: RunConfig, tokenizer) -> list[dict[str, np.ndarray]]:
+    """Every held-out document of `eval_sources` once, packed in order; the last batch is filled
+    with rows that count nothing."""
+    documents = read_sources(config.eval_sources, held_out=True)
+    data = DataConfig(sources=config.eval_sources, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+                      shuffle=False, epochs=1, prefetch=0)
+    stream = train_batches(data, tokenizer, shard_index=0, shard_count=1, documents=documents)
+    batches = list(stream)
+    if not batches:
+        raise InputError(f"eval_sources {list(config.eval_sources)}: no held-out tokens to evaluate on")
+    rows = config.data.batch_size
+    last = batches[-1]
+    if len(last["inputs"]) < rows:
+        pad = rows - len(last["inputs"])
+        batches[-1] = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in last.items()}
+    return batches
 
 
 def _gathered(params: Any) -> Any:
