@@ -60,6 +60,13 @@ demo: install
 	@echo "--- distillation: that model as the teacher of a student cut from it (its last layer, half its MLP, one head group), trained on its softened distribution:"
 	$(BIN)/press distill configs/distill-tiny.yaml --no-progress
 	$(BIN)/press eval --compare out/train-tiny/hf out/distill-tiny/hf --windows 8 --plot out/distill-compare.png
+	@echo "--- fine-tuning: a LoRA adapter (rank 8 on the attention projections, 0.7% of the parameters) taught to answer from the language reference (pydoc-qa, a few minutes), then a held-out topic's question to the base model and to the tuned one:"
+	$(BIN)/press finetune configs/finetune-smollm2.yaml --no-progress steps=16 optimizer.total_steps=16 \
+		optimizer.warmup_steps=2 eval_every=16 save_every=0 out=out/finetune-demo
+	$(BIN)/press generate --model smollm2-135m-instruct --chat --max-new-tokens 64 \
+		--prompt 'Explain The "assert" statement in Python, as the language reference does.'
+	$(BIN)/press generate --model out/finetune-demo/hf --chat --max-new-tokens 64 \
+		--prompt 'Explain The "assert" statement in Python, as the language reference does.'
 
 # The import contracts (pyproject.toml) first: a layering violation or an import cycle fails the run.
 # Two workers, each taking whole files (a module's fixtures are built once), halve the wall time.

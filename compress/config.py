@@ -113,6 +113,16 @@ def dump(config: Any) -> str:
     return yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
+def full_matches(pattern: str, names: Sequence[str], key: str) -> list[str]:
+    """The names a regular expression matches whole (in order); an InputError naming `key` when
+    the pattern is not a regular expression. (Freeze patterns, LoRA targets.)"""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise InputError(f"{key} pattern {pattern!r} is not a regular expression: {e}") from None
+    return [name for name in names if regex.fullmatch(name)]
+
+
 def require_at_least(config: Any, minimum: int, *names: str) -> None:
     """For a schema's __post_init__: ValueError unless each named field is >= minimum."""
     for name in names:

@@ -28,6 +28,7 @@ import numpy as np
 from compress.adapters import lora
 from compress.errors import InputError
 from compress.models import decoder
+from compress.quant.weights import map_projections
 
 ROWS = "lora_rows"
 
@@ -93,4 +94,4 @@ def with_bank(params: dict[str, Any], bank: dict[str, dict[str, jax.Array]], row
         chosen = jnp.broadcast_to(rows, (num_layers, *rows.shape)) if path.startswith("layers/") else rows
         return {**p, **bank[path], lora.SPEC: BankSpec(), ROWS: chosen}
 
-    return lora._map_projections(params, set(bank), put)
+    return map_projections(params, set(bank), put)

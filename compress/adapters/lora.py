@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from compress.config import full_matches
 from compress.errors import InputError
 from compress.models import decoder
 from compress.models.params import ParamSpec
 from compress.quant import grid
+from compress.quant.weights import dequantize_kernel, map_projections, quantize_kernel
 
 A, B, SPEC, KEY = "lora_a", "lora_b", "lora", "lora_key"
 RANK_AXIS = "lora_rank"  # the logical axis of the rank (compress/sharding.py: replicated)
@@ -110,11 +111,7 @@ def targets(model_config: decoder.DecoderConfig, config: LoraConfig) -> dict[str
         found[path] = (kernel, decoder.PROJECTIONS[path.rsplit("/", 1)[-1]])
     chosen = {}
     for pattern in config.targets:
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise InputError(f"lora.targets pattern {pattern!r} is not a regular expression: {e}") from None
-        matched = [path for path in found if regex.fullmatch(path)]
+        matched = full_matches(pattern, list(found), "lora.targets")
         if not matched:
             tied = " (the LM head is tied to the embeddings in this model)" if model_config.tie_word_embeddings else ""
             raise InputError(f"lora.targets pattern {pattern!r} matches no projection; projections: "
@@ -157,7 +154,7 @@ def add(params: dict[str, Any], model_config: decoder.DecoderConfig, config: Lor
         a_value = jax.random.uniform(keys[path], a.shape, jnp.float32, -bound, bound).astype(dtype)
         return {**p, A: a_value, B: jnp.zeros(b.shape, dtype), SPEC: spec}
 
-    return _map_projections(params, set(chosen), adapt)
+    return map_projections(params, set(chosen), adapt)
 
 
 def _n_in(equation: str) -> int:
@@ -193,19 +190,6 @@ def _adapted(tree: dict[str, Any], prefix: str = ""):
             yield from _adapted(value, f"{prefix}{name}/")
 
 
-def _map_projections(tree: dict[str, Any], paths: set[str], fn, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for name, value in tree.items():
-        path = f"{prefix}{name}"
-        if path in paths:
-            out[name] = fn(path, value)
-        elif isinstance(value, dict):
-            out[name] = _map_projections(value, paths, fn, path + "/")
-        else:
-            out[name] = value
-    return out
-
-
 def adapter_paths(tree: dict[str, Any]) -> list[str]:
     """The projections of `tree` that carry an adapter ('layers/q', ...)."""
     return [path for path, _ in _adapted(tree)]
@@ -230,7 +214,7 @@ def attach(params: dict[str, Any], adapter: dict[str, dict[str, Any]]) -> dict[s
     missing = [path for path in adapter if not _has_path(params, path)]
     if missing:
         raise InputError(f"the adapter names projections the model does not have: {', '.join(missing)}")
-    return _map_projections(params, set(adapter), lambda path, p: {**p, **adapter[path]})
+    return map_projections(params, set(adapter), lambda path, p: {**p, **adapter[path]})
 
 
 def _has_path(tree: dict[str, Any], path: str) -> bool:
@@ -260,12 +244,9 @@ def merge(tree: dict[str, Any], sign: float = 1.0) -> dict[str, Any]:
         if "kernel" not in p or "spec" in p:
             raise InputError(f"{path} is quantized: an adapter merges into float weights only (dequantize, merge, "
                              "then quantize again)")
-        equation = decoder.PROJECTIONS[path.rsplit("/", 1)[-1]]
-        kernel = p["kernel"]
-        merged = (kernel.astype(jnp.float32) + sign * delta(p, equation)).astype(kernel.dtype)
-        return {k: v for k, v in p.items() if k not in (A, B, SPEC, KEY)} | {"kernel": merged}
+        return _merged_float(p, decoder.PROJECTIONS[path.rsplit("/", 1)[-1]], sign)
 
-    return _map_projections(tree, set(adapter_paths(tree)), fold)
+    return map_projections(tree, set(adapter_paths(tree)), fold)
 
 
 def unmerge(merged: dict[str, Any], adapter: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -286,7 +267,7 @@ def with_dropout_keys(tree: dict[str, Any], rng: jax.Array) -> dict[str, Any]:
         key = jax.random.split(keys[path], lead) if lead else keys[path]
         return {**p, KEY: jax.random.key_data(key)}
 
-    return _map_projections(tree, set(paths), put)
+    return map_projections(tree, set(paths), put)
 
 
 def split(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -312,3 +293,24 @@ def join(rest: dict[str, Any], factors: dict[str, Any]) -> dict[str, Any]:
     for name, value in factors.items():
         out[name] = join(rest[name], value) if isinstance(value, dict) and name in rest else value
     return out
+
+
+def merge_requantized(tree: dict[str, Any], scheme) -> dict[str, Any]:
+    """Every adapter folded into its projection's weights where those are integers too: the
+    stored integers dequantized, the update added, the sum rounded to nearest on `scheme`'s grid
+    (a GPTQ base is re-rounded, not re-calibrated). Float projections merge as in `merge`."""
+    def fold(path, p):
+        equation = decoder.PROJECTIONS[path.rsplit("/", 1)[-1]]
+        if "spec" not in p:
+            return _merged_float(p, equation)
+        kernel = dequantize_kernel(p, equation) + delta(p, equation)
+        q = quantize_kernel(kernel, grid.contracted_axes(equation, kernel.ndim), scheme)
+        return {**q, **({"bias": p["bias"]} if "bias" in p else {})}
+
+    return map_projections(tree, set(adapter_paths(tree)), fold)
+
+
+def _merged_float(p: dict[str, Any], equation: str, sign: float = 1.0) -> dict[str, Any]:
+    kernel = p["kernel"]
+    merged = (kernel.astype(jnp.float32) + sign * delta(p, equation)).astype(kernel.dtype)
+    return {k: v for k, v in p.items() if k not in (A, B, SPEC, KEY)} | {"kernel": merged}

@@ -16,8 +16,9 @@ parameters and the base is a constant of the step (loaded again on resume), so a
 holds the adapter's bytes, not the model's. At the end it writes `adapter/` (the PEFT format:
 `peft.PeftModel.from_pretrained` loads it onto the transformers model) and, for a float base,
 `hf/`, the adapter merged into the base (a plain model every command loads). A quantized base
-is not merged (its integers cannot absorb the update): serve the base with the adapter, or
-merge into the float model and quantize again.
+cannot absorb the update in its integers: `quantized/` holds it dequantized, merged and rounded
+to the same grid again (said in the run's log: that rounding makes it differ from base +
+adapter, which `press serve --adapter` serves exactly).
 
 The data is `press train`'s (compress/data): text, or chat JSONL trained on the assistant turns.
 """
@@ -34,12 +35,15 @@ import jax
 from compress import pretrained
 from compress.adapters import lora, peft
 from compress.errors import InputError
+from compress.formats import quantized
 from compress.models import decoder
 from compress.pretrained import ModelConfig
+from compress.quant import schemes
 from compress.train.loop import Recipe, RunConfig, TrainResult, run
 from compress.train.loss import causal_lm_loss
 
 ADAPTER_DIR = "adapter"
+QUANTIZED_DIR = "quantized"  # a QLoRA run's adapter merged into its base and quantized again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +107,18 @@ def _recipe(config: FinetuneConfig, log: Callable[[str], None], mesh) -> Recipe:
 
     def write_adapter(factors, out):
         directory = os.path.join(out, ADAPTER_DIR)
-        peft.export(lora.join(base, factors), directory, base_model=m.name)
-        return f"wrote the adapter (PEFT format, {_count(factors) * 4 / 1e6:.2f} MB in float32) to {directory}"
+        tree = lora.join(base, factors)
+        peft.export(tree, directory, base_model=m.name)
+        note = f"wrote the adapter (PEFT format, {_count(factors) * 4 / 1e6:.2f} MB in float32) to {directory}"
+        if loaded.quantization is not None:
+            scheme = schemes.get(loaded.quantization)
+            merged_dir = os.path.join(out, QUANTIZED_DIR)
+            quantized.save(lora.merge_requantized(tree, scheme), model_config, scheme, merged_dir,
+                           tokenizer=loaded.tokenizer)
+            note += (f"; and the adapter merged into the {scheme.name} base to {merged_dir}: dequantized, merged and "
+                     "rounded to nearest on the same grid again (not re-calibrated), so it differs from base + "
+                     "adapter by that rounding (serve the base with --adapter for the exact model)")
+        return note
 
     return Recipe(model_config, factors, axes, loaded.tokenizer, loss_fn=loss_fn, eval_loss_fn=eval_loss_fn,
                   constants=base, exported=exported, also_write=write_adapter)

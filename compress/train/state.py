@@ -22,13 +22,13 @@ trainable part only, so frozen leaves have no moments (they are None in its tree
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from compress.config import full_matches
 from compress.errors import InputError
 from compress.sharding import path_name
 
@@ -68,11 +68,7 @@ def frozen_names(params: Any, freeze: Sequence[str]) -> tuple[str, ...]:
     names = parameter_names(params)
     frozen: set[str] = set()
     for pattern in freeze:
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise InputError(f"freeze pattern {pattern!r} is not a regular expression: {e}") from None
-        matched = [n for n in names if regex.fullmatch(n)]
+        matched = full_matches(pattern, names, "freeze")
         if not matched:
             shown = ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
             raise InputError(
