@@ -56,7 +56,9 @@ TEACHER = "smollm2-135m-instruct"
 
 
 ARMS = {"kd-t1": ["loss.temperature=1.0"], "kd-t2": ["loss.temperature=2.0"],
-        "kd-mix": ["loss.temperature=1.0", "loss.alpha=0.5"], "ce": ["loss.alpha=1.0"]}
+        "kd-mix": ["loss.temperature=1.0", "loss.alpha=0.5"],
+        "kd-mix-hid": ["loss.temperature=1.0", "loss.alpha=0.5", "loss.hidden_weight=1.0"],
+        "ce": ["loss.alpha=1.0"]}
 
 
 def run_once(name: str, out: str, command: list[str], reuse: bool) -> tuple[float | None, list[dict]]:

@@ -54,7 +54,7 @@ def make_bank(adapters: Sequence[dict[str, dict[str, Any]]], model_config: decod
     """path -> {lora_a, lora_b}: the adapters stacked behind a zero entry (module docstring)."""
     if not adapters:
         raise InputError("a bank needs at least one adapter")
-    specs = dict(lora._projection_kernels(decoder.param_specs(model_config)))
+    specs = dict(lora.projection_kernels(decoder.param_specs(model_config)))
     paths = sorted({path for adapter in adapters for path in adapter})
     unknown = [path for path in paths if path not in specs]
     if unknown:

@@ -107,7 +107,7 @@ def targets(model_config: decoder.DecoderConfig, config: LoraConfig) -> dict[str
     head is the embedding table, which no projection reads)."""
     specs = decoder.param_specs(model_config)
     found = {}
-    for path, kernel in _projection_kernels(specs):
+    for path, kernel in projection_kernels(specs):
         found[path] = (kernel, decoder.PROJECTIONS[path.rsplit("/", 1)[-1]])
     chosen = {}
     for pattern in config.targets:
@@ -120,12 +120,13 @@ def targets(model_config: decoder.DecoderConfig, config: LoraConfig) -> dict[str
     return chosen
 
 
-def _projection_kernels(specs: dict[str, Any], prefix: str = ""):
+def projection_kernels(specs: dict[str, Any], prefix: str = ""):
+    """(path, kernel ParamSpec) of every projection in a decoder's `param_specs` tree."""
     for name, value in specs.items():
         if isinstance(value, dict) and "kernel" in value and name in decoder.PROJECTIONS:
             yield f"{prefix}{name}", value["kernel"]
         elif isinstance(value, dict):
-            yield from _projection_kernels(value, f"{prefix}{name}/")
+            yield from projection_kernels(value, f"{prefix}{name}/")
 
 
 def factor_specs(kernel: ParamSpec, equation: str, rank: int) -> tuple[ParamSpec, ParamSpec]:
@@ -167,7 +168,7 @@ def param_axes(axes: dict[str, Any], tree: dict[str, Any], model_config: decoder
     specs = decoder.param_specs(model_config)
     rank_of = {path: p[A].shape[-1] for path, p in _adapted(tree)}
     out = jax.tree.map(lambda x: x, axes, is_leaf=lambda x: isinstance(x, tuple))
-    for path, kernel in _projection_kernels(specs):
+    for path, kernel in projection_kernels(specs):
         if path in rank_of:
             a, b = factor_specs(kernel, decoder.PROJECTIONS[path.rsplit("/", 1)[-1]], rank_of[path])
             node = _node(out, path)

@@ -130,7 +130,7 @@ def read(directory: str, model_config: decoder.DecoderConfig) -> dict[str, dict[
     specs = decoder.param_specs(model_config)
     adapters: dict[str, dict[str, Any]] = {}
     used = set()
-    for path, kernel in lora._projection_kernels(specs):
+    for path, kernel in lora.projection_kernels(specs):
         equation = decoder.PROJECTIONS[path.rsplit("/", 1)[-1]]
         a_spec, b_spec = lora.factor_specs(kernel, equation, rank)
         stacked = path.startswith("layers/")
