@@ -401,7 +401,8 @@ def run_batch(
                     if adapter is not None and not isinstance(adapter, str):
                         raise LineError(f"'adapter' must be a string naming a served adapter, got {adapter!r:.80}")
                     check_text(adapter or "", "adapter")
-                    request = engine.submit(prompt, sampling, request_id=str(line_id), adapter=adapter)
+                    chosen = {} if adapter is None else {"adapter": adapter}  # engines without adapters work too
+                    request = engine.submit(prompt, sampling, request_id=str(line_id), **chosen)
                 except ValueError as e:  # LineError, or the engine refusing the prompt (too long, ...)
                     error(number, str(e), line_id)
                     show()
