@@ -25,8 +25,8 @@ from serve import cli
 from tests.tiny_decoder import export_tiny_decoder
 
 SETTINGS = ["data.sources=[pydoc-qa]", "data.seq_len=128", "data.batch_size=8", "optimizer.learning_rate=1e-2",
-            "optimizer.warmup_steps=1", "optimizer.total_steps=6", "steps=6", "log_every=1", "eval_every=0",
-            "save_every=3", "progress=false", "lora.rank=4", "lora.alpha=8"]
+            "optimizer.warmup_steps=1", "optimizer.total_steps=4", "steps=4", "log_every=1", "eval_every=0",
+            "save_every=2", "progress=false", "lora.rank=4", "lora.alpha=8"]
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +55,20 @@ def _bytes(directory):
 def lora_run(tiny_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lora") / "run")
     notes = []
-    result = _run(out, f"model.name={tiny_dir}", "eval_every=6", "eval_sources=[pydoc-qa]", "eval_at_start=true",
+    result = _run(out, f"model.name={tiny_dir}", "eval_every=4", "eval_sources=[pydoc-qa]", "eval_at_start=true",
                   log=notes.append)
     return out, result, notes
 
 
 def test_lora_trains_the_adapter_alone_and_checkpoints_only_it(tiny_dir, lora_run):
     out, result, notes = lora_run
-    assert result.steps == 6 and all(np.isfinite(_losses(out)))
+    assert result.steps == 4 and all(np.isfinite(_losses(out)))
     assert any("LoRA: rank 4 on 7 projections" in n and "% of the model's" in n for n in notes)
     evals = {line["step"]: line["loss"] for line in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
              if line.get("split") == "eval"}
-    assert sorted(evals) == [0, 6] and evals[6] < evals[0]  # held-out answers, before and after
+    assert sorted(evals) == [0, 4] and evals[4] < evals[0]  # held-out answers, before and after
     model_bytes = os.path.getsize(os.path.join(tiny_dir, "model.safetensors"))
-    step = os.path.join(out, "checkpoints", "6")
+    step = os.path.join(out, "checkpoints", "4")
     assert _bytes(step) < 0.1 * model_bytes  # adapter + its Adam moments, not the model
     adapter = os.path.join(out, "adapter")
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -93,9 +93,9 @@ def test_the_merged_export_and_the_peft_adapter_on_transformers_give_the_same_lo
 def test_a_resumed_adapter_run_continues_with_the_losses_of_an_uninterrupted_one(tiny_dir, lora_run, tmp_path):
     out, _, _ = lora_run
     resumed = str(tmp_path / "resumed")
-    _run(resumed, f"model.name={tiny_dir}", "steps=3")
+    _run(resumed, f"model.name={tiny_dir}", "steps=2")
     result = _run(resumed, f"model.name={tiny_dir}")
-    assert result.steps == 6
+    assert result.steps == 4
     np.testing.assert_allclose(_losses(resumed), _losses(out), rtol=1e-5)
 
 
@@ -105,7 +105,7 @@ def test_qlora_trains_an_adapter_on_the_stored_int8_base(tiny_dir, tmp_path):
     before = _tensors(base)
     notes = []
     result = _run(str(tmp_path / "run"), f"model.name={base}", log=notes.append)
-    assert result.steps == 6 and all(np.isfinite(_losses(str(tmp_path / "run"))))
+    assert result.steps == 4 and all(np.isfinite(_losses(str(tmp_path / "run"))))
     assert any(n.startswith("QLoRA on the int8 base") for n in notes)
     assert not os.path.exists(tmp_path / "run" / "hf")  # no float model: the base is integers
     after = _tensors(base)
