@@ -99,6 +99,20 @@ def test_a_resumed_adapter_run_continues_with_the_losses_of_an_uninterrupted_one
     np.testing.assert_allclose(_losses(resumed), _losses(out), rtol=1e-5)
 
 
+def test_a_run_continues_a_peft_adapter_from_where_it_was(tiny_dir, lora_run, tmp_path):
+    out, _, _ = lora_run
+    notes = []
+    again = str(tmp_path / "again")
+    _run(again, f"model.name={tiny_dir}", f"lora.init_from={out}/adapter", "lora.rank=2", "steps=1",
+         "optimizer.total_steps=2", "save_every=0", "eval_every=1", "eval_sources=[pydoc-qa]", "eval_at_start=true",
+         log=notes.append)
+    assert any("continuing the adapter" in n and "rank 4" in n for n in notes)  # the adapter's rank, not 2
+    evals = [line for line in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if line.get("split") == "eval"]
+    start = next(line for line in map(json.loads, open(os.path.join(again, "metrics.jsonl")))
+                 if line.get("split") == "eval" and line["step"] == 0)
+    assert start["loss"] == pytest.approx(evals[-1]["loss"], rel=1e-5)  # where the first run ended, not the base
+
+
 def test_qlora_trains_an_adapter_on_the_stored_int8_base(tiny_dir, tmp_path):
     base = str(tmp_path / "int8")
     quantize_model(tiny_dir, "int8", base)

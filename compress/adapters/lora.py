@@ -55,6 +55,7 @@ class LoraConfig:
     dropout: float = 0.0  # on the adapter's input, while training
     targets: tuple[str, ...] = ("layers/(q|k|v|o|gate|up|down)",)  # regexes over projection paths
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank (Kalajdzievski, 2023)
+    init_from: str = ""  # a PEFT adapter directory to continue training (its rank, scale and targets apply)
 
     def __post_init__(self):
         if self.rank < 1:
@@ -199,10 +200,6 @@ def adapter_paths(tree: dict[str, Any]) -> list[str]:
 def trainable(tree: dict[str, Any]) -> tuple[str, ...]:
     """'/'-joined names of the adapters' factors (the only leaves an adapter run trains)."""
     return tuple(f"{path}/{name}" for path in adapter_paths(tree) for name in (A, B))
-
-
-# Freeze patterns (compress/train/state.py) matching every leaf but the factors: an adapter run's.
-FREEZE_ALL_BUT_ADAPTERS = (r"(?!.*/lora_[ab]$).*",)
 
 
 def adapters(tree: dict[str, Any]) -> dict[str, dict[str, Any]]:

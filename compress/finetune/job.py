@@ -9,7 +9,9 @@ Methods (`method`):
   lora      a LoRA adapter on the projections `lora.targets` selects (compress/adapters/lora.py);
             nothing else trains. On a base written by `press quantize` (int8, int4-gN,
             gptq-int4-gN, w8a8) this is QLoRA: the base stays in its stored integers and runs
-            through the same kernels it is served with, the adapter in float32
+            through the same kernels it is served with, the adapter in float32.
+            `lora.init_from=DIR` continues a PEFT adapter (a run's `adapter/`, or one
+            trained with `peft`) instead of starting from B = 0
 
 An adapter run trains and checkpoints the adapter alone: its factors are the train state's
 parameters and the base is a constant of the step (loaded again on resume), so a checkpoint
@@ -84,7 +86,7 @@ def _recipe(config: FinetuneConfig, log: Callable[[str], None], mesh) -> Recipe:
         return Recipe(model_config, loaded.params, decoder.param_axes(model_config), loaded.tokenizer,
                       loss_fn=loss, eval_loss_fn=loss)
 
-    adapted = lora.add(loaded.params, model_config, config.lora, jax.random.key(config.seed))
+    adapted = _adapted(loaded.params, model_config, config, log)
     factors, base = lora.split(adapted)
     axes, _ = lora.split(lora.param_axes(decoder.param_axes(model_config), adapted, model_config))
     trained, total = _count(factors), _count(decoder.param_shapes(model_config))
@@ -122,6 +124,21 @@ def _recipe(config: FinetuneConfig, log: Callable[[str], None], mesh) -> Recipe:
 
     return Recipe(model_config, factors, axes, loaded.tokenizer, loss_fn=loss_fn, eval_loss_fn=eval_loss_fn,
                   constants=base, exported=exported, also_write=write_adapter)
+
+
+def _adapted(params, model_config, config: FinetuneConfig, log) -> dict[str, Any]:
+    """The base with a fresh adapter (`lora.add`), or with the PEFT adapter `lora.init_from`
+    (trained by press or by `peft`), whose rank, scale and targets then apply; the dropout while
+    training is this run's `lora.dropout`."""
+    source = config.lora.init_from
+    if not source:
+        return lora.add(params, model_config, config.lora, jax.random.key(config.seed))
+    adapter = peft.read(source, model_config)
+    spec = lora.LoraSpec(next(iter(adapter.values()))[lora.SPEC].scale, config.lora.dropout)
+    rank = next(iter(adapter.values()))[lora.A].shape[-1]
+    log(f"continuing the adapter in {source}: rank {rank}, scale {spec.scale:g} "
+        f"(lora.rank, lora.alpha and lora.targets are taken from it)")
+    return lora.attach(params, {path: {**p, lora.SPEC: spec} for path, p in adapter.items()})
 
 
 def _count(tree: Any) -> int:
