@@ -33,7 +33,9 @@ import numpy as np
 
 from common import log, write_result
 
-SCHEMES = "int8,kv-int8,int8+kv-int8,w8a8,smooth-w8a8,int4-g64,int4-g32,int4-g64-asym,int4-g32-asym,gptq-int4-g64,gptq-int4-g32,gptq-int4-g64-asym"
+SCHEMES = ("int8,kv-int8,int8+kv-int8,w8a8,smooth-w8a8,int4-g64,int4-g32,int4-g64-asym,int4-g32-asym,gptq-int4-g64,"
+           "gptq-int4-g32,gptq-int4-g64-asym,int8+embed-int8,int4-g32-asym+embed-int4-g32-asym,"
+           "gptq-int4-g32+embed-int4-g32-asym")
 ENCODER_SCHEMES = "int8,w8a8,int4-g64,int4-g32,int4-g32-asym"
 
 
@@ -55,6 +57,8 @@ def decoder_schemes(args) -> dict:
         config = EvalConfig(models=(args.model, *(s["out"] for s in summaries.values())), reference=args.model,
                             windows=args.windows, window=args.window)
         evals = evaluate_models(config, log=log, decode_speed=model_decode_speed)
+        directory_bytes = {name: sum(os.path.getsize(os.path.join(s["out"], f)) for f in os.listdir(s["out"]))
+                           for name, s in summaries.items()}  # weights, config and tokenizer files
         write_plot(evals, args.plot)
     base = evals[0]
     rows = {"float32": {"perplexity": base.perplexity, "bytes": base.bytes,
@@ -67,6 +71,8 @@ def decoder_schemes(args) -> dict:
             "top1_agreement_with_float32": e.agreement,
             "bytes": summary["bytes"],
             "fraction_of_bf16": summary["fraction_of_bf16"],
+            "directory_bytes": directory_bytes[name],
+            "directory_fraction_of_bf16": directory_bytes[name] / base.bf16_bytes,
             "quantized_matrices_fraction_of_bf16": summary["quantized_matrices_fraction_of_bf16"],
             "decode_tokens_per_s": e.decode_tokens_per_second,
             "decode_tokens_per_s_over_float32": e.decode_tokens_per_second / base.decode_tokens_per_second,

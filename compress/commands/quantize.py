@@ -30,7 +30,8 @@ class QuantizeConfig:
     """`press quantize`: which float model, which scheme, where to write it."""
 
     model: str = "smollm2-135m-instruct"  # bundled name, Hugging Face directory or .gguf file (float)
-    # int8, int4-g{32,64,128}[-asym], gptq-int4-g{32,64,128}[-asym], w8a8, smooth-w8a8; +kv-int8 adds an int8 KV cache
+    # int8, int4-g{32,64,128}[-asym], gptq-int4-g{32,64,128}[-asym], w8a8, smooth-w8a8; +kv-int8 adds an int8 KV
+    # cache; +embed-int8 or +embed-int4-g{32,64,128}[-asym] quantizes the embedding table and LM head too
     scheme: str = "int8"
     out: str | None = None  # a new directory; None: out/<model>-<scheme>
     keep_float: tuple[str, ...] = schemes.DEFAULT_KEEP_FLOAT  # fnmatch patterns of projections left float
@@ -58,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--model", key="model", help="bundled name, Hugging Face directory or .gguf file (float)")
     flags.flag("--scheme", key="scheme",
                help="int8, int4-g{32,64,128}[-asym], gptq-int4-g{32,64,128}[-asym], w8a8, smooth-w8a8; "
-                    "+kv-int8 adds an int8 KV cache")
+                    "+kv-int8 adds an int8 KV cache; +embed-int8 or +embed-int4-gN[-asym] the embedding table "
+                    "and LM head (stored once when tied)")
     flags.flag("--keep-float", key="keep_float", metavar="PATTERNS", type=lambda text: [p for p in text.split(",") if p],
                help="comma-separated fnmatch patterns of projections left float, e.g. 'lm_head,layers/down' "
                     "('' quantizes every projection)")

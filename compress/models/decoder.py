@@ -244,8 +244,13 @@ def layer_tables(
 
 
 def embed(params: dict[str, Any], tokens: jnp.ndarray, config: DecoderConfig) -> jnp.ndarray:
-    """The residual stream entering layer 0: [B, T, D] in the compute dtype."""
-    return jnp.take(params["embed"], tokens, axis=0).astype(DTYPES[config.dtype])
+    """The residual stream entering layer 0: [B, T, D] in the compute dtype. A quantized table
+    (`press quantize` with an embed-* option) is a projection dict holding the tied head's
+    kernel [D, V]; its static spec reads the rows at `tokens` from the integers."""
+    table = params["embed"]
+    if isinstance(table, dict):
+        return table["spec"].take(table, tokens).astype(DTYPES[config.dtype])
+    return jnp.take(table, tokens, axis=0).astype(DTYPES[config.dtype])
 
 
 def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
@@ -410,6 +415,8 @@ def lm_head(params: dict[str, Any], x: jnp.ndarray, config: DecoderConfig) -> jn
     """Final norm and LM head: the residual stream [B, T, D] -> float32 logits [B, T, V]."""
     c = config
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
+    if c.tie_word_embeddings and isinstance(params["embed"], dict):  # quantized: stored as this kernel
+        return dense(params["embed"], x, PROJECTIONS["lm_head"]).astype(jnp.float32)
     if c.tie_word_embeddings:
         return jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(x.dtype), preferred_element_type=jnp.float32)
     return dense(params["lm_head"], x, PROJECTIONS["lm_head"]).astype(jnp.float32)

@@ -48,6 +48,24 @@ class MatmulSpec:
         return packed_int4.einsum(x, p["qkernel"], p["group_scale"], p.get("group_offset"),
                                   len(self.input_shape), self.zero_point)
 
+    def take(self, p: dict[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
+        """Columns `ids` of a stored kernel [in, V] with one contracted axis, dequantized: float32
+        [*ids.shape, in]. A quantized embedding table is stored as the tied head's kernel (its
+        transpose), so a lookup reads only the integers of the rows it needs."""
+        if self.fake or (self.input_shape is not None and len(self.input_shape) != 1):
+            raise ValueError("take reads the columns of a stored [in, V] kernel")
+        if self.group_size is None:
+            w = jnp.take(p["qkernel"], ids, axis=1).astype(jnp.float32) * jnp.take(p["scale"], ids, axis=1)
+        else:
+            codes = packed_int4.unpack(jnp.take(p["qkernel"], ids, axis=2), 1)  # [G, N, *ids]
+            if self.zero_point:
+                codes = codes + 8
+            w = codes.astype(jnp.float32) * jnp.take(p["group_scale"], ids, axis=1)[:, None].astype(jnp.float32)
+            if "group_offset" in p:
+                w = w + jnp.take(p["group_offset"], ids, axis=1)[:, None].astype(jnp.float32)
+            w = w.reshape(-1, *ids.shape)
+        return jnp.moveaxis(w, 0, -1)
+
 
 def spec_of(scheme: Scheme) -> MatmulSpec:
     """The spec of a scheme's stored projections (group-wise ones add their input shape)."""

@@ -17,9 +17,15 @@
                   Combines with any of the above: 'int4-g64+kv-int8'; alone it leaves the
                   weights float.
 
+  embed-int8      the embedding table and the LM head (tied or not) in int8, one scale per
+  embed-int4-gN   vocabulary entry; or int4 with a scale per group of N (`-asym`: and an
+                  offset), rounded to nearest. Added to a weight scheme: 'int8+embed-int8',
+                  'int4-g32+embed-int4-g32'. The table is stored once, as the tied head's kernel
+                  [D, V] (compress/quant/weights.py); a lookup dequantizes only its rows.
+
 Which projections stay float is a list of name patterns over parameter paths
-(`fnmatch`, e.g. 'lm_head', 'layers/down', 'layers/*'); by default the LM head does (the
-embedding table is a lookup, never a matmul, and always stays float).
+(`fnmatch`, e.g. 'lm_head', 'layers/down', 'layers/*'); by default the LM head does, and the
+embedding table does too, unless an embed-* option quantizes both.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from compress.errors import InputError
 
 GROUP_SIZES = (32, 64, 128)
 KV_SUFFIX = "kv-int8"
+EMBED_PREFIX = "embed-"
 DEFAULT_KEEP_FLOAT = ("lm_head",)
 
 
@@ -44,6 +51,7 @@ class Scheme:
     activation_bits: int | None = None  # dynamic per-token activation quantization (w8a8)
     kv_bits: int | None = None  # integer key/value cache
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # fnmatch patterns of projections left float
+    embed: "Scheme | None" = None  # the embedding table's and the LM head's grid (None: both float)
 
     @property
     def qmax(self) -> int:
@@ -90,9 +98,12 @@ def _weight_schemes() -> dict[str, Scheme]:
 SCHEMES = _weight_schemes()
 
 
+EMBED_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.calibration is None and s.activation_bits is None)
+
+
 def names() -> list[str]:
-    """Every valid scheme name (each weight scheme may also take '+kv-int8')."""
-    return [*SCHEMES, KV_SUFFIX]
+    """Every valid scheme name (each weight scheme may also take '+kv-int8' and '+embed-...')."""
+    return [*SCHEMES, KV_SUFFIX, *(EMBED_PREFIX + name for name in EMBED_SCHEMES)]
 
 
 def get(name: str) -> Scheme:
@@ -102,14 +113,23 @@ def get(name: str) -> Scheme:
     """
     parts = name.split("+") if isinstance(name, str) else [name]
     kv = KV_SUFFIX in parts
-    weights = [p for p in parts if p != KV_SUFFIX]
-    if len(weights) > 1 or parts.count(KV_SUFFIX) > 1 or (weights and weights[0] not in SCHEMES):
+    embeds = [p for p in parts if p.startswith(EMBED_PREFIX)]
+    weights = [p for p in parts if p != KV_SUFFIX and p not in embeds]
+    if (len(weights) > 1 or parts.count(KV_SUFFIX) > 1 or (weights and weights[0] not in SCHEMES) or len(embeds) > 1
+            or (embeds and (not weights or embeds[0][len(EMBED_PREFIX):] not in EMBED_SCHEMES))):
         valid = "; ".join(f"{s.name} ({s.description})" for s in SCHEMES.values())
         raise InputError(
             f"unknown quantization scheme {name!r}; valid schemes: {valid}; {KV_SUFFIX} (int8 key/value cache), "
-            f"alone or added to a weight scheme as NAME+{KV_SUFFIX}"
+            f"alone or added to a weight scheme as NAME+{KV_SUFFIX}; the embedding table and LM head quantized as "
+            f"well, added to a weight scheme as NAME+{EMBED_PREFIX}E with E one of {', '.join(EMBED_SCHEMES)}"
         )
     if not weights:
         return Scheme(KV_SUFFIX, None, "float weights, int8 key/value cache (a scale per token and head)", kv_bits=8)
-    base = SCHEMES[weights[0]]
-    return dataclasses.replace(base, name=name, kv_bits=8, description=base.description + ", int8 key/value cache") if kv else base
+    scheme = SCHEMES[weights[0]]
+    if embeds:
+        table = SCHEMES[embeds[0][len(EMBED_PREFIX):]]
+        scheme = dataclasses.replace(scheme, embed=table,
+                                     description=f"{scheme.description}; embeddings and LM head: {table.description}")
+    if kv:
+        scheme = dataclasses.replace(scheme, kv_bits=8, description=scheme.description + ", int8 key/value cache")
+    return dataclasses.replace(scheme, name=name)

@@ -17,6 +17,11 @@ axis, where present, stays first in every array):
   spec     a static (array-free) MatmulSpec: bits, group size, activation quantization
            (and, group-wise, the kernel's input shape, which the packed codes no longer show)
 
+  the embedding table (an embed-* option; `quantize_embeddings`)
+    embed  the projection dict of its transpose [D, V], the tied LM head's kernel, in one
+           of the layouts above (a scale, or a group's, per vocabulary entry): the head's
+           matmul reads it through `dense`, a lookup through `spec.take`, so it is stored once
+
 plus the float `bias`, if any. The spec is part of the tree's structure, not its data, so
 jit, scan and sharding carry it along for free.
 """
@@ -130,7 +135,26 @@ def quantize_params(params: dict[str, Any], projections: dict[str, str], scheme:
         q = quantize(path, value["kernel"], grid.contracted_axes(selected[path], value["kernel"].ndim))
         return {**q, **({"bias": value["bias"]} if "bias" in value else {})}
 
-    return map_projections(params, selected, replace)
+    out = map_projections(params, selected, replace)
+    return quantize_embeddings(out, scheme.embed) if scheme.embed is not None else out
+
+
+def quantize_embeddings(params: dict[str, Any], scheme: Scheme) -> dict[str, Any]:
+    """The embedding table and a float LM head (untied) rounded to nearest on `scheme`'s grid.
+
+    The table [V, D] is stored as its transpose [D, V], the tied head's kernel: one scale (or
+    one per group of D) per vocabulary entry, so the one stored array serves both the lookup
+    (`MatmulSpec.take` reads the rows it needs) and the tied head's matmul (`dense`).
+    """
+    table = params.get("embed")
+    if table is None or isinstance(table, dict) or table.ndim != 2:
+        raise InputError("an embed-* scheme quantizes a decoder's float embedding table [vocab, embed]; "
+                         "this tree has none")
+    out = {**params, "embed": quantize_kernel(jnp.swapaxes(table, 0, 1), (0,), scheme)}
+    head = params.get("lm_head")
+    if isinstance(head, dict) and "kernel" in head:
+        out["lm_head"] = {**quantize_kernel(head["kernel"], (0,), scheme), **({"bias": head["bias"]} if "bias" in head else {})}
+    return out
 
 
 def map_projections(params: dict[str, Any], selected, fn) -> dict[str, Any]:
@@ -160,7 +184,8 @@ def quantized_axes(axes: dict[str, Any], qparams: dict[str, Any]) -> dict[str, A
     out = {}
     for name, value in qparams.items():
         if isinstance(value, dict) and "qkernel" in value:
-            kernel_axes = axes[name]["kernel"]
+            # a quantized embedding table is stored as its transpose, the tied head's kernel
+            kernel_axes = axes[name]["kernel"] if isinstance(axes[name], dict) else tuple(reversed(axes[name]))
             q = {"qkernel": kernel_axes}
             if "scale" in value:
                 q["scale"] = kernel_axes
