@@ -177,3 +177,31 @@ def test_a_kv_int8_model_is_scored_through_its_int8_cache(tiny_dir, tmp_path, ca
     assert kv_row["quantization"] == "kv-int8" and kv_row["bytes"] == float_row["bytes"]
     assert kv_row["perplexity"] != float_row["perplexity"]
     assert kv_row["perplexity"] == pytest.approx(float_row["perplexity"], rel=0.01) and kv_row["agreement"] > 0.9
+
+
+def test_the_plot_places_labels_of_same_size_models_without_looping(tmp_path):
+    """Students of one size whose labels stack: a label moved to py + gap reads as nearer than
+    gap to py once rounded, which used to loop forever (found plotting four students)."""
+    import signal
+
+    def row(model, ppl, size):
+        return perplexity.ModelEval(model, None, ppl, None, None, size, size, None, 33, 512, "held-out")
+
+    rows = [row("teacher", 10.958620295138639, 538_100_000), row("kd-t1", 21.66045966349652, 268_200_000),
+            row("kd-mix", 18.125797676575935, 268_200_000), row("kd-mix-hid", 17.99736796786383, 268_200_000),
+            row("ce", 18.66994428543091, 268_200_000)]
+
+    def stuck(*_):
+        raise TimeoutError("write_plot did not finish")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    try:
+        report.write_plot(rows, str(tmp_path / "students.png"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert os.path.getsize(tmp_path / "students.png") > 10_000
+    # a run's export is named by its run, not "hf" five times
+    assert [report.label(p) for p in ("out/w/kd-mix/hf", "out/q8", "smollm2-135m-instruct")] == \
+        ["kd-mix/hf", "q8", "smollm2-135m-instruct"]

@@ -8,9 +8,17 @@ from typing import Sequence, TextIO
 from compress.eval.perplexity import ModelEval
 
 
+# Directories press writes inside a run's output (`out/RUN/hf`, ...): named by the run instead.
+_RUN_OUTPUTS = ("hf", "quantized", "adapter")
+
+
 def label(model: str) -> str:
-    """A short name for a model: a bundled name as is, a path by its last component."""
-    return os.path.basename(os.path.normpath(model)) if os.path.sep in model else model
+    """A short name for a model: a bundled name as is, a path by its last component, or by its
+    last two where the last is an output directory of a run ('kd-mix/hf')."""
+    if os.path.sep not in model:
+        return model
+    parts = os.path.normpath(model).split(os.path.sep)
+    return "/".join(parts[-2:]) if parts[-1] in _RUN_OUTPUTS and len(parts) > 1 else parts[-1]
 
 
 def print_table(results: Sequence[ModelEval], out: TextIO) -> None:
@@ -59,8 +67,11 @@ def write_plot(results: Sequence[ModelEval], path: str) -> None:
         x, y, scheme = r.bytes / 1e6, r.perplexity, r.quantization or "float"
         name = label(r.model)
         at = y
-        while any(abs(x - px) < x_near and abs(at - py) < gap for px, py in placed):
-            at = max(py for px, py in placed if abs(x - px) < x_near and abs(at - py) < gap) + gap
+        # Move just above the highest label it would cover. A label moved to py + gap may still
+        # read as nearer than gap to py once rounded, hence the tolerance: each move then goes
+        # strictly up, past a different label, so the loop ends.
+        while near := [py for px, py in placed if abs(x - px) < x_near and abs(at - py) < gap * (1 - 1e-9)]:
+            at = max(near) + gap
         placed.append((x, at))
         ax.scatter([x], [y], s=36)
         ax.annotate(scheme if name == scheme else f"{name} ({scheme})", (x, y), xytext=(x + 0.02 * x_near / 0.3, at),
