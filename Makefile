@@ -91,7 +91,9 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/gptq_ablation.py --out bench-results/gptq-ablation.json
 	$(BIN)/python benchmarks/retrieve.py --vectors 100000 --queries 1000 --out bench-results/retrieval.json
 	$(BIN)/python benchmarks/train.py --out bench-results/train.json
-	$(BIN)/python benchmarks/distill.py --parts kd-ce,cache --out bench-results/distill.json
+	$(BIN)/python benchmarks/distill.py --teacher-steps 30 --parts kd-ce,cache --arms kd-mix,ce --steps 240 \
+		--set eval_every=60 --cache-steps 30 --out bench-results/distill.json
+	$(BIN)/python benchmarks/finetune.py --steps 40 --out bench-results/finetune.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache

@@ -10,15 +10,20 @@ student init, data, steps, learning rate and seed:
   kd-mix loss.alpha=0.5: half hard-label CE, half forward KL at T=1
   ce     loss.alpha=1: hard-label cross-entropy only (the teacher is never run)
 
-then `press eval --compare TEACHER ARM... --json` on held-out windows of the language reference:
-perplexity, top-1 agreement with the teacher, bytes and batch-1 decode tokens/s. Each arm's
+  kd-mix-hid  kd-mix and the hidden-state loss (cosine) on the layers copied from the teacher
+
+then `press eval --compare TEACHER ARM... --json` on the whole held-out text of the language
+reference (33 windows of 512 tokens): perplexity, top-1 agreement with the teacher, bytes and
+batch-1 decode tokens/s; and `kl_to_teacher` on it in windows of 256 (KL to the teacher, data
+cross-entropy, and that per quarter of the text). Each arm's
 train tokens/s is the median of its metrics.jsonl lines (the first, with compilation, left out).
 
 Part "cache" (`--parts cache`): the online teacher against a cached one on the same text (the
 first `--cache-chars` characters of the language reference's train part, as JSONL documents): `press
 teacher-cache` over it (top-32, rows of 256 tokens; its wall time reported), then `--cache-steps`
-steps of `press distill` reading the file with the teacher online (full distribution) and the
-same reading the cache; train tokens/s and held-out perplexity of each.
+steps of `press distill` on the same rows in the same order (no shuffle): the teacher online
+with its full distribution, online keeping its top 32 (`loss.top_k=32`), and read from the
+cache; train tokens/s, the train losses and held-out perplexity of each.
 
 Part "init" (`--parts init`): the held-out cross-entropy each student starts from, before any
 training (8 windows of 256 tokens): every third layer and the last; the config's layers at full
@@ -47,6 +52,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 from common import log, write_result
 
@@ -91,7 +98,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides for both arms")
-    p.add_argument("--windows", type=int, default=16, help="held-out windows for press eval")
+    p.add_argument("--windows", type=int, default=64,
+                   help="held-out windows for press eval (at most; the whole held-out text is 33 of 512 tokens)")
     p.add_argument("--work", default="out/bench-distill")
     p.add_argument("--out", default="bench-results/distill.json")
     p.add_argument("--parts", default="kd-ce", help="kd-ce, cache, init, comma-separated")
@@ -146,17 +154,34 @@ def online_against_cached(args) -> dict:
             f.write(json.dumps({"text": document}) + "\n")
     cache = os.path.join(args.work, "teacher-cache")
     command = [PRESS, "teacher-cache", "--teacher", args.teacher, "--top-k", "32", "--out", cache, "data.seq_len=256",
-               "data.batch_size=1", "data.epochs=1", f"--data={path}", "--batch-size=4"]
-    log(f"--- cache: {' '.join(command)}")
-    start = time.perf_counter()
-    summary = json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
-    cache_seconds = time.perf_counter() - start
-    online = arm("online", os.path.join(args.work, "online"), args, [f"data.sources=[{path}]"], args.cache_steps)
-    cached = arm("cached", os.path.join(args.work, "cached"), args, [f"teacher_cache={cache}"], args.cache_steps)
-    return {"cache_command": " ".join(command), "cache_seconds": round(cache_seconds, 1), "cache": summary,
-            "online": online, "cached": cached,
-            "cached_over_online_tokens_per_s": cached["train_tokens_per_s"] / online["train_tokens_per_s"],
-            "perplexity": {"online": math.exp(online["eval_loss"]), "cached": math.exp(cached["eval_loss"])}}
+               "data.batch_size=1", "data.epochs=1", "data.shuffle=false", f"--data={path}", "--batch-size=4"]
+    if not (args.reuse and os.path.isdir(cache)):
+        log(f"--- cache: {' '.join(command)}")
+        start = time.perf_counter()
+        summary = json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
+        cache_seconds = round(time.perf_counter() - start, 1)
+    else:
+        summary, cache_seconds = None, None
+    # The same text in the same order for all three (documents as written, no shuffle). The rows
+    # differ: a cache holds one stream of rows, read four at a time, while the online pipeline
+    # packs each of a batch's four rows from its own stream. The cache against the online
+    # teacher's top 32 is the same loss (float16 top-k read back; tests/test_distill_run.py
+    # checks the step loss equal on one batch); the full distribution shows what the top 32 costs.
+    last = f"eval_every={args.cache_steps}"  # after --set, which may name a longer run's interval
+    same_order = [f"data.sources=[{path}]", "data.shuffle=false", last]
+    arms = {"online": arm("online", os.path.join(args.work, "online"), args, same_order, args.cache_steps),
+            "online-top32": arm("online-top32", os.path.join(args.work, "online-top32"), args,
+                                [*same_order, "loss.top_k=32"], args.cache_steps),
+            "cached": arm("cached", os.path.join(args.work, "cached"), args,
+                          [f"teacher_cache={cache}", "data.shuffle=false", last], args.cache_steps)}
+    losses = {name: [line["loss"] for line in map(json.loads, open(os.path.join(args.work, name, "metrics.jsonl")))
+                     if line.get("split") != "eval" and "loss" in line] for name in arms}
+    return {"cache_command": " ".join(command), "cache_seconds": cache_seconds, "cache": summary, **arms,
+            "train_losses": losses,
+            "cached_minus_online_top32_max_train_loss": max(abs(a - b) for a, b in zip(losses["cached"],
+                                                                                       losses["online-top32"])),
+            "cached_over_online_tokens_per_s": arms["cached"]["train_tokens_per_s"] / arms["online"]["train_tokens_per_s"],
+            "perplexity": {name: math.exp(a["eval_loss"]) for name, a in arms.items()}}
 
 
 def kd_against_ce(args) -> dict:
@@ -216,9 +241,12 @@ def student_inits(args) -> dict:
     return out
 
 
-def kl_to_teacher(teacher: str, students: dict[str, str], windows: int = 8, length: int = 256) -> dict:
+def kl_to_teacher(teacher: str, students: dict[str, str], windows: int = 1000, length: int = 256) -> dict:
     """KL(teacher || student) and the data cross-entropy, nats per token, of each student and the
-    teacher on the first `windows` held-out windows of `length` + 1 tokens (in this process)."""
+    teacher on the first `windows` held-out windows of `length` + 1 tokens (all of them by
+    default: 66), 8 at a time, in this process; and the data cross-entropy of each quarter of
+    those windows in order (the held-out topics differ: which model leads can change along the
+    text, so a few windows from its start are not the whole picture)."""
     import jax
     import jax.numpy as jnp
 
@@ -231,17 +259,27 @@ def kl_to_teacher(teacher: str, students: dict[str, str], windows: int = 8, leng
     w = corpus.token_windows(teacher.tokenizer.encode(text), length + 1, windows, source)[:windows]
     tokens, targets = jnp.asarray(w[:, :-1]), jnp.asarray(w[:, 1:])
 
-    def log_probs(model):
-        return jax.nn.log_softmax(decoder.forward(model.params, tokens, model.config).logits)
+    forward = jax.jit(lambda params, config, x: jax.nn.log_softmax(decoder.forward(params, x, config).logits),
+                      static_argnums=1)
 
-    def data_ce(q):
-        return float(-jnp.mean(jnp.take_along_axis(q, targets[..., None], axis=-1)))
+    def scores(model, reference=None):
+        """Per window: the data cross-entropy, and KL(reference || model) if a reference is given."""
+        ce, kl = [], []
+        for i in range(0, len(tokens), 8):
+            q = forward(model.params, model.config, tokens[i:i + 8])
+            ce.append(-jnp.take_along_axis(q, targets[i:i + 8, :, None], axis=-1).mean(axis=(1, 2)))
+            if reference is not None:
+                p = forward(reference.params, reference.config, tokens[i:i + 8])
+                kl.append(jnp.sum(jnp.exp(p) * (p - q), axis=-1).mean(axis=1))
+        ce = np.asarray(jnp.concatenate(ce))
+        out = {"data_ce": float(ce.mean()), "data_ce_quarters": [round(float(x.mean()), 4) for x in np.array_split(ce, 4)]}
+        if reference is not None:
+            out["kl"] = float(jnp.concatenate(kl).mean())
+        return out
 
-    p = log_probs(teacher)
-    out = {"teacher": {"data_ce": data_ce(p)}}
+    out = {"windows": len(tokens), "length": length, "teacher": scores(teacher)}
     for name, path in students.items():
-        q = log_probs(load_decoder(path, with_tokenizer=False))
-        out[name] = {"kl": float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1))), "data_ce": data_ce(q)}
+        out[name] = scores(load_decoder(path, with_tokenizer=False), teacher)
     return out
 
 
