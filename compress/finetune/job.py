@@ -134,8 +134,8 @@ def _adapted(params, model_config, config: FinetuneConfig, log) -> dict[str, Any
     if not source:
         return lora.add(params, model_config, config.lora, jax.random.key(config.seed))
     adapter = peft.read(source, model_config)
-    spec = lora.LoraSpec(next(iter(adapter.values()))[lora.SPEC].scale, config.lora.dropout)
-    rank = next(iter(adapter.values()))[lora.A].shape[-1]
+    first = next(iter(adapter.values()))  # one rank and scale for all (peft.read refuses patterns)
+    spec, rank = lora.LoraSpec(first[lora.SPEC].scale, config.lora.dropout), first[lora.A].shape[-1]
     log(f"continuing the adapter in {source}: rank {rank}, scale {spec.scale:g} "
         f"(lora.rank, lora.alpha and lora.targets are taken from it)")
     return lora.attach(params, {path: {**p, lora.SPEC: spec} for path, p in adapter.items()})

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from compress.quant import aqt_matmul, packed_int4
+from compress.quant import aqt_matmul, grid, packed_int4
 from compress.quant.schemes import Scheme
 
 
@@ -57,9 +57,7 @@ class MatmulSpec:
         if self.group_size is None:
             w = jnp.take(p["qkernel"], ids, axis=1).astype(jnp.float32) * jnp.take(p["scale"], ids, axis=1)
         else:
-            codes = packed_int4.unpack(jnp.take(p["qkernel"], ids, axis=2), 1)  # [G, N, *ids]
-            if self.zero_point:
-                codes = codes + 8
+            codes = grid.unpack_groups(jnp.take(p["qkernel"], ids, axis=2), 0, self.zero_point)  # [G, N, *ids]
             w = codes.astype(jnp.float32) * jnp.take(p["group_scale"], ids, axis=1)[:, None].astype(jnp.float32)
             if "group_offset" in p:
                 w = w + jnp.take(p["group_offset"], ids, axis=1)[:, None].astype(jnp.float32)
