@@ -44,7 +44,8 @@ PACING = {"disconnect": 0.5, "disconnect_stream": 0.5, "fanout_16": 1.0, "fanout
 EXPECTED = {"disconnect": {"hung_up"}, "disconnect_stream": {"hung_up_after_first_event"},
             "slowloris": {"still_open"}, "fanout_16": {"200"}, "fanout_10000": {"400"}, "oversized": {"400"}}
 METRIC_PREFIXES = ("press_cancelled_requests_total", "press_rejected_requests_total", "press_requests_total",
-                   "press_queue_depth", "press_slots_in_use", "press_requests_in_flight")
+                   "press_queue_depth", "press_slots_in_use", "press_requests_in_flight", "press_engine_",
+                   "press_preempted_requests_total", "press_prefill_chunks_total")
 
 
 class Outcomes:
@@ -295,6 +296,7 @@ def main() -> None:
             t.join()
         log(f"hostile_clients: baseline, {args.well_behaved} well-behaved clients for {args.seconds:g} s")
         baseline = well_behaved_phase(client, args.model, args.well_behaved, args.seconds, args.max_tokens)
+        after_baseline = metrics_lines(url)
         log(f"hostile_clients: the same beside hostile clients for {args.seconds:g} s")
         outcomes = Outcomes()
         extra = hostile_threads(port, args.model, time.perf_counter() + args.seconds, args.slow, outcomes)
@@ -335,6 +337,7 @@ def main() -> None:
         "goal": f"well-behaved p95 ratio <= {P95_GOAL} and no well-behaved error",
         "goal_met": ratio is not None and ratio <= P95_GOAL and not baseline["errors"] and not hostile["errors"],
         "hostile": outcomes.report(),
+        "metrics_after_baseline": after_baseline,
         "metrics": lines,
         "server_tracebacks": stderr.count("Traceback (most recent call last)"),
         "server_exit": server.returncode,

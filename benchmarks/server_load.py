@@ -4,8 +4,14 @@ The server runs in its own process (`press serve`), the clients here, each loopi
 chat requests until the time is up. Every request must be answered without error; the
 figures are requests/s, generated tokens/s and latency percentiles.
 
+With --shared-prefix N every request starts with the same system message of about N tokens,
+as a RAG deployment's does: an instruction to answer from the sources that follow, then
+sections of the Python language reference (pydoc_data.topics) as the sources. That is the
+traffic a prefix cache is for; without it, requests share only the chat template's default
+system prompt (24 tokens of SmolLM2's ~37).
+
   .venv/bin/python benchmarks/server_load.py [--clients 32] [--seconds 60] [--max-tokens 32] [--prefix-cache-blocks 256]
-                                            [--out bench-results/server.json]
+                                            [--shared-prefix 0] [--max-seq-len 256] [--out bench-results/server.json]
 """
 
 from __future__ import annotations
@@ -53,12 +59,32 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> Non
     raise TimeoutError("press serve did not become ready")
 
 
-def start_server(model: str, port: int, max_slots: int, settings: list[str], stderr, host: str = "127.0.0.1"):
+def start_server(model: str, port: int, max_slots: int, settings: list[str], stderr, host: str = "127.0.0.1",
+                 max_seq_len: int = 256):
     """`press serve` on loopback as its own process (--warmup: shapes compiled before it listens)."""
     return subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "press"), "serve", "--model", model, "--host", host,
-         "--port", str(port), "--max-slots", str(max_slots), "--max-seq-len", "256", "--warmup", *settings],
+         "--port", str(port), "--max-slots", str(max_slots), "--max-seq-len", str(max_seq_len), "--warmup",
+         *settings],
         stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
+def shared_prefix(model: str, tokens: int) -> str:
+    """A RAG-style system message of about `tokens` tokens of `model`'s tokenizer: an instruction,
+    then numbered sources from the Python language reference."""
+    from pydoc_data.topics import topics
+
+    from compress.formats.registry import resolve
+    from compress.formats.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve(model))
+    text = "Answer the question from the numbered sources below, citing each source you use as [n].\n"
+    for n, name in enumerate(sorted(topics), 1):
+        text += f"[{n}] {topics[name]}\n"
+        if len(tokenizer(text)["input_ids"]) >= tokens:
+            break
+    ids = tokenizer(text)["input_ids"][:tokens]
+    return tokenizer.decode(ids)
 
 
 def main() -> None:
@@ -70,6 +96,9 @@ def main() -> None:
     parser.add_argument("--max-slots", type=int, default=32)
     parser.add_argument("--prefix-cache-blocks", type=int, default=256,
                         help="the server's prefix cache (0 switches it off, to measure what it buys)")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                        help="every request starts with the same system message of about this many tokens (RAG)")
+    parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a press serve setting (e.g. prefill_delay=1.0); repeatable")
     parser.add_argument("--out", default="bench-results/server.json")
@@ -77,16 +106,18 @@ def main() -> None:
 
     import openai
 
+    system = [{"role": "system", "content": shared_prefix(args.model, args.shared_prefix)}] if args.shared_prefix else []
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(args.model, port, args.max_slots,
-                          [f"prefix_cache_blocks={args.prefix_cache_blocks}", *args.set], stderr=subprocess.PIPE)
+                          [f"prefix_cache_blocks={args.prefix_cache_blocks}", *args.set], stderr=subprocess.PIPE,
+                          max_seq_len=args.max_seq_len)
     try:
         wait_ready(url, server)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         # Warm-up: compile the prefill and decode buckets a full load visits.
         warm = [threading.Thread(target=lambda: client.chat.completions.create(
-            model=args.model, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=args.max_tokens,
+            model=args.model, messages=[*system, {"role": "user", "content": QUESTIONS[0]}], max_tokens=args.max_tokens,
             temperature=0)) for _ in range(args.clients)]
         for t in warm:
             t.start()
@@ -106,7 +137,7 @@ def main() -> None:
                 try:
                     r = client.chat.completions.create(
                         model=args.model,
-                        messages=[{"role": "user", "content": QUESTIONS[(i + n) % len(QUESTIONS)]}],
+                        messages=[*system, {"role": "user", "content": QUESTIONS[(i + n) % len(QUESTIONS)]}],
                         max_tokens=args.max_tokens,
                         temperature=0.7,
                         seed=i * 1000 + n,
@@ -137,6 +168,7 @@ def main() -> None:
         "seconds": wall,
         "max_tokens": args.max_tokens,
         "prefix_cache_blocks": args.prefix_cache_blocks,
+        "shared_prefix_tokens": args.shared_prefix,
         "serve_settings": args.set,
         "requests": len(latencies),
         "errors": len(errors),

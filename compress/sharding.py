@@ -23,6 +23,7 @@ Logical axes:
   positions    position-embedding rows        -> replicated (BERT; small, looked up)
   token_types  token-type-embedding rows      -> replicated (BERT's segments)
   lora_rank    an adapter's rank (LoRA)       -> replicated (small; its other axis shards)
+  kv_blocks    blocks of a prefix-cache pool  -> replicated (any row of a prefill may read any block)
 
 A run may pass its own table (`rules=`) to every function here; RULES is the default.
 A dimension whose size the chosen mesh axes do not divide is replicated
@@ -60,6 +61,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("positions", None),
     ("token_types", None),
     ("lora_rank", None),
+    ("kv_blocks", None),
 )
 
 Axes = tuple[str | None, ...]

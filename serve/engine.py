@@ -23,9 +23,17 @@ freed at once and a waiting request is prefilled into it on the next turn, so on
 request never holds a batch of short ones hostage. Requests with different sampling
 settings share a step (serve/sampling.py samples row by row).
 
-Prefix caching (serve/prefix_cache.py): the KV of every prompt's 16-token blocks is kept
-(least recently used evicted beyond prefix_cache_blocks), and a prompt that starts with
-cached blocks (a chat template's system prompt, a RAG instruction) prefills only the rest.
+Chunked prefill: while rows are decoding, a short prompt that arrives alone (the usual case
+for a server) is not prefilled by a call of its own, which would stall every decoding row
+and read all the weights again for a few tokens; it is written CHUNK tokens a step into its
+row by the decode step itself (compress/models/decode_step.py), and starts decoding the
+step after its last chunk. Groups of prompts and long ones still get a batched prefill.
+
+Prefix caching (serve/prefix_cache.py): the KV of every prompt's 16-token blocks is kept in
+a pool of prefix_cache_blocks blocks on the device (least recently used evicted), and a
+prompt that starts with cached blocks (a chat template's system prompt, a RAG instruction)
+prefills only the rest. The prefill program itself gathers the cached blocks and writes the
+new ones, so reuse costs one gather and storing costs nothing outside the program.
 
 Careless and hostile input: prompts are checked before they cost anything (text that is not
 valid Unicode, a text too long for the context judged from its head before the rest is
@@ -59,10 +67,11 @@ from compress.errors import InputError
 from compress import pretrained
 from compress import sharding as shd
 from compress.formats.tokenizer import cache_root
-from compress.models import decoder
+from compress.models import decode_step, decoder
 from compress.quant import schemes
 from compress.models.attention import KVCache
-from serve.prefix_cache import BLOCK, Block, PrefixCache, block_keys, reusable_blocks
+from serve import prefix_cache as pc
+from serve.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
 from serve.scheduler import FairQueue
 from serve.sampling import SamplingParams, sample
 
@@ -75,10 +84,14 @@ HEAD_CHARS_PER_TOKEN = 8
 MAX_CHARS_PER_TOKEN = 64  # beyond max_seq_len * this, a prompt is refused before any tokenizing
 
 
-# Prefix-cache blocks of 16 tokens kept (LRU; SmolLM2-135M fp32: 0.7 MB each). Off by default: on the
-# development CPU the 32-client benchmark gains little from it (BENCHMARKS.md), so it is opt-in.
-DEFAULT_PREFIX_BLOCKS = 0
+# Prefix-cache blocks of 16 tokens kept (LRU), 4,096 tokens: SmolLM2-135M fp32 0.7 MB a block (189 MB),
+# a Llama-8B in bf16 2 MB (512 MB). On by default: it cut the 32-client benchmark's p50 by a fifth and a
+# RAG-style load's by nearly two thirds (BENCHMARKS.md); 0 switches it off.
+DEFAULT_PREFIX_BLOCKS = 256
 MAX_STORED_BLOCKS = 64  # blocks of one prompt stored for reuse (its first 1,024 tokens)
+CHUNK = 2 * BLOCK  # prompt tokens a decode step writes into a row being filled (chunked prefill)
+CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get a batched prefill
+MAX_FILLING = 2  # rows filled in chunks at once; more arrivals at once get a batched prefill
 
 
 class EngineBusy(RuntimeError):
@@ -165,6 +178,7 @@ class Request:
         self.group = None  # its submission (serve/scheduler.py shares rows between submissions)
         self.preemptions = 0  # times it gave up its row to another submission and was prefilled again
         self.adapter = 0  # the engine's adapter it runs (1-based; 0: the base model)
+        self.filled: int | None = None  # while filled in chunks: tokens of context_ids in its row
 
     @property
     def context_ids(self) -> list[int]:
@@ -252,6 +266,7 @@ class Engine:
         preempt: bool = True,
         prefill_delay: float = 0.0,
         adapters: Mapping[str, str | dict] | None = None,
+        chunked_prefill: bool = True,
     ):
         if max_slots < 1:
             raise InputError(f"max_slots must be at least 1, got {max_slots}")
@@ -277,15 +292,23 @@ class Engine:
             enable_compilation_cache()
         self._cache = self._new_cache()
         # KV of prompt prefixes kept between requests (serve/prefix_cache.py); 0 blocks switches it off.
+        if prefix_cache_blocks < 0:
+            raise InputError(f"prefix_cache_blocks must be >= 0, got {prefix_cache_blocks}")
         self.prefix_cache = PrefixCache(prefix_cache_blocks)
+        self._pool = self._new_pool(prefix_cache_blocks) if prefix_cache_blocks else None
         # LoRA adapters served beside the base (multi-LoRA): name -> a PEFT directory or press adapter.
         # Each row of a batch runs its request's adapter; the base weights are read once per step.
         self.adapters = tuple(adapters or ())
         self._bank = self._make_bank(adapters) if adapters else None
         self._adapter_rows = np.zeros(max_slots, np.int32)  # the adapter (1-based; 0 none) of each row
-        self._prefill_insert = jax.jit(self._prefill_insert_fn, donate_argnums=1)
-        self._prefix_prefill_insert = jax.jit(self._prefix_prefill_insert_fn, donate_argnums=1)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=(8, 9))
+        self._prefill_insert = jax.jit(self._prefill_insert_fn, donate_argnums=(1, 2))
+        self._prefix_prefill_insert = jax.jit(self._prefix_prefill_insert_fn, donate_argnums=(1, 2))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(9, 10))
+        self._load_prefix = jax.jit(self._load_prefix_fn, donate_argnums=0)
+        # Short prompts arriving while rows decode are written a chunk per decode step (module docstring);
+        # not with adapters, whose per-row factors are gathered for whole rows of a batch.
+        self.chunked_prefill = chunked_prefill and self._bank is None
+        self._filling: collections.deque[int] = collections.deque()  # rows being filled, first served first
         self._slots: list[Request | None] = [None] * max_slots
         self._next_token = np.zeros(max_slots, np.int32)  # the token each row feeds next
         self._index = np.zeros(max_slots, np.int64)  # mirror of cache.index (next write slot per row)
@@ -302,7 +325,8 @@ class Engine:
         self._stopping = False
         self._counter = itertools.count()
         self.stats = {"prefills": 0, "decode_steps": 0, "generated_tokens": 0, "cancelled": 0,
-                      "prefix_tokens_reused": 0, "preempted": 0}
+                      "prefix_tokens_reused": 0, "preempted": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
+                      "prefill_chunks": 0}
 
     @classmethod
     def from_pretrained(
@@ -385,24 +409,36 @@ class Engine:
         shardings = shd.tree_shardings(self.mesh, axes, cache)
         return jax.device_put(cache, shardings)
 
-    def _prefill_insert_fn(self, params, cache, tokens, mask, slots, seeds, counts, temperature, top_k, top_p,
-                           adapter_rows=None):
+    def _new_pool(self, blocks: int) -> pc.Pool:
+        c = self.config
+        pool = pc.new_pool(c.num_layers, blocks, c.num_kv_heads, c.head_dim, decoder.DTYPES[c.dtype],
+                           quantized=self.kv_cache == "int8")
+        if self.mesh is None:
+            return pool
+        axes = pc.POOL_AXES if pool.k_scale is not None else pc.POOL_AXES._replace(k_scale=None, v_scale=None)
+        return jax.device_put(pool, shd.tree_shardings(self.mesh, axes, pool))
+
+    def _prefill_insert_fn(self, params, cache, pool, tokens, mask, slots, seeds, counts, temperature, top_k, top_p,
+                           store_ids, store_from, adapter_rows=None):
         """Prefill left-padded prompts [n, T] and write their K/V into rows `slots` of the cache.
 
-        Rows whose slot is out of range (max_slots) are padding: computed, never written.
-        Returns (first tokens [n], the cache, and with a prefix cache the prompts' own cache
-        [L, n, T, ...] whose blocks it keeps; else None).
+        Rows whose slot is out of range (max_slots) are padding: computed, never written. With a
+        prefix-cache pool, the prompts' blocks go to pool blocks `store_ids` [n, T / BLOCK] (see
+        prefix_cache.scatter; out of range for none), row r's first at slot store_from[r].
+        Returns (first tokens [n], the cache, the pool).
         """
         n, t = tokens.shape
         fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized)
         params = self._with_adapters(params, adapter_rows)
-        return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p)
+        return self._prefill_into(params, cache, pool, fresh, tokens, mask, slots, seeds, counts, temperature, top_k,
+                                  top_p, store_ids, store_from)
 
-    def _prefix_prefill_insert_fn(self, params, cache, prefix, tokens, mask, slots, seeds, counts, temperature, top_k,
-                                  top_p, adapter_rows=None):
-        """As _prefill_insert_fn, for prompts whose first P tokens' K/V are given (a prefix_cache.Block
-        of [L, n, P, ...] arrays): only the rest [n, T] is computed; the rows get P + T slots."""
+    def _prefix_prefill_insert_fn(self, params, cache, pool, prefix_ids, tokens, mask, slots, seeds, counts,
+                                  temperature, top_k, top_p, store_ids, store_from, adapter_rows=None):
+        """As _prefill_insert_fn, for prompts whose first P tokens' K/V are in pool blocks
+        prefix_ids [n, P / BLOCK]: only the rest [n, T] is computed; the rows get P + T slots."""
         n, t = tokens.shape
+        prefix = pc.gather(pool, prefix_ids)  # [L, n, P, ...]
         p = prefix.k.shape[2]
         empty = decoder.init_cache(self.config, n, p + t, cache.k.dtype, quantized=cache.quantized)
         put = lambda array, known: None if array is None else array.at[:, :, :p].set(known)  # noqa: E731
@@ -413,11 +449,14 @@ class Engine:
             k_scale=put(empty.k_scale, prefix.k_scale), v_scale=put(empty.v_scale, prefix.v_scale),
         )
         params = self._with_adapters(params, adapter_rows)
-        return self._prefill_into(params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p)
+        return self._prefill_into(params, cache, pool, fresh, tokens, mask, slots, seeds, counts, temperature, top_k,
+                                  top_p, store_ids, store_from)
 
-    def _prefill_into(self, params, cache, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p):
-        """Run tokens [n, T] after what `fresh` holds, sample each row's first token, and copy the
-        rows' caches (W = fresh.max_len slots) into rows `slots` of the engine's cache."""
+    def _prefill_into(self, params, cache, pool, fresh, tokens, mask, slots, seeds, counts, temperature, top_k, top_p,
+                      store_ids, store_from):
+        """Run tokens [n, T] after what `fresh` holds, sample each row's first token, copy the rows'
+        caches (W = fresh.max_len slots) into rows `slots` of the engine's cache and their new
+        prefix blocks into the pool."""
         n = tokens.shape[0]
         out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh, last_logits_only=True)
         first = sample(out.logits[:, -1], seeds, counts, temperature, top_k, top_p)
@@ -432,18 +471,46 @@ class Engine:
             k_scale=None if new.k_scale is None else cache.k_scale.at[:, slots, :w].set(new.k_scale, mode="drop"),
             v_scale=None if new.v_scale is None else cache.v_scale.at[:, slots, :w].set(new.v_scale, mode="drop"),
         )
-        # Blocks for the prefix cache come from the prompts' own cache, returned as an output: slicing
-        # them from the engine's cache instead would read a buffer the next step donates (measured: the
-        # 32-client benchmark's p50 went from 12 s to 22 s). An engine without a prefix cache returns none.
-        return first, cache, (new if self.prefix_cache.max_blocks > 0 else None)
+        if pool is not None:
+            pool = pc.scatter(pool, new, store_ids, store_from)
+        return first, cache, pool
 
-    def _decode_fn(self, params, cache, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int,
-                   adapter_rows=None):
-        """One token for rows [0, rows), attending over slots [0, width)."""
+    def _decode_fn(self, params, cache, pool, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int,
+                   adapter_rows=None, chunk=None):
+        """One token for rows [0, rows), attending over slots [0, width); with `chunk` (a dict of
+        tokens [CHUNK], row, length, start and store_ids [CHUNK / BLOCK]) also the next tokens of
+        the prompt filling that row, whose full blocks go to pool blocks store_ids. The row's
+        sampled token follows the chunk (its first token, when the chunk is the prompt's last).
+        Returns (tokens [rows], the cache, the pool)."""
         params = self._with_adapters(params, None if adapter_rows is None else adapter_rows[:rows])
-        out = decoder.forward(params, tokens[:rows, None], self.config, cache=cache, attend_len=width)
-        nxt = sample(out.logits[:, -1], seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows])
-        return nxt, out.cache
+        if chunk is None:
+            out = decoder.forward(params, tokens[:rows, None], self.config, cache=cache, attend_len=width)
+            logits, cache = out.logits[:, -1], out.cache
+        else:
+            step = decode_step.forward_step(params, tokens[:rows], cache, self.config, attend_len=width,
+                                            chunk=decode_step.Chunk(chunk["tokens"], chunk["row"], chunk["length"]))
+            logits, cache = step.logits.at[chunk["row"]].set(step.chunk_logits), step.cache
+            if pool is not None:
+                pool = pc.scatter(pool, cache, chunk["store_ids"][None], chunk["start"][None], chunk["row"][None])
+        nxt = sample(logits, seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows])
+        return nxt, cache, pool
+
+    def _load_prefix_fn(self, cache, pool, row, prefix_ids):
+        """Empty cache row `row` for a prompt filled in chunks, with its cached prefix (pool blocks
+        prefix_ids [nb]) in slots [0, nb * BLOCK); its first chunk starts after them."""
+        p = prefix_ids.shape[0] * BLOCK
+        cache = cache.replace(valid=cache.valid.at[row].set(jnp.arange(cache.max_len) < p),
+                              index=cache.index.at[row].set(p), lengths=cache.lengths.at[row].set(p))
+        if not p:
+            return cache
+        known = pc.gather(pool, prefix_ids[None])  # [L, 1, P, ...]
+
+        def put(array, blocks):
+            return None if array is None else jax.lax.dynamic_update_slice(
+                array, blocks.astype(array.dtype), (0, row) + (0,) * (array.ndim - 2))
+
+        return cache.replace(k=put(cache.k, known.k), v=put(cache.v, known.v), k_scale=put(cache.k_scale, known.k_scale),
+                             v_scale=put(cache.v_scale, known.v_scale))
 
     # --- requests
 
@@ -595,9 +662,9 @@ class Engine:
         return self.submit(prompt, params).deltas()
 
     def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64), prefix_lengths: Sequence[int] = ()) -> int:
-        """Compile every decode shape (row x slot buckets), the prefills of these prompt buckets and,
-        for each cached-prefix length in `prefix_lengths`, the prefills after it (see
-        `chat_prefix_lengths`).
+        """Compile every decode shape (row x slot buckets, with and without a chunk of a prompt being
+        filled), the prefills of these prompt buckets and, for each cached-prefix length in
+        `prefix_lengths`, the prefills after it (see `chat_prefix_lengths`).
 
         Call it before serving traffic: shapes compiled here never compile mid-request, and with
         the persistent compilation cache a second start only loads them. Returns the number of
@@ -610,30 +677,40 @@ class Engine:
         n = 0
         zeros = lambda dtype: np.zeros(self.max_slots, dtype)  # noqa: E731
         adapters = (lambda n: np.zeros(n, np.int32)) if self._bank is not None else (lambda n: None)  # noqa: E731
+        # A chunk for row max_slots (out of range) is computed and never written.
+        nowhere = self._chunk(np.zeros(CHUNK, np.int32), self.max_slots, 1, 0, [])
         for r in rows:
             for w in widths:  # garbage in idle rows; a prefill resets a row before it is read
-                _, self._cache = self._decode(self.params, self._cache, zeros(np.int32), zeros(np.uint32),
-                                              zeros(np.int32), zeros(np.float32), zeros(np.int32),
-                                              np.ones(self.max_slots, np.float32), r, w, adapters(self.max_slots))
-                n += 1
+                for chunk in (None, nowhere) if self.chunked_prefill else (None,):
+                    _, self._cache, self._pool = self._decode(
+                        self.params, self._cache, self._pool, zeros(np.int32), zeros(np.uint32), zeros(np.int32),
+                        zeros(np.float32), zeros(np.int32), np.ones(self.max_slots, np.float32), r, w,
+                        adapters(self.max_slots), chunk)
+                    n += 1
             sampling = (np.full(r, self.max_slots, np.int32),  # all padding rows: nothing written
                         np.zeros(r, np.uint32), np.zeros(r, np.int32), np.zeros(r, np.float32), np.zeros(r, np.int32),
-                        np.ones(r, np.float32), adapters(r))
-            for prefix in (0, *prefix_lengths):
+                        np.ones(r, np.float32))
+            for prefix in (0, *(prefix_lengths if self._pool is not None else ())):
                 for length in prompt_lengths:
                     width = power_of_two_at_least(length, MIN_PREFILL_BUCKET)
                     if prefix + width > self.max_seq_len:
                         continue
                     tokens, mask = np.zeros((r, width), np.int32), np.ones((r, width), np.int32)
+                    store = (np.full((r, width // BLOCK), self.prefix_cache.max_blocks, np.int32),  # none stored
+                             np.zeros(r, np.int32), adapters(r))
                     if prefix:
-                        known = decoder.init_cache(self.config, r, prefix, self._cache.k.dtype,
-                                                   quantized=self._cache.quantized)
-                        blocks = Block(known.k, known.v, known.k_scale, known.v_scale)
-                        _, self._cache, _ = self._prefix_prefill_insert(self.params, self._cache, blocks, tokens, mask,
-                                                                        *sampling)
+                        known = np.zeros((r, prefix // BLOCK), np.int32)
+                        _, self._cache, self._pool = self._prefix_prefill_insert(
+                            self.params, self._cache, self._pool, known, tokens, mask, *sampling, *store)
                     else:
-                        _, self._cache, _ = self._prefill_insert(self.params, self._cache, tokens, mask, *sampling)
+                        _, self._cache, self._pool = self._prefill_insert(self.params, self._cache, self._pool, tokens,
+                                                                          mask, *sampling, *store)
                     n += 1
+        if self.chunked_prefill:  # what a row filled in chunks starts from (before any request: garbage is fine)
+            for prefix in (0, *(prefix_lengths if self._pool is not None else ())):
+                self._cache = self._load_prefix(self._cache, self._pool, np.int32(self.max_slots - 1),
+                                                np.zeros(prefix // BLOCK, np.int32))
+                n += 1
         jax.block_until_ready(self._cache)
         return n
 
@@ -675,10 +752,10 @@ class Engine:
         try:
             while not self._stopping:
                 ended, seconds = self._last_admission
-                if not any(self._slots) or time.perf_counter() - ended >= self.prefill_delay * seconds:
-                    start = time.perf_counter()
-                    if self._admit():
-                        self._last_admission = (time.perf_counter(), time.perf_counter() - start)
+                due = not any(self._slots) or time.perf_counter() - ended >= self.prefill_delay * seconds
+                start = time.perf_counter()
+                if self._admit(batch=due):  # between batched prefills, only prompts filled in chunks
+                    self._last_admission = (time.perf_counter(), time.perf_counter() - start)
                 if not any(self._slots):
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -690,6 +767,7 @@ class Engine:
         self._fail_all("engine closed")
 
     def _fail_all(self, message: str) -> None:
+        self._filling.clear()
         for i, r in enumerate(self._slots):
             if r is not None:
                 r._finish("error", message)
@@ -699,33 +777,58 @@ class Engine:
         for r in waiting:
             r._finish("error", message)
 
-    def _admit(self) -> bool:
-        """Prefill waiting requests into free rows (lowest first), prompts of one length bucket together;
-        whether any prefill ran.
+    def _admit(self, batch: bool = True) -> bool:
+        """Give waiting requests free rows (lowest first): short ones that arrive alone while rows
+        decode are filled in chunks by the next decode steps, the others prefilled here, prompts
+        of one length bucket together (with batch=False they wait for a later turn). Whether a
+        batched prefill ran.
 
         Rows go to submissions fairly (serve/scheduler.py): a submission above its share may give
         up a row here, its request going back to the head of its queue to be prefilled again later.
         Requests whose client has gone are dropped before any prefill is spent on them.
         """
         held = collections.Counter(r.group for r in self._slots if r is not None)
+        decoding = any(r is not None and i not in self._filling for i, r in enumerate(self._slots))
+        chunk_room = MAX_FILLING - len(self._filling) if self.chunked_prefill and decoding else 0
         with self._queue_lock:
             gone = self._waiting.remove_if(lambda r: r.cancelled)
             free = sum(r is None for r in self._slots)
-            admitted, victims = self._waiting.schedule(free, held, self.max_slots, self.preempt)
+            admitted, victims = self._waiting.schedule(free if batch else min(free, chunk_room), held,
+                                                       self.max_slots, self.preempt and batch)
             for group in victims:
                 self._waiting.put_front(group, self._preempt(group))
+            chunked = []
+            for request in admitted:
+                rest = len(request.context_ids) - BLOCK * reusable_blocks(
+                    self.prefix_cache.cached_blocks(request.block_keys), len(request.prompt_ids))
+                if len(chunked) < chunk_room and rest <= CHUNKED_MAX_TOKENS:
+                    chunked.append(request)
+            admitted = [r for r in admitted if r not in chunked]
+            if not batch:  # not yet: back to the head of their queues, in order
+                for request in reversed(admitted):
+                    self._waiting.put_front(request.group, request)
+                admitted = []
         for r in gone:
             self.stats["cancelled"] += 1
             r._finish("cancelled")
         free = [i for i, r in enumerate(self._slots) if r is None]
+        now = time.perf_counter()
+        for slot, request in zip(free, chunked):
+            request.started, request.filled = request.started or now, None
+            self._slots[slot] = request
+            self._adapter_rows[slot] = 0
+            self._filling.append(slot)
+        free = free[len(chunked) :]
         groups: dict[tuple[int, int], list[tuple[int, Request]]] = {}
+        pinned: set[int] = set()  # pool blocks these prefills read: none is evicted before they run
         for slot, request in zip(free, admitted):
             prefix = BLOCK * reusable_blocks(self.prefix_cache.cached_blocks(request.block_keys),
                                              len(request.prompt_ids))
+            pinned.update(self.prefix_cache.block_ids(request.block_keys[: prefix // BLOCK]))
             groups.setdefault((prefix, self._prefill_width(request, prefix)), []).append((slot, request))
         for (prefix, width), group in sorted(groups.items()):
             try:
-                self._prefill(group, width, prefix)
+                self._prefill(group, width, prefix, pinned)
             except Exception as e:  # noqa: BLE001 - fail these requests, not the engine
                 for _, request in group:
                     if request.done:
@@ -741,13 +844,23 @@ class Engine:
         """Free the row of `group` whose context is shortest (the least to prefill again); its request."""
         slot = min((i for i, r in enumerate(self._slots) if r is not None and r.group == group),
                    key=lambda i: len(self._slots[i].prompt_ids) + len(self._slots[i].token_ids))
+        self._stop_filling(slot)
         request, self._slots[slot] = self._slots[slot], None
         request.preemptions += 1
         self.stats["preempted"] += 1
         return request
 
+    def _stop_filling(self, slot: int) -> None:
+        """`slot` is no longer filled in chunks (done, freed or given up)."""
+        if slot in self._filling:
+            self._filling.remove(slot)
+            request = self._slots[slot]
+            if request is not None:
+                request.filled = None
+
     def _fail_row(self, slot: int, error: Exception) -> None:
         """End the request in `slot` with an error and free the row."""
+        self._stop_filling(slot)
         request, self._slots[slot] = self._slots[slot], None
         if request is not None and not request.done:
             request._finish("error", f"{type(error).__name__}: {error}")
@@ -763,8 +876,10 @@ class Engine:
             width = width if width <= room else n
         return width
 
-    def _prefill(self, group: list[tuple[int, Request]], width: int, prefix: int = 0) -> None:
-        """Prefill a group of prompts into their rows: the tokens after `prefix` (cached) left-padded to `width`."""
+    def _prefill(self, group: list[tuple[int, Request]], width: int, prefix: int = 0,
+                 pinned: set[int] = frozenset()) -> None:
+        """Prefill a group of prompts into their rows: the tokens after `prefix` (cached) left-padded to
+        `width`; their blocks not yet cached go to pool blocks not in `pinned`."""
         rows = min(power_of_two_at_least(len(group)), self.max_slots)  # bucketed; padding rows are dropped
         tokens = np.zeros((rows, width), np.int32)
         mask = np.zeros((rows, width), np.int32)
@@ -775,6 +890,11 @@ class Engine:
         top_p = np.ones(rows, np.float32)
         counts = np.zeros(rows, np.int32)  # tokens generated so far: nonzero for a request prefilled again
         adapter_rows = np.zeros(rows, np.int32)
+        # Prefix-cache blocks: those each row reuses, and where its new ones go (none: the pool's size).
+        known = np.zeros((rows, prefix // BLOCK), np.int32)
+        store_ids = np.full((rows, width // BLOCK), self.prefix_cache.max_blocks, np.int32)
+        store_from = np.zeros(rows, np.int32)
+        allocated: list[bytes] = []
         now = time.perf_counter()
         for row, (slot, request) in enumerate(group):
             request.started = request.started or now
@@ -785,42 +905,83 @@ class Engine:
             slots[row], seeds[row], counts[row] = slot, request.seed, len(request.token_ids)
             adapter_rows[row] = request.adapter
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
-        sampling = (slots, seeds, counts, temperature, top_k, top_p, adapter_rows if self._bank is not None else None)
-        if prefix:
-            known = [self.prefix_cache.prefix(request.block_keys[: prefix // BLOCK]) for _, request in group]
-            known += [known[0]] * (rows - len(group))  # padding rows attend over any valid prefix
-            stack = lambda arrays: None if arrays[0] is None else jnp.stack(arrays, axis=1)  # noqa: E731
-            blocks = Block(*(stack([getattr(b, field) for b in known]) for field in Block._fields))
-            first, self._cache, fresh = self._prefix_prefill_insert(self.params, self._cache, blocks, tokens, mask,
-                                                                    *sampling)
-            self.stats["prefix_tokens_reused"] += prefix * len(group)
-        else:
-            first, self._cache, fresh = self._prefill_insert(self.params, self._cache, tokens, mask, *sampling)
-        first = np.asarray(first)
+            if self._pool is not None:
+                known[row] = self.prefix_cache.block_ids(request.block_keys[: prefix // BLOCK])
+                # Block j of the prompt (j >= prefix / BLOCK) sits at slot offset + j * BLOCK of the prefill's rows.
+                store_from[row] = prefix + width - len(request.context_ids) + prefix
+                for j, key in enumerate(request.block_keys[prefix // BLOCK :][: width // BLOCK]):
+                    block = self.prefix_cache.allocate(key, pinned)
+                    if block is not None:
+                        store_ids[row, j] = block
+                        allocated.append(key)
+        known[len(group) :] = known[0]  # padding rows attend over any valid prefix
+        sampling = (slots, seeds, counts, temperature, top_k, top_p, store_ids, store_from,
+                    adapter_rows if self._bank is not None else None)
+        start = time.perf_counter()
+        try:
+            if prefix:
+                first, self._cache, self._pool = self._prefix_prefill_insert(self.params, self._cache, self._pool,
+                                                                             known, tokens, mask, *sampling)
+                self.stats["prefix_tokens_reused"] += prefix * len(group)
+            else:
+                first, self._cache, self._pool = self._prefill_insert(self.params, self._cache, self._pool, tokens,
+                                                                      mask, *sampling)
+            first = np.asarray(first)
+        except BaseException:
+            self.prefix_cache.discard(allocated)  # never written: nobody may reuse them
+            raise
         self.stats["prefills"] += 1
+        self.stats["prefill_seconds"] += time.perf_counter() - start
         for row, (slot, request) in enumerate(group):
             self._slots[slot] = request
             self._adapter_rows[slot] = request.adapter
             self._index[slot] = prefix + width
-            self._keep_prefix(request, fresh, row, prefix + width - len(request.context_ids), first_block=prefix // BLOCK)
             self._accept(slot, int(first[row]))
 
-    def _keep_prefix(self, request: Request, fresh: KVCache | None, row: int, offset: int, first_block: int) -> None:
-        """Store the prompt's blocks not yet cached; its token i sits at slot offset + i of `fresh` row `row`."""
-        if fresh is None:
-            return
-        for j in range(first_block, len(request.block_keys)):
-            key = request.block_keys[j]
-            if key in self.prefix_cache:
-                continue
-            at = slice(offset + j * BLOCK, offset + (j + 1) * BLOCK)
-            take = lambda array: None if array is None else array[:, row, at]  # noqa: E731
-            self.prefix_cache.store(key, Block(take(fresh.k), take(fresh.v), take(fresh.k_scale), take(fresh.v_scale)))
+    def _chunk(self, tokens: np.ndarray, row: int, length: int, start: int, store: Sequence[int]) -> dict:
+        """The `chunk` argument of a decode step (see _decode_fn); store: pool blocks of its full blocks."""
+        ids = np.full(CHUNK // BLOCK, self.prefix_cache.max_blocks, np.int32)
+        ids[: len(store)] = store
+        return {"tokens": tokens, "row": np.int32(row), "length": np.int32(length), "start": np.int32(start),
+                "store_ids": ids}
+
+    def _next_chunk(self) -> dict | None:
+        """The chunk of the first row being filled (its cached prefix put in its row first), or None."""
+        while self._filling and self._slots[self._filling[0]].cancelled:
+            self.stats["cancelled"] += 1
+            self._release(self._filling[0], "cancelled")
+        if not self._filling:
+            return None
+        row = self._filling[0]
+        r = self._slots[row]
+        if r.filled is None:
+            blocks = 0
+            if self._pool is not None:
+                blocks = reusable_blocks(self.prefix_cache.cached_blocks(r.block_keys), len(r.context_ids))
+            ids = np.asarray(self.prefix_cache.block_ids(r.block_keys[:blocks]), np.int32)
+            self._cache = self._load_prefix(self._cache, self._pool, np.int32(row), ids)
+            r.filled = self._index[row] = blocks * BLOCK
+            self.stats["prefix_tokens_reused"] += blocks * BLOCK
+        rest = r.context_ids[r.filled :]
+        n = min(CHUNK, len(rest))
+        tokens = np.zeros(CHUNK, np.int32)
+        tokens[:n] = rest[:n]
+        store = []
+        if self._pool is not None:  # the chunk's full blocks of the prompt (chunks start on a block boundary)
+            for key in r.block_keys[r.filled // BLOCK :][: n // BLOCK]:
+                block = self.prefix_cache.allocate(key)
+                store.append(self.prefix_cache.max_blocks if block is None else block)
+        return self._chunk(tokens, row, n, r.filled, store)
 
     def _step(self) -> None:
+        chunk = self._next_chunk() if self._filling else None
         active = [i for i, r in enumerate(self._slots) if r is not None]
+        if not active:
+            return
+        decoding = [i for i in active if i not in self._filling]
         rows = min(power_of_two_at_least(max(active) + 1), self.max_slots)
-        width = min(power_of_two_at_least(int(self._index[active].max()) + 1, MIN_SEQ_BUCKET), self.max_seq_len)
+        end = max([int(self._index[i]) + 1 for i in decoding] + ([int(chunk["start"] + chunk["length"])] if chunk else []))
+        width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
         seeds = np.zeros(self.max_slots, np.uint32)
         counts = np.zeros(self.max_slots, np.int32)
         temperature = np.zeros(self.max_slots, np.float32)
@@ -830,18 +991,32 @@ class Engine:
             r = self._slots[i]
             seeds[i], counts[i] = r.seed, len(r.token_ids)
             temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
-        nxt, self._cache = self._decode(
-            self.params, self._cache, self._next_token, seeds, counts, temperature, top_k, top_p, rows, width,
-            self._adapter_rows if self._bank is not None else None,
+        start = time.perf_counter()
+        nxt, self._cache, self._pool = self._decode(
+            self.params, self._cache, self._pool, self._next_token, seeds, counts, temperature, top_k, top_p, rows,
+            width, self._adapter_rows if self._bank is not None else None, chunk,
         )
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1
-        for i in active:
+        self.stats["decode_seconds"] += time.perf_counter() - start
+        for i in decoding:
             self._index[i] += 1
             try:
                 self._accept(i, int(nxt[i]))
             except Exception as e:  # noqa: BLE001 - one row's failure (its detokenizing, say) ends that row only
                 self._fail_row(i, e)
+        if chunk is not None:
+            row = int(chunk["row"])
+            r = self._slots[row]
+            r.filled += int(chunk["length"])
+            self._index[row] = r.filled
+            self.stats["prefill_chunks"] += 1
+            if r.filled == len(r.context_ids):  # the prompt is in: its first token came with the last chunk
+                self._stop_filling(row)
+                try:
+                    self._accept(row, int(nxt[row]))
+                except Exception as e:  # noqa: BLE001
+                    self._fail_row(row, e)
 
     def _accept(self, slot: int, token: int) -> None:
         """Record a row's new token; finish and free the row if the request is done."""
@@ -895,6 +1070,7 @@ class Engine:
         return r.text
 
     def _release(self, slot: int, reason: str) -> None:
+        self._stop_filling(slot)
         r = self._slots[slot]
         self._detokenize(r, final=True)
         r._emit(r.text[r._emitted :])

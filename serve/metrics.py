@@ -10,6 +10,10 @@
   press_requests_in_flight                    HTTP requests being handled
   press_prefix_cache_reused_tokens            prompt tokens whose KV came from the prefix cache
   press_prefix_cache_blocks                   prefix-cache blocks held
+  press_engine_seconds_total{phase}           engine time in prefill and decode programs (since start)
+  press_engine_calls_total{phase}             prefill calls (each a batch of prompts) and decode steps
+  press_preempted_requests_total              rows given up to a submission below its fair share
+  press_prefill_chunks_total                  prompt chunks written by decode steps (chunked prefill)
   press_time_to_first_token_seconds           histogram, from submission to the first token
   press_request_latency_seconds               histogram, from submission to the end
 """
@@ -43,6 +47,16 @@ class ServerMetrics:
               registry=registry).set_function(lambda: engine.stats["prefix_tokens_reused"])
         Gauge("press_prefix_cache_blocks", "prefix-cache blocks held", registry=registry).set_function(
             lambda: len(engine.prefix_cache))
+        seconds = Gauge("press_engine_seconds_total", "engine time in prefill and decode programs", ["phase"],
+                        registry=registry)
+        calls = Gauge("press_engine_calls_total", "prefill calls and decode steps", ["phase"], registry=registry)
+        for phase, stat in (("prefill", "prefills"), ("decode", "decode_steps")):
+            seconds.labels(phase).set_function(lambda s=f"{phase}_seconds": engine.stats[s])
+            calls.labels(phase).set_function(lambda s=stat: engine.stats[s])
+        Gauge("press_preempted_requests_total", "rows given up to a submission below its fair share",
+              registry=registry).set_function(lambda: engine.stats["preempted"])
+        Gauge("press_prefill_chunks_total", "prompt chunks written by decode steps (chunked prefill)",
+              registry=registry).set_function(lambda: engine.stats["prefill_chunks"])
         self.in_flight = Gauge("press_requests_in_flight", "HTTP requests being handled", registry=registry)
         self.time_to_first_token = Histogram("press_time_to_first_token_seconds", "submission to first token",
                                              buckets=LATENCY_BUCKETS, registry=registry)

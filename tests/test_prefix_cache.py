@@ -58,14 +58,38 @@ def test_blocks_are_keyed_by_their_whole_prefix_and_evicted_least_recently_used(
     assert len(ka) == 100 // prefix_cache.BLOCK and ka[:2] == kb[:2] and ka[2] != kb[2]
     assert prefix_cache.block_keys(a[16:32]) != ka[1:2]  # the same tokens after another prefix: another key
     cache = prefix_cache.PrefixCache(max_blocks=3)
-    block = prefix_cache.Block(jax.numpy.zeros((1, 16, 1, 2)), jax.numpy.zeros((1, 16, 1, 2)), None, None)
-    for key in ka[:3]:
-        cache.store(key, block)
+    assert [cache.allocate(key) for key in ka[:3]] == [0, 1, 2]
+    assert cache.allocate(ka[0]) is None  # cached already
     assert cache.cached_blocks(ka) == 3
     cache.cached_blocks(ka[:1])  # the first is used again...
-    cache.store(kb[2], block)  # ...so the second goes
+    assert cache.allocate(kb[2]) == 1  # ...so the second's block goes
     assert len(cache) == 3 and ka[0] in cache and ka[1] not in cache and cache.cached_blocks(ka) == 1
-    assert cache.prefix(ka[:1]).k.shape == (1, 16, 1, 2)
+    assert cache.block_ids([ka[0], kb[2]]) == [0, 1]
+    # A pinned block (read by a prefill being planned) is never handed out; with all pinned, none is.
+    assert cache.allocate(b"other", pinned={0, 1}) == 2 and ka[2] not in cache
+    assert cache.allocate(b"more", pinned={0, 1, 2}) is None
+    cache.discard([b"other"])  # its prefill failed: the block is free again, the key forgotten
+    assert b"other" not in cache and cache.allocate(b"more") == 2
+
+
+def test_the_pool_gathers_and_scatters_blocks_by_index():
+    import numpy as np
+
+    pool = prefix_cache.new_pool(2, 4, 1, 2, jax.numpy.float32, quantized=False)
+    rows = jax.numpy.arange(2 * 40 * 2, dtype=jax.numpy.float32).reshape(1, 2, 40, 1, 2)  # [L=1, n=2, W=40, K, H]
+    fresh = prefix_cache.KVCache(k=jax.numpy.concatenate([rows, -rows]), v=jax.numpy.concatenate([rows, rows]),
+                                 valid=None, index=None, lengths=None)
+    # row 0: blocks at slots 3.. and 19.. go to pool blocks 2 and 0; row 1: one block at slot 8.. to 3, one dropped
+    ids = np.array([[2, 0], [3, 4]], np.int32)
+    pool = prefix_cache.scatter(pool, fresh, ids, np.array([3, 8], np.int32))
+    np.testing.assert_array_equal(pool.k[:, 2], fresh.k[:, 0, 3:19])
+    np.testing.assert_array_equal(pool.k[:, 0], fresh.k[:, 0, 19:35])
+    np.testing.assert_array_equal(pool.v[:, 3], fresh.v[:, 1, 8:24])
+    assert not np.asarray(pool.k[:, 1]).any()  # untouched
+    got = prefix_cache.gather(pool, np.array([[2, 0], [3, 3]], np.int32))
+    np.testing.assert_array_equal(got.k[:, 0], fresh.k[:, 0, 3:35])
+    np.testing.assert_array_equal(got.v[:, 1, 16:], fresh.v[:, 1, 8:24])
+    assert got.k.shape == (2, 2, 32, 1, 2) and got.k_scale is None
 
 
 @pytest.mark.parametrize("cached, prompt_len, reused", [

@@ -98,6 +98,7 @@ def test_a_lone_request_beside_a_fan_out_gets_a_row_and_the_fan_out_continues_ex
 
 def test_prefill_delay_gathers_arrivals_during_decoding_into_one_prefill(engine):
     engine.prefill_delay = 100.0
+    engine.chunked_prefill = False  # else short arrivals are written by the decode steps (test_chunked_prefill.py)
     try:
         engine.generate("warm the shapes up", SamplingParams(max_new_tokens=2))
         long = engine.submit("a long one", SamplingParams(max_new_tokens=100, ignore_eos=True))
@@ -111,3 +112,4 @@ def test_prefill_delay_gathers_arrivals_during_decoding_into_one_prefill(engine)
         assert len(long.result(timeout=120).token_ids) == 100
     finally:
         engine.prefill_delay = 0.0
+        engine.chunked_prefill = True

@@ -81,23 +81,25 @@ def quantize_heads(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8), scale
 
 
-def store_kv(values, scales, layer, new, index):
-    """Write new [B, T, K, H] at `layer`, slots index[b] + t; int8 caches quantize it first.
+def store_kv(values, scales, layer, new, index, rows=None):
+    """Write new [B, T, K, H] at `layer`, slots index[b] + t of cache rows `rows` [B] (default
+    0..B-1); int8 caches quantize it first.
 
     Returns the updated (values, scales); scales is None for a float cache.
     """
     if scales is None:
-        return scatter_rows(values, layer, new, index), None
+        return scatter_rows(values, layer, new, index, rows), None
     q, s = quantize_heads(new)  # [B, T, K, H], [B, T, K]
-    return scatter_rows(values, layer, q, index), scatter_rows(scales, layer, s, index)
+    return scatter_rows(values, layer, q, index, rows), scatter_rows(scales, layer, s, index, rows)
 
 
-def load_kv(values, scales, layer, rows: int, width: int, dtype) -> jnp.ndarray:
-    """[rows, width, K, H] in `dtype` from layer `layer` (dequantized for an int8 cache)."""
-    x = read_rows(values, layer, rows, width)
+def load_kv(values, scales, layer, rows: int, width: int, dtype, first_row=0) -> jnp.ndarray:
+    """[rows, width, K, H] in `dtype` from layer `layer`, cache rows first_row.. (dequantized for an
+    int8 cache)."""
+    x = read_rows(values, layer, rows, width, first_row)
     if scales is None:
         return x.astype(dtype)
-    s = jax.lax.dynamic_slice(scales, (layer, 0, 0, 0), (1, rows, width, scales.shape[-1]))[0]  # [rows, W, K]
+    s = jax.lax.dynamic_slice(scales, (layer, first_row, 0, 0), (1, rows, width, scales.shape[-1]))[0]  # [rows, W, K]
     return (x.astype(jnp.float32) * s[..., None]).astype(dtype)
 
 
@@ -111,22 +113,24 @@ def write_rows(cache_layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -
     return jax.vmap(one_row)(cache_layer, new, index)
 
 
-def scatter_rows(cache: jnp.ndarray, layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-    """Write new [B, T, K, H] into cache [L, R, S, K, H] at `layer`, rows [0, B), slots index[b] + t.
+def scatter_rows(cache: jnp.ndarray, layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray,
+                 rows: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Write new [B, T, K, H] into cache [L, R, S, K, H] at `layer`, rows `rows` [B] (default
+    [0, B)), slots index[b] + t.
 
     A scatter of just the new vectors, done in place on a donated or loop-carried cache.
     Slots past the end are dropped (a finished row that is no longer read).
     """
     b, t = new.shape[:2]
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    rows = jnp.broadcast_to((jnp.arange(b) if rows is None else rows)[:, None], (b, t))
     slots = index[:, None] + jnp.arange(t)[None, :]  # [B, T]
     return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
 
 
-def read_rows(cache: jnp.ndarray, layer: jnp.ndarray, rows: int, width: int) -> jnp.ndarray:
-    """cache[layer, :rows, :width]: [rows, width, K, H]."""
+def read_rows(cache: jnp.ndarray, layer: jnp.ndarray, rows: int, width: int, first_row=0) -> jnp.ndarray:
+    """cache[layer, first_row : first_row + rows, :width]: [rows, width, K, H]."""
     _, _, _, k, h = cache.shape
-    return jax.lax.dynamic_slice(cache, (layer, 0, 0, 0, 0), (1, rows, width, k, h))[0]
+    return jax.lax.dynamic_slice(cache, (layer, first_row, 0, 0, 0), (1, rows, width, k, h))[0]
 
 
 def attention_mask(

@@ -38,9 +38,10 @@ class ServeConfig:
     max_queued: int | None = None  # requests waiting for a row before new ones get 429; None: 8 x max_slots
     max_prompts: int = 16  # prompts in one /v1/completions request
     drain_seconds: float = 30.0  # after SIGTERM, how long requests in flight may take to finish
-    prefix_cache_blocks: int = 0  # prompt-prefix KV kept between requests, in blocks of 16 tokens (0: off)
+    prefix_cache_blocks: int = 256  # prompt-prefix KV kept between requests, in blocks of 16 tokens (0: off)
     preempt: bool = True  # a request above its fair share of rows gives one up to a waiting one (then resumes)
     prefill_delay: float = 1.0  # while decoding, new prompts wait this x the last prefill's time (batched prefills)
+    chunked_prefill: bool = True  # short prompts arriving alone are written by the decode steps, a chunk a step
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
@@ -90,7 +91,8 @@ def run_config(config: ServeConfig) -> int:
     engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=config.max_slots,
                                     max_seq_len=config.max_seq_len, max_queued=config.queue_limit,
                                     prefix_cache_blocks=config.prefix_cache_blocks, preempt=config.preempt,
-                                    prefill_delay=config.prefill_delay, adapters=config.adapters or None)
+                                    prefill_delay=config.prefill_delay, adapters=config.adapters or None,
+                                    chunked_prefill=config.chunked_prefill)
     rag = RagPipeline(retriever, engine, k=config.rag_k) if retriever is not None else None
     if config.warmup:
         start = time.perf_counter()

@@ -1,0 +1,108 @@
+"""Chunked prefill: a prompt that arrives while rows decode is written into its row by the decode
+steps themselves, a chunk at a time, and generates exactly what a prefill of its own gives."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from compress.models import decode_step, decoder
+from serve import engine as engine_lib
+from serve.engine import Engine
+from serve.sampling import SamplingParams
+from tests import compiles
+from tests.tiny_decoder import tiny_decoder
+
+SYSTEM = "You answer questions about the Python language reference, briefly and with care. " * 2
+LONG = "word " * 150  # after the template, more than CHUNKED_MAX_TOKENS: a batched prefill even mid-decode
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_decoder()
+
+
+def test_a_step_with_a_chunk_equals_a_decode_step_and_a_prefill(tiny):
+    import jax.numpy as jnp
+
+    config, params, _ = tiny
+    rng = np.random.default_rng(0)
+    rows, lengths, width = 4, [5, 9, 3, 7], 9
+    tokens = np.zeros((rows, width), np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for i, n in enumerate(lengths):  # left-padded prompts, as the engine's batched prefill writes them
+        tokens[i, width - n :] = rng.integers(0, config.vocab_size, n)
+        mask[i, width - n :] = 1
+    cache = decoder.forward(params, jnp.asarray(tokens), config, attention_mask=jnp.asarray(mask),
+                            cache=decoder.init_cache(config, rows, 64)).cache
+    feed = jnp.asarray(rng.integers(0, config.vocab_size, rows), jnp.int32)
+    plain = decoder.forward(params, feed[:, None], config, cache=cache, attend_len=32)
+    np.testing.assert_array_equal(decode_step.forward_step(params, feed, cache, config, attend_len=32).logits,
+                                  plain.logits[:, 0])
+    # Row 2 emptied and filled with an 11-token prompt in chunks of 8 and 3 while rows 0, 1, 3 decode.
+    prompt = rng.integers(0, config.vocab_size, 11).astype(np.int32)
+    step = decode_step.forward_step(params, feed, cache, config, attend_len=32).cache
+    step = step.replace(valid=step.valid.at[2].set(False), index=step.index.at[2].set(0),
+                        lengths=step.lengths.at[2].set(0))
+    first = decode_step.forward_step(params, feed, step, config, attend_len=32,
+                                     chunk=decode_step.Chunk(jnp.asarray(prompt[:8]), jnp.int32(2), jnp.int32(8)))
+    second = decode_step.forward_step(params, feed, first.cache, config, attend_len=32, chunk=decode_step.Chunk(
+        jnp.asarray(np.pad(prompt[8:], (0, 5))), jnp.int32(2), jnp.int32(3)))
+    alone = decoder.forward(params, jnp.asarray(prompt)[None], config).logits[0, -1]
+    np.testing.assert_allclose(second.chunk_logits, alone, atol=1e-5)
+    twice = decoder.forward(params, feed[:, None], config, cache=plain.cache, attend_len=32)
+    twice = decoder.forward(params, feed[:, None], config, cache=twice.cache, attend_len=32)
+    np.testing.assert_allclose(second.logits[np.array([0, 1, 3])], twice.logits[np.array([0, 1, 3]), 0], atol=1e-5)
+    after = decode_step.forward_step(params, jnp.full(rows, 5, jnp.int32), second.cache, config, attend_len=32)
+    whole = decoder.forward(params, jnp.asarray(np.append(prompt, 5))[None], config).logits[0, -1]
+    np.testing.assert_allclose(after.logits[2], whole, atol=1e-5)
+
+
+def _arrivals(engine, chats, sampling):
+    """Token ids of `chats`, each submitted alone while a long request decodes (the first token
+    of the long one seen before any is submitted)."""
+    started = threading.Event()
+    long = engine.submit(chats[0], SamplingParams(max_new_tokens=60, ignore_eos=True))
+    threading.Thread(target=lambda: (next(long.deltas(), None), started.set()), daemon=True).start()
+    assert started.wait(120)
+    outs = [engine.submit(chat, sampling).result(120).token_ids for chat in chats[1:]]
+    return [long.result(120).token_ids] + outs
+
+
+@pytest.mark.parametrize("kv_cache, prefix_blocks", [(None, 0), (None, 64), ("int8", 64)])
+def test_prompts_filled_in_chunks_generate_what_their_own_prefill_does(tiny, kv_cache, prefix_blocks):
+    config, params, tokenizer = tiny
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+             for q in ("Write about the sea.", "What is a tuple?", "hi", "Is None a singleton?", LONG)]
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.9, top_k=20, seed=5)
+    kwargs = dict(max_slots=4, max_seq_len=512, kv_cache=kv_cache, prefix_cache_blocks=prefix_blocks)
+    with Engine(params, config, tokenizer, chunked_prefill=False, **kwargs) as plain:
+        want = _arrivals(plain, chats, sampling)
+        assert plain.stats["prefill_chunks"] == 0
+    with Engine(params, config, tokenizer, **kwargs) as chunked:
+        got = _arrivals(chunked, chats, sampling)
+        # 3 short prompts in 2-3 chunks each (the prefix cache saves the system prompt's); the long one batched
+        assert chunked.stats["prefill_chunks"] >= 3 and chunked.stats["prefills"] == 2
+        if prefix_blocks:
+            assert chunked.stats["prefix_tokens_reused"] > 0
+    assert got == want
+
+
+def test_warmup_covers_the_chunked_steps_and_a_cancelled_fill_frees_its_row(tiny):
+    config, params, tokenizer = tiny
+    with Engine(params, config, tokenizer, max_slots=2, max_seq_len=128) as engine:
+        engine.warmup(prompt_lengths=(16, 32))
+        started = threading.Event()
+        with compiles.counting() as events:
+            long = engine.submit("a b c", SamplingParams(max_new_tokens=40, ignore_eos=True))
+            threading.Thread(target=lambda: (next(long.deltas(), None), started.set()), daemon=True).start()
+            assert started.wait(60)
+            short = engine.submit("x " * (engine_lib.CHUNK + 5), SamplingParams(max_new_tokens=4))
+            assert short.result(60).finish_reason == "length"
+        assert engine.stats["prefill_chunks"] == 2
+        assert events == []  # the chunked steps and the row they fill were compiled by warmup
+        gone = engine.submit("y " * (3 * engine_lib.CHUNK), SamplingParams(max_new_tokens=4))
+        gone.cancel()
+        assert gone.result(60).finish_reason == "cancelled"
+        assert long.result(60).finish_reason == "length" and len(long.result().token_ids) == 40
+        assert engine.running == 0 and not engine._filling
