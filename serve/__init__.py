@@ -4,6 +4,7 @@
   commands/      generate, batch, serve, ask, eval: typed configs, arguments and jobs
   engine         the jit-compiled KV-cache engine: continuous batching, streaming, cancel
   sampling       SamplingParams and the sampler
+  speculative    speculative decoding: a draft model proposes, the target checks K + 1 tokens in one pass
   batch          offline JSONL jobs, resumable
   server         the OpenAI-compatible HTTP server; openai_protocol validates its requests
   rag            grounded answers: retrieve, number the sources, generate, cite

@@ -1,6 +1,7 @@
 """The serving engine: jitted prefill and decode over a preallocated KV cache, with continuous batching.
 
   engine = Engine.from_pretrained("smollm2-135m-instruct", max_slots=8)
+  # or with a draft model (speculative decoding): ..., draft="out/distill-smollm2/hf", draft_tokens=4)
   outputs = engine.generate(["Hello", [{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=32))
   for delta in engine.stream("Once upon a time", SamplingParams(temperature=0.8, seed=1)):
       print(delta, end="")
@@ -34,6 +35,17 @@ a pool of prefix_cache_blocks blocks on the device (least recently used evicted)
 prompt that starts with cached blocks (a chat template's system prompt, a RAG instruction)
 prefills only the rest. The prefill program itself gathers the cached blocks and writes the
 new ones, so reuse costs one gather and storing costs nothing outside the program.
+
+Speculative decoding (serve/speculative.py): with a draft model of the same vocabulary (a
+distilled student, or the target quantized), each step has the draft propose `draft_tokens`
+(K) tokens for every row and the target check them all in one pass, so a row gains 1 to K + 1
+tokens a step; greedy output is the target's own, sampled output has the target's
+distribution. The draft's cache has the target's rows and slots: a prefill fills both (the
+draft the whole prompt, where the target may reuse a cached prefix), a step writes K + 1 slots
+past each row's index and cuts both caches back to the kept tokens. A step in which some row
+lacks those K + 1 slots (within K tokens of the context's end) is a plain decode step that
+the draft's cache follows. With a draft, prompts are never filled in chunks and adapters are
+refused. engine.stats counts drafted_tokens and accepted_tokens (`acceptance_rate`).
 
 Careless and hostile input: prompts are checked before they cost anything (text that is not
 valid Unicode, a text too long for the context judged from its head before the rest is
@@ -71,6 +83,7 @@ from compress.models import decode_step, decoder
 from compress.quant import schemes
 from compress.models.attention import KVCache
 from serve import prefix_cache as pc
+from serve import speculative
 from serve.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
 from serve.scheduler import FairQueue
 from serve.sampling import SamplingParams, sample
@@ -246,6 +259,22 @@ class Request:
             fn(self.output)
 
 
+def _insert_rows(cache: KVCache, new: KVCache, slots: jnp.ndarray) -> KVCache:
+    """`cache` with rows `slots` [n] replaced by the rows of `new` (n rows of W <= S slots; a slot
+    out of range, max_slots, drops its row)."""
+    n, w = new.valid.shape
+    row_valid = jnp.zeros((n, cache.max_len), bool).at[:, :w].set(new.valid)
+    return KVCache(
+        k=cache.k.at[:, slots, :w].set(new.k, mode="drop"),
+        v=cache.v.at[:, slots, :w].set(new.v, mode="drop"),
+        valid=cache.valid.at[slots].set(row_valid, mode="drop"),
+        index=cache.index.at[slots].set(w, mode="drop"),
+        lengths=cache.lengths.at[slots].set(new.lengths, mode="drop"),
+        k_scale=None if new.k_scale is None else cache.k_scale.at[:, slots, :w].set(new.k_scale, mode="drop"),
+        v_scale=None if new.v_scale is None else cache.v_scale.at[:, slots, :w].set(new.v_scale, mode="drop"),
+    )
+
+
 class Engine:
     """Continuous-batching generation for one decoder. Thread-safe: submit from any thread."""
 
@@ -267,12 +296,27 @@ class Engine:
         prefill_delay: float = 0.0,
         adapters: Mapping[str, str | dict] | None = None,
         chunked_prefill: bool = True,
+        draft: Any = None,
+        draft_tokens: int = 4,
     ):
         if max_slots < 1:
             raise InputError(f"max_slots must be at least 1, got {max_slots}")
         self.params, self.config, self.tokenizer, self.name = params, config, tokenizer, name
         self.max_slots = max_slots
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
+        # Speculative decoding (serve/speculative.py): a draft of the same vocabulary proposes
+        # draft_tokens tokens a step for the target to check in one pass.
+        self.draft_params, self.draft_config, self.draft_name = self._read_draft(draft)
+        if draft is not None:
+            if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
+                    not 1 <= draft_tokens <= speculative.MAX_DRAFT_TOKENS:
+                raise InputError(f"draft_tokens must be an integer in [1, {speculative.MAX_DRAFT_TOKENS}], "
+                                 f"got {draft_tokens!r}")
+            if adapters:
+                raise InputError(f"adapters ({', '.join(adapters)}) cannot be served with a draft model "
+                                 f"({self.draft_name}): serve them without --draft, or the draft without adapters")
+            self.max_seq_len = min(self.max_seq_len, self.draft_config.max_position_embeddings)
+        self.draft_tokens = draft_tokens if draft is not None else 0
         self.eos_ids = frozenset(int(e) for e in config.eos_token_ids)
         self.mesh = mesh
         if kv_cache not in (None, "int8"):
@@ -290,7 +334,8 @@ class Engine:
         self._last_admission = (0.0, 0.0)  # (when it ended, its seconds)
         if compilation_cache:
             enable_compilation_cache()
-        self._cache = self._new_cache()
+        self._cache = self._new_cache(config)
+        self._draft_cache = self._new_cache(self.draft_config) if draft is not None else None
         # KV of prompt prefixes kept between requests (serve/prefix_cache.py); 0 blocks switches it off.
         if prefix_cache_blocks < 0:
             raise InputError(f"prefix_cache_blocks must be >= 0, got {prefix_cache_blocks}")
@@ -305,12 +350,17 @@ class Engine:
         self._prefix_prefill_insert = jax.jit(self._prefix_prefill_insert_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnums=(9, 10))
         self._load_prefix = jax.jit(self._load_prefix_fn, donate_argnums=0)
+        self._draft_prefill = jax.jit(self._draft_prefill_fn, donate_argnums=1)
+        self._draft_feed = jax.jit(self._draft_feed_fn, donate_argnums=1, static_argnums=(4, 5))
+        self._speculate = jax.jit(self._speculate_fn, donate_argnums=(2, 3), static_argnums=(11, 12))
         # Short prompts arriving while rows decode are written a chunk per decode step (module docstring);
-        # not with adapters, whose per-row factors are gathered for whole rows of a batch.
-        self.chunked_prefill = chunked_prefill and self._bank is None
+        # not with adapters, whose per-row factors are gathered for whole rows of a batch, nor with a
+        # draft, whose steps check several tokens per row.
+        self.chunked_prefill = chunked_prefill and self._bank is None and draft is None
         self._filling: collections.deque[int] = collections.deque()  # rows being filled, first served first
         self._slots: list[Request | None] = [None] * max_slots
         self._next_token = np.zeros(max_slots, np.int32)  # the token each row feeds next
+        self._prev_token = np.zeros(max_slots, np.int32)  # the one before it (a draft's first pass writes both)
         self._index = np.zeros(max_slots, np.int64)  # mirror of cache.index (next write slot per row)
         self._waiting: FairQueue[Request] = FairQueue()  # guarded by _queue_lock
         self._groups = itertools.count()
@@ -326,7 +376,7 @@ class Engine:
         self._counter = itertools.count()
         self.stats = {"prefills": 0, "decode_steps": 0, "generated_tokens": 0, "cancelled": 0,
                       "prefix_tokens_reused": 0, "preempted": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
-                      "prefill_chunks": 0}
+                      "prefill_chunks": 0, "speculative_steps": 0, "drafted_tokens": 0, "accepted_tokens": 0}
 
     @classmethod
     def from_pretrained(
@@ -336,14 +386,37 @@ class Engine:
         dtype: str = "float32",
         param_dtype: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        draft: str | None = None,
         **kwargs,
     ) -> Engine:
-        """Load a bundled name, Hugging Face directory or GGUF file (see `press models`)."""
+        """Load a bundled name, Hugging Face directory, GGUF file or `press quantize` directory (see
+        `press models`); `draft` names a draft model loaded the same way (speculative decoding)."""
         model = pretrained.load_decoder(name_or_path, mesh=mesh, param_dtype=param_dtype or dtype, dtype=dtype)
         if model.quantization is not None and "kv_cache" not in kwargs:
             # A directory quantized with '+kv-int8' (or 'kv-int8') is served with an int8 cache.
             kwargs["kv_cache"] = "int8" if schemes.get(model.quantization).kv_bits else None
+        if draft is not None:
+            kwargs["draft"] = pretrained.load_decoder(draft, mesh=mesh, param_dtype=param_dtype or dtype, dtype=dtype)
         return cls(model.params, model.config, model.tokenizer, mesh=mesh, name=name_or_path, **kwargs)
+
+    def _read_draft(self, draft) -> tuple[Any, decoder.DecoderConfig | None, str | None]:
+        """(params, config, name) of a draft given as (params, config) or a loaded model (with its
+        tokenizer, checked token by token); InputError for one whose vocabulary is not the target's."""
+        if draft is None:
+            return None, None, None
+        if isinstance(draft, tuple) and len(draft) == 2:
+            (params, config), tokenizer, name = draft, None, "the draft"
+        elif hasattr(draft, "params") and hasattr(draft, "config"):  # compress.pretrained.Pretrained
+            params, config, tokenizer = draft.params, draft.config, getattr(draft, "tokenizer", None)
+            location = getattr(draft, "location", None)
+            name = (location.name or location.path) if location is not None else "the draft"
+        else:
+            raise InputError(f"draft must be (params, config) or a loaded model (compress.pretrained.load_decoder), "
+                             f"got {type(draft).__name__}")
+        if not isinstance(config, decoder.DecoderConfig):
+            raise InputError(f"draft {name!r}: its config is a {type(config).__name__}, not a DecoderConfig")
+        speculative.check_vocabulary(self.name, self.config, self.tokenizer, name, config, tokenizer)
+        return params, config, name
 
     def _make_bank(self, adapters: Mapping[str, str | dict]) -> dict:
         from compress.adapters import bank, peft
@@ -392,8 +465,9 @@ class Engine:
 
     # --- the compiled steps
 
-    def _new_cache(self) -> KVCache:
-        cache = decoder.init_cache(self.config, self.max_slots, self.max_seq_len, quantized=self.kv_cache == "int8")
+    def _new_cache(self, config: decoder.DecoderConfig) -> KVCache:
+        """An empty cache of `config`'s shape (the target's, or the draft's) with the engine's rows and slots."""
+        cache = decoder.init_cache(config, self.max_slots, self.max_seq_len, quantized=self.kv_cache == "int8")
         if self.mesh is None:
             return cache
         scale_axes = ("layers", "batch", "seq", "kv_heads") if cache.quantized else None
@@ -457,23 +531,34 @@ class Engine:
         """Run tokens [n, T] after what `fresh` holds, sample each row's first token, copy the rows'
         caches (W = fresh.max_len slots) into rows `slots` of the engine's cache and their new
         prefix blocks into the pool."""
-        n = tokens.shape[0]
         out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh, last_logits_only=True)
         first = sample(out.logits[:, -1], seeds, counts, temperature, top_k, top_p)
-        new, w = out.cache, out.cache.max_len
-        row_valid = jnp.zeros((n, cache.max_len), bool).at[:, :w].set(new.valid)
-        cache = KVCache(
-            k=cache.k.at[:, slots, :w].set(new.k, mode="drop"),
-            v=cache.v.at[:, slots, :w].set(new.v, mode="drop"),
-            valid=cache.valid.at[slots].set(row_valid, mode="drop"),
-            index=cache.index.at[slots].set(w, mode="drop"),
-            lengths=cache.lengths.at[slots].set(new.lengths, mode="drop"),
-            k_scale=None if new.k_scale is None else cache.k_scale.at[:, slots, :w].set(new.k_scale, mode="drop"),
-            v_scale=None if new.v_scale is None else cache.v_scale.at[:, slots, :w].set(new.v_scale, mode="drop"),
-        )
+        cache = _insert_rows(cache, out.cache, slots)
         if pool is not None:
-            pool = pc.scatter(pool, new, store_ids, store_from)
+            pool = pc.scatter(pool, out.cache, store_ids, store_from)
         return first, cache, pool
+
+    def _draft_prefill_fn(self, draft_params, draft_cache, tokens, mask, slots):
+        """The draft's prefill of the same rows: tokens [n, T] laid out as the target's slots (a
+        cached prefix the target reused, then the left-padded rest), written into rows `slots`."""
+        n, t = tokens.shape
+        fresh = decoder.init_cache(self.draft_config, n, t, draft_cache.k.dtype, quantized=draft_cache.quantized)
+        out = decoder.forward(draft_params, tokens, self.draft_config, attention_mask=mask, cache=fresh,
+                              last_logits_only=True)
+        return _insert_rows(draft_cache, out.cache, slots)
+
+    def _draft_feed_fn(self, draft_params, draft_cache, prev, cur, rows: int, width: int):
+        """Write [prev, cur] of rows [0, rows) into the draft's cache (a plain decode step's tokens,
+        so the draft keeps up while a step cannot speculate)."""
+        return speculative.feed(draft_params, self.draft_config, draft_cache, prev[:rows], cur[:rows], width)[1]
+
+    def _speculate_fn(self, params, draft_params, cache, draft_cache, prev, cur, seeds, counts, temperature, top_k,
+                      top_p, rows: int, width: int):
+        """A speculative step for rows [0, rows) (serve/speculative.py `step`), attending over
+        slots [0, width). Returns (tokens [rows, K + 1], kept [rows], the cache, the draft's cache)."""
+        return speculative.step(params, self.config, draft_params, self.draft_config, cache, draft_cache, prev[:rows],
+                                cur[:rows], seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows],
+                                top_p[:rows], k=self.draft_tokens, width=width)
 
     def _decode_fn(self, params, cache, pool, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int,
                    adapter_rows=None, chunk=None):
@@ -663,8 +748,9 @@ class Engine:
 
     def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64), prefix_lengths: Sequence[int] = ()) -> int:
         """Compile every decode shape (row x slot buckets, with and without a chunk of a prompt being
-        filled), the prefills of these prompt buckets and, for each cached-prefix length in
-        `prefix_lengths`, the prefills after it (see `chat_prefix_lengths`).
+        filled, and with a draft its speculative steps), the prefills of these prompt buckets and,
+        for each cached-prefix length in `prefix_lengths`, the prefills after it (see
+        `chat_prefix_lengths`); with a draft, its prefills of the same shapes.
 
         Call it before serving traffic: shapes compiled here never compile mid-request, and with
         the persistent compilation cache a second start only loads them. Returns the number of
@@ -687,6 +773,15 @@ class Engine:
                         zeros(np.float32), zeros(np.int32), np.ones(self.max_slots, np.float32), r, w,
                         adapters(self.max_slots), chunk)
                     n += 1
+                if self.draft_config is not None:
+                    settings = (zeros(np.uint32), zeros(np.int32), zeros(np.float32), zeros(np.int32),
+                                np.ones(self.max_slots, np.float32))
+                    *_, self._cache, self._draft_cache = self._speculate(
+                        self.params, self.draft_params, self._cache, self._draft_cache, zeros(np.int32),
+                        zeros(np.int32), *settings, r, w)
+                    self._draft_cache = self._draft_feed(self.draft_params, self._draft_cache, zeros(np.int32),
+                                                         zeros(np.int32), r, w)
+                    n += 2
             sampling = (np.full(r, self.max_slots, np.int32),  # all padding rows: nothing written
                         np.zeros(r, np.uint32), np.zeros(r, np.int32), np.zeros(r, np.float32), np.zeros(r, np.int32),
                         np.ones(r, np.float32))
@@ -706,12 +801,17 @@ class Engine:
                         _, self._cache, self._pool = self._prefill_insert(self.params, self._cache, self._pool, tokens,
                                                                           mask, *sampling, *store)
                     n += 1
+                    if self.draft_config is not None:  # the whole context, in the target's slots
+                        ones = np.ones((r, prefix + width), np.int32)
+                        self._draft_cache = self._draft_prefill(self.draft_params, self._draft_cache, ones, ones,
+                                                                sampling[0])
+                        n += 1
         if self.chunked_prefill:  # what a row filled in chunks starts from (before any request: garbage is fine)
             for prefix in (0, *(prefix_lengths if self._pool is not None else ())):
                 self._cache = self._load_prefix(self._cache, self._pool, np.int32(self.max_slots - 1),
                                                 np.zeros(prefix // BLOCK, np.int32))
                 n += 1
-        jax.block_until_ready(self._cache)
+        jax.block_until_ready((self._cache, self._draft_cache))
         return n
 
     def chat_prefix_lengths(self) -> tuple[int, ...]:
@@ -926,6 +1026,8 @@ class Engine:
             else:
                 first, self._cache, self._pool = self._prefill_insert(self.params, self._cache, self._pool, tokens,
                                                                       mask, *sampling)
+            if self.draft_config is not None:
+                self._prefill_draft(group, tokens, mask, slots, prefix)
             first = np.asarray(first)
         except BaseException:
             self.prefix_cache.discard(allocated)  # never written: nobody may reuse them
@@ -936,7 +1038,21 @@ class Engine:
             self._slots[slot] = request
             self._adapter_rows[slot] = request.adapter
             self._index[slot] = prefix + width
+            self._next_token[slot] = request.context_ids[-1]  # becomes the token before the first
             self._accept(slot, int(first[row]))
+
+    def _prefill_draft(self, group: list[tuple[int, Request]], tokens: np.ndarray, mask: np.ndarray,
+                       slots: np.ndarray, prefix: int) -> None:
+        """Prefill the draft's rows of a group the target just prefilled (tokens, mask [rows, width]
+        after its cached `prefix`): the whole context, in the target's slots (the prefix first)."""
+        if prefix:
+            rows, width = tokens.shape
+            known = np.zeros((rows, prefix), np.int32)
+            for row, (_, request) in enumerate(group):
+                known[row] = request.context_ids[:prefix]
+            tokens = np.concatenate([known, tokens], axis=1)  # [rows, prefix + width]
+            mask = np.concatenate([np.ones((rows, prefix), np.int32), mask], axis=1)
+        self._draft_cache = self._draft_prefill(self.draft_params, self._draft_cache, tokens, mask, slots)
 
     def _chunk(self, tokens: np.ndarray, row: int, length: int, start: int, store: Sequence[int]) -> dict:
         """The `chunk` argument of a decode step (see _decode_fn); store: pool blocks of its full blocks."""
@@ -973,15 +1089,8 @@ class Engine:
                 store.append(self.prefix_cache.max_blocks if block is None else block)
         return self._chunk(tokens, row, n, r.filled, store)
 
-    def _step(self) -> None:
-        chunk = self._next_chunk() if self._filling else None
-        active = [i for i, r in enumerate(self._slots) if r is not None]
-        if not active:
-            return
-        decoding = [i for i in active if i not in self._filling]
-        rows = min(power_of_two_at_least(max(active) + 1), self.max_slots)
-        end = max([int(self._index[i]) + 1 for i in decoding] + ([int(chunk["start"] + chunk["length"])] if chunk else []))
-        width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
+    def _row_settings(self, active: Sequence[int]) -> tuple[np.ndarray, ...]:
+        """(seeds, counts, temperature, top_k, top_p) [max_slots] of the rows in `active` (idle rows greedy)."""
         seeds = np.zeros(self.max_slots, np.uint32)
         counts = np.zeros(self.max_slots, np.int32)
         temperature = np.zeros(self.max_slots, np.float32)
@@ -991,7 +1100,27 @@ class Engine:
             r = self._slots[i]
             seeds[i], counts[i] = r.seed, len(r.token_ids)
             temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
+        return seeds, counts, temperature, top_k, top_p
+
+    def _step(self) -> None:
+        chunk = self._next_chunk() if self._filling else None
+        active = [i for i, r in enumerate(self._slots) if r is not None]
+        if not active:
+            return
+        rows = min(power_of_two_at_least(max(active) + 1), self.max_slots)
+        if self.draft_config is not None and all(self._index[i] + self.draft_tokens + 1 <= self.max_seq_len
+                                                 for i in active):
+            return self._speculative_step(active, rows)
+        # A plain step: no draft, or some row lacks the K + 1 slots a speculative step writes
+        # (a request within K tokens of the context's end; it ends before it could speculate again).
+        decoding = [i for i in active if i not in self._filling]
+        end = max([int(self._index[i]) + 1 for i in decoding] + ([int(chunk["start"] + chunk["length"])] if chunk else []))
+        width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
+        seeds, counts, temperature, top_k, top_p = self._row_settings(active)
         start = time.perf_counter()
+        if self.draft_config is not None:  # the draft's cache takes this step's tokens too
+            self._draft_cache = self._draft_feed(self.draft_params, self._draft_cache, self._prev_token.copy(),
+                                                 self._next_token.copy(), rows, width)
         nxt, self._cache, self._pool = self._decode(
             self.params, self._cache, self._pool, self._next_token, seeds, counts, temperature, top_k, top_p, rows,
             width, self._adapter_rows if self._bank is not None else None, chunk,
@@ -1013,10 +1142,54 @@ class Engine:
             self.stats["prefill_chunks"] += 1
             if r.filled == len(r.context_ids):  # the prompt is in: its first token came with the last chunk
                 self._stop_filling(row)
+                self._next_token[row] = r.context_ids[-1]
                 try:
                     self._accept(row, int(nxt[row]))
                 except Exception as e:  # noqa: BLE001
                     self._fail_row(row, e)
+
+    def _speculative_step(self, active: list[int], rows: int) -> None:
+        """One speculative step for every active row (serve/speculative.py): 1 to K + 1 tokens each,
+        accepted one by one until one ends the request."""
+        k = self.draft_tokens
+        end = max(int(self._index[i]) for i in active) + k + 1
+        width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
+        start = time.perf_counter()
+        tokens, kept, self._cache, self._draft_cache = self._speculate(
+            self.params, self.draft_params, self._cache, self._draft_cache, self._prev_token, self._next_token,
+            *self._row_settings(active), rows, width)
+        tokens, kept = jax.device_get((tokens, kept))  # [rows, K + 1], [rows]
+        self.stats["decode_steps"] += 1
+        self.stats["speculative_steps"] += 1
+        self.stats["decode_seconds"] += time.perf_counter() - start
+        for i in active:
+            request, n = self._slots[i], int(kept[i])
+            self._index[i] += n + 1
+            self.stats["drafted_tokens"] += k
+            self.stats["accepted_tokens"] += n
+            try:
+                for token in tokens[i, : n + 1]:
+                    self._accept(i, int(token))
+                    if self._slots[i] is not request:  # it ended at this token
+                        break
+            except Exception as e:  # noqa: BLE001 - one row's failure (its detokenizing, say) ends that row only
+                self._fail_row(i, e)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Draft tokens the target kept over those it was offered (None before any speculative step)."""
+        drafted = self.stats["drafted_tokens"]
+        return self.stats["accepted_tokens"] / drafted if drafted else None
+
+    def draft_stats(self) -> dict:
+        """Speculative decoding so far, for reports: the draft, the tokens it proposes a step, the
+        tokens it proposed and those the target kept, and their ratio; {} without a draft."""
+        if self.draft_config is None:
+            return {}
+        rate = self.acceptance_rate
+        return {"draft": self.draft_name, "draft_tokens": self.draft_tokens,
+                "drafted_tokens": self.stats["drafted_tokens"], "accepted_tokens": self.stats["accepted_tokens"],
+                "acceptance_rate": None if rate is None else round(rate, 4)}
 
     def _accept(self, slot: int, token: int) -> None:
         """Record a row's new token; finish and free the row if the request is done."""
@@ -1031,7 +1204,7 @@ class Engine:
             return self._release(slot, "stop")
         r.token_ids.append(token)
         self.stats["generated_tokens"] += 1
-        self._next_token[slot] = token
+        self._prev_token[slot], self._next_token[slot] = self._next_token[slot], token
         text = self._detokenize(r)
         for s in p.stop:
             # Only text that could contain a new match: the tail since the last emission.

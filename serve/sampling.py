@@ -112,6 +112,14 @@ def sample(
 
 def _filtered(keys, scaled, top_k, top_p):
     """Sample among the highest MAX_CANDIDATES tokens after the top-k and top-p filters."""
+    kept, top_ids = _candidates(scaled, top_k, top_p)
+    choice = jax.vmap(jax.random.categorical)(keys, kept)
+    return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _candidates(scaled, top_k, top_p):
+    """The highest MAX_CANDIDATES scaled logits [B, n] (sorted descending; -inf where the top-k or
+    top-p filter drops them) and their token ids [B, n]."""
     n = min(MAX_CANDIDATES, scaled.shape[-1])
     top_logits, top_ids = jax.lax.top_k(scaled, n)  # [B, n], sorted descending
     probs = jnp.exp(top_logits - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # of the full distribution
@@ -119,5 +127,26 @@ def _filtered(keys, scaled, top_k, top_p):
     keep = jnp.where(top_k[:, None] > 0, rank < top_k[:, None], True)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= mass_before < top_p[:, None]  # the smallest set whose mass reaches top_p (always >= 1 token)
-    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, top_logits, -jnp.inf))
-    return jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(keep, top_logits, -jnp.inf), top_ids
+
+
+def probabilities(logits: jnp.ndarray, temperature: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
+    """The distribution `sample` draws each row's token from, as probabilities [B, V] float32:
+    softmax(logits / temperature) over the tokens top-k and top-p keep (renormalized), and for a
+    greedy row (temperature 0) all the mass on its argmax. Speculative decoding compares the
+    target's and the draft's (serve/speculative.py); rows as in `sample`."""
+    b, v = logits.shape
+    sampling = temperature > 0
+    uses_filter = sampling & ((top_k > 0) | (top_p < 1))
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    full = jax.nn.softmax(scaled, axis=-1)  # [B, V]
+
+    def filtered(_):
+        kept, top_ids = _candidates(scaled, top_k, top_p)  # [B, n]
+        mass = jax.nn.softmax(kept, axis=-1)  # 0 where dropped
+        return jnp.zeros((b, v), jnp.float32).at[jnp.arange(b)[:, None], top_ids].set(mass)
+
+    # top_k over the vocabulary is the costliest part: only when some row filters.
+    probs = jax.lax.cond(uses_filter.any(), filtered, lambda _: full, None)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), v, dtype=jnp.float32)
+    return jnp.where(sampling[:, None], jnp.where(uses_filter[:, None], probs, full), greedy)
