@@ -14,6 +14,9 @@
   press_engine_calls_total{phase}             prefill calls (each a batch of prompts) and decode steps
   press_preempted_requests_total              rows given up to a submission below its fair share
   press_prefill_chunks_total                  prompt chunks written by decode steps (chunked prefill)
+  press_draft_tokens_total                    tokens a draft model proposed (speculative decoding only)
+  press_draft_accepted_tokens_total           of those, tokens the model kept
+  press_draft_acceptance_rate                 kept over proposed, since start
   press_time_to_first_token_seconds           histogram, from submission to the first token
   press_request_latency_seconds               histogram, from submission to the end
 """
@@ -57,6 +60,13 @@ class ServerMetrics:
               registry=registry).set_function(lambda: engine.stats["preempted"])
         Gauge("press_prefill_chunks_total", "prompt chunks written by decode steps (chunked prefill)",
               registry=registry).set_function(lambda: engine.stats["prefill_chunks"])
+        if getattr(engine, "draft_tokens", 0):  # speculative decoding
+            Gauge("press_draft_tokens_total", "tokens the draft model proposed", registry=registry).set_function(
+                lambda: engine.stats["drafted_tokens"])
+            Gauge("press_draft_accepted_tokens_total", "draft tokens the model kept", registry=registry).set_function(
+                lambda: engine.stats["accepted_tokens"])
+            Gauge("press_draft_acceptance_rate", "draft tokens kept over those proposed (since start)",
+                  registry=registry).set_function(lambda: engine.acceptance_rate or 0.0)
         self.in_flight = Gauge("press_requests_in_flight", "HTTP requests being handled", registry=registry)
         self.time_to_first_token = Histogram("press_time_to_first_token_seconds", "submission to first token",
                                              buckets=LATENCY_BUCKETS, registry=registry)

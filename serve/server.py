@@ -502,7 +502,10 @@ def serve_forever(engine, host: str = "127.0.0.1", port: int = 8000, api_key: st
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         sys.stderr.write(f"press serve: warning: listening on {host} with no API key; anyone who can reach it "
                          "can use it (pass --api-key)\n")
-    out.write(f"press serve: {engine.name} at {server.url}/v1 (OpenAI API; Ctrl-C or SIGTERM drains and stops)\n")
+    drafting = (f" with draft {engine.draft_name} ({engine.draft_tokens} tokens a step)"
+                if getattr(engine, "draft_tokens", 0) else "")
+    out.write(f"press serve: {engine.name}{drafting} at {server.url}/v1 (OpenAI API; Ctrl-C or SIGTERM drains and "
+              "stops)\n")
     out.flush()
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -2,6 +2,7 @@
 
   press batch [configs/batch.yaml] --model M --input prompts.jsonl --output results.jsonl [key=value ...]
   press batch --model M --adapter NAME=DIR ... --input ...   # a line's "adapter": NAME runs that LoRA adapter
+  press batch --model M --draft DRAFT [--draft-tokens K] --input ...   # speculative decoding with a draft model
 
 What the files hold, how a job resumes and how it splits over devices and hosts: serve/batch.py.
 """
@@ -18,6 +19,7 @@ from compress import distributed
 from compress.errors import InputError
 from compress.pretrained import ModelConfig
 from serve.sampling import SamplingParams
+from serve.speculative import MAX_DRAFT_TOKENS
 
 HELP = "run a JSONL file of prompts offline (resumable)"
 
@@ -34,6 +36,8 @@ class BatchConfig:
     max_slots: int = 16  # requests decoded together
     max_seq_len: int = 1024  # prompt + generated tokens per request
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> PEFT LoRA directory (a line's "adapter")
+    draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf)
+    draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
     progress: bool = True  # a progress bar and a summary line on stderr
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host pods: one process per host)
     # With distributed, where JAX cannot detect the cluster (None: detected, or JAX_COORDINATOR_ADDRESS):
@@ -43,6 +47,7 @@ class BatchConfig:
 
     def __post_init__(self):
         cfg.require_at_least(self, 1, "max_slots", "max_seq_len")
+        check_draft_fields(self)
         distributed.check_cluster_fields(self)
 
 
@@ -55,8 +60,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_flags(flags, model="model", seed_help="sampling seed of every line (None: random per line)",
                      stop_help="strings that end the text")
     flags.flag("--no-progress", key="progress", action="store_false", help="no progress bar and no summary line")
+    add_draft_flags(flags)
     add_adapter_flag(p)
     distributed.add_cluster_flags(flags)
+
+
+def add_draft_flags(flags) -> None:
+    """--draft MODEL --draft-tokens K: speculative decoding (press generate, batch and serve)."""
+    flags.flag("--draft", key="draft", metavar="MODEL",
+               help="a draft model with the target's tokenizer (a distilled student, a quantized copy): it proposes "
+                    "tokens the model checks in one pass; bundled name, Hugging Face directory, .gguf or quantized directory")
+    flags.flag("--draft-tokens", key="draft_tokens", type=int, metavar="K", help="tokens the draft proposes per step")
+
+
+def check_draft_fields(config) -> None:
+    """For a config's __post_init__: ValueError unless draft_tokens is in [1, MAX_DRAFT_TOKENS] and
+    draft, if set, is a non-empty name and comes without adapters."""
+    if not 1 <= config.draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {config.draft_tokens}")
+    if config.draft is not None and not config.draft:
+        raise ValueError("draft is empty: name a draft model (or draft=null for none)")
+    if config.draft is not None and getattr(config, "adapters", None):
+        raise ValueError(f"adapters ({', '.join(config.adapters)}) cannot be served with a draft model "
+                         f"({config.draft}); drop one of them")
+
 
 
 def add_adapter_flag(p: argparse.ArgumentParser) -> None:
@@ -113,13 +140,14 @@ def run_config(config: BatchConfig) -> int:
         # collectives gives up after 30 s, while the exchanges once open wait as long as a share takes.
         _check_same_job(config, errors)
     engine = offline_engine(config.model, config.max_slots, config.max_seq_len, multi_process=count > 1,
-                            adapters=config.adapters or None)
+                            adapters=config.adapters or None, draft=config.draft, draft_tokens=config.draft_tokens)
     with engine:
         if count == 1:
             summary = run_batch(engine, config.input, config.output, errors, config.sampling,
                                 progress=config.progress)
         else:
             summary = _run_part(engine, config, errors, index, count)
+        summary.update(engine.draft_stats())  # this process's engine: its rows, its acceptance
     print(json.dumps(summary))
     return 1 if summary["errors"] else 0
 

@@ -1,6 +1,7 @@
 """`press generate`: one prompt through the serving engine, text streamed as it is generated.
 
   press generate [configs/generate.yaml] --prompt TEXT [--chat] [--max-new-tokens N] [--json] [key=value ...]
+  press generate --model M --draft DRAFT [--draft-tokens K] --prompt TEXT   # speculative decoding, acceptance reported
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from compress import config as cfg
 from compress.errors import InputError
 from compress.pretrained import ModelConfig
+from serve.commands.batch import add_draft_flags, check_draft_fields
 from serve.sampling import SamplingParams
 
 HELP = "generate from one prompt (greedy unless --temperature)"
@@ -30,8 +32,11 @@ class GenerateConfig:
     sampling: SamplingParams = SamplingParams()
     max_seq_len: int = 2048  # KV-cache slots (prompt + new tokens), capped by the model's context
     stream: bool = True  # print text as it is generated (ignored with --json)
+    draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf)
+    draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
 
     def __post_init__(self):
+        check_draft_fields(self)
         if self.system is not None and not self.chat:
             raise ValueError("system is a chat message; set chat=true to use it")
         if not self.prompt:
@@ -50,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--top-p", key="sampling.top_p", type=float)
     flags.flag("--seed", key="sampling.seed", type=int)
     flags.flag("--stop", key="sampling.stop", action="append", help="a string that ends the text (repeatable)")
+    add_draft_flags(flags)
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings)")
 
 
@@ -66,7 +72,8 @@ def run_generate(config: GenerateConfig, *, as_json: bool, out=None) -> dict:
     start = time.perf_counter()
     m = config.model
     engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=1,
-                                    max_seq_len=config.max_seq_len)
+                                    max_seq_len=config.max_seq_len, draft=config.draft,
+                                    draft_tokens=config.draft_tokens)
     load_seconds = time.perf_counter() - start
     prompt = config.prompt
     if config.chat:
@@ -92,14 +99,20 @@ def run_generate(config: GenerateConfig, *, as_json: bool, out=None) -> dict:
         "load_seconds": round(load_seconds, 3),
         "time_to_first_token": round(result.time_to_first_token, 3),
         "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
+        **engine.draft_stats(),
     }
     if as_json:
         out.write(json.dumps(report) + "\n")
     else:
         out.write(("" if config.stream else result.text) + "\n")
+        drafted = ""
+        if config.draft is not None:
+            rate = report["acceptance_rate"]
+            drafted = (f"; draft acceptance {'-' if rate is None else f'{rate:.2f}'} ({report['accepted_tokens']} of "
+                       f"{report['drafted_tokens']} drafted tokens kept, {config.draft_tokens} a step)")
         sys.stderr.write(
             f"[{len(result.token_ids)} tokens, {result.finish_reason}; prompt {len(result.prompt_token_ids)} tokens; "
             f"first token after {result.time_to_first_token:.2f} s (compilation included on a first run); "
-            f"decode {result.decode_tokens_per_second:.1f} tokens/s; load {load_seconds:.1f} s]\n"
+            f"decode {result.decode_tokens_per_second:.1f} tokens/s{drafted}; load {load_seconds:.1f} s]\n"
         )
     return report

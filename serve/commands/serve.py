@@ -3,6 +3,7 @@ grounded in a retrieval index (serve/rag.py).
 
   press serve [configs/serve.yaml] --model M [--host 127.0.0.1] [--port 8000] [--index DIR] [key=value ...]
   press serve --model M --adapter NAME=DIR [--adapter NAME=DIR ...]   # LoRA adapters beside the base
+  press serve --model M --draft DRAFT [--draft-tokens K]   # speculative decoding with a draft model
 
 Each adapter (a PEFT directory: `press finetune` writes one in out/adapter) is served on the one
 base model under its own name: it is listed in /v1/models and chosen by a request's `model`
@@ -18,7 +19,7 @@ import sys
 import time
 
 from compress import config as cfg
-from serve.commands.batch import add_adapter_flag, with_adapter_flags
+from serve.commands.batch import add_adapter_flag, add_draft_flags, check_draft_fields, with_adapter_flags
 from compress.pretrained import ModelConfig
 
 HELP = "serve a model over an OpenAI-compatible HTTP API"
@@ -46,8 +47,11 @@ class ServeConfig:
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # model name -> PEFT LoRA directory
+    draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf)
+    draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
 
     def __post_init__(self):
+        check_draft_fields(self)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         cfg.require_at_least(self, 1, "max_slots", "max_seq_len", "rag_k", "max_prompts")
@@ -73,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.flag("--drain-seconds", key="drain_seconds", type=float, help="after SIGTERM, time to finish requests")
     flags.flag("--index", key="index", metavar="DIR", help="ground chat completions in this retrieval index")
     flags.flag("--rag-k", key="rag_k", type=int, help="sources retrieved per chat request (with --index)")
+    add_draft_flags(flags)
     add_adapter_flag(p)
 
 
@@ -80,19 +85,26 @@ def run(args: argparse.Namespace) -> int:
     return run_config(with_adapter_flags(cfg.config_from_args(args), args))
 
 
+def make_engine(config: ServeConfig):
+    """The engine `press serve` runs for `config` (not yet started)."""
+    from serve.engine import Engine
+
+    m = config.model
+    return Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=config.max_slots,
+                                  max_seq_len=config.max_seq_len, max_queued=config.queue_limit,
+                                  prefix_cache_blocks=config.prefix_cache_blocks, preempt=config.preempt,
+                                  prefill_delay=config.prefill_delay, adapters=config.adapters or None,
+                                  chunked_prefill=config.chunked_prefill, draft=config.draft,
+                                  draft_tokens=config.draft_tokens)
+
+
 def run_config(config: ServeConfig) -> int:
     from retrieval.retriever import Retriever
-    from serve.engine import Engine
     from serve.rag import RagPipeline
     from serve.server import serve_forever
 
     retriever = Retriever.load(config.index) if config.index else None  # a bad index fails before the model loads
-    m = config.model
-    engine = Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=config.max_slots,
-                                    max_seq_len=config.max_seq_len, max_queued=config.queue_limit,
-                                    prefix_cache_blocks=config.prefix_cache_blocks, preempt=config.preempt,
-                                    prefill_delay=config.prefill_delay, adapters=config.adapters or None,
-                                    chunked_prefill=config.chunked_prefill)
+    engine = make_engine(config)
     rag = RagPipeline(retriever, engine, k=config.rag_k) if retriever is not None else None
     if config.warmup:
         start = time.perf_counter()
