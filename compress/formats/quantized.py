@@ -35,7 +35,7 @@ from compress.formats.safetensors_file import SafetensorsSet, save_file
 from compress.formats.tensor_source import FormatError
 from compress.models import decoder
 from compress.formats.placement import Recipe, materialize
-from compress.quant import schemes
+from compress.quant import matmul, schemes
 from compress.quant.weights import quantize_params, quantized_axes
 
 KEY = "press_quantization"
@@ -90,6 +90,8 @@ def load(directory: str, scheme: schemes.Scheme, *, mesh: Mesh | None = None, dt
     axes = quantized_axes(decoder.param_axes(config), shapes)
     recipes = jax.tree_util.tree_map_with_path(lambda path, _: Recipe(_name(path)), shapes)
     params = materialize(recipes, SafetensorsSet(directory), shapes, axes, mesh)
+    if mesh is not None and mesh.size > 1:  # no native kernels on a mesh (their custom calls would gather weights)
+        params = matmul.single_device(params)
     return config, params
 
 

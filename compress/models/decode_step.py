@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from compress.models import attention as attn
-from compress.models import decoder
+from compress.models import decoder, layer_scan
 from compress.models.rope import inverse_frequencies, rope_tables
 
 
@@ -85,8 +85,11 @@ def forward_step(
     cos, sin = rope_tables(positions[None], inv_freq, factor)  # [1, R + C, H]
     x = decoder.embed(params, all_tokens[None], c)  # [1, R + C, D]
 
+    stacked, whole = layer_scan.split(params["layers"])  # arrays native kernels read from the stack itself
+
     def block(carry, p):
         x, (cache_k, k_scale), (cache_v, v_scale), layer = carry
+        p = layer_scan.layer(p, whole, layer)
 
         def attend(q, k, v):  # [1, R + C, N, H], [1, R + C, K, H] x2 -> [1, R + C, N, H]
             nonlocal cache_k, cache_v, k_scale, v_scale
@@ -111,7 +114,7 @@ def forward_step(
         return (x, (cache_k, k_scale), (cache_v, v_scale), layer + 1), None
 
     carry = (x, (cache.k, cache.k_scale), (cache.v, cache.v_scale), jnp.int32(0))
-    (x, (new_k, new_k_scale), (new_v, new_v_scale), _), _ = jax.lax.scan(block, carry, params["layers"])
+    (x, (new_k, new_k_scale), (new_v, new_v_scale), _), _ = jax.lax.scan(block, carry, stacked)
 
     advance = decoding.astype(jnp.int32)  # [R]
     index, lengths = cache.index.at[:r].add(advance), cache.lengths.at[:r].add(advance)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from compress.models import attention as attn
+from compress.models import layer_scan
 from compress.models import params as params_lib
 from compress.models.linear import dense
 from compress.models.params import DTYPES, ParamSpec
@@ -341,10 +342,13 @@ def forward(
     x = embed(params, tokens, c)  # [B, T, D]
     keep_hidden = return_hidden or bool(capture.hidden)
 
+    stacked, whole = layer_scan.split(params["layers"])  # arrays native kernels read from the stack itself
+
     def block(carry, p, with_probs=False):
         # The cache rides in the carry, so each layer updates its slots in place instead of
         # the scan copying the whole cache in and out on every call.
         x, (cache_k, k_scale), (cache_v, v_scale), layer = carry
+        p = layer_scan.layer(p, whole, layer)
         probs = None
 
         def attend(q, k, v):  # [B, T, N, H], [B, T, K, H] x2 -> [B, T, N, H]
@@ -377,7 +381,7 @@ def forward(
     # Runs of layers in one scan each; a layer whose attention is captured runs on its own.
     edges = sorted({0, c.num_layers, *capture.attention, *(i + 1 for i in capture.attention)})
     for first, stop in zip(edges, edges[1:]):
-        run = jax.tree.map(lambda leaf: leaf[first:stop], params["layers"]) if len(edges) > 2 else params["layers"]
+        run = jax.tree.map(lambda leaf: leaf[first:stop], stacked) if len(edges) > 2 else stacked
         carry, (xs, probs) = jax.lax.scan(probe if first in capture.attention else block, carry, run)
         hidden.append(xs)
         if first in capture.attention:

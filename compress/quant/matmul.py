@@ -10,17 +10,24 @@ Kernels:
   per output channel (int8, w8a8)   AQT's dg_core on the stored int8 weights (aqt_matmul.py)
   group-wise 4-bit                  two half-group contractions on packed codes (packed_int4.py)
   fake (QAT)                        AQT's training dot_general on a float kernel (aqt_matmul.py)
+  a few rows on a CPU (decoding)    native kernels that stream the integers once (cpu_kernels.py),
+                                    for weight-only int8 and int4 when at most 64 rows of
+                                    activations meet them; gradients go through the plain path's.
+                                    `native=False` (any multi-device placement: the custom call
+                                    has no sharding rule) keeps the plain path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from compress.quant import aqt_matmul, grid, packed_int4
+from compress.quant import aqt_matmul, cpu_kernels, grid, packed_int4
 from compress.quant.schemes import Scheme
 
 
@@ -35,9 +42,30 @@ class MatmulSpec:
     activation_bits: int | None = None
     fake: bool = False  # training mode (QAT): a float kernel quantized inside the matmul
     input_shape: tuple[int, ...] | None = None  # group-wise: the kernel's contracted axes
+    native: bool = True  # small-batch matmuls on a CPU may run the native kernels (single-device placement)
+
+    @property
+    def whole_keys(self) -> tuple[str, ...]:
+        """Arrays the layer scan hands over whole, with the layer's index (compress/models/layer_scan.py):
+        the native kernels read a layer from the stack in place, where a sliced operand would be
+        copied out of it on every step."""
+        return _STORED if self.native and not self.fake and self.activation_bits is None else ()
 
     def einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
-        """einsum(equation, x, the weight p stands for), computed from p's stored arrays (no bias)."""
+        """einsum(equation, x, the weight p stands for), computed from p's stored arrays (no bias).
+        With p["layer"], p's stored arrays are whole stacks and the layer's matmul is computed."""
+        layer = p.get("layer")
+        if self.whole_keys:
+            shape = _native_shape(self, p, x, equation, stacked=layer is not None)
+            if shape is not None:
+                return _native_einsum(self, equation, shape, _stored(p), x, 0 if layer is None else layer)
+        if layer is not None:  # the plain path reads the layer's slice
+            p = {k: jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False) if k in _STORED else v
+                 for k, v in p.items() if k != "layer"}
+        return self.plain_einsum(p, x, equation)
+
+    def plain_einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
+        """`einsum` in plain JAX (AQT, packed int4), for any batch and placement."""
         if self.fake:
             return aqt_matmul.fake_quant_einsum(equation, x, p["kernel"], self.weight_bits, self.group_size,
                                                 self.zero_point, self.activation_bits)
@@ -63,6 +91,88 @@ class MatmulSpec:
                 w = w + jnp.take(p["group_offset"], ids, axis=1)[:, None].astype(jnp.float32)
             w = w.reshape(-1, *ids.shape)
         return jnp.moveaxis(w, 0, -1)
+
+
+_STORED = ("qkernel", "scale", "group_scale", "group_offset")
+
+
+def _stored(p: dict[str, Any]) -> dict[str, jnp.ndarray]:
+    return {k: p[k] for k in _STORED if k in p}
+
+
+def _native_shape(spec: MatmulSpec, p: dict[str, Any], x: jnp.ndarray, equation: str,
+                  stacked: bool) -> tuple[int, ...] | None:
+    """(rows M, inputs K, outputs N, contracted axes) of a matmul the native kernels take, or None.
+    stacked: the arrays have a leading axis of layers (the layer scan's whole stack)."""
+    lhs, rhs = equation.split("->")[0].split(",")
+    lead = int(stacked)
+    q = p["qkernel"]
+    n_in = sum(c in lhs for c in rhs)
+    if spec.group_size is None:
+        if q.ndim != len(rhs) + lead:  # an unexpected leading axis: not one matmul
+            return None
+        k, n = math.prod(q.shape[lead : lead + n_in]), math.prod(q.shape[lead + n_in :])
+    else:
+        if q.ndim != 2 + len(rhs) - n_in + lead:
+            return None
+        k, n = 2 * q.shape[lead] * q.shape[lead + 1], math.prod(q.shape[lead + 2 :])
+    m = math.prod(x.shape[: x.ndim - n_in])
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or not cpu_kernels.usable(m, n):
+        return None
+    return m, k, n, n_in
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stored: dict, x: jnp.ndarray, layer):
+    """The native kernel's matmul of layer `layer` of the stored arrays (a stack of layers: their
+    leading axis; else a single kernel at layer 0)."""
+    m, k, n, n_in = shape
+    q = stored["qkernel"]
+    stacked = _is_stack(spec, q, n_in, equation)
+    layers = q.shape[0] if stacked else 1
+    out_dims = q.shape[int(stacked) + (n_in if spec.group_size is None else 2) :]
+    if spec.group_size is None:
+        y = cpu_kernels.int8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer)
+    else:
+        offset = stored.get("group_offset")
+        groups, half = q.shape[int(stacked)], q.shape[int(stacked) + 1]
+        y = cpu_kernels.int4_matmul(x.reshape(m, k), q.reshape(layers, groups, half, n),
+                                    stored["group_scale"].reshape(layers, groups, n),
+                                    None if offset is None else offset.reshape(layers, groups, n), spec.zero_point,
+                                    layer)
+    return y.reshape(*x.shape[: x.ndim - n_in], *out_dims).astype(x.dtype)
+
+
+def _is_stack(spec: MatmulSpec, q: jnp.ndarray, n_in: int, equation: str) -> bool:
+    """Whether q carries a leading axis of stacked layers beyond the einsum's kernel axes."""
+    rhs = equation.split("->")[0].split(",")[1]
+    kernel_ndim = len(rhs) if spec.group_size is None else 2 + len(rhs) - n_in
+    return q.ndim == kernel_ndim + 1
+
+
+def _native_fwd(spec, equation, shape, stored, x, layer):
+    return _native_einsum(spec, equation, shape, stored, x, layer), (stored, x, layer)
+
+
+def _native_bwd(spec, equation, shape, residuals, g):
+    stored, x, layer = residuals  # the gradient to x is the plain path's (its own custom VJP for AQT)
+    if _is_stack(spec, stored["qkernel"], shape[3], equation):
+        stored = {k: jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False) for k, v in stored.items()}
+    _, vjp = jax.vjp(lambda x: spec.plain_einsum(stored, x, equation), x)
+    return None, vjp(g)[0], None
+
+
+_native_einsum.defvjp(_native_fwd, _native_bwd)
+
+
+def single_device(params: Any) -> Any:
+    """`params` with every quantized projection kept on the plain path (`native=False`): for a
+    tree placed on a mesh of more than one device, where the native kernels' custom calls
+    would gather whole weights onto every device."""
+    def off(leaf):
+        return dataclasses.replace(leaf, native=False) if isinstance(leaf, MatmulSpec) else leaf
+
+    return jax.tree.map(off, params, is_leaf=lambda leaf: isinstance(leaf, MatmulSpec))
 
 
 def spec_of(scheme: Scheme) -> MatmulSpec:

@@ -1,0 +1,45 @@
+"""How the layer scan hands each layer its parameters: sliced by the scan, or whole with an index.
+
+`jax.lax.scan` over stacked layer parameters gives each step its slice. For a plain matmul XLA
+reads the slice in place, but an operand of a custom call (a native kernel) must be its own
+buffer, so XLA copies every layer's weights out of the stack on every step: for a batch-1
+decode step, which is all weight reading, that copy is a second pass over the weights.
+
+A projection whose static spec names `whole_keys` (compress/quant/matmul.py, for its native
+kernels) keeps those arrays out of the scan: each layer gets them whole, [L, ...], with the
+layer's number under "layer", and the spec's matmul reads layer `layer` itself. Everything
+else (norms, float kernels, biases, adapters) is sliced by the scan as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+
+def _whole_keys(value: Any) -> tuple[str, ...]:
+    if isinstance(value, dict) and "spec" in value:
+        return tuple(k for k in getattr(value["spec"], "whole_keys", ()) if k in value)
+    return ()
+
+
+def split(layers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the scan slices, what each layer reads whole): the stacked layer tree in two."""
+    sliced, whole = {}, {}
+    for name, value in layers.items():
+        keys = _whole_keys(value)
+        if keys:
+            sliced[name] = {k: v for k, v in value.items() if k not in keys}
+            whole[name] = {k: value[k] for k in keys}
+        else:
+            sliced[name] = value
+    return sliced, whole
+
+
+def layer(sliced: dict[str, Any], whole: dict[str, Any], index: jnp.ndarray) -> dict[str, Any]:
+    """One layer's parameters: the scan's slice, with the whole arrays and `index` put back."""
+    if not whole:
+        return sliced
+    return {name: {**value, **whole[name], "layer": index} if name in whole else value
+            for name, value in sliced.items()}

@@ -1,0 +1,160 @@
+"""Native CPU matmuls for a few rows of activations against stored int8 or packed int4 weights.
+
+Batch-1 decoding reads every weight once per token, so its speed is the rate at which the
+weights stream from memory. XLA's CPU backend does not fuse the integer-to-float conversion
+into its dot: `x @ (q.astype(f32) * scale)` writes and reads a float copy of the weights (four
+times the int8 bytes), and runs slower than float weights would (BENCHMARKS.md, issue 16).
+cpu_kernels.cc streams the integers once, widens them in registers and keeps the accumulators
+there; `jax.ffi` makes it an XLA custom call, parallel over XLA's own intra-op threads.
+
+Built on first use with the machine's C++ compiler (`$CXX`, else c++ or g++; `-O3
+-march=native`, so it uses AVX-512 where the CPU has it) into the press cache
+(`$PRESS_CACHE_DIR/kernels`, keyed by the source, the compiler, jax and the CPU), written
+beside and renamed so concurrent processes never load half a file. Where it cannot be built
+or loaded (no compiler, not a CPU backend, `PRESS_CPU_KERNELS=0`), `available()` is False and
+compress/quant/matmul.py keeps the plain JAX path; `status()` says why.
+
+  python -m compress.quant.cpu_kernels    # build now (make install does) and report
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
+MAX_ROWS = 64  # rows of activations the kernels take; more (prefill, training) stay on XLA's dot
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
+_TARGETS = ("press_int8_matmul", "press_int4_matmul")
+_status = "not loaded yet"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("flags", "model name", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _library_path(compiler: str) -> str:
+    # The press cache (compress.formats.tokenizer.cache_root, which this layer cannot import).
+    cache_root = os.environ.get("PRESS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "press")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), jax.__version__.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:20]
+    return os.path.join(cache_root, "kernels", f"press-cpu-kernels-{key}.so")
+
+
+def _build(compiler: str, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, path)  # atomic: another process sees the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    global _status
+    if os.environ.get("PRESS_CPU_KERNELS", "1") == "0":
+        _status = "switched off (PRESS_CPU_KERNELS=0)"
+        return None
+    if jax.default_backend() != "cpu":
+        _status = f"not a CPU backend ({jax.default_backend()})"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _status = "no C++ compiler found (set CXX)"
+        return None
+    try:
+        path = _library_path(compiler)
+        if not os.path.exists(path):
+            _build(compiler, path)
+        library = ctypes.cdll.LoadLibrary(path)
+        for target in _TARGETS:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        _status = f"unavailable: {type(e).__name__}: {e}"
+        return None
+    isa = "AVX-512" if library.press_cpu_kernels_avx512() else "portable C++"
+    _status = f"loaded ({isa}) from {path}"
+    return library
+
+
+def available() -> bool:
+    """Whether the native kernels are built and registered (builds them on the first call)."""
+    return _load() is not None
+
+
+def status() -> str:
+    """Why the kernels are or are not in use."""
+    _load()
+    return _status
+
+
+def usable(rows: int, out_width: int) -> bool:
+    """Whether a matmul of `rows` activation rows and `out_width` outputs runs natively."""
+    return 1 <= rows <= MAX_ROWS and out_width % 16 == 0 and available()
+
+
+def _threads() -> np.int64:
+    return np.int64(int(os.environ.get("PRESS_CPU_KERNEL_THREADS", "0")))  # 0: XLA's intra-op threads + caller
+
+
+def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> jnp.ndarray:
+    """x [M, K] float32 @ (q[layer] int8 [K, N] * scale[layer] [N]) -> [M, N] float32, where q is
+    [L, K, N] and scale [L, N] (a stack of layers; read in place) or [K, N] and [N]."""
+    if q.ndim == 2:
+        q, scale = q[None], scale.reshape(1, -1)
+    call = jax.ffi.ffi_call("press_int8_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32))
+    return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32),
+                threads=_threads())
+
+
+def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None,
+                zero_point: bool, layer=0) -> jnp.ndarray:
+    """x [M, G*S] float32 against packed codes q[layer] [G, S/2, N] with float16 group scales
+    (and offsets) [G, N] (compress/quant/packed_int4.py's layout) -> [M, N] float32; q, scale
+    and offset have a leading axis of stacked layers, or none."""
+    if q.ndim == 3:
+        q, scale, offset = q[None], scale[None], None if offset is None else offset[None]
+    call = jax.ffi.ffi_call("press_int4_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[3]), jnp.float32))
+    has_offset = offset is not None
+    offset = offset.astype(jnp.float16) if has_offset else jnp.zeros((1,), jnp.float16)
+    return call(x.astype(jnp.float32), q, scale.astype(jnp.float16), offset, jnp.asarray(layer, jnp.int32),
+                threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset)
+
+
+if __name__ == "__main__":
+    print(f"press CPU kernels: {status()}")
+    sys.exit(0)

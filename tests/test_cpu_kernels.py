@@ -1,0 +1,184 @@
+"""Native CPU kernels for small-batch int8 and int4 matmuls: exact against float64 references,
+the same logits and gradients as the plain JAX path, no float copy of a weight in the compiled
+decode step, and a clean fallback where they cannot be built."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compress.models import decoder
+from compress.quant import cpu_kernels, matmul, packed_int4, schemes, weights
+from tests.tiny_decoder import tiny_decoder
+
+
+def test_the_kernels_build_here():
+    assert cpu_kernels.available(), cpu_kernels.status()
+
+
+def _int4_case(rng, layers, groups, size, n, zero_point):
+    codes = rng.integers(-8, 8, (layers, groups, size, n))
+    packed = packed_int4.pack(jnp.asarray(codes), 2)  # [L, G, S/2, N]
+    scale = jnp.asarray(rng.random((layers, groups, n)) + 0.5, jnp.float16)
+    offset = jnp.asarray(rng.standard_normal((layers, groups, n)), jnp.float16) if zero_point else None
+    w = codes * np.asarray(scale, np.float64)[:, :, None]  # [L, G, S, N]
+    if zero_point:
+        w = w + 8 * np.asarray(scale, np.float64)[:, :, None] + np.asarray(offset, np.float64)[:, :, None]
+    return packed, scale, offset, w.reshape(layers, groups * size, n)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64])
+@pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (128, 80), (576, 192)])
+def test_int8_and_int4_products_equal_float64(rows, k, n):
+    rng = np.random.default_rng(rows * 1000 + n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    q = rng.integers(-127, 128, (3, k, n)).astype(np.int8)
+    scale = (rng.random((3, n)) + 0.5).astype(np.float32)
+    want = x.astype(np.float64) @ (q[2].astype(np.float64) * scale[2])
+    got = jax.jit(cpu_kernels.int8_matmul)(x, q, scale, 2)  # layer 2 of a stack of 3, read in place
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    for zero_point in (False, True):
+        packed, gscale, offset, w = _int4_case(rng, 2, k // 32, 32, n, zero_point)
+        want = x.astype(np.float64) @ w[1]
+        got = cpu_kernels.int4_matmul(jnp.asarray(x), packed, gscale, offset, zero_point, 1)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_decoder(tie_word_embeddings=True)
+
+
+SCHEMES = ["int8", "int4-g32", "int4-g32-asym", "int8+embed-int8", "int4-g32-asym+embed-int4-g32-asym"]
+
+
+def _quantized(params, name):
+    scheme = schemes.get(name)
+    q = weights.quantize_params(params, decoder.PROJECTIONS, schemes.get(name.split("+")[0]))
+    return weights.quantize_embeddings(q, scheme) if scheme.embed is not None else q
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_a_quantized_decoder_computes_what_the_plain_path_does(tiny, name):
+    config, params, _ = tiny
+    q = _quantized(params, name)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 7)), jnp.int32)
+    forward = jax.jit(lambda p, t: decoder.forward(p, t, config).logits)
+    native, plain = forward(q, tokens), forward(matmul.single_device(q), tokens)
+    np.testing.assert_allclose(native, plain, atol=2e-5 * float(jnp.abs(plain).max()))
+    text = forward.lower(q, tokens).as_text()
+    assert text.count("press_int") == 7 + ("embed" in name)  # every projection of the scan body, and the head
+    assert "press_int" not in forward.lower(matmul.single_device(q), tokens).as_text()
+
+
+def test_the_decode_step_reads_the_integers_in_place(tiny):
+    """The compiled step hands the kernels the whole stacked int8 weights: no slice of them is
+    copied out per layer, and no float copy of any weight exists."""
+    config, params, _ = tiny
+    q = _quantized(params, "int8+embed-int8")
+    cache = decoder.init_cache(config, 1, 32)
+    step = jax.jit(lambda p, t, c: decoder.forward(p, t, config, cache=c, attend_len=32).logits)
+    hlo = step.lower(q, jnp.zeros((1, 1), jnp.int32), cache).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "press_int8_matmul" in line and "custom-call(" in line]
+    assert len(calls) == 8 and all("s8[2," in line for line in calls[:7])  # [L=2, ...] stacks
+    assert _float_copies(hlo, q) == []
+    assert _float_copies(step.lower(matmul.single_device(q), jnp.zeros((1, 1), jnp.int32), cache).compile().as_text(),
+                         q), "the plain path converts the head's int8 kernel to float: the check can fail"
+    smallest = min(a[0].size for a in jax.tree.leaves(q["layers"]) if a.dtype == jnp.int8)  # one layer's matrix
+    for line in hlo.splitlines():
+        op = line.split("=", 1)[-1].lstrip()
+        if "dynamic-slice(" in op and op.startswith("s8["):  # only the embedding lookup's column may be sliced
+            assert np.prod([int(d) for d in op[3 : op.index("]")].split(",")]) < smallest, line
+
+
+def _float_copies(hlo: str, params) -> list[str]:
+    """Lines of compiled HLO that convert an int8 weight (a whole stack or one layer) to float32."""
+    dims = set()
+    for a in jax.tree.leaves(params):
+        if a.dtype == jnp.int8:
+            dims |= {",".join(map(str, a.shape)), ",".join(map(str, a.shape[1:]))}
+    pattern = re.compile(r"= f32\[([0-9,]+)\]\S* convert\(")
+    return [line for line in hlo.splitlines() if (m := pattern.search(line)) and m.group(1) in dims]
+
+
+def test_gradients_through_the_kernels_are_the_plain_paths(tiny):
+    config, params, _ = tiny
+    for name in ("int8", "int4-g32-asym"):
+        q = _quantized(params, name)
+        embedded = jax.random.normal(jax.random.key(1), (1, 3, config.embed_dim))  # 3 rows: the native path
+
+        def loss(p, x):
+            return jnp.sum(jnp.sin(decoder.decoder_layer(jax.tree.map(lambda a: a[0], p["layers"]), x, config,
+                                                         *_tables(config), _attend)[0]))
+
+        native = jax.grad(loss, argnums=1)(q, embedded)
+        plain = jax.grad(loss, argnums=1)(matmul.single_device(q), embedded)
+        np.testing.assert_allclose(native, plain, rtol=1e-4, atol=1e-5)
+
+
+def _tables(config):
+    tables = decoder.layer_tables(config, jnp.ones((1, 3), jnp.int32))
+    return tables.cos, tables.sin
+
+
+def _attend(q, k, v):
+    from compress.models import attention
+
+    return attention.causal_attention(q, k, v, jnp.tril(jnp.ones((1, 3, 3), bool)))
+
+
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600)
+
+
+def test_without_a_compiler_or_when_switched_off_the_plain_path_runs(tmp_path):
+    broken = tmp_path / "cxx"
+    broken.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    code = """
+        import jax.numpy as jnp
+        from compress.quant import cpu_kernels, matmul, schemes, weights
+        from compress.models import decoder
+        from tests.tiny_decoder import tiny_decoder
+        config, params, _ = tiny_decoder()
+        q = weights.quantize_params(params, decoder.PROJECTIONS, schemes.get("int8"))
+        logits = decoder.forward(q, jnp.zeros((1, 4), jnp.int32), config).logits
+        print(cpu_kernels.available(), bool(jnp.isfinite(logits).all()), cpu_kernels.status())
+    """
+    failed = _python(code, {"CXX": str(broken), "PRESS_CACHE_DIR": str(tmp_path / "cache")})
+    assert failed.returncode == 0, failed.stderr
+    assert failed.stdout.startswith("False True unavailable") and "no compiler here" in failed.stdout
+    off = _python(code, {"PRESS_CPU_KERNELS": "0"})
+    assert off.stdout.startswith("False True switched off"), off.stderr
+
+
+def test_two_processes_building_at_once_both_load_the_kernels(tmp_path):
+    code = "from compress.quant import cpu_kernels; print(cpu_kernels.available(), cpu_kernels.status())"
+    env = {"PRESS_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(out.startswith("True loaded") for out, _ in outs), outs
+    assert len(os.listdir(tmp_path / "kernels")) == 1  # one library, no temporary file left behind
+
+
+def test_params_loaded_onto_a_mesh_keep_the_plain_path(tmp_path, tiny):
+    from compress import sharding as shd
+    from compress.formats import quantized
+
+    config, params, tokenizer = tiny
+    scheme = schemes.get("int8")
+    quantized.save(_quantized(params, "int8"), config, scheme, str(tmp_path / "q"), tokenizer)
+    _, on_mesh = quantized.load(str(tmp_path / "q"), scheme, mesh=shd.make_mesh(data=-1, fsdp=1, tensor=1))
+    _, alone = quantized.load(str(tmp_path / "q"), scheme)
+    specs = lambda tree: [leaf for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, matmul.MatmulSpec))
+                          if isinstance(leaf, matmul.MatmulSpec)]  # noqa: E731
+    assert specs(on_mesh) and not any(s.native for s in specs(on_mesh)) and all(s.native for s in specs(alone))
