@@ -5,6 +5,7 @@ import dataclasses
 import io
 import itertools
 import json
+import time
 import types
 
 import jax
@@ -118,6 +119,22 @@ def test_rows_near_the_end_of_the_context_take_plain_steps_and_stay_exact(tiny, 
                 draft=drafts["close"], draft_tokens=4) as spec:
         assert _greedy(spec, prompts, lengths) == want
         assert 0 < spec.stats["speculative_steps"] < spec.stats["decode_steps"]  # some plain steps at the end
+
+
+def test_a_preempted_row_is_prefilled_into_both_caches_again_and_continues_exactly(tiny, drafts):
+    config, params, tokenizer = tiny
+    prompts = [f"Story number {i} begins on a ship" for i in range(4)]
+    greedy = SamplingParams(max_new_tokens=40)
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=128, preempt=False) as plain:
+        want = _greedy(plain, prompts, (40,) * 4)
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=128, draft=drafts["close"]) as spec:
+        fan_out = spec.submit_many(prompts, [greedy] * 4)
+        deadline = time.monotonic() + 60
+        while spec.running < 4 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert len(spec.submit("A short question?", SamplingParams(max_new_tokens=4)).result(60).token_ids) == 4
+        assert [r.result(120).token_ids for r in fan_out] == want
+        assert spec.stats["preempted"] >= 1 and sum(r.preemptions for r in fan_out) >= 1
 
 
 def _enumerated(params, config, prompt, settings):
