@@ -97,7 +97,7 @@ def _load() -> ctypes.CDLL | None:
         _status = "no C++ compiler found (set CXX)"
         return None
     try:
-        path = _library_path(compiler)
+        path = os.environ.get("PRESS_CPU_KERNELS_LIB") or _library_path(compiler)  # a library built elsewhere
         if not os.path.exists(path):
             _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(path)
@@ -127,6 +127,11 @@ def usable(rows: int, out_width: int) -> bool:
     return 1 <= rows <= MAX_ROWS and out_width % 16 == 0 and available()
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"press CPU kernels: {status()}")
+
+
 def _threads() -> np.int64:
     return np.int64(int(os.environ.get("PRESS_CPU_KERNEL_THREADS", "0")))  # 0: XLA's intra-op threads + caller
 
@@ -134,6 +139,7 @@ def _threads() -> np.int64:
 def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> jnp.ndarray:
     """x [M, K] float32 @ (q[layer] int8 [K, N] * scale[layer] [N]) -> [M, N] float32, where q is
     [L, K, N] and scale [L, N] (a stack of layers; read in place) or [K, N] and [N]."""
+    _require()
     if q.ndim == 2:
         q, scale = q[None], scale.reshape(1, -1)
     call = jax.ffi.ffi_call("press_int8_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32))
@@ -146,6 +152,7 @@ def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
     """x [M, G*S] float32 against packed codes q[layer] [G, S/2, N] with float16 group scales
     (and offsets) [G, N] (compress/quant/packed_int4.py's layout) -> [M, N] float32; q, scale
     and offset have a leading axis of stacked layers, or none."""
+    _require()
     if q.ndim == 3:
         q, scale, offset = q[None], scale[None], None if offset is None else offset[None]
     call = jax.ffi.ffi_call("press_int4_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[3]), jnp.float32))
