@@ -62,10 +62,8 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import itertools
 import os
-import queue
 import threading
 import time
 import uuid
@@ -85,10 +83,10 @@ from compress.models.attention import KVCache
 from serve import prefix_cache as pc
 from serve import speculative
 from serve.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
+from serve.requests import EngineBusy, Prompt, Request, RequestOutput, check_unicode
 from serve.scheduler import FairQueue
 from serve.sampling import SamplingParams, sample
 
-Prompt = str | Sequence[dict] | Sequence[int]  # text, chat messages, or token ids
 MIN_PREFILL_BUCKET = 16
 MIN_SEQ_BUCKET = 64
 # A prompt longer than max_seq_len * this many characters is first tokenized by its head only: if
@@ -105,19 +103,6 @@ MAX_STORED_BLOCKS = 64  # blocks of one prompt stored for reuse (its first 1,024
 CHUNK = 2 * BLOCK  # prompt tokens a decode step writes into a row being filled (chunked prefill)
 CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get a batched prefill
 MAX_FILLING = 2  # rows filled in chunks at once; more arrivals at once get a batched prefill
-
-
-class EngineBusy(RuntimeError):
-    """The engine's queue is full (Engine.max_queued): retry later."""
-
-
-def _check_unicode(text: str, what: str) -> None:
-    """InputError naming the position of a lone surrogate (text that no UTF-8 encoder accepts)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}); "
-                         "send valid Unicode text") from None
 
 
 def power_of_two_at_least(n: int, minimum: int = 1) -> int:
@@ -145,118 +130,6 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """The result of one request. Times are seconds; finish_reason is 'stop', 'length', 'error' or 'cancelled'."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    error: str | None = None
-    queued_seconds: float = 0.0  # from submit to the start of its prefill
-    time_to_first_token: float = 0.0  # from submit to the first token
-    total_seconds: float = 0.0  # from submit to the end
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        decode = self.total_seconds - self.time_to_first_token
-        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else float("nan")
-
-
-class Request:
-    """A submitted request: iterate `deltas()` for streamed text, or wait on `result()`."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int):
-        self.id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.seed = seed
-        self.token_ids: list[int] = []
-        self.text = ""
-        self._emitted = 0  # characters of text already streamed
-        self._prefix_offset = self._read_offset = 0  # incremental detokenization (see Engine._detokenize)
-        self.cancelled = False
-        self._events: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self.output: RequestOutput | None = None
-        self._callbacks: list[Callable[[RequestOutput], None]] = []
-        self._callback_lock = threading.Lock()
-        self.submitted = time.perf_counter()
-        self.started = self.first_token = None
-        self.block_keys: list[bytes] = []  # chained keys of its prompt's blocks (prefix cache)
-        self.group = None  # its submission (serve/scheduler.py shares rows between submissions)
-        self.preemptions = 0  # times it gave up its row to another submission and was prefilled again
-        self.adapter = 0  # the engine's adapter it runs (1-based; 0: the base model)
-        self.filled: int | None = None  # while filled in chunks: tokens of context_ids in its row
-
-    @property
-    def context_ids(self) -> list[int]:
-        """What a prefill of this request runs: its prompt, then the tokens generated before it
-        gave up its row (none the first time)."""
-        return self.prompt_ids + self.token_ids if self.token_ids else self.prompt_ids
-
-    def deltas(self) -> Iterator[str]:
-        """Yield text as it is generated, until the request finishes."""
-        while True:
-            item = self._events.get()
-            if item is None:
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> RequestOutput:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
-        return self.output
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the request finishes (at most `timeout` seconds); whether it has."""
-        return self._done.wait(timeout)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def add_done_callback(self, fn: Callable[[RequestOutput], None]) -> None:
-        """Call fn(output) when the request finishes (at once if it has), on the engine's thread."""
-        with self._callback_lock:
-            if not self.done:
-                self._callbacks.append(fn)
-                return
-        fn(self.output)
-
-    def cancel(self) -> None:
-        """Stop generating (e.g. the client went away); the row is freed at the next step."""
-        self.cancelled = True
-
-    # --- engine side
-
-    def _emit(self, text: str) -> None:
-        if text:
-            self._events.put(text)
-
-    def _finish(self, reason: str, error: str | None = None) -> None:
-        now = time.perf_counter()
-        self.output = RequestOutput(
-            self.id,
-            self.prompt_ids,
-            self.text,
-            list(self.token_ids),
-            reason,
-            error,
-            queued_seconds=(self.started or now) - self.submitted,
-            time_to_first_token=(self.first_token or now) - self.submitted,
-            total_seconds=now - self.submitted,
-        )
-        self._events.put(None)
-        with self._callback_lock:
-            self._done.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self.output)
 
 
 def _insert_rows(cache: KVCache, new: KVCache, slots: jnp.ndarray) -> KVCache:
@@ -614,7 +487,7 @@ class Engine:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise InputError(f"message {i} needs string 'role' and 'content' fields, got {m!r}")
                 for field in ("role", "content"):
-                    _check_unicode(m[field], f"message {i} {field}")
+                    check_unicode(m[field], f"message {i} {field}")
             self._check_length(sum(len(m["content"]) for m in prompt), "the messages")
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
             ids = self._tokenize(text, "the messages", add_special_tokens=False)
@@ -635,7 +508,7 @@ class Engine:
 
     def _tokenize(self, text: str, what: str, **kwargs) -> list[int]:
         """Token ids of text; a text whose head alone overflows the context is refused untokenized."""
-        _check_unicode(text, what)
+        check_unicode(text, what)
         self._check_length(len(text), what)
         head = self.max_seq_len * HEAD_CHARS_PER_TOKEN
         try:
@@ -746,20 +619,26 @@ class Engine:
         """Text deltas of one request as they are generated."""
         return self.submit(prompt, params).deltas()
 
-    def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64), prefix_lengths: Sequence[int] = ()) -> int:
+    def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64), prefix_lengths: Sequence[int] = (),
+               max_len: int | None = None) -> int:
         """Compile every decode shape (row x slot buckets, with and without a chunk of a prompt being
         filled, and with a draft its speculative steps), the prefills of these prompt buckets and,
         for each cached-prefix length in `prefix_lengths`, the prefills after it (see
         `chat_prefix_lengths`); with a draft, its prefills of the same shapes.
 
         Call it before serving traffic: shapes compiled here never compile mid-request, and with
-        the persistent compilation cache a second start only loads them. Returns the number of
-        programs run.
+        the persistent compilation cache a second start only loads them. `max_len`: the most slots
+        a row of the traffic will use (a prompt and its new tokens), to compile only the decode
+        widths it reaches. Returns the number of programs run.
         """
         if any(self._slots) or len(self._waiting):
             raise RuntimeError("warmup() runs before requests are submitted")
         rows = [r for r in _buckets(1, self.max_slots)]
-        widths = [w for w in _buckets(MIN_SEQ_BUCKET, self.max_seq_len)]
+        widths = _buckets(MIN_SEQ_BUCKET, self.max_seq_len)
+        if max_len is not None:  # up to the first width that holds max_len slots
+            widths = widths[: next((i + 1 for i, w in enumerate(widths) if w >= max_len), len(widths))]
+        # With one row nothing is ever filled in chunks (no row decodes beside a free one).
+        chunked = self.chunked_prefill and self.max_slots > 1
         n = 0
         zeros = lambda dtype: np.zeros(self.max_slots, dtype)  # noqa: E731
         adapters = (lambda n: np.zeros(n, np.int32)) if self._bank is not None else (lambda n: None)  # noqa: E731
@@ -767,7 +646,7 @@ class Engine:
         nowhere = self._chunk(np.zeros(CHUNK, np.int32), self.max_slots, 1, 0, [])
         for r in rows:
             for w in widths:  # garbage in idle rows; a prefill resets a row before it is read
-                for chunk in (None, nowhere) if self.chunked_prefill else (None,):
+                for chunk in (None, nowhere) if chunked else (None,):
                     _, self._cache, self._pool = self._decode(
                         self.params, self._cache, self._pool, zeros(np.int32), zeros(np.uint32), zeros(np.int32),
                         zeros(np.float32), zeros(np.int32), np.ones(self.max_slots, np.float32), r, w,
@@ -806,7 +685,7 @@ class Engine:
                         self._draft_cache = self._draft_prefill(self.draft_params, self._draft_cache, ones, ones,
                                                                 sampling[0])
                         n += 1
-        if self.chunked_prefill:  # what a row filled in chunks starts from (before any request: garbage is fine)
+        if chunked:  # what a row filled in chunks starts from (before any request: garbage is fine)
             for prefix in (0, *(prefix_lengths if self._pool is not None else ())):
                 self._cache = self._load_prefix(self._cache, self._pool, np.int32(self.max_slots - 1),
                                                 np.zeros(prefix // BLOCK, np.int32))

@@ -106,3 +106,13 @@ def test_warmup_covers_the_chunked_steps_and_a_cancelled_fill_frees_its_row(tiny
         assert gone.result(60).finish_reason == "cancelled"
         assert long.result(60).finish_reason == "length" and len(long.result().token_ids) == 40
         assert engine.running == 0 and not engine._filling
+
+
+def test_warmup_for_one_request_compiles_only_the_widths_it_reaches(tiny):
+    config, params, tokenizer = tiny
+    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=512) as engine:
+        # one row: no chunked programs; slots up to 100: decode widths 64 and 128 of 64..512; one prefill
+        assert engine.warmup(prompt_lengths=(len(engine.encode("a b c d e")),), max_len=100) == 2 + 1
+        with compiles.counting() as events:
+            out = engine.generate("a b c d e", SamplingParams(max_new_tokens=90, ignore_eos=True))[0]
+        assert len(out.token_ids) == 90 and events == []
