@@ -142,7 +142,8 @@ def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> 
     _require()
     if q.ndim == 2:
         q, scale = q[None], scale.reshape(1, -1)
-    call = jax.ffi.ffi_call("press_int8_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32))
+    call = jax.ffi.ffi_call("press_int8_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32),
+                            vmap_method="sequential")
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32),
                 threads=_threads())
 
@@ -155,7 +156,8 @@ def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
     _require()
     if q.ndim == 3:
         q, scale, offset = q[None], scale[None], None if offset is None else offset[None]
-    call = jax.ffi.ffi_call("press_int4_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[3]), jnp.float32))
+    call = jax.ffi.ffi_call("press_int4_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[3]), jnp.float32),
+                            vmap_method="sequential")
     has_offset = offset is not None
     offset = offset.astype(jnp.float16) if has_offset else jnp.zeros((1,), jnp.float16)
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float16), offset, jnp.asarray(layer, jnp.int32),
