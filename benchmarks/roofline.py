@@ -81,7 +81,7 @@ def press_bytes_per_token(params, config, widths: list[int], kv_itemsize: int) -
 
 def bench_press(directory: str, prompts: list[str], new_tokens: int) -> dict:
     from compress import pretrained
-    from compress.quant import cpu_kernels
+    from compress.kernels import cpu as cpu_kernels
     from serve.engine import MIN_SEQ_BUCKET, Engine, power_of_two_at_least
     from serve.sampling import SamplingParams
 

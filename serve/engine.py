@@ -145,6 +145,7 @@ def _insert_rows(cache: KVCache, new: KVCache, slots: jnp.ndarray) -> KVCache:
         lengths=cache.lengths.at[slots].set(new.lengths, mode="drop"),
         k_scale=None if new.k_scale is None else cache.k_scale.at[:, slots, :w].set(new.k_scale, mode="drop"),
         v_scale=None if new.v_scale is None else cache.v_scale.at[:, slots, :w].set(new.v_scale, mode="drop"),
+        native=cache.native,
     )
 
 
@@ -343,6 +344,7 @@ class Engine:
         cache = decoder.init_cache(config, self.max_slots, self.max_seq_len, quantized=self.kv_cache == "int8")
         if self.mesh is None:
             return cache
+        cache = cache.replace(native=self.mesh.size == 1)  # a custom call would gather a sharded cache
         scale_axes = ("layers", "batch", "seq", "kv_heads") if cache.quantized else None
         axes = KVCache(
             k=("layers", "batch", "seq", "kv_heads", "head_dim"),
@@ -352,6 +354,7 @@ class Engine:
             lengths=("batch",),
             k_scale=scale_axes,
             v_scale=scale_axes,
+            native=cache.native,
         )
         shardings = shd.tree_shardings(self.mesh, axes, cache)
         return jax.device_put(cache, shardings)
@@ -375,7 +378,8 @@ class Engine:
         Returns (first tokens [n], the cache, the pool).
         """
         n, t = tokens.shape
-        fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized)
+        fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized).replace(
+            native=cache.native)
         params = self._with_adapters(params, adapter_rows)
         return self._prefill_into(params, cache, pool, fresh, tokens, mask, slots, seeds, counts, temperature, top_k,
                                   top_p, store_ids, store_from)
@@ -394,6 +398,7 @@ class Engine:
             valid=empty.valid.at[:, :p].set(True),
             index=jnp.full((n,), p, jnp.int32), lengths=jnp.full((n,), p, jnp.int32),
             k_scale=put(empty.k_scale, prefix.k_scale), v_scale=put(empty.v_scale, prefix.v_scale),
+            native=cache.native,
         )
         params = self._with_adapters(params, adapter_rows)
         return self._prefill_into(params, cache, pool, fresh, tokens, mask, slots, seeds, counts, temperature, top_k,
@@ -415,7 +420,8 @@ class Engine:
         """The draft's prefill of the same rows: tokens [n, T] laid out as the target's slots (a
         cached prefix the target reused, then the left-padded rest), written into rows `slots`."""
         n, t = tokens.shape
-        fresh = decoder.init_cache(self.draft_config, n, t, draft_cache.k.dtype, quantized=draft_cache.quantized)
+        fresh = decoder.init_cache(self.draft_config, n, t, draft_cache.k.dtype, quantized=draft_cache.quantized).replace(
+            native=draft_cache.native)
         out = decoder.forward(draft_params, tokens, self.draft_config, attention_mask=mask, cache=fresh,
                               last_logits_only=True)
         return _insert_rows(draft_cache, out.cache, slots)

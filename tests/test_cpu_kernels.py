@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from compress.models import decoder
-from compress.quant import cpu_kernels, matmul, packed_int4, schemes, weights
+from compress.kernels import cpu as cpu_kernels
+from compress.quant import matmul, packed_int4, schemes, weights
 from tests.tiny_decoder import tiny_decoder
 
 
@@ -144,7 +145,8 @@ def test_without_a_compiler_or_when_switched_off_the_plain_path_runs(tmp_path):
     broken.chmod(0o755)
     code = """
         import jax.numpy as jnp
-        from compress.quant import cpu_kernels, matmul, schemes, weights
+        from compress.kernels import cpu as cpu_kernels
+        from compress.quant import matmul, schemes, weights
         from compress.models import decoder
         from tests.tiny_decoder import tiny_decoder
         config, params, _ = tiny_decoder()
@@ -160,7 +162,7 @@ def test_without_a_compiler_or_when_switched_off_the_plain_path_runs(tmp_path):
 
 
 def test_two_processes_building_at_once_both_load_the_kernels(tmp_path):
-    code = "from compress.quant import cpu_kernels; print(cpu_kernels.available(), cpu_kernels.status())"
+    code = "from compress.kernels import cpu; print(cpu.available(), cpu.status())"
     env = {"PRESS_CACHE_DIR": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -20,6 +20,11 @@ dequantized as they are read, so attention itself runs in the compute dtype.
 
 Rows advance independently (`index` is per row), which lets a scheduler fill a
 freed row with a new request while the others keep decoding.
+
+Attention over the cache (`cached_attention`) runs, on a CPU, a native kernel that reads the
+layer's rows where they lie (compress/kernels/cpu.py); elsewhere the attended slots are sliced
+out, dequantized and passed to `grouped_query_attention`. A cache placed on a mesh of several
+devices sets `native=False`: a custom call would gather it whole onto every device.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from compress.kernels import cpu
 
 
 @struct.dataclass
@@ -38,6 +45,7 @@ class KVCache:
     lengths: jnp.ndarray  # [B] int32
     k_scale: jnp.ndarray | None = None  # [L, B, S, K] float32, int8 caches only
     v_scale: jnp.ndarray | None = None
+    native: bool = struct.field(pytree_node=False, default=True)  # the native attention kernel may read it
 
     @classmethod
     def zeros(
@@ -101,6 +109,23 @@ def load_kv(values, scales, layer, rows: int, width: int, dtype, first_row=0) ->
         return x.astype(dtype)
     s = jax.lax.dynamic_slice(scales, (layer, first_row, 0, 0), (1, rows, width, scales.shape[-1]))[0]  # [rows, W, K]
     return (x.astype(jnp.float32) * s[..., None]).astype(dtype)
+
+
+def cached_attention(q, cache_k, k_scale, cache_v, v_scale, layer, allowed, dtype, first_row=0, native=True):
+    """`grouped_query_attention` of q [B, T, N, H] over slots [0, W) of cache rows first_row ..
+    first_row + B of layer `layer`, W = allowed.shape[-1] (allowed [B, T, W]).
+
+    With native=True on a CPU with the native kernels, float32 queries read the float32 or int8
+    cache in place; otherwise the slots are sliced out and dequantized to `dtype` (`load_kv`).
+    Returns [B, T, N, H] in q's dtype.
+    """
+    b = q.shape[0]
+    if native and cpu.attention_usable(q, cache_k, cache_k.shape[3]):
+        return cpu.decode_attention(q, cache_k, cache_v, k_scale, v_scale, allowed, layer, first_row)
+    width = allowed.shape[-1]
+    keys = load_kv(cache_k, k_scale, layer, b, width, dtype, first_row)  # [B, W, K, H]
+    values = load_kv(cache_v, v_scale, layer, b, width, dtype, first_row)
+    return grouped_query_attention(q, keys, values, allowed)
 
 
 def write_rows(cache_layer: jnp.ndarray, new: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:

@@ -100,14 +100,11 @@ def forward_step(
                 row = chunk.row[None]
                 cache_k, k_scale = attn.store_kv(cache_k, k_scale, layer, k[:, r:], c_start[None], row)
                 cache_v, v_scale = attn.store_kv(cache_v, v_scale, layer, v[:, r:], c_start[None], row)
-            keys = attn.load_kv(cache_k, k_scale, layer, r, width, dtype)  # [R, W, K, H]
-            values = attn.load_kv(cache_v, v_scale, layer, r, width, dtype)
-            y = attn.grouped_query_attention(qd, keys, values, allowed)[:, 0][None]  # [1, R, N, H]
+            kv = (cache_k, k_scale, cache_v, v_scale, layer)
+            y = attn.cached_attention(qd, *kv, allowed, dtype, native=cache.native)[:, 0][None]  # [1, R, N, H]
             if chunk is None:
                 return y
-            keys = attn.load_kv(cache_k, k_scale, layer, 1, width, dtype, chunk.row)  # [1, W, K, H]
-            values = attn.load_kv(cache_v, v_scale, layer, 1, width, dtype, chunk.row)
-            y_chunk = attn.grouped_query_attention(q[:, r:], keys, values, c_allowed)  # [1, C, N, H]
+            y_chunk = attn.cached_attention(q[:, r:], *kv, c_allowed, dtype, chunk.row, cache.native)  # [1, C, N, H]
             return jnp.concatenate([y, y_chunk], axis=1)
 
         x, _ = decoder.decoder_layer(p, x, c, cos, sin, attend)
@@ -126,5 +123,5 @@ def forward_step(
         both = decoder.lm_head(params, jnp.concatenate([x[:, :r], last], axis=1), c)[0]  # [R + 1, V]
         logits, chunk_logits = both[:r], both[r]
         index, lengths = index.at[chunk.row].add(chunk.length), lengths.at[chunk.row].add(chunk.length)
-    new_cache = attn.KVCache(new_k, new_v, valid, index, lengths, new_k_scale, new_v_scale)
+    new_cache = attn.KVCache(new_k, new_v, valid, index, lengths, new_k_scale, new_v_scale, cache.native)
     return StepOutput(logits, chunk_logits, new_cache)

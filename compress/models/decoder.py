@@ -360,9 +360,8 @@ def forward(
                 return attn.causal_attention(q, k, v, allowed)
             cache_k, k_scale = attn.store_kv(cache_k, k_scale, layer, k, start)  # [L, R, S, K, H]
             cache_v, v_scale = attn.store_kv(cache_v, v_scale, layer, v, start)
-            k = attn.load_kv(cache_k, k_scale, layer, b, width, dtype)  # [B, W, K, H]
-            v = attn.load_kv(cache_v, v_scale, layer, b, width, dtype)
-            return attn.grouped_query_attention(q, k, v, allowed)
+            return attn.cached_attention(q, cache_k, k_scale, cache_v, v_scale, layer, allowed, dtype,
+                                         native=cache.native)
 
         x, _ = decoder_layer(p, x, c, cos, sin, attend)
         return (x, (cache_k, k_scale), (cache_v, v_scale), layer + 1), (x if keep_hidden else None, probs)
@@ -411,6 +410,7 @@ def forward(
             lengths=cache.lengths.at[:b].add(mask.sum(axis=1).astype(jnp.int32)),
             k_scale=new_k_scale,
             v_scale=new_v_scale,
+            native=cache.native,
         )
     return DecoderOutput(logits, new_cache, all_hidden if return_hidden else None, captured)
 

@@ -10,7 +10,7 @@ Kernels:
   per output channel (int8, w8a8)   AQT's dg_core on the stored int8 weights (aqt_matmul.py)
   group-wise 4-bit                  two half-group contractions on packed codes (packed_int4.py)
   fake (QAT)                        AQT's training dot_general on a float kernel (aqt_matmul.py)
-  a few rows on a CPU (decoding)    native kernels that stream the integers once (cpu_kernels.py),
+  a few rows on a CPU (decoding)    native kernels that stream the integers once (compress/kernels/cpu.py),
                                     for weight-only int8 and int4 when at most 64 rows of
                                     activations meet them; gradients go through the plain path's.
                                     `native=False` (any multi-device placement: the custom call
@@ -27,7 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from compress.quant import aqt_matmul, cpu_kernels, grid, packed_int4
+from compress.kernels import cpu as cpu_kernels
+from compress.quant import aqt_matmul, grid, packed_int4
 from compress.quant.schemes import Scheme
 
 

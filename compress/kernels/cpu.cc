@@ -31,11 +31,13 @@
 // without AVX-512 the same loops are plain C++ for the compiler to vectorise.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -396,6 +398,267 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// ---- decode attention: a few query positions per row against the KV cache, read in place
+//
+// Layouts: q [B, T, N, H] float32 (scores are q.k * scale, scale an attribute: H^-0.5); caches [L, R, S, K, H] (float32, or
+// int8 with scales [L, R, S, K]); allowed [B, T, W]; out [B, T, N, H]. Query (b, t) of heads
+// k*G .. k*G + G - 1 reads slots [0, W) of cache row first_row + b, head k, of layer `layer`.
+// A work item is one (b, t, k) and a range of slots: the G query heads' scores, an online
+// softmax (running max and sum, flash-decoding style) and the weighted values, all in float32;
+// the ranges of one item are merged at the end. Small batches split the slots so both
+// threads stream; each key and value vector is read once per item.
+
+constexpr int64_t kSlotBlock = 16;
+
+// Partial attention over slots [s0, s1): running max m [G], sum l [G] and unnormalised output
+// acc [G, H]. Portable version (any G, H); the compiler vectorises the inner loops.
+template <typename T>
+void attend_range_plain(const float* q, float q_scale, int64_t G, int64_t H, const T* keys, const T* values,
+                        const float* k_scale, const float* v_scale, int64_t slot_stride, int64_t scale_stride,
+                        const bool* allowed, int64_t s0, int64_t s1, float* m, float* l, float* acc) {
+  std::vector<float> p(G);
+  for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.0f;
+  std::fill(acc, acc + G * H, 0.0f);
+  for (int64_t s = s0; s < s1; ++s) {
+    if (!allowed[s]) continue;
+    const T* key = keys + s * slot_stride;
+    const T* value = values + s * slot_stride;
+    const float ks = (k_scale ? k_scale[s * scale_stride] : 1.0f) * q_scale;
+    const float vs = v_scale ? v_scale[s * scale_stride] : 1.0f;
+    for (int64_t g = 0; g < G; ++g) {
+      float dot = 0.0f;
+      for (int64_t h = 0; h < H; ++h) dot += q[g * H + h] * static_cast<float>(key[h]);
+      dot *= ks;
+      const float m_new = std::max(m[g], dot);
+      const float rescale = std::exp(m[g] - m_new);  // 0 for the first slot (m = -inf)
+      const float w = std::exp(dot - m_new);
+      l[g] = l[g] * rescale + w;
+      m[g] = m_new;
+      float* a = acc + g * H;
+      for (int64_t h = 0; h < H; ++h) a[h] = a[h] * rescale + w * vs * static_cast<float>(value[h]);
+    }
+  }
+}
+
+#ifdef PRESS_AVX512
+// exp(x) for x <= 0 (scores minus their running max), 16 lanes: 2^(x log2 e) as 2^n * 2^f with a
+// degree-6 polynomial for 2^f on [-0.5, 0.5] (relative error under 2e-7); very negative x gives 0.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) { return widen_int8(p); }
+
+// attend_range_plain for GB query heads of HC * 16 dimensions, the output accumulators and a
+// key or value vector held in registers; slots go 16 at a time (scores, then one vectorised
+// exp per head, then the values).
+template <typename T, int HC, int GB>
+void attend_range_avx(const float* q, float q_scale, int64_t H, const T* keys, const T* values, const float* k_scale,
+                      const float* v_scale, int64_t slot_stride, int64_t scale_stride, const bool* allowed,
+                      int64_t s0, int64_t s1, float* m_out, float* l_out, float* acc_out) {
+  __m512 acc[GB][HC];
+  float m[GB], l[GB];
+  for (int g = 0; g < GB; ++g) {
+    m[g] = -INFINITY, l[g] = 0.0f;
+    for (int c = 0; c < HC; ++c) acc[g][c] = _mm512_setzero_ps();
+  }
+  alignas(64) float prob[GB][kSlotBlock];
+  for (int64_t b0 = s0; b0 < s1; b0 += kSlotBlock) {
+    const int64_t n = std::min(kSlotBlock, s1 - b0);
+    bool any = false;
+    for (int64_t j = 0; j < kSlotBlock; ++j) {
+      const int64_t s = b0 + j;
+      if (j >= n || !allowed[s]) {
+        for (int g = 0; g < GB; ++g) prob[g][j] = -INFINITY;
+        continue;
+      }
+      any = true;
+      const T* key = keys + s * slot_stride;
+      __m512 kv[HC];
+      for (int c = 0; c < HC; ++c) kv[c] = load16(key + 16 * c);
+      const float ks = (k_scale ? k_scale[s * scale_stride] : 1.0f) * q_scale;
+      for (int g = 0; g < GB; ++g) {
+        __m512 d = _mm512_mul_ps(_mm512_loadu_ps(q + g * H), kv[0]);
+        for (int c = 1; c < HC; ++c) d = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * H + 16 * c), kv[c], d);
+        prob[g][j] = _mm512_reduce_add_ps(d) * ks;
+      }
+    }
+    if (!any) continue;
+    for (int g = 0; g < GB; ++g) {
+      const __m512 sv = _mm512_load_ps(prob[g]);
+      const float m_new = std::max(m[g], _mm512_reduce_max_ps(sv));
+      const float rescale = std::exp(m[g] - m_new);  // 0 while nothing was seen (m = -inf)
+      const __mmask16 live = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m512 pv = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+      l[g] = l[g] * rescale + _mm512_reduce_add_ps(pv);
+      m[g] = m_new;
+      _mm512_store_ps(prob[g], pv);
+      const __m512 r = _mm512_set1_ps(rescale);
+      for (int c = 0; c < HC; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], r);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t s = b0 + j;
+      if (!allowed[s]) continue;
+      const T* value = values + s * slot_stride;
+      __m512 vv[HC];
+      for (int c = 0; c < HC; ++c) vv[c] = load16(value + 16 * c);
+      const float vs = v_scale ? v_scale[s * scale_stride] : 1.0f;
+      for (int g = 0; g < GB; ++g) {
+        const __m512 w = _mm512_set1_ps(prob[g][j] * vs);
+        for (int c = 0; c < HC; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < GB; ++g) {
+    m_out[g] = m[g], l_out[g] = l[g];
+    for (int c = 0; c < HC; ++c) _mm512_storeu_ps(acc_out + g * H + 16 * c, acc[g][c]);
+  }
+}
+
+// The G heads of one item in groups whose accumulators fit the 32 vector registers.
+template <typename T, int HC>
+void attend_heads_avx(const float* q, float q_scale, int64_t G, const T* keys, const T* values, const float* k_scale,
+                      const float* v_scale, int64_t slot_stride, int64_t scale_stride, const bool* allowed,
+                      int64_t s0, int64_t s1, float* m, float* l, float* acc) {
+  constexpr int64_t kGroup = HC <= 4 ? 4 : HC <= 6 ? 2 : 1;  // GB * HC accumulators, at most 16
+  constexpr int64_t H = 16 * HC;
+  for (int64_t g = 0; g < G;) {
+    const int64_t left = std::min<int64_t>(kGroup, G - g);
+    auto run = [&](auto gb) {
+      attend_range_avx<T, HC, decltype(gb)::value>(q + g * H, q_scale, H, keys, values, k_scale, v_scale, slot_stride,
+                                                   scale_stride, allowed, s0, s1, m + g, l + g, acc + g * H);
+    };
+    if (left == 4) run(std::integral_constant<int, 4>{});
+    else if (left == 3) run(std::integral_constant<int, 3>{});
+    else if (left == 2) run(std::integral_constant<int, 2>{});
+    else run(std::integral_constant<int, 1>{});
+    g += left;
+  }
+}
+#endif
+
+template <typename T>
+void attend_range(const float* q, float q_scale, int64_t G, int64_t H, const T* keys, const T* values, const float* k_scale,
+                  const float* v_scale, int64_t slot_stride, int64_t scale_stride, const bool* allowed, int64_t s0,
+                  int64_t s1, float* m, float* l, float* acc) {
+#ifdef PRESS_AVX512
+  switch (H) {
+    case 16: return attend_heads_avx<T, 1>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
+    case 32: return attend_heads_avx<T, 2>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
+    case 64: return attend_heads_avx<T, 4>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
+    case 80: return attend_heads_avx<T, 5>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
+    case 96: return attend_heads_avx<T, 6>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
+    case 128: return attend_heads_avx<T, 8>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
+    default: break;
+  }
+#endif
+  attend_range_plain<T>(q, q_scale, G, H, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
+}
+
+template <typename T>
+ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* keys, const T* values,
+                     const float* k_scale, const float* v_scale, ffi::Span<const int64_t> cache_dims,
+                     ffi::Buffer<ffi::PRED>& allowed, ffi::Buffer<ffi::S32>& layer, ffi::Buffer<ffi::S32>& first_row,
+                     ffi::ResultBuffer<ffi::F32>& out, int64_t threads_requested, float q_scale) {
+  auto qd = q.dimensions();
+  auto ad = allowed.dimensions();
+  if (qd.size() != 4 || cache_dims.size() != 5 || ad.size() != 3)
+    return ffi::Error::InvalidArgument("press attention kernel: q [B, T, N, H], caches [L, R, S, K, H], allowed [B, T, W]");
+  const int64_t B = qd[0], T_ = qd[1], N = qd[2], H = qd[3];
+  const int64_t L = cache_dims[0], R = cache_dims[1], S = cache_dims[2], K = cache_dims[3], W = ad[2];
+  if (cache_dims[4] != H || N % K || W < 1 || W > S || ad[0] != B || ad[1] != T_)
+    return ffi::Error::InvalidArgument("press attention kernel: shapes do not match");
+  if (B > R) return ffi::Error::InvalidArgument("press attention kernel: more query rows than cache rows");
+  // Out-of-range starts are clamped, as lax.dynamic_slice clamps them on the plain path (a
+  // padding chunk's row may be one past the last).
+  const int64_t l = std::clamp<int64_t>(*layer.typed_data(), 0, L - 1);
+  const int64_t r0 = std::clamp<int64_t>(*first_row.typed_data(), 0, R - B);
+  const int64_t G = N / K, items = B * T_ * K;
+  const int64_t bytes = items * W * H * 2 * static_cast<int64_t>(sizeof(T));
+#ifndef PRESS_ATTENTION_MIN_SPLIT_BYTES
+#define PRESS_ATTENTION_MIN_SPLIT_BYTES (256 << 10)
+#endif
+  const int64_t threads = bytes < PRESS_ATTENTION_MIN_SPLIT_BYTES ? 1 : thread_count(pool, threads_requested, bytes, 1);
+  // Fewer items than two per thread: split each item's slots (blocks of at least 64) as well.
+  const int64_t most_splits = std::max<int64_t>(1, W / 64);
+  const int64_t splits = std::min(most_splits, std::max<int64_t>(1, (2 * threads + items - 1) / items));
+  const int64_t units = items * splits;
+  std::vector<float> m(units * G), sums(units * G), acc(units * G * H);
+  const float* qp = q.typed_data();
+  const bool* ap = allowed.typed_data();
+  float *mp = m.data(), *lp = sums.data(), *accp = acc.data();
+  auto unit_slots = [=](int64_t split) { return (W / kSlotBlock * split / splits) * kSlotBlock; };
+  parallel_stripes(pool, threads, threads, [=](int64_t part) {
+    for (int64_t u = units * part / threads; u < units * (part + 1) / threads; ++u) {
+      const int64_t item = u / splits, split = u % splits;
+      const int64_t b = item / (T_ * K), t = (item / K) % T_, k = item % K;
+      const int64_t row = (l * R + r0 + b) * S;  // slot 0 of this layer's row, counted in slots
+      const int64_t at = (row * K + k) * H;    // element offset of slot 0, head k
+      const int64_t s1 = split + 1 == splits ? W : unit_slots(split + 1);
+      attend_range<T>(qp + ((b * T_ + t) * N + k * G) * H, q_scale, G, H, keys + at, values + at,
+                      k_scale ? k_scale + row * K + k : nullptr, v_scale ? v_scale + row * K + k : nullptr, K * H, K,
+                      ap + (b * T_ + t) * W, unit_slots(split), s1, mp + u * G, lp + u * G, accp + u * G * H);
+    }
+  });
+  // Merge each item's ranges: rescale each to the largest max, add, divide by the total weight.
+  float* op = out->typed_data();
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t b = item / (T_ * K), t = (item / K) % T_, k = item % K;
+    for (int64_t g = 0; g < G; ++g) {
+      float* o = op + ((b * T_ + t) * N + k * G + g) * H;
+      float top = -INFINITY;
+      for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, mp[(item * splits + sp) * G + g]);
+      std::fill(o, o + H, 0.0f);
+      if (top == -INFINITY) {  // a query that may see no slot (padding): the mean of the values, as the plain path
+        const int64_t row = (l * R + r0 + b) * S;
+        for (int64_t s = 0; s < W; ++s) {
+          const T* value = values + ((row + s) * K + k) * H;
+          const float vs = v_scale ? v_scale[(row + s) * K + k] / static_cast<float>(W) : 1.0f / static_cast<float>(W);
+          for (int64_t h = 0; h < H; ++h) o[h] += static_cast<float>(value[h]) * vs;
+        }
+        continue;
+      }
+      float total = 0.0f;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t u = item * splits + sp;
+        const float w = std::exp(mp[u * G + g] - top);  // 0 for a range that saw nothing
+        total += lp[u * G + g] * w;
+        const float* a = accp + (u * G + g) * H;
+        for (int64_t h = 0; h < H; ++h) o[h] += a[h] * w;
+      }
+      for (int64_t h = 0; h < H; ++h) o[h] /= total;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                        ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::S32> layer,
+                        ffi::Buffer<ffi::S32> first_row, ffi::ResultBuffer<ffi::F32> out, int64_t threads,
+                        float scale) {
+  return Attention<float>(pool, q, keys.typed_data(), values.typed_data(), nullptr, nullptr, keys.dimensions(),
+                          allowed, layer, first_row, out, threads, scale);
+}
+
+ffi::Error AttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> keys,
+                       ffi::Buffer<ffi::S8> values, ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
+                       ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> first_row,
+                       ffi::ResultBuffer<ffi::F32> out, int64_t threads, float scale) {
+  return Attention<int8_t>(pool, q, keys.typed_data(), values.typed_data(), k_scale.typed_data(),
+                           v_scale.typed_data(), keys.dimensions(), allowed, layer, first_row, out, threads, scale);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
@@ -420,6 +683,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
                                   .Attr<int64_t>("threads")
                                   .Attr<bool>("zero_point")
                                   .Attr<bool>("has_offset"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_f32, AttentionF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_s8, AttentionS8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<float>("scale"));
 
 // Which code path this build has (1: AVX-512, 0: plain C++), for the Python side to report.
 extern "C" int press_cpu_kernels_avx512() {

@@ -1,4 +1,5 @@
-"""Native CPU matmuls for a few rows of activations against stored int8 or packed int4 weights.
+"""Native CPU kernels: matmuls of a few rows of activations against stored int8 or packed int4
+weights, and attention of a few query positions over the KV cache where it lies.
 
 Batch-1 decoding reads every weight once per token, so its speed is the rate at which the
 weights stream from memory. XLA's CPU backend does not fuse the integer-to-float conversion
@@ -7,6 +8,12 @@ times the int8 bytes), and runs slower than float weights would (BENCHMARKS.md, 
 cpu_kernels.cc streams the integers once, widens them in registers and keeps the accumulators
 there; `jax.ffi` makes it an XLA custom call, parallel over XLA's own intra-op threads.
 
+Decode attention is the same story at long contexts: XLA slices the attended slots out of the
+cache (a copy), moves heads ahead of slots (another) and runs small batched dots at a few GB/s;
+at 512 slots that is half of a SmolLM2 decode step. `decode_attention` reads one layer's rows of
+the cache in place (float32, or int8 with its scales) with an online softmax, one pass over the
+keys and values (compress/models/attention.py calls it).
+
 Built on first use with the machine's C++ compiler (`$CXX`, else c++ or g++; `-O3
 -march=native`, so it uses AVX-512 where the CPU has it) into the press cache
 (`$PRESS_CACHE_DIR/kernels`, keyed by the source, the compiler, jax and the CPU), written
@@ -14,7 +21,7 @@ beside and renamed so concurrent processes never load half a file. Where it cann
 or loaded (no compiler, not a CPU backend, `PRESS_CPU_KERNELS=0`), `available()` is False and
 compress/quant/matmul.py keeps the plain JAX path; `status()` says why.
 
-  python -m compress.quant.cpu_kernels    # build now (make install does) and report
+  python -m compress.kernels.cpu    # build now (make install does) and report
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cc")
 MAX_ROWS = 64  # rows of activations the kernels take; more (prefill, training) stay on XLA's dot
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
-_TARGETS = ("press_int8_matmul", "press_int4_matmul")
+_TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_attention_f32", "press_attention_s8")
+MAX_QUERIES = 64  # query positions per row decode attention takes (a decode step, a verify pass, a chunk)
+MAX_GROUP = 16  # query heads per key/value head
 _status = "not loaded yet"
 
 
@@ -162,6 +171,34 @@ def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
     offset = offset.astype(jnp.float16) if has_offset else jnp.zeros((1,), jnp.float16)
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float16), offset, jnp.asarray(layer, jnp.int32),
                 threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset)
+
+
+def attention_usable(q: jnp.ndarray, cache: jnp.ndarray, num_kv_heads: int) -> bool:
+    """Whether `decode_attention` takes queries q [B, T, N, H] over a cache [L, R, S, K, H]."""
+    _, t, n, h = q.shape
+    return (q.dtype == jnp.float32 and cache.dtype in (jnp.float32, jnp.int8) and 1 <= t <= MAX_QUERIES
+            and h % 16 == 0 and n % num_kv_heads == 0 and n // num_kv_heads <= MAX_GROUP and available())
+
+
+def decode_attention(q: jnp.ndarray, keys: jnp.ndarray, values: jnp.ndarray, k_scale: jnp.ndarray | None,
+                     v_scale: jnp.ndarray | None, allowed: jnp.ndarray, layer, first_row=0) -> jnp.ndarray:
+    """Softmax attention of q [B, T, N, H] float32 (scores q.k / sqrt(H)) over slots [0, W) of
+    cache rows first_row .. first_row + B of layer `layer`, read in place.
+
+    keys, values: [L, R, S, K, H] float32, or int8 with k_scale, v_scale [L, R, S, K]
+    (vector = int8 * scale). allowed: [B, T, W] bool. Returns [B, T, N, H] float32; a query that
+    may see no slot gets the mean of the W slots' values, as grouped_query_attention does.
+    """
+    _require()
+    scale = np.float32(q.shape[-1] ** -0.5)
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    index = (jnp.asarray(layer, jnp.int32), jnp.asarray(first_row, jnp.int32))
+    if keys.dtype == jnp.int8:
+        call = jax.ffi.ffi_call("press_attention_s8", out, vmap_method="sequential")
+        return call(q, keys, values, k_scale.astype(jnp.float32), v_scale.astype(jnp.float32), allowed, *index,
+                    threads=_threads(), scale=scale)
+    call = jax.ffi.ffi_call("press_attention_f32", out, vmap_method="sequential")
+    return call(q, keys, values, allowed, *index, threads=_threads(), scale=scale)
 
 
 if __name__ == "__main__":
