@@ -167,6 +167,7 @@ class Engine:
         max_queued: int | None = None,
         prefix_cache_blocks: int = DEFAULT_PREFIX_BLOCKS,
         preempt: bool = True,
+        share_cap: bool = False,
         prefill_delay: float = 0.0,
         adapters: Mapping[str, str | dict] | None = None,
         chunked_prefill: bool = True,
@@ -200,6 +201,7 @@ class Engine:
             raise InputError(f"max_queued must be >= 0 (or None for no limit), got {max_queued}")
         self.max_queued = max_queued  # submissions that would leave more waiting for a row raise EngineBusy
         self.preempt = preempt  # a submission above its fair share of rows gives one up to one below it
+        self.share_cap = share_cap  # ... and gets no row beyond it while others hold or want rows
         if not 0 <= prefill_delay <= 100:
             raise InputError(f"prefill_delay must be between 0 and 100, got {prefill_delay}")
         # While rows are decoding, new prompts wait prefill_delay x the last admission's seconds after
@@ -420,8 +422,8 @@ class Engine:
         """The draft's prefill of the same rows: tokens [n, T] laid out as the target's slots (a
         cached prefix the target reused, then the left-padded rest), written into rows `slots`."""
         n, t = tokens.shape
-        fresh = decoder.init_cache(self.draft_config, n, t, draft_cache.k.dtype, quantized=draft_cache.quantized).replace(
-            native=draft_cache.native)
+        fresh = decoder.init_cache(self.draft_config, n, t, draft_cache.k.dtype, quantized=draft_cache.quantized)
+        fresh = fresh.replace(native=draft_cache.native)
         out = decoder.forward(draft_params, tokens, self.draft_config, attention_mask=mask, cache=fresh,
                               last_logits_only=True)
         return _insert_rows(draft_cache, out.cache, slots)
@@ -779,7 +781,7 @@ class Engine:
             gone = self._waiting.remove_if(lambda r: r.cancelled)
             free = sum(r is None for r in self._slots)
             admitted, victims = self._waiting.schedule(free if batch else min(free, chunk_room), held,
-                                                       self.max_slots, self.preempt and batch)
+                                                       self.max_slots, self.preempt and batch, self.share_cap)
             for group in victims:
                 self._waiting.put_front(group, self._preempt(group))
             chunked = []

@@ -14,6 +14,12 @@ head of its group, to be prefilled again (prompt and tokens so far) when its tur
 to continue exactly where it stopped (sampling is keyed by seed and token count). Nothing is
 given up while every group is within its share, so one client alone keeps every row: the
 scheme costs nothing until someone else is waiting.
+
+With `cap`, a group is not given a row beyond its share (ceil(rows / groups holding or wanting
+rows)) even when rows are free, as long as another group holds or wants rows: a decode step
+costs more with every row it carries (on a CPU, where a step of many rows is compute-bound),
+so a fan-out filling the rows the single requests leave free slows every one of them. The cap
+trades the fan-out's throughput for the others' latency; alone, a group still takes every row.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ class FairQueue(Generic[T]):
         return removed
 
     def schedule(self, free: int, held: collections.Counter, rows: int,
-                 preempt: bool = True) -> tuple[list[T], list[Hashable]]:
+                 preempt: bool = True, cap: bool = False) -> tuple[list[T], list[Hashable]]:
         """Items to admit into the `free` rows, and the groups that each give up one row for them.
 
         Args:
@@ -75,12 +81,17 @@ class FairQueue(Generic[T]):
           held: rows each group holds now (groups holding none may be absent).
           rows: all the engine's rows.
           preempt: whether a group above its fair share gives up rows to a waiting one below it.
+          cap: whether a group stops at its fair share while other groups hold or want rows.
         Returns (items taken out of the queue, in admission order; one group per row to free).
         """
         held = collections.Counter({g: n for g, n in held.items() if n > 0})
         admit, victims = [], []
         while self._groups:
             group = min(self._groups, key=lambda g: held[g])  # fewest rows held; oldest on a tie
+            if cap:
+                groups = len(held.keys() | self._groups.keys())
+                if groups > 1 and held[group] >= -(-rows // groups):
+                    break  # every waiting group is at its share
             if free == 0:
                 if not preempt:
                     break

@@ -55,6 +55,22 @@ def test_a_waiting_group_at_its_share_does_not_take_more():
     assert q.schedule(free=0, held=collections.Counter(fan=2, b=2), rows=4, preempt=True) == ([], [])
 
 
+def test_with_a_cap_a_group_stops_at_its_share_while_others_hold_rows_and_alone_takes_all():
+    # 8 single requests hold a row each of 16; a fan-out of 16 prompts waits: 9 groups, share 2
+    held = collections.Counter({f"s{i}": 1 for i in range(8)})
+    q = _queue(fan=16)
+    admitted, _ = q.schedule(free=8, held=held, rows=16, cap=True)
+    assert admitted == ["fan0", "fan1"] and len(q) == 14
+    uncapped = _queue(fan=16)
+    assert len(uncapped.schedule(free=8, held=held, rows=16)[0]) == 8  # without the cap it fills the rows
+    alone = _queue(fan=16)
+    assert len(alone.schedule(free=16, held=collections.Counter(), rows=16, cap=True)[0]) == 16
+    # a newcomer below its share still gets a free row beside a capped group
+    q.put("new", ["new0"])
+    held = held + collections.Counter(fan=2)
+    assert q.schedule(free=6, held=held, rows=16, cap=True)[0] == ["new0"]
+
+
 def test_removed_items_leave_the_queue_and_put_front_goes_first():
     q = _queue(a=3, b=2)
     assert q.remove_if(lambda item: item in {"a1", "b0", "b1"}) == ["a1", "b0", "b1"]

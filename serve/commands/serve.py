@@ -41,6 +41,7 @@ class ServeConfig:
     drain_seconds: float = 30.0  # after SIGTERM, how long requests in flight may take to finish
     prefix_cache_blocks: int = 256  # prompt-prefix KV kept between requests, in blocks of 16 tokens (0: off)
     preempt: bool = True  # a request above its fair share of rows gives one up to a waiting one (then resumes)
+    share_cap: bool = True  # while others hold or want rows, a request gets no row beyond its fair share
     prefill_delay: float = 1.0  # while decoding, new prompts wait this x the last prefill's time (batched prefills)
     chunked_prefill: bool = True  # short prompts arriving alone are written by the decode steps, a chunk a step
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
@@ -93,6 +94,7 @@ def make_engine(config: ServeConfig):
     return Engine.from_pretrained(m.name, dtype=m.dtype, param_dtype=m.param_dtype, max_slots=config.max_slots,
                                   max_seq_len=config.max_seq_len, max_queued=config.queue_limit,
                                   prefix_cache_blocks=config.prefix_cache_blocks, preempt=config.preempt,
+                                  share_cap=config.share_cap,
                                   prefill_delay=config.prefill_delay, adapters=config.adapters or None,
                                   chunked_prefill=config.chunked_prefill, draft=config.draft,
                                   draft_tokens=config.draft_tokens)
