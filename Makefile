@@ -88,7 +88,20 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --out bench-results/server.json
 	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --prefix-cache-blocks 0 \
 		--out bench-results/server-no-prefix-cache.json
+	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --shared-prefix 400 --max-seq-len 512 \
+		--out bench-results/server-rag.json
+	$(BIN)/python benchmarks/server_load.py --clients 32 --seconds 60 --shared-prefix 400 --max-seq-len 512 \
+		--prefix-cache-blocks 0 --out bench-results/server-rag-no-prefix-cache.json
 	$(BIN)/python benchmarks/hostile_clients.py --well-behaved 8 --seconds 60 --max-slots 16 --out bench-results/hostile.json
+	$(BIN)/python benchmarks/roofline.py --out bench-results/roofline.json
+	$(BIN)/python benchmarks/mixed_trace.py --schemes int8+embed-int8 --out bench-results/mixed-trace.json
+	@test -d out/smollm2-int8+embed-int8 || $(BIN)/press quantize --model smollm2-135m-instruct \
+		--scheme int8+embed-int8 --out out/smollm2-int8+embed-int8
+	$(BIN)/python benchmarks/speculative.py --draft out/smollm2-int8+embed-int8 --draft-tokens 4 \
+		--out bench-results/speculative-int8.json
+	$(BIN)/python benchmarks/speculative_draft.py --work out/draft
+	$(BIN)/python benchmarks/speculative.py --draft out/draft/student-int8+embed-int8 --draft-tokens 3 \
+		--out bench-results/speculative-student.json
 	$(BIN)/python benchmarks/quant.py --windows 16 --out bench-results/quant.json
 	$(BIN)/python benchmarks/gptq_ablation.py --out bench-results/gptq-ablation.json
 	$(BIN)/python benchmarks/retrieve.py --vectors 100000 --queries 1000 --out bench-results/retrieval.json

@@ -4,16 +4,18 @@ A draft pays only where it predicts what the target will say, so it is trained o
 target says: SmolLM2-135M-Instruct answers chat prompts (`press synthesize`, greedy, as the
 benchmark decodes), and the half-size student of configs/distill-smollm2.yaml (20 of 30
 layers, MLPs cut to 608 channels) learns the target's distribution over those answers
-(`press distill`, forward KL, loss on the answers). The student is then stored as int4 groups
-with its table (`press quantize`), so that a draft step reads about a sixth of the target's
-fp32 bytes. Each stage is skipped when its output exists (rerun to continue).
+(`press distill`, forward KL, loss on the answers). The student is then stored as int8 with its
+table (`press quantize`, `--scheme`), so that a draft step reads about a sixth of the target's
+fp32 bytes (an int4 table costs the student more agreement than it saves: BENCHMARKS.md). Each
+stage is skipped when its output exists (rerun to continue).
 
 Prompts: the language reference's questions (pydoc-qa's train part and press's retrieval
 questions) and templated everyday requests, about 1,100; none is one of the benchmark's eight
 (benchmarks/decode.py's PROMPTS) or about their subjects.
 
   .venv/bin/python benchmarks/speculative_draft.py [--work out/draft] [--steps 200] [--new-tokens 128]
-  .venv/bin/python benchmarks/speculative.py --draft out/draft/student-int4
+      [--scheme int8+embed-int8]
+  .venv/bin/python benchmarks/speculative.py --draft out/draft/student-int8+embed-int8 --draft-tokens 3
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--work", default="out/draft")
     parser.add_argument("--steps", type=int, default=200, help="distillation steps (4 x 256 tokens each)")
     parser.add_argument("--new-tokens", type=int, default=128, help="longest teacher answer")
-    parser.add_argument("--scheme", default="int4-g32-asym+embed-int4-g32-asym", help="the stored draft's scheme")
+    parser.add_argument("--scheme", default="int8+embed-int8", help="the stored draft's scheme")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     prompt_file, answers = os.path.join(args.work, "prompts.jsonl"), os.path.join(args.work, "answers.jsonl")
@@ -82,7 +84,7 @@ def main() -> None:
         press("distill", "configs/distill-smollm2.yaml", f"data.sources=[{answers}]", f"steps={args.steps}",
               f"optimizer.total_steps={args.steps}", f"out={student}", "eval_every=0", "save_every=50",
               "--no-progress")
-    stored = os.path.join(args.work, "student-int4")
+    stored = os.path.join(args.work, f"student-{args.scheme}")
     if not os.path.exists(os.path.join(stored, "config.json")):
         press("quantize", "--model", os.path.join(student, "hf"), "--scheme", args.scheme, "--out", stored)
     log(f"speculative_draft: the draft is {stored} (float: {student}/hf)")
