@@ -1,5 +1,6 @@
 // press CPU kernels: matmuls of a few rows of activations against stored int8 or packed int4
-// weights that read every weight byte once and never write a float copy of the weights.
+// weights that read every weight byte once and never write a float copy of the weights, and
+// attention over the KV cache in place.
 //
 // XLA's CPU backend turns `x @ (q.astype(f32) * scale)` into a full conversion of q followed by a
 // dot (or an elementwise loop), so a batch-1 decode step reads the int8 weights and writes and
@@ -27,7 +28,10 @@
 // Measured on the development machine (2 Zen 4 cores, one projection of SmolLM2 from memory):
 // 576 x 1536 int8 in 22 us (39 GB/s) where XLA's float32 dot of the same weights takes 55 us.
 //
-// Built by compress/quant/cpu_kernels.py with the machine's own compiler (-O3 -march=native);
+// Decode attention (press_attention_f32 / _s8, below): a few query positions per cache row against
+// the layer's keys and values read where they lie in the KV cache; see the section's comment.
+//
+// Built by compress/kernels/cpu.py with the machine's own compiler (-O3 -march=native);
 // without AVX-512 the same loops are plain C++ for the compiler to vectorise.
 
 #include <algorithm>
