@@ -4,6 +4,8 @@ over an index built by `press index build --docs pydoc:topics`; `press ask` answ
 Python question from it with numbered sources."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from pydoc_data.topics import topics
@@ -35,8 +37,14 @@ def test_question_set_is_answerable_from_its_topics():
 
 @pytest.fixture(scope="module")
 def pydoc_index(tmp_path_factory):
+    """Built by `press index build` in a process of its own, as a user builds it (once, one full
+    run ranked this index's `nonlocal` topic out of the top 5 when it was built in the test
+    worker beside other test files; not reproduced since)."""
     directory = str(tmp_path_factory.mktemp("pydoc") / "index")
-    assert main(["index", "build", "--docs", "pydoc:topics", "--index", directory, "--no-progress"]) == 0
+    command = [sys.executable, "-m", "serve.cli", "index", "build", "--docs", "pydoc:topics", "--index", directory,
+               "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     return directory
 
 
