@@ -132,6 +132,13 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     return directory
 
 
+def _empty_like(cache: KVCache, config: decoder.DecoderConfig, rows: int, slots: int) -> KVCache:
+    """An empty cache of `rows` x `slots` for a prefill into `cache`: its dtype, int8 or not, and
+    whether the native attention kernel may read it."""
+    return decoder.init_cache(config, rows, slots, cache.k.dtype, quantized=cache.quantized).replace(
+        native=cache.native)
+
+
 def _insert_rows(cache: KVCache, new: KVCache, slots: jnp.ndarray) -> KVCache:
     """`cache` with rows `slots` [n] replaced by the rows of `new` (n rows of W <= S slots; a slot
     out of range, max_slots, drops its row)."""
@@ -380,8 +387,7 @@ class Engine:
         Returns (first tokens [n], the cache, the pool).
         """
         n, t = tokens.shape
-        fresh = decoder.init_cache(self.config, n, t, cache.k.dtype, quantized=cache.quantized).replace(
-            native=cache.native)
+        fresh = _empty_like(cache, self.config, n, t)
         params = self._with_adapters(params, adapter_rows)
         return self._prefill_into(params, cache, pool, fresh, tokens, mask, slots, seeds, counts, temperature, top_k,
                                   top_p, store_ids, store_from)
@@ -393,14 +399,13 @@ class Engine:
         n, t = tokens.shape
         prefix = pc.gather(pool, prefix_ids)  # [L, n, P, ...]
         p = prefix.k.shape[2]
-        empty = decoder.init_cache(self.config, n, p + t, cache.k.dtype, quantized=cache.quantized)
+        empty = _empty_like(cache, self.config, n, p + t)
         put = lambda array, known: None if array is None else array.at[:, :, :p].set(known)  # noqa: E731
-        fresh = KVCache(
+        fresh = empty.replace(
             k=put(empty.k, prefix.k), v=put(empty.v, prefix.v),
             valid=empty.valid.at[:, :p].set(True),
             index=jnp.full((n,), p, jnp.int32), lengths=jnp.full((n,), p, jnp.int32),
             k_scale=put(empty.k_scale, prefix.k_scale), v_scale=put(empty.v_scale, prefix.v_scale),
-            native=cache.native,
         )
         params = self._with_adapters(params, adapter_rows)
         return self._prefill_into(params, cache, pool, fresh, tokens, mask, slots, seeds, counts, temperature, top_k,
@@ -422,8 +427,7 @@ class Engine:
         """The draft's prefill of the same rows: tokens [n, T] laid out as the target's slots (a
         cached prefix the target reused, then the left-padded rest), written into rows `slots`."""
         n, t = tokens.shape
-        fresh = decoder.init_cache(self.draft_config, n, t, draft_cache.k.dtype, quantized=draft_cache.quantized)
-        fresh = fresh.replace(native=draft_cache.native)
+        fresh = _empty_like(draft_cache, self.draft_config, n, t)
         out = decoder.forward(draft_params, tokens, self.draft_config, attention_mask=mask, cache=fresh,
                               last_logits_only=True)
         return _insert_rows(draft_cache, out.cache, slots)

@@ -57,7 +57,7 @@ def test_the_kernel_equals_float64(quantized, b, t, w, heads, kv_heads, h):
     keys, values, ks, vs = _cache(rng, (layers, rows, slots, kv_heads, h), quantized)
     q = jnp.asarray(rng.standard_normal((b, t, heads, h)), jnp.float32)
     allowed = jnp.asarray(rng.random((b, t, w)) < 0.6).at[0, 0].set(False)  # query (0, 0) sees no slot
-    assert cpu.attention_usable(q, keys, kv_heads)
+    assert cpu.attention_usable(q, keys)
     got = jax.jit(lambda q, a: attn.cached_attention(q, keys, ks, values, vs, layer, a, jnp.float32, first_row))(
         q, allowed)
     want = _reference(q, keys, values, ks, vs, allowed, layer, first_row)
@@ -67,13 +67,13 @@ def test_the_kernel_equals_float64(quantized, b, t, w, heads, kv_heads, h):
 
 
 def test_what_the_kernel_does_not_take_stays_on_the_plain_path():
-    keys = jnp.zeros((1, 1, 8, 1, 16), jnp.bfloat16)
-    assert not cpu.attention_usable(jnp.zeros((1, 1, 2, 16), jnp.float32), keys, 1)  # a bfloat16 cache
+    keys = jnp.zeros((1, 1, 8, 1, 16), jnp.bfloat16)  # one key/value head
+    assert not cpu.attention_usable(jnp.zeros((1, 1, 2, 16), jnp.float32), keys)  # a bfloat16 cache
     f32 = keys.astype(jnp.float32)
-    assert not cpu.attention_usable(jnp.zeros((1, 1, 2, 12), jnp.float32), f32, 1)  # H not a multiple of 16
-    assert not cpu.attention_usable(jnp.zeros((1, 65, 2, 16), jnp.float32), f32, 1)  # a long prefill
-    assert not cpu.attention_usable(jnp.zeros((1, 1, 17, 16), jnp.float32), f32, 1)  # 17 heads per key head
-    assert cpu.attention_usable(jnp.zeros((1, 64, 16, 16), jnp.float32), f32, 1)
+    assert not cpu.attention_usable(jnp.zeros((1, 1, 2, 12), jnp.float32), f32)  # H not a multiple of 16
+    assert not cpu.attention_usable(jnp.zeros((1, 65, 2, 16), jnp.float32), f32)  # a long prefill
+    assert not cpu.attention_usable(jnp.zeros((1, 1, 17, 16), jnp.float32), f32)  # 17 heads per key head
+    assert cpu.attention_usable(jnp.zeros((1, 64, 16, 16), jnp.float32), f32)
 
 
 @pytest.fixture(scope="module")

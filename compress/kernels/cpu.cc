@@ -590,10 +590,7 @@ ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* k
   const int64_t r0 = std::clamp<int64_t>(*first_row.typed_data(), 0, R - B);
   const int64_t G = N / K, items = B * T_ * K;
   const int64_t bytes = items * W * H * 2 * static_cast<int64_t>(sizeof(T));
-#ifndef PRESS_ATTENTION_MIN_SPLIT_BYTES
-#define PRESS_ATTENTION_MIN_SPLIT_BYTES (256 << 10)
-#endif
-  const int64_t threads = bytes < PRESS_ATTENTION_MIN_SPLIT_BYTES ? 1 : thread_count(pool, threads_requested, bytes, 1);
+  const int64_t threads = thread_count(pool, threads_requested, bytes, 1);  // one below PRESS_MIN_SPLIT_BYTES
   // Fewer items than two per thread: split each item's slots (blocks of at least 64) as well.
   const int64_t most_splits = std::max<int64_t>(1, W / 64);
   const int64_t splits = std::min(most_splits, std::max<int64_t>(1, (2 * threads + items - 1) / items));

@@ -173,11 +173,12 @@ def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
                 threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset)
 
 
-def attention_usable(q: jnp.ndarray, cache: jnp.ndarray, num_kv_heads: int) -> bool:
+def attention_usable(q: jnp.ndarray, cache: jnp.ndarray) -> bool:
     """Whether `decode_attention` takes queries q [B, T, N, H] over a cache [L, R, S, K, H]."""
     _, t, n, h = q.shape
+    kv_heads = cache.shape[3]
     return (q.dtype == jnp.float32 and cache.dtype in (jnp.float32, jnp.int8) and 1 <= t <= MAX_QUERIES
-            and h % 16 == 0 and n % num_kv_heads == 0 and n // num_kv_heads <= MAX_GROUP and available())
+            and h % 16 == 0 and n % kv_heads == 0 and n // kv_heads <= MAX_GROUP and available())
 
 
 def decode_attention(q: jnp.ndarray, keys: jnp.ndarray, values: jnp.ndarray, k_scale: jnp.ndarray | None,

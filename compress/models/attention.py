@@ -120,7 +120,7 @@ def cached_attention(q, cache_k, k_scale, cache_v, v_scale, layer, allowed, dtyp
     Returns [B, T, N, H] in q's dtype.
     """
     b = q.shape[0]
-    if native and cpu.attention_usable(q, cache_k, cache_k.shape[3]):
+    if native and cpu.attention_usable(q, cache_k):
         return cpu.decode_attention(q, cache_k, cache_v, k_scale, v_scale, allowed, layer, first_row)
     width = allowed.shape[-1]
     keys = load_kv(cache_k, k_scale, layer, b, width, dtype, first_row)  # [B, W, K, H]
