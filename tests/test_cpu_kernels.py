@@ -35,7 +35,7 @@ def _int4_case(rng, layers, groups, size, n, zero_point):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64])
-@pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (128, 80), (576, 192)])
+@pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (128, 80), (576, 192), (64, 4112)])  # 4112: split by columns
 def test_int8_and_int4_products_equal_float64(rows, k, n):
     rng = np.random.default_rng(rows * 1000 + n)
     x = rng.standard_normal((rows, k)).astype(np.float32)
@@ -49,6 +49,52 @@ def test_int8_and_int4_products_equal_float64(rows, k, n):
         want = x.astype(np.float64) @ w[1]
         got = cpu_kernels.int4_matmul(jnp.asarray(x), packed, gscale, offset, zero_point, 1)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_callers_on_many_threads_at_once_get_their_own_products():
+    """XLA may run independent custom calls side by side, and several models may serve in one
+    process: every caller must get its own product while they share the kernels' workers."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(7)
+    q = rng.integers(-127, 128, (2, 576, 4096)).astype(np.int8)  # wide (columns split) and big enough to split
+    scale = (rng.random((2, 4096)) + 0.5).astype(np.float32)
+    xs = [rng.standard_normal((rows, 576)).astype(np.float32) for rows in (1, 2, 5, 1, 3, 1, 4, 7)]
+    f = jax.jit(cpu_kernels.int8_matmul)
+    want = [np.asarray(f(x, q, scale, 1)) for x in xs]  # one at a time
+    with concurrent.futures.ThreadPoolExecutor(len(xs)) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda x: np.asarray(f(x, q, scale, 1)), xs))
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+
+
+def test_the_workers_run_every_part_once_under_contention_and_after_fork():
+    library = cpu_kernels._load()
+    parts = 257
+    want = parts * (parts + 1) // 2
+    assert library.press_workers_selftest(parts, 64, 100) == want
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # ctypes lets go of the GIL: six callers at once
+        totals = list(pool.map(lambda i: library.press_workers_selftest(parts, 64, i % 3 * 500), range(600)))
+    assert totals == [want] * 600
+    # A forked child has none of its parent's threads; its calls must neither hang nor lose parts.
+    code = """
+        import os, signal, sys
+        from compress.kernels import cpu
+        lib = cpu._load()
+        assert lib.press_workers_selftest(100, 64, 1000) == 5050
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)
+            ok = all(lib.press_workers_selftest(100, 64, 1000) == 5050 for _ in range(200))
+            os._exit(0 if ok and lib.press_kernel_workers() == cpu._load().press_kernel_workers() else 3)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """
+    done = _python(code, {})
+    assert done.returncode == 0 and done.stdout.strip() == "0", (done.stdout, done.stderr)
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@
 //           y[m, n] = sum_g scale[g, n] sum_{i in g} x[m, i] code[i, n]
 //                   + [zero point] sum_g (8 scale[g, n] + offset[g, n]) sum_{i in g} x[m, i]
 //   y       f32  [M, N]
-// N must be a multiple of 16. Work is shared between the calling thread and XLA's intra-op thread
-// pool (parts claimed from an atomic counter, so the caller never waits on a part nobody has
-// started): a wide matrix (N >= 4096, the LM head) by ranges of columns, a narrow one by ranges of
-// inputs, so that each worker streams one contiguous region of the weights; matrices under 256 KB
-// stay on the caller (measured: handing half of a 110 KB matrix to a pool thread was slower).
+// N must be a multiple of 16. Work is shared between the calling thread and the kernels' own
+// spinning workers (below; parts claimed from an atomic counter, so the caller never waits on a
+// part nobody has started): a wide matrix (N >= 4096, the LM head) by ranges of columns, a narrow
+// one by ranges of inputs, so that each worker streams one contiguous region of the weights;
+// matrices under 64 KB stay on the caller.
 // Measured on the development machine (2 Zen 4 cores, one projection of SmolLM2 from memory):
 // 576 x 1536 int8 in 22 us (39 GB/s) where XLA's float32 dot of the same weights takes 55 us.
 //
@@ -37,12 +37,20 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#include <pthread.h>
+#include <sched.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -50,7 +58,7 @@
 #endif
 
 #ifndef PRESS_PREFETCH
-#define PRESS_PREFETCH 1024
+#define PRESS_PREFETCH 2048
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -65,6 +73,10 @@ constexpr int64_t kRowBlock = 4;  // activation rows whose accumulators share on
 #define PRESS_DEPTH 16
 #endif
 constexpr int64_t kDepth = PRESS_DEPTH;  // weight rows (inputs) widened into registers at a time
+// A wide matrix (the LM head, rows of 49152 bytes) takes fewer rows at a time: each is one stream
+// the hardware follows, and 16 of them, crossing a 4 KB page every 64 tiles, ran at 17 GB/s on
+// one core where 4 ran at 28 (the read roof: 26).
+constexpr int64_t kWideDepth = 4;
 constexpr int64_t kPrefetch = PRESS_PREFETCH;  // bytes ahead along a wide weight row the next tiles are fetched
 constexpr int64_t kWide = 4096;  // outputs from which workers split the columns; narrower, they split the inputs
 
@@ -124,7 +136,7 @@ inline void prefetch_start(const int8_t* q, int64_t N, int64_t r0, int64_t r1, i
 // ---- int8: y[m0 : m0 + R, c : c + 16 V] += x[m0 : m0 + R, k0 : k0 + depth] q[k0 : k0 + depth, c : ...]
 
 template <int R, int V>
-void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy, int64_t m0, int64_t k0,
+__attribute__((always_inline)) inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy, int64_t m0, int64_t k0,
                int64_t depth, int64_t c, int64_t ahead) {
 #ifdef PRESS_AVX512
   __m512 acc[R][V];
@@ -240,15 +252,34 @@ void int4_tile(const float* x, int64_t K, const int8_t* q, int64_t N, int64_t S,
 
 constexpr int64_t kTile = 64;
 
+// int8_tile<R, 4> for the 64-column tiles of [c0, c1) one after another, rows 0 .. R - 1.
+template <int R>
+void int8_tiles(const float* x, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy, int64_t k0,
+                int64_t depth, int64_t c0, int64_t c1, int64_t ahead) {
+  for (int64_t c = c0; c < c1; c += kTile) int8_tile<R, 4>(x, K, q, N, y, ldy, 0, k0, depth, c, ahead);
+}
+
 // y[:, c0:c1] (row stride ldy) = the products over inputs [k0, k1) (zeroed first; not scaled)
 void int8_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy,
                int64_t c0, int64_t c1, int64_t k0, int64_t k1) {
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
-  const int64_t ahead = prefetch_ahead(N, kDepth);
-  prefetch_start(q, N, k0, std::min(k1, k0 + kDepth), c0, c1);  // the first block: the loop fetches the rest ahead
-  for (int64_t k = k0; k < k1; k += kDepth) {
-    const int64_t depth = std::min(kDepth, k1 - k);
-    for (int64_t c = c0; c < c1; c += kTile) {
+  const int64_t rows_per_block = N >= kWide ? kWideDepth : kDepth;
+  const int64_t ahead = prefetch_ahead(N, rows_per_block);
+  prefetch_start(q, N, k0, std::min(k1, k0 + rows_per_block), c0, c1);  // the loop fetches the rest ahead
+  for (int64_t k = k0; k < k1; k += rows_per_block) {
+    const int64_t depth = std::min(rows_per_block, k1 - k);
+    if (M <= kRowBlock) {  // one block of rows: its tiles in one call (a wide block's tile is only 256 bytes)
+      const int64_t full = c0 + (c1 - c0) / kTile * kTile;
+      switch (M) {
+        case 1: int8_tiles<1>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+        case 2: int8_tiles<2>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+        case 3: int8_tiles<3>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+        default: int8_tiles<4>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+      }
+      if (full < c1) PRESS_DISPATCH(int8_tile, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
+      continue;
+    }
+    for (int64_t c = c0; c < c1; c += kTile) {  // the tile's converted weights reused by every block of rows
       const int64_t vecs = std::min(kTile, c1 - c) / 16;
       for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, M - m0);
@@ -275,36 +306,165 @@ void int4_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N,
     }
 }
 
-struct Shared {
+// ---- the kernels' own workers
+//
+// A decode step calls these kernels some 200 times, 5-90 us each. Handing half of a call to
+// XLA's intra-op pool (an Eigen pool whose idle threads sleep) costs a wake-up of tens of
+// microseconds, often more than the half it hands over: measured, a SmolLM2 int8 step ran
+// slower on two threads than on one. So the kernels keep their own workers, as llama.cpp does:
+// one thread per further CPU the process may run on, spinning on a mailbox of its own between
+// calls and sleeping on a condition variable after PRESS_SPIN_US (default 2000) without work.
+// A caller offers its job to idle workers (compare-and-swap into their mailboxes), runs parts of
+// it itself, claimed from the job's counter, and at the end takes back the offers nobody picked
+// up, waiting only for workers that did. Two callers at once (XLA running independent thunks
+// side by side, two models in one process) each get the workers that are free; a caller with
+// none runs its job alone. After fork() the child starts workers of its own.
+
+struct Job {
+  void (*run)(const void*, int64_t);
+  const void* context;
+  int64_t parts;
   std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  void work() {
+    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < parts;) run(context, p);
+  }
 };
 
-// Run stripe(s) for s in [0, stripes) on the caller and up to threads - 1 pool threads.
-template <typename Stripe>
-void parallel_stripes(ffi::ThreadPool& pool, int64_t stripes, int64_t threads, Stripe stripe) {
-  auto shared = std::make_shared<Shared>();
-  auto run = [shared, stripes, stripe]() {
-    for (int64_t s; (s = shared->next.fetch_add(1)) < stripes;) {
-      stripe(s);
-      shared->done.fetch_add(1, std::memory_order_release);
+Job* const kTaken = reinterpret_cast<Job*>(alignof(Job));  // a worker's mailbox while it runs a job
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+struct alignas(64) Worker {
+  std::atomic<Job*> mailbox{nullptr};
+  std::atomic<bool> sleeping{false};
+  std::mutex mutex;
+  std::condition_variable wake;
+};
+
+int64_t spin_microseconds() {
+  const char* text = std::getenv("PRESS_SPIN_US");
+  return text ? std::max<int64_t>(0, std::atoll(text)) : 2000;
+}
+
+class Workers {
+ public:
+  explicit Workers(int64_t n) : workers_(n), spin_(std::chrono::microseconds(spin_microseconds())) {
+    for (auto& w : workers_) std::thread([this, &w] { loop(w); }).detach();
+  }
+  int64_t size() const { return static_cast<int64_t>(workers_.size()); }
+
+  // Runs job.run(context, p) for every p in [0, job.parts) on the caller and up to `helpers` workers.
+  void run(Job& job, int64_t helpers) {
+    Worker* offered[kMaxWorkers];
+    int64_t n = 0;
+    for (auto& w : workers_) {
+      if (n >= helpers) break;
+      Job* idle = nullptr;
+      if (!w.mailbox.compare_exchange_strong(idle, &job)) continue;  // busy with another caller's job
+      offered[n++] = &w;
+      if (w.sleeping.load()) {
+        std::lock_guard<std::mutex> lock(w.mutex);
+        w.wake.notify_one();
+      }
     }
-  };
-  const int64_t helpers = std::min<int64_t>(threads - 1, stripes - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run]() { run(); });
-  run();
-  while (shared->done.load(std::memory_order_acquire) < stripes) std::this_thread::yield();
+    job.work();
+    for (int64_t i = 0; i < n; ++i) {
+      Job* mine = &job;
+      if (offered[i]->mailbox.compare_exchange_strong(mine, nullptr)) continue;  // never picked up
+      while (offered[i]->mailbox.load(std::memory_order_acquire) != nullptr) cpu_relax();  // it is running parts
+    }
+  }
+
+  static constexpr int64_t kMaxWorkers = 255;
+
+ private:
+  void loop(Worker& w) {
+    for (;;) {
+      Job* job = next_job(w);
+      if (!w.mailbox.compare_exchange_strong(job, kTaken)) continue;  // its caller took it back
+      job->work();
+      w.mailbox.store(nullptr, std::memory_order_release);
+    }
+  }
+
+  Job* next_job(Worker& w) {
+    auto offered = [&w] {
+      Job* job = w.mailbox.load(std::memory_order_acquire);
+      return job != nullptr && job != kTaken ? job : nullptr;
+    };
+    const auto deadline = std::chrono::steady_clock::now() + spin_;
+    for (int64_t i = 1;; ++i) {
+      if (Job* job = offered()) return job;
+      cpu_relax();
+      if (i % 256 == 0 && std::chrono::steady_clock::now() > deadline) break;
+    }
+    std::unique_lock<std::mutex> lock(w.mutex);
+    w.sleeping.store(true);  // seq_cst, as the caller's offer then its read of `sleeping`
+    w.wake.wait(lock, [&] { return offered() != nullptr; });
+    w.sleeping.store(false);
+    return offered();
+  }
+
+  std::vector<Worker> workers_;
+  std::chrono::steady_clock::duration spin_;
+};
+
+int64_t usable_cpus() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+}
+
+std::atomic<Workers*> g_workers{nullptr};
+std::mutex g_workers_mutex;
+
+void forget_workers_after_fork() {  // the child has none of the parent's threads
+  g_workers.store(nullptr);
+  new (&g_workers_mutex) std::mutex;
+}
+
+Workers& workers() {
+  if (Workers* w = g_workers.load(std::memory_order_acquire)) return *w;
+  std::lock_guard<std::mutex> lock(g_workers_mutex);
+  if (g_workers.load() == nullptr) {
+    static const int registered = pthread_atfork(nullptr, nullptr, forget_workers_after_fork);
+    (void)registered;
+    g_workers.store(new Workers(std::min(Workers::kMaxWorkers, usable_cpus() - 1)));  // kept to the process's end
+  }
+  return *g_workers.load();
+}
+
+// Run stripe(s) for s in [0, stripes) on the caller and up to threads - 1 workers.
+template <typename Stripe>
+void parallel_stripes(int64_t stripes, int64_t threads, Stripe stripe) {
+  if (threads <= 1 || stripes <= 1) {
+    for (int64_t s = 0; s < stripes; ++s) stripe(s);
+    return;
+  }
+  Job job;
+  job.run = [](const void* context, int64_t s) { (*static_cast<const Stripe*>(context))(s); };
+  job.context = &stripe;
+  job.parts = stripes;
+  workers().run(job, std::min(threads, stripes) - 1);
 }
 
 #ifndef PRESS_MIN_SPLIT_BYTES
-#define PRESS_MIN_SPLIT_BYTES (256 << 10)
+#define PRESS_MIN_SPLIT_BYTES (64 << 10)
 #endif
 
-// Workers for a matrix of `bytes`: one below PRESS_MIN_SPLIT_BYTES, where handing half of it to a
-// pool thread costs more than streaming it (measured: a 110 KB matrix took longer on two threads).
-int64_t thread_count(ffi::ThreadPool& pool, int64_t requested, int64_t bytes, int64_t rows) {
+// Threads for a matrix of `bytes`: one below PRESS_MIN_SPLIT_BYTES, where splitting costs more
+// than it saves; else the caller and every worker, or `requested` of them.
+int64_t thread_count(int64_t requested, int64_t bytes, int64_t rows) {
   if (bytes * std::max<int64_t>(1, rows / 4) < PRESS_MIN_SPLIT_BYTES) return 1;
-  const int64_t available = pool.num_threads() + 1;  // the pool's threads and the caller
+  const int64_t available = workers().size() + 1;
   return std::max<int64_t>(1, requested > 0 ? std::min(requested, available) : available);
 }
 
@@ -324,18 +484,18 @@ inline int64_t range_start(int64_t part, int64_t parts, int64_t n, int64_t unit)
 // worker streams one contiguous region), worker 0 into y and the others into scratch rows that are
 // added to y at the end.
 template <typename Part>
-void split_work(ffi::ThreadPool& pool, int64_t threads, int64_t M, int64_t N, int64_t units, float* y, Part part) {
+void split_work(int64_t threads, int64_t M, int64_t N, int64_t units, float* y, Part part) {
   const bool wide = N >= kWide;
   const int64_t parts = std::max<int64_t>(1, std::min(threads, wide ? N / 16 : units));
   if (wide || parts == 1) {
-    parallel_stripes(pool, parts, parts, [=](int64_t p) {
+    parallel_stripes(parts, parts, [=](int64_t p) {
       part(range_start(p, parts, N, 16), range_start(p + 1, parts, N, 16), 0, units, y, N);
     });
     return;
   }
   std::vector<float> scratch((parts - 1) * M * N);
   float* extra = scratch.data();
-  parallel_stripes(pool, parts, parts, [=](int64_t p) {
+  parallel_stripes(parts, parts, [=](int64_t p) {
     part(0, N, range_start(p, parts, units, 1), range_start(p + 1, parts, units, 1),
          p == 0 ? y : extra + (p - 1) * M * N, N);
   });
@@ -350,7 +510,7 @@ ffi::Error layer_of(ffi::Buffer<ffi::S32>& layer, int64_t layers, int64_t* out) 
   return ffi::Error::Success();
 }
 
-ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
                       int64_t threads) {
   auto dims = q.dimensions();
@@ -364,7 +524,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* sp = scale.typed_data() + l * N;
   float* yp = y->typed_data();
   // Inputs are split in whole blocks of kDepth rows.
-  split_work(pool, thread_count(pool, threads, K * N, M), M, N, (K + kDepth - 1) / kDepth, yp,
+  split_work(thread_count(threads, K * N, M), M, N, (K + kDepth - 1) / kDepth, yp,
              [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy) {
                int8_part(xp, M, K, qp, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth));
              });
@@ -373,7 +533,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::S32> layer,
                       ffi::ResultBuffer<ffi::F32> y, int64_t threads, bool zero_point, bool has_offset) {
   auto dims = q.dimensions();
@@ -395,7 +555,7 @@ ffi::Error Int4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       sums[m * G + g] = total;
     }
   const float* sums_p = sums.data();
-  split_work(pool, thread_count(pool, threads, K * N / 2, M), M, N, G, yp,
+  split_work(thread_count(threads, K * N / 2, M), M, N, G, yp,
              [=](int64_t c0, int64_t c1, int64_t g0, int64_t g1, float* out, int64_t ldy) {
                int4_part(xp, M, K, qp, N, S, sp, op, zero_point, sums_p, out, ldy, c0, c1, g0, g1);
              });
@@ -571,7 +731,7 @@ void attend_range(const float* q, float q_scale, int64_t G, int64_t H, const T* 
 }
 
 template <typename T>
-ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* keys, const T* values,
+ffi::Error Attention(ffi::Buffer<ffi::F32>& q, const T* keys, const T* values,
                      const float* k_scale, const float* v_scale, ffi::Span<const int64_t> cache_dims,
                      ffi::Buffer<ffi::PRED>& allowed, ffi::Buffer<ffi::S32>& layer, ffi::Buffer<ffi::S32>& first_row,
                      ffi::ResultBuffer<ffi::F32>& out, int64_t threads_requested, float q_scale) {
@@ -590,7 +750,7 @@ ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* k
   const int64_t r0 = std::clamp<int64_t>(*first_row.typed_data(), 0, R - B);
   const int64_t G = N / K, items = B * T_ * K;
   const int64_t bytes = items * W * H * 2 * static_cast<int64_t>(sizeof(T));
-  const int64_t threads = thread_count(pool, threads_requested, bytes, 1);  // one below PRESS_MIN_SPLIT_BYTES
+  const int64_t threads = thread_count(threads_requested, bytes, 1);  // one below PRESS_MIN_SPLIT_BYTES
   // Fewer items than two per thread: split each item's slots (blocks of at least 64) as well.
   const int64_t most_splits = std::max<int64_t>(1, W / 64);
   const int64_t splits = std::min(most_splits, std::max<int64_t>(1, (2 * threads + items - 1) / items));
@@ -600,7 +760,7 @@ ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* k
   const bool* ap = allowed.typed_data();
   float *mp = m.data(), *lp = sums.data(), *accp = acc.data();
   auto unit_slots = [=](int64_t split) { return (W / kSlotBlock * split / splits) * kSlotBlock; };
-  parallel_stripes(pool, threads, threads, [=](int64_t part) {
+  parallel_stripes(threads, threads, [=](int64_t part) {
     for (int64_t u = units * part / threads; u < units * (part + 1) / threads; ++u) {
       const int64_t item = u / splits, split = u % splits;
       const int64_t b = item / (T_ * K), t = (item / K) % T_, k = item % K;
@@ -644,19 +804,19 @@ ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, const T* k
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+ffi::Error AttentionF32(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
                         ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::S32> layer,
                         ffi::Buffer<ffi::S32> first_row, ffi::ResultBuffer<ffi::F32> out, int64_t threads,
                         float scale) {
-  return Attention<float>(pool, q, keys.typed_data(), values.typed_data(), nullptr, nullptr, keys.dimensions(),
+  return Attention<float>(q, keys.typed_data(), values.typed_data(), nullptr, nullptr, keys.dimensions(),
                           allowed, layer, first_row, out, threads, scale);
 }
 
-ffi::Error AttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> keys,
+ffi::Error AttentionS8(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> keys,
                        ffi::Buffer<ffi::S8> values, ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
                        ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> first_row,
                        ffi::ResultBuffer<ffi::F32> out, int64_t threads, float scale) {
-  return Attention<int8_t>(pool, q, keys.typed_data(), values.typed_data(), k_scale.typed_data(),
+  return Attention<int8_t>(q, keys.typed_data(), values.typed_data(), k_scale.typed_data(),
                            v_scale.typed_data(), keys.dimensions(), allowed, layer, first_row, out, threads, scale);
 }
 
@@ -664,7 +824,6 @@ ffi::Error AttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -674,7 +833,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
@@ -687,7 +845,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_f32, AttentionF32,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -700,7 +857,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_f32, AttentionF32,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_s8, AttentionS8,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
@@ -712,6 +868,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_s8, AttentionS8,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
                                   .Attr<float>("scale"));
+
+// The workers, outside XLA, for tests: runs `parts` parts on up to `threads` threads (the caller
+// and workers), part p adding p + 1 to a total after `spin` iterations of busy work, and returns
+// the total (parts (parts + 1) / 2 when every part ran exactly once).
+extern "C" int64_t press_workers_selftest(int64_t parts, int64_t threads, int64_t spin) {
+  std::atomic<int64_t> total{0};
+  parallel_stripes(parts, threads, [&](int64_t p) {
+    volatile int64_t busy = 0;
+    for (int64_t i = 0; i < spin; ++i) busy = busy + i;
+    total.fetch_add(p + 1);
+  });
+  return total.load();
+}
+
+// The workers the kernels share calls with (one per CPU this process may use, less the caller).
+extern "C" int64_t press_kernel_workers() { return workers().size(); }
 
 // Which code path this build has (1: AVX-512, 0: plain C++), for the Python side to report.
 extern "C" int press_cpu_kernels_avx512() {

@@ -5,8 +5,10 @@ Batch-1 decoding reads every weight once per token, so its speed is the rate at 
 weights stream from memory. XLA's CPU backend does not fuse the integer-to-float conversion
 into its dot: `x @ (q.astype(f32) * scale)` writes and reads a float copy of the weights (four
 times the int8 bytes), and runs slower than float weights would (BENCHMARKS.md, issue 16).
-cpu_kernels.cc streams the integers once, widens them in registers and keeps the accumulators
-there; `jax.ffi` makes it an XLA custom call, parallel over XLA's own intra-op threads.
+cpu.cc streams the integers once, widens them in registers and keeps the accumulators there;
+`jax.ffi` makes it an XLA custom call. Its calls are split between the calling thread and
+workers of its own that spin between calls (waking a sleeping pool thread for each of a decode
+step's ~200 calls cost more than the half it took over; cpu.cc says how they work).
 
 Decode attention is the same story at long contexts: XLA slices the attended slots out of the
 cache (a copy), moves heads ahead of slots (another) and runs small batched dots at a few GB/s;
@@ -112,11 +114,15 @@ def _load() -> ctypes.CDLL | None:
         library = ctypes.cdll.LoadLibrary(path)
         for target in _TARGETS:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+        for name in ("press_workers_selftest", "press_kernel_workers"):
+            getattr(library, name).restype = ctypes.c_int64
+        library.press_workers_selftest.argtypes = [ctypes.c_int64] * 3
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _status = f"unavailable: {type(e).__name__}: {e}"
         return None
     isa = "AVX-512" if library.press_cpu_kernels_avx512() else "portable C++"
-    _status = f"loaded ({isa}) from {path}"
+    workers = library.press_kernel_workers()
+    _status = f"loaded ({isa}, {workers} worker thread{'s' * (workers != 1)}) from {path}"
     return library
 
 
@@ -142,7 +148,7 @@ def _require() -> None:
 
 
 def _threads() -> np.int64:
-    return np.int64(int(os.environ.get("PRESS_CPU_KERNEL_THREADS", "0")))  # 0: XLA's intra-op threads + caller
+    return np.int64(int(os.environ.get("PRESS_CPU_KERNEL_THREADS", "0")))  # 0: the caller and one worker per further CPU
 
 
 def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> jnp.ndarray:
