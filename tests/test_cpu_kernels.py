@@ -44,11 +44,15 @@ def test_int8_and_int4_products_equal_float64(rows, k, n):
     want = x.astype(np.float64) @ (q[2].astype(np.float64) * scale[2])
     got = jax.jit(cpu_kernels.int8_matmul)(x, q, scale, 2)  # layer 2 of a stack of 3, read in place
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    hinted = cpu_kernels.int8_matmul(jnp.asarray(x), q, scale, 2, after=(q[:, ::-1], 7))  # prefetch hints: past the end
+    np.testing.assert_array_equal(hinted, got)
     for zero_point in (False, True):
         packed, gscale, offset, w = _int4_case(rng, 2, k // 32, 32, n, zero_point)
         want = x.astype(np.float64) @ w[1]
         got = cpu_kernels.int4_matmul(jnp.asarray(x), packed, gscale, offset, zero_point, 1)
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+        hinted = cpu_kernels.int4_matmul(jnp.asarray(x), packed, gscale, offset, zero_point, 1, after=(packed, 0))
+        np.testing.assert_array_equal(hinted, got)
 
 
 def test_callers_on_many_threads_at_once_get_their_own_products():
@@ -134,6 +138,15 @@ def test_the_decode_step_reads_the_integers_in_place(tiny):
     hlo = step.lower(q, jnp.zeros((1, 1), jnp.int32), cache).compile().as_text()
     calls = [line for line in hlo.splitlines() if "press_int8_matmul" in line and "custom-call(" in line]
     assert len(calls) == 8 and all("s8[2," in line for line in calls[:7])  # [L=2, ...] stacks
+    # Each layer call also names the stack its successor reads (the kernel prefetches it while it
+    # finishes): the seven stacks once each, rotated (down's is the next layer's q); the head, none.
+    operands = [re.search(r"operand_layout_constraints=\{(.*)\}, api_version", line).group(1) for line in calls]
+    shapes = [[tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([0-9,]*)\]", o)]
+              for o in operands]
+    layer_calls = [sh for sh in shapes if sh[1][0] == 2]
+    assert len(layer_calls) == 7
+    assert sorted(np.prod(sh[4]) for sh in layer_calls) == sorted(np.prod(sh[1]) for sh in layer_calls)
+    assert [sh[4] for sh in shapes if sh[1][0] != 2] == [(1,)]
     assert _float_copies(hlo, q) == []
     assert _float_copies(step.lower(matmul.single_device(q), jnp.zeros((1, 1), jnp.int32), cache).compile().as_text(),
                          q), "the plain path converts the head's int8 kernel to float: the check can fail"

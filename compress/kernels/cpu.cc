@@ -86,6 +86,22 @@ inline int64_t prefetch_ahead(int64_t N, int64_t rows_per_block) {
   return N >= kWide ? kPrefetch : rows_per_block * N;
 }
 
+// The next call's weights (the layer's next projection, when the model says which:
+// compress/models/layer_scan.py): a narrow part's last block prefetches, instead of the block
+// after it, the first bytes this part's share of them, so memory stays busy across the gap
+// between calls, where both threads finish and XLA's small ops run before the next call.
+struct NextWeights {
+  const int8_t* begin = nullptr;
+  int64_t bytes = 0;
+  // The prefetch offset for a block starting at `block` of part p of `parts`: from its rows to
+  // the same places in this part's share of the next weights (or, without them, `ahead`).
+  int64_t offset(const int8_t* block, int64_t ahead, int64_t p, int64_t parts) const {
+    if (!begin) return ahead;
+    return static_cast<int64_t>(reinterpret_cast<intptr_t>(begin + bytes * p / parts) -
+                                reinterpret_cast<intptr_t>(block));
+  }
+};
+
 inline float half_to_float(uint16_t h) {
 #ifdef PRESS_AVX512
   return _cvtsh_ss(h);
@@ -261,13 +277,15 @@ void int8_tiles(const float* x, int64_t K, const int8_t* q, int64_t N, float* y,
 
 // y[:, c0:c1] (row stride ldy) = the products over inputs [k0, k1) (zeroed first; not scaled)
 void int8_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy,
-               int64_t c0, int64_t c1, int64_t k0, int64_t k1) {
+               int64_t c0, int64_t c1, int64_t k0, int64_t k1, const NextWeights& next, int64_t p, int64_t parts) {
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
   const int64_t rows_per_block = N >= kWide ? kWideDepth : kDepth;
-  const int64_t ahead = prefetch_ahead(N, rows_per_block);
+  const int64_t block_ahead = prefetch_ahead(N, rows_per_block);
   prefetch_start(q, N, k0, std::min(k1, k0 + rows_per_block), c0, c1);  // the loop fetches the rest ahead
   for (int64_t k = k0; k < k1; k += rows_per_block) {
     const int64_t depth = std::min(rows_per_block, k1 - k);
+    const bool last = k + rows_per_block >= k1 && N < kWide;
+    const int64_t ahead = last ? next.offset(q + k * N, block_ahead, p, parts) : block_ahead;
     if (M <= kRowBlock) {  // one block of rows: its tiles in one call (a wide block's tile is only 256 bytes)
       const int64_t full = c0 + (c1 - c0) / kTile * kTile;
       switch (M) {
@@ -292,11 +310,13 @@ void int8_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N,
 // The same for packed int4 over groups [g0, g1), scales applied group by group
 void int4_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N, int64_t S, const uint16_t* scale,
                const uint16_t* offset, bool zero_point, const float* sums, float* y, int64_t ldy, int64_t c0,
-               int64_t c1, int64_t g0, int64_t g1) {
+               int64_t c1, int64_t g0, int64_t g1, const NextWeights& next, int64_t p, int64_t parts) {
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
-  const int64_t ahead = prefetch_ahead(N, S / 2);
+  const int64_t block_ahead = prefetch_ahead(N, S / 2);
   if (g1 > g0) prefetch_start(q, N, g0 * (S / 2), (g0 + 1) * (S / 2), c0, c1);
-  for (int64_t g = g0; g < g1; ++g)
+  for (int64_t g = g0; g < g1; ++g) {
+    const bool last = g + 1 == g1 && N < kWide;
+    const int64_t ahead = last ? next.offset(q + g * (S / 2) * N, block_ahead, p, parts) : block_ahead;
     for (int64_t c = c0; c < c1; c += kTile) {
       const int64_t vecs = std::min(kTile, c1 - c) / 16;
       for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
@@ -304,6 +324,7 @@ void int4_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N,
         PRESS_DISPATCH(int4_tile, rows, vecs, x, K, q, N, S, scale, offset, zero_point, sums, y, ldy, m0, g, c, ahead)
       }
     }
+  }
 }
 
 // ---- the kernels' own workers
@@ -489,7 +510,7 @@ void split_work(int64_t threads, int64_t M, int64_t N, int64_t units, float* y, 
   const int64_t parts = std::max<int64_t>(1, std::min(threads, wide ? N / 16 : units));
   if (wide || parts == 1) {
     parallel_stripes(parts, parts, [=](int64_t p) {
-      part(range_start(p, parts, N, 16), range_start(p + 1, parts, N, 16), 0, units, y, N);
+      part(range_start(p, parts, N, 16), range_start(p + 1, parts, N, 16), 0, units, y, N, p, parts);
     });
     return;
   }
@@ -497,7 +518,7 @@ void split_work(int64_t threads, int64_t M, int64_t N, int64_t units, float* y, 
   float* extra = scratch.data();
   parallel_stripes(parts, parts, [=](int64_t p) {
     part(0, N, range_start(p, parts, units, 1), range_start(p + 1, parts, units, 1),
-         p == 0 ? y : extra + (p - 1) * M * N, N);
+         p == 0 ? y : extra + (p - 1) * M * N, N, p, parts);
   });
   for (int64_t p = 1; p < parts; ++p)
     for (int64_t i = 0; i < M * N; ++i) y[i] += extra[(p - 1) * M * N + i];
@@ -510,9 +531,18 @@ ffi::Error layer_of(ffi::Buffer<ffi::S32>& layer, int64_t layers, int64_t* out) 
   return ffi::Error::Success();
 }
 
+// The next call's weights from a stack [L, ...] of s8 and a layer (none: a one-element stack).
+NextWeights next_weights(ffi::Buffer<ffi::S8>& stack, ffi::Buffer<ffi::S32>& layer) {
+  auto dims = stack.dimensions();
+  const int64_t total = stack.element_count();
+  if (dims.size() < 2 || total < 2) return {};
+  const int64_t bytes = total / dims[0];
+  return {stack.typed_data() + std::clamp<int64_t>(*layer.typed_data(), 0, dims[0] - 1) * bytes, bytes};
+}
+
 ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y,
-                      int64_t threads) {
+                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S8> next_q,
+                      ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
   auto dims = q.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("press int8 kernel: weights must be [L, K, N]");
   const int64_t K = dims[1], N = dims[2], M = x.element_count() / K;
@@ -523,10 +553,11 @@ ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
   const int8_t* qp = q.typed_data() + l * K * N;
   const float* sp = scale.typed_data() + l * N;
   float* yp = y->typed_data();
+  const NextWeights next = next_weights(next_q, next_layer);
   // Inputs are split in whole blocks of kDepth rows.
   split_work(thread_count(threads, K * N, M), M, N, (K + kDepth - 1) / kDepth, yp,
-             [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy) {
-               int8_part(xp, M, K, qp, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth));
+             [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy, int64_t p, int64_t parts) {
+               int8_part(xp, M, K, qp, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts);
              });
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < N; ++c) yp[m * N + c] *= sp[c];
@@ -535,7 +566,8 @@ ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
 
 ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::S32> layer,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t threads, bool zero_point, bool has_offset) {
+                      ffi::Buffer<ffi::S8> next_q, ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y,
+                      int64_t threads, bool zero_point, bool has_offset) {
   auto dims = q.dimensions();
   if (dims.size() != 4) return ffi::Error::InvalidArgument("press int4 kernel: codes must be [L, G, S/2, N]");
   const int64_t G = dims[1], S = 2 * dims[2], N = dims[3], K = G * S, M = x.element_count() / K;
@@ -555,9 +587,10 @@ ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
       sums[m * G + g] = total;
     }
   const float* sums_p = sums.data();
+  const NextWeights next = next_weights(next_q, next_layer);
   split_work(thread_count(threads, K * N / 2, M), M, N, G, yp,
-             [=](int64_t c0, int64_t c1, int64_t g0, int64_t g1, float* out, int64_t ldy) {
-               int4_part(xp, M, K, qp, N, S, sp, op, zero_point, sums_p, out, ldy, c0, c1, g0, g1);
+             [=](int64_t c0, int64_t c1, int64_t g0, int64_t g1, float* out, int64_t ldy, int64_t p, int64_t parts) {
+               int4_part(xp, M, K, qp, N, S, sp, op, zero_point, sums_p, out, ldy, c0, c1, g0, g1, next, p, parts);
              });
   return ffi::Error::Success();
 }
@@ -828,6 +861,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads"));
 
@@ -837,6 +872,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")

@@ -151,23 +151,33 @@ def _threads() -> np.int64:
     return np.int64(int(os.environ.get("PRESS_CPU_KERNEL_THREADS", "0")))  # 0: the caller and one worker per further CPU
 
 
-def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> jnp.ndarray:
+def _next_operands(after) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The weights the next call reads, (a stack [L, ...] of int8 codes, its layer), as the
+    kernels take them: they prefetch its first bytes while they finish (none: a dummy)."""
+    if after is None:
+        return jnp.zeros((1,), jnp.int8), jnp.int32(0)
+    stack, layer = after
+    return stack, jnp.asarray(layer, jnp.int32)
+
+
+def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0, after=None) -> jnp.ndarray:
     """x [M, K] float32 @ (q[layer] int8 [K, N] * scale[layer] [N]) -> [M, N] float32, where q is
-    [L, K, N] and scale [L, N] (a stack of layers; read in place) or [K, N] and [N]."""
+    [L, K, N] and scale [L, N] (a stack of layers; read in place) or [K, N] and [N].
+    after: (stack, layer), the int8 weights the model reads next, to prefetch, or None."""
     _require()
     if q.ndim == 2:
         q, scale = q[None], scale.reshape(1, -1)
     call = jax.ffi.ffi_call("press_int8_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32),
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32),
-                threads=_threads())
+                *_next_operands(after), threads=_threads())
 
 
 def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None,
-                zero_point: bool, layer=0) -> jnp.ndarray:
+                zero_point: bool, layer=0, after=None) -> jnp.ndarray:
     """x [M, G*S] float32 against packed codes q[layer] [G, S/2, N] with float16 group scales
     (and offsets) [G, N] (compress/quant/packed_int4.py's layout) -> [M, N] float32; q, scale
-    and offset have a leading axis of stacked layers, or none."""
+    and offset have a leading axis of stacked layers, or none. after: as int8_matmul's."""
     _require()
     if q.ndim == 3:
         q, scale, offset = q[None], scale[None], None if offset is None else offset[None]
@@ -176,7 +186,7 @@ def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
     has_offset = offset is not None
     offset = offset.astype(jnp.float16) if has_offset else jnp.zeros((1,), jnp.float16)
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float16), offset, jnp.asarray(layer, jnp.int32),
-                threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset)
+                *_next_operands(after), threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset)
 
 
 def attention_usable(q: jnp.ndarray, cache: jnp.ndarray) -> bool:

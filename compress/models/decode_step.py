@@ -89,7 +89,7 @@ def forward_step(
 
     def block(carry, p):
         x, (cache_k, k_scale), (cache_v, v_scale), layer = carry
-        p = layer_scan.layer(p, whole, layer)
+        p = layer_scan.layer(p, whole, layer, decoder.CALL_ORDER)
 
         def attend(q, k, v):  # [1, R + C, N, H], [1, R + C, K, H] x2 -> [1, R + C, N, H]
             nonlocal cache_k, cache_v, k_scale, v_scale

@@ -103,6 +103,7 @@ PROJECTIONS = {
     "down": "BTF,FD->BTD",
     "lm_head": "BTD,DV->BTV",
 }
+CALL_ORDER = ("q", "k", "v", "o", "gate", "up", "down")  # the order decoder_layer calls a layer's projections in
 
 
 def param_specs(c: DecoderConfig) -> dict[str, Any]:
@@ -348,7 +349,7 @@ def forward(
         # The cache rides in the carry, so each layer updates its slots in place instead of
         # the scan copying the whole cache in and out on every call.
         x, (cache_k, k_scale), (cache_v, v_scale), layer = carry
-        p = layer_scan.layer(p, whole, layer)
+        p = layer_scan.layer(p, whole, layer, CALL_ORDER)
         probs = None
 
         def attend(q, k, v):  # [B, T, N, H], [B, T, K, H] x2 -> [B, T, N, H]

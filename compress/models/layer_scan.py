@@ -8,7 +8,9 @@ decode step, which is all weight reading, that copy is a second pass over the we
 A projection whose static spec names `whole_keys` (compress/quant/matmul.py, for its native
 kernels) keeps those arrays out of the scan: each layer gets them whole, [L, ...], with the
 layer's number under "layer", and the spec's matmul reads layer `layer` itself. Everything
-else (norms, float kernels, biases, adapters) is sliced by the scan as before.
+else (norms, float kernels, biases, adapters) is sliced by the scan as before. Given the order
+the layer calls its projections in, each also learns which weights come next, for its kernel
+to prefetch (a decode step's memory would otherwise idle between two calls).
 """
 
 from __future__ import annotations
@@ -37,9 +39,22 @@ def split(layers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return sliced, whole
 
 
-def layer(sliced: dict[str, Any], whole: dict[str, Any], index: jnp.ndarray) -> dict[str, Any]:
-    """One layer's parameters: the scan's slice, with the whole arrays and `index` put back."""
+def layer(sliced: dict[str, Any], whole: dict[str, Any], index: jnp.ndarray,
+          order: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One layer's parameters: the scan's slice, with the whole arrays and `index` put back.
+
+    order: the projections in the order the layer calls them. Each whole one whose successor in
+    it is whole too gets `after` = (the successor's code stack, its layer; the last one's is the
+    first of the next layer), the weights its kernel prefetches while it finishes.
+    """
     if not whole:
         return sliced
-    return {name: {**value, **whole[name], "layer": index} if name in whole else value
-            for name, value in sliced.items()}
+    params = {name: {**value, **whole[name], "layer": index} if name in whole else value
+              for name, value in sliced.items()}
+    chain = [name for name in order if "qkernel" in whole.get(name, {})]
+    for i, name in enumerate(chain):
+        if i + 1 < len(chain):
+            params[name]["after"] = (whole[chain[i + 1]]["qkernel"], index)
+        else:
+            params[name]["after"] = (whole[chain[0]]["qkernel"], index + 1)  # kernels clamp past the last
+    return params

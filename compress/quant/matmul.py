@@ -59,10 +59,11 @@ class MatmulSpec:
         if self.whole_keys:
             shape = _native_shape(self, p, x, equation, stacked=layer is not None)
             if shape is not None:
-                return _native_einsum(self, equation, shape, _stored(p), x, 0 if layer is None else layer)
+                return _native_einsum(self, equation, shape, _stored(p), x, 0 if layer is None else layer,
+                                      p.get("after"))
         if layer is not None:  # the plain path reads the layer's slice
             p = {k: jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False) if k in _STORED else v
-                 for k, v in p.items() if k != "layer"}
+                 for k, v in p.items() if k not in ("layer", "after")}
         return self.plain_einsum(p, x, equation)
 
     def plain_einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
@@ -124,23 +125,26 @@ def _native_shape(spec: MatmulSpec, p: dict[str, Any], x: jnp.ndarray, equation:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stored: dict, x: jnp.ndarray, layer):
+def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stored: dict, x: jnp.ndarray, layer,
+                   after=None):
     """The native kernel's matmul of layer `layer` of the stored arrays (a stack of layers: their
-    leading axis; else a single kernel at layer 0)."""
+    leading axis; else a single kernel at layer 0). after: (codes stack, layer) the model reads
+    next, for the kernel to prefetch (compress/models/layer_scan.py), or None."""
     m, k, n, n_in = shape
     q = stored["qkernel"]
     stacked = _is_stack(spec, q, n_in, equation)
     layers = q.shape[0] if stacked else 1
     out_dims = q.shape[int(stacked) + (n_in if spec.group_size is None else 2) :]
     if spec.group_size is None:
-        y = cpu_kernels.int8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer)
+        y = cpu_kernels.int8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer,
+                                    after)
     else:
         offset = stored.get("group_offset")
         groups, half = q.shape[int(stacked)], q.shape[int(stacked) + 1]
         y = cpu_kernels.int4_matmul(x.reshape(m, k), q.reshape(layers, groups, half, n),
                                     stored["group_scale"].reshape(layers, groups, n),
                                     None if offset is None else offset.reshape(layers, groups, n), spec.zero_point,
-                                    layer)
+                                    layer, after)
     return y.reshape(*x.shape[: x.ndim - n_in], *out_dims).astype(x.dtype)
 
 
@@ -151,8 +155,8 @@ def _is_stack(spec: MatmulSpec, q: jnp.ndarray, n_in: int, equation: str) -> boo
     return q.ndim == kernel_ndim + 1
 
 
-def _native_fwd(spec, equation, shape, stored, x, layer):
-    return _native_einsum(spec, equation, shape, stored, x, layer), (stored, x, layer)
+def _native_fwd(spec, equation, shape, stored, x, layer, after=None):
+    return _native_einsum(spec, equation, shape, stored, x, layer, after), (stored, x, layer)
 
 
 def _native_bwd(spec, equation, shape, residuals, g):
@@ -160,7 +164,7 @@ def _native_bwd(spec, equation, shape, residuals, g):
     if _is_stack(spec, stored["qkernel"], shape[3], equation):
         stored = {k: jax.lax.dynamic_index_in_dim(v, layer, 0, keepdims=False) for k, v in stored.items()}
     _, vjp = jax.vjp(lambda x: spec.plain_einsum(stored, x, equation), x)
-    return None, vjp(g)[0], None
+    return None, vjp(g)[0], None, None
 
 
 _native_einsum.defvjp(_native_fwd, _native_bwd)
