@@ -76,6 +76,17 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def greedy(logits: jnp.ndarray) -> jnp.ndarray:
+    """The argmax over the last axis as int32, the lowest index among ties and the first NaN
+    where there is one (jnp.argmax's answer), in two plain reductions: XLA's CPU backend runs
+    jnp.argmax's (value, index) reduction as a scalar loop, 260 us for SmolLM2's 49,152 logits
+    against 58 us this way (1.8 ms against 0.39 ms at 16 rows), a twentieth of a decode step."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample(
     logits: jnp.ndarray,
     seeds: jnp.ndarray,
@@ -93,7 +104,7 @@ def sample(
     Returns:
       [B] int32 token ids.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    best = greedy(logits)
     sampling = temperature > 0
     uses_filter = sampling & ((top_k > 0) | (top_p < 1))
 
@@ -104,10 +115,10 @@ def sample(
         full = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         # top_k over the vocabulary is the costliest part: only when some row filters.
         filtered = jax.lax.cond(uses_filter.any(), _filtered, lambda *_: full, keys, scaled, top_k, top_p)
-        return jnp.where(sampling, jnp.where(uses_filter, filtered, full), greedy)
+        return jnp.where(sampling, jnp.where(uses_filter, filtered, full), best)
 
     # Decode batches that are all greedy (the common case) skip the random draws entirely.
-    return jax.lax.cond(sampling.any(), sampled, lambda _: greedy, None)
+    return jax.lax.cond(sampling.any(), sampled, lambda _: best, None)
 
 
 def _filtered(keys, scaled, top_k, top_p):
@@ -148,5 +159,5 @@ def probabilities(logits: jnp.ndarray, temperature: jnp.ndarray, top_k: jnp.ndar
 
     # top_k over the vocabulary is the costliest part: only when some row filters.
     probs = jax.lax.cond(uses_filter.any(), filtered, lambda _: full, None)
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), v, dtype=jnp.float32)
-    return jnp.where(sampling[:, None], jnp.where(uses_filter[:, None], probs, full), greedy)
+    greedy_mass = jax.nn.one_hot(greedy(logits), v, dtype=jnp.float32)
+    return jnp.where(sampling[:, None], jnp.where(uses_filter[:, None], probs, full), greedy_mass)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from compress.errors import InputError
 from compress.models import decoder
 from compress.models.attention import KVCache
-from serve.sampling import probabilities
+from serve.sampling import greedy as argmax, probabilities
 
 MAX_DRAFT_TOKENS = 16  # K; a longer proposal is almost never kept whole, and each K is its own program
 
@@ -58,7 +58,7 @@ def _keys(seeds: jnp.ndarray, counts: jnp.ndarray, purpose: int) -> jnp.ndarray:
 def propose(logits, seeds, counts, temperature, top_k, top_p) -> jnp.ndarray:
     """The draft's token per row [B] from its logits [B, V]: the argmax for greedy rows, a draw
     from its filtered distribution q for sampled rows (what `verify` assumes)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
     sampling = temperature > 0
 
     def sampled(_):
@@ -82,7 +82,7 @@ def verify(target_logits, draft_tokens, draft_logits, seeds, counts, temperature
     b, k1, v = target_logits.shape
     k = k1 - 1
     sampling = temperature > 0
-    best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, K + 1]
+    best = argmax(target_logits)  # [B, K + 1]
     # Greedy: the kept tokens equal the target's argmax, so the argmax row is the output.
     greedy_kept = jnp.sum(jnp.cumprod(draft_tokens == best[:, :k], axis=1), axis=1).astype(jnp.int32)
 

@@ -85,3 +85,19 @@ def test_same_seed_same_tokens_regardless_of_row():
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_greedy_is_jnp_argmax_ties_nans_and_all():
+    from serve.sampling import greedy
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((5, 49152)).astype(np.float32)
+    logits[1, [7, 90, 40000]] = 9.0  # a three-way tie: the lowest index
+    logits[2, [5, 60]] = np.nan  # the first NaN, as jnp.argmax answers
+    logits[3] = -np.inf  # nothing but -inf: index 0
+    logits[4, -1] = np.inf
+    got = jax.jit(greedy)(jnp.asarray(logits))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+    np.testing.assert_array_equal(got, [np.argmax(logits[0]), 7, 5, 0, 49151])
+    assert jax.jit(greedy)(jnp.asarray(logits[None])).shape == (1, 5)  # any leading axes
