@@ -7,7 +7,12 @@ warmed up at every batch size before it is timed: press by `Engine.warmup()`, tr
 llama.cpp by one untimed `generate` of the same prompts. Each ratio names both sides and their
 formats (press_fp32_over_transformers_fp32: press's tokens/s over transformers').
 
+With --schemes, press also serves each scheme's directory (written by `press quantize`, made
+here if missing) at every batch size, reported against press fp32 in the same run: at 16-64
+rows a step is bound by the matmuls, where w8a8 runs on integer dot products (AVX-512 VNNI).
+
   .venv/bin/python benchmarks/decode.py [--new-tokens 128] [--batches 1,16,64] [--out bench-results/decode.json]
+      [--schemes int8,w8a8,int8+embed-int8] [--work out/decode] [--no-peers]
 """
 
 from __future__ import annotations
@@ -121,13 +126,25 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="bench-results/decode.json")
+    parser.add_argument("--schemes", default="", help="comma-separated press quantize schemes also served by press")
+    parser.add_argument("--work", default="out/decode", help="where the schemes' directories are made")
+    parser.add_argument("--no-peers", action="store_true", help="press only (no transformers or llama.cpp)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     from compress.formats.registry import resolve
+    from roofline import quantized_directory
 
     path = resolve(args.model).path
     press = bench_press(args.model, batches, args.new_tokens)
+    schemes = {scheme: bench_press(quantized_directory(args.model, scheme, args.work), batches, args.new_tokens)
+               for scheme in filter(None, args.schemes.split(","))}
+    scheme_ratios = {f"batch{b}_press_{scheme}_over_press_fp32": r[b]["tokens_per_s"] / press[b]["tokens_per_s"]
+                     for scheme, r in schemes.items() for b in batches}
+    if args.no_peers:
+        write_result(args.out, {"model": args.model, "new_tokens": args.new_tokens, "threads": args.threads,
+                                "press": press, "press_schemes": schemes, "ratios": scheme_ratios})
+        return
     hf = bench_transformers(path, batches, args.new_tokens, args.threads)
     llama = bench_llama_cpp(path, args.new_tokens, args.threads)
     result = {
@@ -137,12 +154,13 @@ def main() -> None:
         "formats": {"press": "fp32 (the GGUF dequantized)", "transformers": "fp32 (the GGUF dequantized)",
                     "llama_cpp": "Q4_1 (the GGUF as shipped)"},
         "press": press,
+        "press_schemes": schemes,
         "transformers": hf,
         "llama_cpp": llama,
         "ratios": {
             f"batch{b}_press_fp32_over_transformers_fp32": press[b]["tokens_per_s"] / hf[b]["tokens_per_s"]
             for b in batches
-        },
+        } | scheme_ratios,
     }
     if 1 in batches and llama:
         result["ratios"]["batch1_decode_press_fp32_over_llama_cpp_q4_1"] = (

@@ -55,6 +55,50 @@ def test_int8_and_int4_products_equal_float64(rows, k, n):
         np.testing.assert_array_equal(hinted, got)
 
 
+vnni = pytest.mark.skipif(not cpu_kernels.has_w8a8(), reason="no AVX-512 VNNI on this CPU: w8a8 keeps AQT's path")
+
+
+@vnni
+@pytest.mark.parametrize("rows, k, n", [(1, 576, 576), (5, 576, 192), (16, 1536, 576), (64, 64, 4160), (3, 68, 128)])
+def test_w8a8_products_are_the_per_token_integer_products_aqt_computes(rows, k, n):
+    rng = np.random.default_rng(rows + k + n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, 3] = 40.0  # an outlier channel: the row's step is large, most codes small
+    if rows > 1:
+        x[1] = 0.0  # a row of zeros: step 1, every code 0
+    q = rng.integers(-127, 128, (3, k, n)).astype(np.int8)
+    scale = ((rng.random((3, n)) + 0.5) / 100).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_kernels.w8a8_matmul)(x, q, scale, 1))
+    step = np.abs(x).max(axis=1, keepdims=True) / 127
+    step[step == 0] = 1
+    codes = np.clip(np.round(x / step), -127, 127)  # numpy rounds half to even, as the kernel
+    want = (codes.astype(np.float64) @ q[1].astype(np.float64)) * step * scale[1]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    from compress.quant import aqt_matmul
+
+    aqt = aqt_matmul.int_weight_einsum("mk,kn->mn", jnp.asarray(x), jnp.asarray(q[1]), jnp.asarray(scale[1][None]), 8, 8)
+    np.testing.assert_allclose(got, aqt, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@vnni
+def test_a_w8a8_decoder_runs_its_projections_on_the_integer_kernel(tiny):
+    config, params, _ = tiny
+    q = _quantized(params, "w8a8")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 7)), jnp.int32)
+    forward = jax.jit(lambda p, t: decoder.forward(p, t, config).logits)
+    native, plain = forward(q, tokens), forward(matmul.single_device(q), tokens)
+    np.testing.assert_allclose(native, plain, atol=1e-4 * float(jnp.abs(plain).max()))
+    text = forward.lower(q, tokens).as_text()
+    assert text.count("press_w8a8") == 5  # q, o, gate, up, down; k and v (32 wide) stay on AQT's path
+    assert "press_w8a8" not in forward.lower(matmul.single_device(q), tokens).as_text()
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, config.embed_dim)), jnp.float32)
+    w = q["layers"]["gate"]
+    one = {key: (v[0] if hasattr(v, "shape") else v) for key, v in w.items()}
+    grad = jax.grad(lambda x: decoder.dense(one, x, decoder.PROJECTIONS["gate"]).sum())(x)  # the plain path's VJP
+    grad_plain = jax.grad(lambda x: decoder.dense(matmul.single_device(one), x, decoder.PROJECTIONS["gate"]).sum())(x)
+    np.testing.assert_allclose(grad, grad_plain, rtol=1e-5, atol=1e-6)
+
+
 def test_callers_on_many_threads_at_once_get_their_own_products():
     """XLA may run independent custom calls side by side, and several models may serve in one
     process: every caller must get its own product while they share the kernels' workers."""

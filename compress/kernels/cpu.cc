@@ -595,6 +595,175 @@ ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
   return ffi::Error::Success();
 }
 
+// ---- w8a8: int8 weights times int8 activations on integer dot products (AVX-512 VNNI)
+//
+// Where a step carries 16-64 rows the float kernels above are bound by their multiplies, not by
+// the weights' bytes: each weight is widened to float and meets every row in a float FMA (16
+// products an instruction). vpdpbusd multiplies 64 bytes by 64 bytes into 16 int32 sums, four
+// times the products, with no widening. So the w8a8 scheme's matmul runs here as:
+//   x [M, K] f32 -> per row: scale sx[m] = max|x[m]| / 127, codes xq = round(x / sx) in -127..127
+//                   (AQT's per-token numerics, compress/quant/aqt_matmul.py)
+//   y[m, n] = sx[m] * scale[n] * sum_k xq[m, k] q[k, n]
+// vpdpbusd takes one unsigned operand: the weights, moved to 0..255 by flipping their top bit
+// (q + 128), so each sum carries 128 * sum_k xq[m, k], subtracted at the end. Its lanes each sum
+// four consecutive inputs of one column: a block of four weight rows is interleaved in registers
+// (two rounds of byte/word unpacks, per 128-bit lane) into a small buffer reused by every block
+// of activation rows, the four inputs of a row's codes broadcast to every lane. The unpacks
+// leave a 64-column tile's columns permuted (lane L of unpacked group g holds columns
+// 16 L + 4 g .. + 3), undone when the int32 sums become floats. K % 4 == 0 and N % 64 == 0.
+
+#if defined(PRESS_AVX512) && defined(__AVX512VNNI__)
+#define PRESS_VNNI 1
+constexpr int64_t kQuadBlock = 16;  // quads of inputs (64 weight rows) interleaved at a time
+
+// Interleave weight rows k .. k + 4 quads * 4 of columns [c, c + 64) into buf[quad][group] (u8).
+// `ahead`: bytes ahead of each row the weights are prefetched (the next block of rows, or along a wide row).
+inline void interleave_quads(const int8_t* q, int64_t N, int64_t k, int64_t quads, int64_t c, __m512i* buf,
+                             int64_t ahead) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t j = 0; j < quads; ++j) {
+    const int8_t* row = q + (k + 4 * j) * N + c;
+    for (int64_t i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(row + i * N + ahead), _MM_HINT_T0);
+    const __m512i r0 = _mm512_xor_si512(_mm512_loadu_si512(row), flip);
+    const __m512i r1 = _mm512_xor_si512(_mm512_loadu_si512(row + N), flip);
+    const __m512i r2 = _mm512_xor_si512(_mm512_loadu_si512(row + 2 * N), flip);
+    const __m512i r3 = _mm512_xor_si512(_mm512_loadu_si512(row + 3 * N), flip);
+    const __m512i t0 = _mm512_unpacklo_epi8(r0, r1), t1 = _mm512_unpackhi_epi8(r0, r1);
+    const __m512i t2 = _mm512_unpacklo_epi8(r2, r3), t3 = _mm512_unpackhi_epi8(r2, r3);
+    buf[4 * j + 0] = _mm512_unpacklo_epi16(t0, t2);
+    buf[4 * j + 1] = _mm512_unpackhi_epi16(t0, t2);
+    buf[4 * j + 2] = _mm512_unpacklo_epi16(t1, t3);
+    buf[4 * j + 3] = _mm512_unpackhi_epi16(t1, t3);
+  }
+}
+
+// acc[m0 .. m0 + R) [4 groups] += the quads' products with rows m0.. of the codes xq (ld K4 int32
+// words: four codes each), read from and written back to sums (int32, permuted tile order).
+template <int R>
+inline void w8a8_rows(const int32_t* xq, int64_t K4, int64_t m0, int64_t k4, int64_t quads, const __m512i* buf,
+                      int32_t* sums, int64_t lds, int64_t c) {
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_loadu_si512(sums + (m0 + r) * lds + c + 16 * g);
+  for (int64_t j = 0; j < quads; ++j)
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = _mm512_set1_epi32(xq[(m0 + r) * K4 + k4 + j]);
+      for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_dpbusd_epi32(acc[r][g], buf[4 * j + g], a);
+    }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < 4; ++g) _mm512_storeu_si512(sums + (m0 + r) * lds + c + 16 * g, acc[r][g]);
+}
+
+// sums[:, c0:c1] (ld lds, zeroed first) = products over inputs [k0, k1) (multiples of 4).
+void w8a8_part(const int32_t* xq, int64_t M, int64_t K, const int8_t* q, int64_t N, int32_t* sums, int64_t lds,
+               int64_t c0, int64_t c1, int64_t k0, int64_t k1) {
+  for (int64_t m = 0; m < M; ++m) std::memset(sums + m * lds + c0, 0, sizeof(int32_t) * (c1 - c0));
+  const int64_t K4 = K / 4;
+  alignas(64) __m512i buf[4 * kQuadBlock];
+  const int64_t ahead = N >= kWide ? kPrefetch : 4 * kQuadBlock * N;
+  prefetch_start(q, N, k0, std::min(k1, k0 + 4 * kQuadBlock), c0, c1);
+  for (int64_t k = k0; k < k1; k += 4 * kQuadBlock) {
+    const int64_t quads = std::min<int64_t>(kQuadBlock, (k1 - k) / 4);
+    for (int64_t c = c0; c < c1; c += 64) {
+      interleave_quads(q, N, k, quads, c, buf, ahead);
+      int64_t m0 = 0;
+      for (; m0 + 4 <= M; m0 += 4) w8a8_rows<4>(xq, K4, m0, k / 4, quads, buf, sums, lds, c);
+      switch (M - m0) {
+        case 3: w8a8_rows<3>(xq, K4, m0, k / 4, quads, buf, sums, lds, c); break;
+        case 2: w8a8_rows<2>(xq, K4, m0, k / 4, quads, buf, sums, lds, c); break;
+        case 1: w8a8_rows<1>(xq, K4, m0, k / 4, quads, buf, sums, lds, c); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// One row of activations to int8 codes: step = max|x| / 127 (1 for a row of zeros), codes =
+// round-half-even(x / step) clipped to +-127, and the codes' sum.
+inline void quantize_row(const float* x, int64_t K, int8_t* codes, float* step_out, int32_t* sum_out) {
+  __m512 top = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float most = _mm512_reduce_max_ps(top);
+  for (; k < K; ++k) most = std::max(most, std::fabs(x[k]));
+  const float step = most > 0.0f ? most / 127.0f : 1.0f;
+  const __m512 vstep = _mm512_set1_ps(step), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  __m512i total = _mm512_setzero_si512();
+  int32_t tail = 0;
+  for (k = 0; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vstep), lo), hi);
+    const __m512i code = _mm512_cvtps_epi32(v);  // the default rounding: to nearest, ties to even
+    total = _mm512_add_epi32(total, code);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
+  }
+  for (; k < K; ++k) {
+    const int32_t code = static_cast<int32_t>(std::nearbyint(std::clamp(x[k] / step, -127.0f, 127.0f)));
+    codes[k] = static_cast<int8_t>(code);
+    tail += code;
+  }
+  *step_out = step;
+  *sum_out = _mm512_reduce_add_epi32(total) + tail;
+}
+
+ffi::Error W8A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
+  auto dims = q.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("press w8a8 kernel: weights must be [L, K, N]");
+  const int64_t K = dims[1], N = dims[2], M = x.element_count() / K;
+  if (auto error = check(M, N); error.failure()) return error;
+  if (K % 4 || N % 64) return ffi::Error::InvalidArgument("press w8a8 kernel: needs K % 4 == 0 and N % 64 == 0");
+  int64_t l;
+  if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
+  const float* xp = x.typed_data();
+  const int8_t* qp = q.typed_data() + l * K * N;
+  const float* sp = scale.typed_data() + l * N;
+  float* yp = y->typed_data();
+  // The activations' codes (four to an int32 word, as vpdpbusd broadcasts them), scales and sums.
+  std::vector<int8_t> codes(M * K);
+  std::vector<float> row_scale(M);
+  std::vector<int32_t> row_sum(M);
+  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, codes.data() + m * K, &row_scale[m], &row_sum[m]);
+  const int32_t* xq = reinterpret_cast<const int32_t*>(codes.data());
+  const int64_t blocks = (K / 4 + kQuadBlock - 1) / kQuadBlock;
+  const int64_t workers_wanted = thread_count(threads, K * N, M);
+  const bool wide = N >= kWide;
+  const int64_t parts = std::max<int64_t>(1, std::min(workers_wanted, wide ? N / 64 : blocks));
+  std::vector<int32_t> sums((wide ? 1 : parts) * M * N);
+  int32_t* sums_p = sums.data();
+  parallel_stripes(parts, parts, [=](int64_t p) {
+    if (wide) {
+      const int64_t c0 = N / 64 * p / parts * 64, c1 = N / 64 * (p + 1) / parts * 64;
+      w8a8_part(xq, M, K, qp, N, sums_p, N, c0, c1, 0, K);
+    } else {
+      const int64_t k0 = blocks * p / parts * 4 * kQuadBlock, k1 = std::min(K, blocks * (p + 1) / parts * 4 * kQuadBlock);
+      w8a8_part(xq, M, K, qp, N, sums_p + p * M * N, N, 0, N, k0, k1);
+    }
+  });
+  const int64_t sets = wide ? 1 : parts;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < N; c += 64) {
+      __m512i g[4];
+      for (int64_t i = 0; i < 4; ++i) {
+        g[i] = _mm512_loadu_si512(sums_p + m * N + c + 16 * i);
+        for (int64_t set = 1; set < sets; ++set)
+          g[i] = _mm512_add_epi32(g[i], _mm512_loadu_si512(sums_p + set * M * N + m * N + c + 16 * i));
+      }
+      // Back to column order: out[L] = lane L of g[0], g[1], g[2], g[3] (a 4 x 4 transpose of lanes).
+      const __m512i a = _mm512_shuffle_i32x4(g[0], g[1], 0x44), b = _mm512_shuffle_i32x4(g[2], g[3], 0x44);
+      const __m512i cc = _mm512_shuffle_i32x4(g[0], g[1], 0xEE), d = _mm512_shuffle_i32x4(g[2], g[3], 0xEE);
+      const __m512i out[4] = {_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD),
+                              _mm512_shuffle_i32x4(cc, d, 0x88), _mm512_shuffle_i32x4(cc, d, 0xDD)};
+      const __m512i offset = _mm512_set1_epi32(128 * row_sum[m]);
+      const __m512 rs = _mm512_set1_ps(row_scale[m]);
+      for (int64_t i = 0; i < 4; ++i) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(out[i], offset));
+        _mm512_storeu_ps(yp + m * N + c + 16 * i, _mm512_mul_ps(_mm512_mul_ps(v, rs), _mm512_loadu_ps(sp + c + 16 * i)));
+      }
+    }
+  return ffi::Error::Success();
+}
+#endif
+
 // ---- decode attention: a few query positions per row against the KV cache, read in place
 //
 // Layouts: q [B, T, N, H] float32 (scores are q.k * scale, scale an attribute: H^-0.5); caches [L, R, S, K, H] (float32, or
@@ -905,6 +1074,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_s8, AttentionS8,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
                                   .Attr<float>("scale"));
+
+#ifdef PRESS_VNNI
+XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w8a8_matmul, W8A8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
+#endif
+
+// Whether this build has the w8a8 kernel (the CPU has AVX-512 VNNI), for the Python side.
+extern "C" int press_cpu_kernels_vnni() {
+#ifdef PRESS_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // The workers, outside XLA, for tests: runs `parts` parts on up to `threads` threads (the caller
 // and workers), part p adding p + 1 to a total after `spin` iterations of busy work, and returns

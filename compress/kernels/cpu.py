@@ -112,7 +112,8 @@ def _load() -> ctypes.CDLL | None:
         if not os.path.exists(path):
             _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(path)
-        for target in _TARGETS:
+        targets = _TARGETS + (("press_w8a8_matmul",) if library.press_cpu_kernels_vnni() else ())
+        for target in targets:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
         for name in ("press_workers_selftest", "press_kernel_workers"):
             getattr(library, name).restype = ctypes.c_int64
@@ -121,6 +122,7 @@ def _load() -> ctypes.CDLL | None:
         _status = f"unavailable: {type(e).__name__}: {e}"
         return None
     isa = "AVX-512" if library.press_cpu_kernels_avx512() else "portable C++"
+    isa += ", VNNI w8a8" if library.press_cpu_kernels_vnni() else ", no w8a8 kernel (no AVX-512 VNNI)"
     workers = library.press_kernel_workers()
     _status = f"loaded ({isa}, {workers} worker thread{'s' * (workers != 1)}) from {path}"
     return library
@@ -140,6 +142,18 @@ def status() -> str:
 def usable(rows: int, out_width: int) -> bool:
     """Whether a matmul of `rows` activation rows and `out_width` outputs runs natively."""
     return 1 <= rows <= MAX_ROWS and out_width % 16 == 0 and available()
+
+
+def has_w8a8() -> bool:
+    """Whether the w8a8 kernel is built here (the CPU has AVX-512 VNNI's integer dot products)."""
+    library = _load()
+    return library is not None and bool(library.press_cpu_kernels_vnni())
+
+
+def w8a8_usable(rows: int, k: int, out_width: int) -> bool:
+    """Whether a w8a8 matmul (int8 activations per row, int8 weights) runs natively: the kernel
+    is built here, k % 4 == 0 and out_width % 64 == 0."""
+    return 1 <= rows <= MAX_ROWS and k % 4 == 0 and out_width % 64 == 0 and has_w8a8()
 
 
 def _require() -> None:
@@ -171,6 +185,19 @@ def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0, aft
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32),
                 *_next_operands(after), threads=_threads())
+
+
+def w8a8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> jnp.ndarray:
+    """The w8a8 scheme's product: each row of x [M, K] quantized to int8 with its own absmax scale
+    (AQT's per-token numerics), times q[layer] int8 [K, N] * scale[layer] [N], on integer dot
+    products -> [M, N] float32; q and scale stacked [L, K, N], [L, N] (read in place) or not."""
+    _require()
+    if q.ndim == 2:
+        q, scale = q[None], scale.reshape(1, -1)
+    call = jax.ffi.ffi_call("press_w8a8_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32),
+                threads=_threads())
 
 
 def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None,

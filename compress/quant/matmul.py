@@ -12,7 +12,9 @@ Kernels:
   fake (QAT)                        AQT's training dot_general on a float kernel (aqt_matmul.py)
   a few rows on a CPU (decoding)    native kernels that stream the integers once (compress/kernels/cpu.py),
                                     for weight-only int8 and int4 when at most 64 rows of
-                                    activations meet them; gradients go through the plain path's.
+                                    activations meet them, and for w8a8 on integer dot products
+                                    (AVX-512 VNNI, where the CPU has it: AQT's per-token numerics);
+                                    gradients go through the plain path's.
                                     `native=False` (any multi-device placement: the custom call
                                     has no sharding rule) keeps the plain path.
 """
@@ -50,7 +52,12 @@ class MatmulSpec:
         """Arrays the layer scan hands over whole, with the layer's index (compress/models/layer_scan.py):
         the native kernels read a layer from the stack in place, where a sliced operand would be
         copied out of it on every step."""
-        return _STORED if self.native and not self.fake and self.activation_bits is None else ()
+        if not self.native or self.fake:
+            return ()
+        if self.activation_bits is None:
+            return _STORED
+        w8a8 = self.activation_bits == 8 and self.group_size is None and self.weight_bits == 8
+        return _STORED if w8a8 and cpu_kernels.has_w8a8() else ()
 
     def einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
         """einsum(equation, x, the weight p stands for), computed from p's stored arrays (no bias).
@@ -119,7 +126,11 @@ def _native_shape(spec: MatmulSpec, p: dict[str, Any], x: jnp.ndarray, equation:
             return None
         k, n = 2 * q.shape[lead] * q.shape[lead + 1], math.prod(q.shape[lead + 2 :])
     m = math.prod(x.shape[: x.ndim - n_in])
-    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or not cpu_kernels.usable(m, n):
+    if spec.activation_bits is not None:
+        usable = cpu_kernels.w8a8_usable(m, k, n)
+    else:
+        usable = cpu_kernels.usable(m, n)
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or not usable:
         return None
     return m, k, n, n_in
 
@@ -135,7 +146,9 @@ def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stor
     stacked = _is_stack(spec, q, n_in, equation)
     layers = q.shape[0] if stacked else 1
     out_dims = q.shape[int(stacked) + (n_in if spec.group_size is None else 2) :]
-    if spec.group_size is None:
+    if spec.activation_bits is not None:  # w8a8: int8 activations per row, integer dot products
+        y = cpu_kernels.w8a8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer)
+    elif spec.group_size is None:
         y = cpu_kernels.int8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer,
                                     after)
     else:
