@@ -99,6 +99,24 @@ def test_a_w8a8_decoder_runs_its_projections_on_the_integer_kernel(tiny):
     np.testing.assert_allclose(grad, grad_plain, rtol=1e-5, atol=1e-6)
 
 
+def test_offers_taken_back_while_a_worker_wakes_up_are_not_run():
+    """With no spinning the workers sleep between calls; a caller that finishes every part before
+    the worker it woke has looked takes its offer back, and the worker must see an empty mailbox
+    (it once ran a null job: a segfault in a speculative benchmark)."""
+    code = """
+        import concurrent.futures
+        from compress.kernels import cpu
+        lib = cpu._load()
+        assert all(lib.press_workers_selftest(2, 2, 0) == 3 for _ in range(300))
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            assert all(pool.map(lambda i: lib.press_workers_selftest(3, 64, i % 2 * 50) == 6, range(300)))
+        print("ok")
+    """
+    # A woken worker waits 200 us before it looks again, so the offer is nearly always gone by then.
+    done = _python(code, {"PRESS_SPIN_US": "0", "PRESS_TEST_WAKE_DELAY_US": "200"})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stdout, done.stderr[-2000:])
+
+
 def test_callers_on_many_threads_at_once_get_their_own_products():
     """XLA may run independent custom calls side by side, and several models may serve in one
     process: every caller must get its own product while they share the kernels' workers."""

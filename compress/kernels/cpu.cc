@@ -408,12 +408,15 @@ class Workers {
   void loop(Worker& w) {
     for (;;) {
       Job* job = next_job(w);
-      if (!w.mailbox.compare_exchange_strong(job, kTaken)) continue;  // its caller took it back
+      // Claim it; a caller may have taken it back since (then the mailbox is empty, or holds
+      // that caller's next offer, which the next round sees).
+      if (job == nullptr || !w.mailbox.compare_exchange_strong(job, kTaken)) continue;
       job->work();
       w.mailbox.store(nullptr, std::memory_order_release);
     }
   }
 
+  // A job seen in the mailbox, or null when it was taken back while this worker woke up.
   Job* next_job(Worker& w) {
     auto offered = [&w] {
       Job* job = w.mailbox.load(std::memory_order_acquire);
@@ -429,11 +432,14 @@ class Workers {
     w.sleeping.store(true);  // seq_cst, as the caller's offer then its read of `sleeping`
     w.wake.wait(lock, [&] { return offered() != nullptr; });
     w.sleeping.store(false);
+    lock.unlock();
+    if (wake_delay_.count()) std::this_thread::sleep_for(wake_delay_);  // tests: widen the window a caller takes its offer back in
     return offered();
   }
 
   std::vector<Worker> workers_;
   std::chrono::steady_clock::duration spin_;
+  std::chrono::microseconds wake_delay_{std::atoll(std::getenv("PRESS_TEST_WAKE_DELAY_US") ? std::getenv("PRESS_TEST_WAKE_DELAY_US") : "0")};
 };
 
 int64_t usable_cpus() {
