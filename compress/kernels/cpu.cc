@@ -47,6 +47,7 @@
 #include <new>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <pthread.h>
@@ -334,7 +335,8 @@ void int4_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N,
 // microseconds, often more than the half it hands over: measured, a SmolLM2 int8 step ran
 // slower on two threads than on one. So the kernels keep their own workers, as llama.cpp does:
 // one thread per further CPU the process may run on, spinning on a mailbox of its own between
-// calls and sleeping on a condition variable after PRESS_SPIN_US (default 2000) without work.
+// calls (yielding to other threads now and then) and sleeping on a condition variable after
+// PRESS_SPIN_US (default 1000) without work.
 // A caller offers its job to idle workers (compare-and-swap into their mailboxes), runs parts of
 // it itself, claimed from the job's counter, and at the end takes back the offers nobody picked
 // up, waiting only for workers that did. Two callers at once (XLA running independent thunks
@@ -370,7 +372,7 @@ struct alignas(64) Worker {
 
 int64_t spin_microseconds() {
   const char* text = std::getenv("PRESS_SPIN_US");
-  return text ? std::max<int64_t>(0, std::atoll(text)) : 2000;
+  return text ? std::max<int64_t>(0, std::atoll(text)) : 1000;
 }
 
 class Workers {
@@ -398,7 +400,12 @@ class Workers {
     for (int64_t i = 0; i < n; ++i) {
       Job* mine = &job;
       if (offered[i]->mailbox.compare_exchange_strong(mine, nullptr)) continue;  // never picked up
-      while (offered[i]->mailbox.load(std::memory_order_acquire) != nullptr) cpu_relax();  // it is running parts
+      // It is running parts: wait, giving the CPU up after a while (with more threads than CPUs,
+      // as two test processes or another tenant make it, the worker may be waiting for this one).
+      for (int64_t spins = 0; offered[i]->mailbox.load(std::memory_order_acquire) != nullptr; ++spins) {
+        if (spins < 4096) cpu_relax();
+        else std::this_thread::yield();
+      }
     }
   }
 
@@ -426,7 +433,10 @@ class Workers {
     for (int64_t i = 1;; ++i) {
       if (Job* job = offered()) return job;
       cpu_relax();
-      if (i % 256 == 0 && std::chrono::steady_clock::now() > deadline) break;
+      if (i % 256 == 0) {
+        if (std::chrono::steady_clock::now() > deadline) break;
+        std::this_thread::yield();  // runs whatever else wants this CPU; returns at once when nothing does
+      }
     }
     std::unique_lock<std::mutex> lock(w.mutex);
     w.sleeping.store(true);  // seq_cst, as the caller's offer then its read of `sleeping`
@@ -1030,66 +1040,48 @@ ffi::Error AttentionS8(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> keys,
 
 }  // namespace
 
+// The bindings: x, the stacked weights (and their scales, the layer) first; the matmuls that
+// prefetch then take the next call's weights and layer; attention's end with the mask, the
+// layer and the first row.
+namespace {
+using F32 = ffi::Buffer<ffi::F32>;
+using S8 = ffi::Buffer<ffi::S8>;
+using S32 = ffi::Buffer<ffi::S32>;
+
+auto bind_int8_weights() { return ffi::Ffi::Bind().Arg<F32>().Arg<S8>().Arg<F32>().Arg<S32>(); }
+
+template <typename Binding>
+auto bind_attention_end(Binding binding) {
+  return std::move(binding).template Arg<ffi::Buffer<ffi::PRED>>().template Arg<S32>().template Arg<S32>()
+      .template Ret<F32>().template Attr<int64_t>("threads").template Attr<float>("scale");
+}
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                              bind_int8_weights().Arg<S8>().Arg<S32>().Ret<F32>().Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<F32>()
+                                  .Arg<S8>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<S32>()
+                                  .Arg<S8>()
+                                  .Arg<S32>()
+                                  .Ret<F32>()
                                   .Attr<int64_t>("threads")
                                   .Attr<bool>("zero_point")
                                   .Attr<bool>("has_offset"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_f32, AttentionF32,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads")
-                                  .Attr<float>("scale"));
+                              bind_attention_end(ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_s8, AttentionS8,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads")
-                                  .Attr<float>("scale"));
+                              bind_attention_end(ffi::Ffi::Bind().Arg<F32>().Arg<S8>().Arg<S8>().Arg<F32>().Arg<F32>()));
 
 #ifdef PRESS_VNNI
-XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w8a8_matmul, W8A8Matmul,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w8a8_matmul, W8A8Matmul, bind_int8_weights().Ret<F32>().Attr<int64_t>("threads"));
 #endif
 
 // Whether this build has the w8a8 kernel (the CPU has AVX-512 VNNI), for the Python side.
