@@ -45,6 +45,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -556,19 +557,36 @@ NextWeights next_weights(ffi::Buffer<ffi::S8>& stack, ffi::Buffer<ffi::S32>& lay
   return {stack.typed_data() + std::clamp<int64_t>(*layer.typed_data(), 0, dims[0] - 1) * bytes, bytes};
 }
 
+// What an int8-weight call reads: x [M, K], layer `layer` of q [L, K, N] and of scale [L, N], y.
+struct Int8Call {
+  int64_t M, K, N;
+  const float* x;
+  const int8_t* q;
+  const float* scale;
+  float* y;
+  ffi::Error read(ffi::Buffer<ffi::F32>& x_in, ffi::Buffer<ffi::S8>& q_in, ffi::Buffer<ffi::F32>& scale_in,
+                  ffi::Buffer<ffi::S32>& layer, ffi::ResultBuffer<ffi::F32>& y_out, const char* kernel) {
+    auto dims = q_in.dimensions();
+    if (dims.size() != 3) return ffi::Error::InvalidArgument(std::string(kernel) + ": weights must be [L, K, N]");
+    K = dims[1], N = dims[2], M = x_in.element_count() / K;
+    if (auto error = check(M, N); error.failure()) return error;
+    int64_t l;
+    if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
+    x = x_in.typed_data(), q = q_in.typed_data() + l * K * N, scale = scale_in.typed_data() + l * N;
+    y = y_out->typed_data();
+    return ffi::Error::Success();
+  }
+};
+
 ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S8> next_q,
                       ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
-  auto dims = q.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("press int8 kernel: weights must be [L, K, N]");
-  const int64_t K = dims[1], N = dims[2], M = x.element_count() / K;
-  if (auto error = check(M, N); error.failure()) return error;
-  int64_t l;
-  if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
-  const float* xp = x.typed_data();
-  const int8_t* qp = q.typed_data() + l * K * N;
-  const float* sp = scale.typed_data() + l * N;
-  float* yp = y->typed_data();
+  Int8Call call;
+  if (auto error = call.read(x, q, scale, layer, y, "press int8 kernel"); error.failure()) return error;
+  const int64_t K = call.K, N = call.N, M = call.M;
+  const float *xp = call.x, *sp = call.scale;
+  const int8_t* qp = call.q;
+  float* yp = call.y;
   const NextWeights next = next_weights(next_q, next_layer);
   // Inputs are split in whole blocks of kDepth rows.
   split_work(thread_count(threads, K * N, M), M, N, (K + kDepth - 1) / kDepth, yp,
@@ -723,17 +741,13 @@ inline void quantize_row(const float* x, int64_t K, int8_t* codes, float* step_o
 
 ffi::Error W8A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
-  auto dims = q.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("press w8a8 kernel: weights must be [L, K, N]");
-  const int64_t K = dims[1], N = dims[2], M = x.element_count() / K;
-  if (auto error = check(M, N); error.failure()) return error;
+  Int8Call call;
+  if (auto error = call.read(x, q, scale, layer, y, "press w8a8 kernel"); error.failure()) return error;
+  const int64_t K = call.K, N = call.N, M = call.M;
   if (K % 4 || N % 64) return ffi::Error::InvalidArgument("press w8a8 kernel: needs K % 4 == 0 and N % 64 == 0");
-  int64_t l;
-  if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
-  const float* xp = x.typed_data();
-  const int8_t* qp = q.typed_data() + l * K * N;
-  const float* sp = scale.typed_data() + l * N;
-  float* yp = y->typed_data();
+  const float *xp = call.x, *sp = call.scale;
+  const int8_t* qp = call.q;
+  float* yp = call.y;
   // The activations' codes (four to an int32 word, as vpdpbusd broadcasts them), scales and sums.
   std::vector<int8_t> codes(M * K);
   std::vector<float> row_scale(M);
