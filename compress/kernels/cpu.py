@@ -178,25 +178,25 @@ def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0, aft
     """x [M, K] float32 @ (q[layer] int8 [K, N] * scale[layer] [N]) -> [M, N] float32, where q is
     [L, K, N] and scale [L, N] (a stack of layers; read in place) or [K, N] and [N].
     after: (stack, layer), the int8 weights the model reads next, to prefetch, or None."""
-    _require()
-    if q.ndim == 2:
-        q, scale = q[None], scale.reshape(1, -1)
-    call = jax.ffi.ffi_call("press_int8_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32),
-                            vmap_method="sequential")
-    return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32),
-                *_next_operands(after), threads=_threads())
+    return _int8_weights_call("press_int8_matmul", x, q, scale, layer, *_next_operands(after))
 
 
 def w8a8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> jnp.ndarray:
     """The w8a8 scheme's product: each row of x [M, K] quantized to int8 with its own absmax scale
     (AQT's per-token numerics), times q[layer] int8 [K, N] * scale[layer] [N], on integer dot
     products -> [M, N] float32; q and scale stacked [L, K, N], [L, N] (read in place) or not."""
+    return _int8_weights_call("press_w8a8_matmul", x, q, scale, layer)
+
+
+def _int8_weights_call(target: str, x, q, scale, layer, *extra) -> jnp.ndarray:
+    """The custom call `target` on x [M, K], int8 weights q [L, K, N] or [K, N] with scales, the
+    layer, and any further operands -> [M, N] float32."""
     _require()
     if q.ndim == 2:
         q, scale = q[None], scale.reshape(1, -1)
-    call = jax.ffi.ffi_call("press_w8a8_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32),
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32),
                             vmap_method="sequential")
-    return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32),
+    return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32), *extra,
                 threads=_threads())
 
 
