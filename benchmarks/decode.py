@@ -10,9 +10,11 @@ formats (press_fp32_over_transformers_fp32: press's tokens/s over transformers')
 With --schemes, press also serves each scheme's directory (written by `press quantize`, made
 here if missing) at every batch size, reported against press fp32 in the same run: at 16-64
 rows a step is bound by the matmuls, where w8a8 runs on integer dot products (AVX-512 VNNI).
+With --float-xla, press fp32 also runs with its projections on XLA's dot instead of the native
+float kernel (PRESS_FLOAT_KERNELS=0), as the row `fp32-xla-dot`.
 
   .venv/bin/python benchmarks/decode.py [--new-tokens 128] [--batches 1,16,64] [--out bench-results/decode.json]
-      [--schemes int8,w8a8,int8+embed-int8] [--work out/decode] [--no-peers]
+      [--schemes int8,w8a8,int8+embed-int8] [--work out/decode] [--no-peers] [--float-xla]
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--schemes", default="", help="comma-separated press quantize schemes also served by press")
     parser.add_argument("--work", default="out/decode", help="where the schemes' directories are made")
     parser.add_argument("--no-peers", action="store_true", help="press only (no transformers or llama.cpp)")
+    parser.add_argument("--float-xla", action="store_true", help="also press fp32 on XLA's dot (PRESS_FLOAT_KERNELS=0)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -139,6 +142,12 @@ def main() -> None:
     press = bench_press(args.model, batches, args.new_tokens)
     schemes = {scheme: bench_press(quantized_directory(args.model, scheme, args.work), batches, args.new_tokens)
                for scheme in filter(None, args.schemes.split(","))}
+    if args.float_xla:
+        os.environ["PRESS_FLOAT_KERNELS"] = "0"  # read when an engine is made (compress/quant/matmul.py native_float)
+        try:
+            schemes["fp32-xla-dot"] = bench_press(args.model, batches, args.new_tokens)
+        finally:
+            del os.environ["PRESS_FLOAT_KERNELS"]
     scheme_ratios = {f"batch{b}_press_{scheme}_over_press_fp32": r[b]["tokens_per_s"] / press[b]["tokens_per_s"]
                      for scheme, r in schemes.items() for b in batches}
     if args.no_peers:

@@ -78,7 +78,7 @@ from compress import pretrained
 from compress import sharding as shd
 from compress.formats.tokenizer import cache_root
 from compress.models import decode_step, decoder
-from compress.quant import schemes
+from compress.quant import matmul, schemes
 from compress.models.attention import KVCache
 from serve import prefix_cache as pc
 from serve import speculative
@@ -183,12 +183,18 @@ class Engine:
     ):
         if max_slots < 1:
             raise InputError(f"max_slots must be at least 1, got {max_slots}")
-        self.params, self.config, self.tokenizer, self.name = params, config, tokenizer, name
+        # On one CPU device a float model's decode steps stream its weights through the native
+        # kernels (compress/quant/matmul.py FloatSpec); a mesh keeps XLA's sharded matmuls.
+        single = mesh is None or mesh.size == 1
+        self.params = matmul.native_float(params) if single else params
+        self.config, self.tokenizer, self.name = config, tokenizer, name
         self.max_slots = max_slots
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
         # Speculative decoding (serve/speculative.py): a draft of the same vocabulary proposes
         # draft_tokens tokens a step for the target to check in one pass.
         self.draft_params, self.draft_config, self.draft_name = self._read_draft(draft)
+        if draft is not None and single:
+            self.draft_params = matmul.native_float(self.draft_params)
         if draft is not None:
             if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
                     not 1 <= draft_tokens <= speculative.MAX_DRAFT_TOKENS:

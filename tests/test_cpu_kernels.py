@@ -305,3 +305,73 @@ def test_params_loaded_onto_a_mesh_keep_the_plain_path(tmp_path, tiny):
     specs = lambda tree: [leaf for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, matmul.MatmulSpec))
                           if isinstance(leaf, matmul.MatmulSpec)]  # noqa: E731
     assert specs(on_mesh) and not any(s.native for s in specs(on_mesh)) and all(s.native for s in specs(alone))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 24])
+@pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (576, 192), (64, 4112)])
+def test_float32_products_equal_float64(rows, k, n):
+    rng = np.random.default_rng(rows * 100 + n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((3, k, n)).astype(np.float32)
+    want = x.astype(np.float64) @ w[1].astype(np.float64)
+    got = jax.jit(cpu_kernels.f32_matmul)(x, w, 1)  # layer 1 of a stack of 3, read in place
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    hinted = cpu_kernels.f32_matmul(jnp.asarray(x), w, 1, after=(w[:, ::-1], 9))  # a prefetch hint past the end
+    np.testing.assert_array_equal(hinted, got)
+    other = cpu_kernels.f32_matmul(jnp.asarray(x), w, 1, after=(q := jnp.zeros((2, 8, 8), jnp.int8), 0))
+    np.testing.assert_array_equal(other, got)  # int8 weights next: no hint, the same product
+    del q
+
+
+def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(tiny):
+    """native_float gives every float projection a FloatSpec: a decode step then hands the float
+    kernel whole stacks (no per-layer slice of a weight), computes the plain path's logits, and
+    takes gradients to the weights and inputs that the plain einsum gives."""
+    config, params, _ = tiny
+    served = matmul.native_float(params)
+    assert isinstance(served["layers"]["q"]["spec"], matmul.FloatSpec) and "spec" not in params["layers"]["q"]
+    cache = decoder.init_cache(config, 2, 32)
+    step = jax.jit(lambda p, t, c: decoder.forward(p, t, config, cache=c, attend_len=32).logits)
+    tokens = jnp.asarray([[5], [9]], jnp.int32)
+    np.testing.assert_allclose(step(served, tokens, cache), step(params, tokens, cache),
+                               atol=2e-5 * float(jnp.abs(step(params, tokens, cache)).max()))
+    hlo = step.lower(served, tokens, cache).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "press_f32_matmul" in line and "custom-call(" in line]
+    assert len(calls) == 7 and all("f32[2," in line.split("custom-call(")[1] for line in calls)  # [L=2, ...] stacks
+    smallest = min(p["kernel"][0].size for p in params["layers"].values() if isinstance(p, dict) and "kernel" in p)
+    for line in hlo.splitlines():
+        op = line.split("=", 1)[-1].lstrip()
+        if "dynamic-slice(" in op and op.startswith("f32["):  # no layer's matrix is sliced out of its stack
+            assert np.prod([int(d) for d in op[4 : op.index("]")].split(",")]) < smallest, line
+    # Prefill (more rows than FLOAT_ROWS) stays on XLA's dot.
+    long = jnp.zeros((2, matmul.FLOAT_ROWS), jnp.int32)
+    assert "press_f32_matmul" not in step.lower(served, long, decoder.init_cache(config, 2, 64)).as_text()
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(decoder.decoder_layer(jax.tree.map(lambda a: a[0], p["layers"]), x, config,
+                                                     *_tables(config), _attend)[0]))
+
+    embedded = jax.random.normal(jax.random.key(1), (1, 3, config.embed_dim))
+    native = jax.grad(loss, argnums=(0, 1))(served, embedded)
+    plain = jax.grad(loss, argnums=(0, 1))(params, embedded)
+    np.testing.assert_allclose(native[1], plain[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(native[0]["layers"]["down"]["kernel"], plain[0]["layers"]["down"]["kernel"],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_the_engine_serves_float_models_on_the_kernel_unless_switched_off(tiny):
+    from serve.engine import Engine
+    from serve.sampling import SamplingParams
+
+    config, params, tokenizer = tiny
+    outputs = {}
+    for switch in ("1", "0"):
+        os.environ["PRESS_FLOAT_KERNELS"] = switch
+        try:
+            with Engine(params, config, tokenizer, max_slots=2, max_seq_len=64, compilation_cache=False) as engine:
+                assert isinstance(engine.params["layers"]["up"].get("spec"), matmul.FloatSpec) == (switch == "1")
+                outputs[switch] = [o.token_ids for o in engine.generate(["Hello there", "The for statement"],
+                                                                          SamplingParams(max_new_tokens=6))]
+        finally:
+            del os.environ["PRESS_FLOAT_KERNELS"]
+    assert outputs["1"] == outputs["0"]

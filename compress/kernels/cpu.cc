@@ -1,5 +1,5 @@
-// press CPU kernels: matmuls of a few rows of activations against stored int8 or packed int4
-// weights that read every weight byte once and never write a float copy of the weights, and
+// press CPU kernels: matmuls of a few rows of activations against stored int8, packed int4 or
+// float32 weights that read every weight byte once and never write a float copy of the weights, and
 // attention over the KV cache in place.
 //
 // XLA's CPU backend turns `x @ (q.astype(f32) * scale)` into a full conversion of q followed by a
@@ -14,6 +14,9 @@
 //   x       f32  [M, K]            activations (M <= 64 rows)
 //   int8:   q    s8   [L, K, N]    y[m, n] = scale[n] * sum_k x[m, k] q[k, n]
 //           scale f32 [L, N]
+//   f32:    w    f32  [L, K, N]    y[m, n] = sum_k x[m, k] w[k, n]  (a float model's decode steps:
+//                                  XLA's dot of a few rows against one layer of a stack ran at a
+//                                  quarter of the read rate; the same loops as int8, no widening)
 //   int4:   q    s8   [L, G, S/2, N]  groups of S inputs; byte j of group g holds input g*S + j in its
 //                                   low nibble and input g*S + S/2 + j in its high nibble (-8..7)
 //           scale f16 [L, G, N], offset f16 [L, G, N] (zero point: codes are stored minus 8)
@@ -151,20 +154,29 @@ inline void prefetch_start(const int8_t* q, int64_t N, int64_t r0, int64_t r1, i
 #endif
 }
 
-// ---- int8: y[m0 : m0 + R, c : c + 16 V] += x[m0 : m0 + R, k0 : k0 + depth] q[k0 : k0 + depth, c : ...]
+// ---- int8 and float32 weights: y[m0 : m0 + R, c : c + 16 V] += x[m0 : m0 + R, k0 : k0 + depth]
+// q[k0 : k0 + depth, c : ...], with q int8 (widened in registers) or float32 (loaded as it is).
+// `ahead`: bytes from each weight row to where the tile's next weights are, prefetched now.
 
-template <int R, int V>
-__attribute__((always_inline)) inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy, int64_t m0, int64_t k0,
-               int64_t depth, int64_t c, int64_t ahead) {
+#ifdef PRESS_AVX512
+inline __m512 load16(const int8_t* p) { return widen_int8(p); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+#endif
+
+template <typename W, int R, int V>
+__attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K, const W* q, int64_t N, float* y,
+                                                       int64_t ldy, int64_t m0, int64_t k0, int64_t depth, int64_t c,
+                                                       int64_t ahead) {
 #ifdef PRESS_AVX512
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(y + (m0 + r) * ldy + c + 16 * v);
-  const int8_t* row = q + k0 * N + c;
+  const W* row = q + k0 * N + c;
   for (int64_t i = 0; i < depth; ++i, row += N) {
-    _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
+    const char* next = reinterpret_cast<const char*>(row) + ahead;
+    for (int64_t line = 0; line < int64_t(sizeof(W)) * 16 * V; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
     __m512 w[V];
-    for (int v = 0; v < V; ++v) w[v] = widen_int8(row + 16 * v);
+    for (int v = 0; v < V; ++v) w[v] = load16(row + 16 * v);
     for (int r = 0; r < R; ++r) {
       const __m512 xi = _mm512_set1_ps(x[(m0 + r) * K + k0 + i]);
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xi, w[v], acc[r][v]);
@@ -177,11 +189,23 @@ __attribute__((always_inline)) inline void int8_tile(const float* x, int64_t K, 
     float* ym = y + (m0 + r) * ldy + c;
     for (int64_t i = 0; i < depth; ++i) {
       const float xi = x[(m0 + r) * K + k0 + i];
-      const int8_t* row = q + (k0 + i) * N + c;
+      const W* row = q + (k0 + i) * N + c;
       for (int j = 0; j < 16 * V; ++j) ym[j] += xi * static_cast<float>(row[j]);
     }
   }
 #endif
+}
+
+template <int R, int V>
+inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy, int64_t m0,
+                      int64_t k0, int64_t depth, int64_t c, int64_t ahead) {
+  weight_tile<int8_t, R, V>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
+}
+
+template <int R, int V>
+inline void f32_tile(const float* x, int64_t K, const float* q, int64_t N, float* y, int64_t ldy, int64_t m0,
+                     int64_t k0, int64_t depth, int64_t c, int64_t ahead) {
+  weight_tile<float, R, V>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
 }
 
 // ---- int4: y[m0 : m0 + R, c : c + 16 V] += group g's contribution (sums[m * G + g]: the group's
@@ -270,40 +294,54 @@ void int4_tile(const float* x, int64_t K, const int8_t* q, int64_t N, int64_t S,
 
 constexpr int64_t kTile = 64;
 
-// int8_tile<R, 4> for the 64-column tiles of [c0, c1) one after another, rows 0 .. R - 1.
-template <int R>
-void int8_tiles(const float* x, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy, int64_t k0,
-                int64_t depth, int64_t c0, int64_t c1, int64_t ahead) {
-  for (int64_t c = c0; c < c1; c += kTile) int8_tile<R, 4>(x, K, q, N, y, ldy, 0, k0, depth, c, ahead);
+// weight_tile<W, R, 4> for the 64-column tiles of [c0, c1) one after another, rows 0 .. R - 1.
+template <typename W, int R>
+void weight_tiles(const float* x, int64_t K, const W* q, int64_t N, float* y, int64_t ldy, int64_t k0,
+                  int64_t depth, int64_t c0, int64_t c1, int64_t ahead) {
+  for (int64_t c = c0; c < c1; c += kTile) weight_tile<W, R, 4>(x, K, q, N, y, ldy, 0, k0, depth, c, ahead);
 }
 
-// y[:, c0:c1] (row stride ldy) = the products over inputs [k0, k1) (zeroed first; not scaled)
-void int8_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy,
-               int64_t c0, int64_t c1, int64_t k0, int64_t k1, const NextWeights& next, int64_t p, int64_t parts) {
+// y[:, c0:c1] (row stride ldy) = the products over inputs [k0, k1) (zeroed first; not scaled),
+// for int8 or float32 weights W.
+template <typename W>
+void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, float* y, int64_t ldy,
+                 int64_t c0, int64_t c1, int64_t k0, int64_t k1, const NextWeights& next, int64_t p, int64_t parts) {
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
   const int64_t rows_per_block = N >= kWide ? kWideDepth : kDepth;
-  const int64_t block_ahead = prefetch_ahead(N, rows_per_block);
-  prefetch_start(q, N, k0, std::min(k1, k0 + rows_per_block), c0, c1);  // the loop fetches the rest ahead
+  const int64_t block_ahead = prefetch_ahead(N, rows_per_block) * int64_t(sizeof(W));
+  prefetch_start(reinterpret_cast<const int8_t*>(q), N * int64_t(sizeof(W)), k0, std::min(k1, k0 + rows_per_block),
+                 c0 * int64_t(sizeof(W)), c1 * int64_t(sizeof(W)));  // the loop fetches the rest ahead
   for (int64_t k = k0; k < k1; k += rows_per_block) {
     const int64_t depth = std::min(rows_per_block, k1 - k);
     const bool last = k + rows_per_block >= k1 && N < kWide;
-    const int64_t ahead = last ? next.offset(q + k * N, block_ahead, p, parts) : block_ahead;
+    const int64_t ahead = last ? next.offset(reinterpret_cast<const int8_t*>(q + k * N), block_ahead, p, parts)
+                               : block_ahead;
     if (M <= kRowBlock) {  // one block of rows: its tiles in one call (a wide block's tile is only 256 bytes)
       const int64_t full = c0 + (c1 - c0) / kTile * kTile;
       switch (M) {
-        case 1: int8_tiles<1>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
-        case 2: int8_tiles<2>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
-        case 3: int8_tiles<3>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
-        default: int8_tiles<4>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+        case 1: weight_tiles<W, 1>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+        case 2: weight_tiles<W, 2>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+        case 3: weight_tiles<W, 3>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+        default: weight_tiles<W, 4>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
       }
-      if (full < c1) PRESS_DISPATCH(int8_tile, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
+      if (full < c1) {
+        if constexpr (std::is_same_v<W, float>) {
+          PRESS_DISPATCH(f32_tile, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
+        } else {
+          PRESS_DISPATCH(int8_tile, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
+        }
+      }
       continue;
     }
     for (int64_t c = c0; c < c1; c += kTile) {  // the tile's converted weights reused by every block of rows
       const int64_t vecs = std::min(kTile, c1 - c) / 16;
       for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, M - m0);
-        PRESS_DISPATCH(int8_tile, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
+        if constexpr (std::is_same_v<W, float>) {
+          PRESS_DISPATCH(f32_tile, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
+        } else {
+          PRESS_DISPATCH(int8_tile, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
+        }
       }
     }
   }
@@ -548,13 +586,16 @@ ffi::Error layer_of(ffi::Buffer<ffi::S32>& layer, int64_t layers, int64_t* out) 
   return ffi::Error::Success();
 }
 
-// The next call's weights from a stack [L, ...] of s8 and a layer (none: a one-element stack).
-NextWeights next_weights(ffi::Buffer<ffi::S8>& stack, ffi::Buffer<ffi::S32>& layer) {
+// The next call's weights from a stack [L, ...] (int8 codes or float32) and a layer (none: a
+// one-element stack).
+template <ffi::DataType T>
+NextWeights next_weights(ffi::Buffer<T>& stack, ffi::Buffer<ffi::S32>& layer) {
   auto dims = stack.dimensions();
   const int64_t total = stack.element_count();
   if (dims.size() < 2 || total < 2) return {};
-  const int64_t bytes = total / dims[0];
-  return {stack.typed_data() + std::clamp<int64_t>(*layer.typed_data(), 0, dims[0] - 1) * bytes, bytes};
+  const int64_t bytes = total / dims[0] * int64_t(sizeof(*stack.typed_data()));
+  return {reinterpret_cast<const int8_t*>(stack.typed_data()) + std::clamp<int64_t>(*layer.typed_data(), 0, dims[0] - 1) * bytes,
+          bytes};
 }
 
 // What an int8-weight call reads: x [M, K], layer `layer` of q [L, K, N] and of scale [L, N], y.
@@ -591,10 +632,31 @@ ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
   // Inputs are split in whole blocks of kDepth rows.
   split_work(thread_count(threads, K * N, M), M, N, (K + kDepth - 1) / kDepth, yp,
              [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy, int64_t p, int64_t parts) {
-               int8_part(xp, M, K, qp, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts);
+               weight_part(xp, M, K, qp, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts);
              });
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < N; ++c) yp[m * N + c] *= sp[c];
+  return ffi::Error::Success();
+}
+
+// Float32 weights, for float models' decode steps: x [M, K] @ layer `layer` of w [L, K, N] -> y.
+ffi::Error F32Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
+                     ffi::Buffer<ffi::F32> next_w, ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y,
+                     int64_t threads) {
+  auto dims = w.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("press f32 kernel: weights must be [L, K, N]");
+  const int64_t K = dims[1], N = dims[2], M = x.element_count() / K;
+  if (auto error = check(M, N); error.failure()) return error;
+  int64_t l;
+  if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data() + l * K * N;
+  float* yp = y->typed_data();
+  const NextWeights next = next_weights(next_w, next_layer);
+  split_work(thread_count(threads, K * N * 4, M), M, N, (K + kDepth - 1) / kDepth, yp,
+             [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy, int64_t p, int64_t parts) {
+               weight_part(xp, M, K, wp, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts);
+             });
   return ffi::Error::Success();
 }
 
@@ -853,9 +915,6 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const int8_t* p) { return widen_int8(p); }
-
 // attend_range_plain for GB query heads of HC * 16 dimensions, the output accumulators and a
 // key or value vector held in registers; slots go 16 at a time (scores, then one vectorised
 // exp per head, then the values).
@@ -1073,6 +1132,10 @@ auto bind_attention_end(Binding binding) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
                               bind_int8_weights().Arg<S8>().Arg<S32>().Ret<F32>().Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(press_f32_matmul, F32Matmul,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<S32>().Arg<F32>().Arg<S32>().Ret<F32>()
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
                               ffi::Ffi::Bind()

@@ -1,12 +1,14 @@
-"""Native CPU kernels: matmuls of a few rows of activations against stored int8 or packed int4
-weights, and attention of a few query positions over the KV cache where it lies.
+"""Native CPU kernels: matmuls of a few rows of activations against stored int8, packed int4 or
+float32 weights, and attention of a few query positions over the KV cache where it lies.
 
 Batch-1 decoding reads every weight once per token, so its speed is the rate at which the
 weights stream from memory. XLA's CPU backend does not fuse the integer-to-float conversion
 into its dot: `x @ (q.astype(f32) * scale)` writes and reads a float copy of the weights (four
 times the int8 bytes), and runs slower than float weights would (BENCHMARKS.md, issue 16).
 cpu.cc streams the integers once, widens them in registers and keeps the accumulators there;
-`jax.ffi` makes it an XLA custom call. Its calls are split between the calling thread and
+`jax.ffi` makes it an XLA custom call. Float models' decode steps use the same loops on float32
+weights (`f32_matmul`): XLA's dot of 1-24 rows against one layer of a stacked kernel streamed
+it at 6-16 GB/s, a quarter of the read rate. Its calls are split between the calling thread and
 workers of its own that spin between calls (waking a sleeping pool thread for each of a decode
 step's ~200 calls cost more than the half it took over; cpu.cc says how they work).
 
@@ -45,7 +47,7 @@ import numpy as np
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cc")
 MAX_ROWS = 64  # rows of activations the kernels take; more (prefill, training) stay on XLA's dot
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
-_TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_attention_f32", "press_attention_s8")
+_TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8")
 MAX_QUERIES = 64  # query positions per row decode attention takes (a decode step, a verify pass, a chunk)
 MAX_GROUP = 16  # query heads per key/value head
 _status = "not loaded yet"
@@ -165,11 +167,12 @@ def _threads() -> np.int64:
     return np.int64(int(os.environ.get("PRESS_CPU_KERNEL_THREADS", "0")))  # 0: the caller and one worker per further CPU
 
 
-def _next_operands(after) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The weights the next call reads, (a stack [L, ...] of int8 codes, its layer), as the
-    kernels take them: they prefetch its first bytes while they finish (none: a dummy)."""
-    if after is None:
-        return jnp.zeros((1,), jnp.int8), jnp.int32(0)
+def _next_operands(after, dtype=jnp.int8) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The weights the next call reads, (a stack [L, ...] of int8 codes, or of float32 weights for
+    the f32 kernel: `dtype`, its layer), as the kernels take them: they prefetch its first bytes
+    while they finish (none, or another dtype: a dummy)."""
+    if after is None or after[0].dtype != dtype:
+        return jnp.zeros((1,), dtype), jnp.int32(0)
     stack, layer = after
     return stack, jnp.asarray(layer, jnp.int32)
 
@@ -179,6 +182,19 @@ def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0, aft
     [L, K, N] and scale [L, N] (a stack of layers; read in place) or [K, N] and [N].
     after: (stack, layer), the int8 weights the model reads next, to prefetch, or None."""
     return _int8_weights_call("press_int8_matmul", x, q, scale, layer, *_next_operands(after))
+
+
+def f32_matmul(x: jnp.ndarray, w: jnp.ndarray, layer=0, after=None) -> jnp.ndarray:
+    """x [M, K] float32 @ w[layer] float32 [K, N] -> [M, N] float32, where w is [L, K, N] (a stack
+    of layers; read in place) or [K, N]: a float model's decode-step matmul, one pass over w.
+    after: (stack, layer), the float32 weights the model reads next, to prefetch, or None."""
+    _require()
+    if w.ndim == 2:
+        w = w[None]
+    call = jax.ffi.ffi_call("press_f32_matmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), w, jnp.asarray(layer, jnp.int32), *_next_operands(after, jnp.float32),
+                threads=_threads())
 
 
 def w8a8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> jnp.ndarray:

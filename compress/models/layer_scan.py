@@ -8,7 +8,7 @@ decode step, which is all weight reading, that copy is a second pass over the we
 A projection whose static spec names `whole_keys` (compress/quant/matmul.py, for its native
 kernels) keeps those arrays out of the scan: each layer gets them whole, [L, ...], with the
 layer's number under "layer", and the spec's matmul reads layer `layer` itself. Everything
-else (norms, float kernels, biases, adapters) is sliced by the scan as before. Given the order
+else (norms, biases, adapters, float kernels without a spec) is sliced by the scan as before. Given the order
 the layer calls its projections in, each also learns which weights come next, for its kernel
 to prefetch (a decode step's memory would otherwise idle between two calls).
 """
@@ -51,10 +51,15 @@ def layer(sliced: dict[str, Any], whole: dict[str, Any], index: jnp.ndarray,
         return sliced
     params = {name: {**value, **whole[name], "layer": index} if name in whole else value
               for name, value in sliced.items()}
-    chain = [name for name in order if "qkernel" in whole.get(name, {})]
+    chain = [name for name in order if _weights(whole.get(name, {})) is not None]
     for i, name in enumerate(chain):
         if i + 1 < len(chain):
-            params[name]["after"] = (whole[chain[i + 1]]["qkernel"], index)
+            params[name]["after"] = (_weights(whole[chain[i + 1]]), index)
         else:
-            params[name]["after"] = (whole[chain[0]]["qkernel"], index + 1)  # kernels clamp past the last
+            params[name]["after"] = (_weights(whole[chain[0]]), index + 1)  # kernels clamp past the last
     return params
+
+
+def _weights(arrays: dict[str, Any]) -> Any:
+    """The stack a projection's kernel streams: its integer codes, or a float kernel."""
+    return arrays.get("qkernel", arrays.get("kernel"))
