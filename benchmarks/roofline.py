@@ -4,6 +4,9 @@ A batch-1 decode step reads every weight once, so bytes per token over seconds p
 the rate the weights stream at; the machine's own streaming rate is the roof. One run measures:
 
   - bandwidth: a 1 GiB buffer read (a vectorised max) and copied by 1..N threads, the best of 5;
+    and the read rate on N threads again just before and just after each engine's timed run
+    (best of 3 each): another tenant can take a third of it within minutes, so each engine's
+    `share_of_adjacent_roof` is against the mean of those two, `share_of_roof` against the first;
   - press: each scheme's directory written by `press quantize` (made here if missing), batch 1
     through the engine, 8 prompts x `--new-tokens` tokens each, EOS ignored, greedy;
   - llama.cpp (llama-cpp-python, the same thread count): the bundled Q4_1 file, and Q8_0 written
@@ -49,21 +52,41 @@ def bandwidth(threads: int, gib: float = 1.0) -> dict:
     out = np.empty_like(data)
     result = {}
     for n in range(1, threads + 1):
-        chunks = np.array_split(np.arange(data.size), n)
-        bounds = [(c[0], c[-1] + 1) for c in chunks]
+        bounds = _bounds(data.size, n)
         with concurrent.futures.ThreadPoolExecutor(n) as pool:  # numpy releases the GIL in both loops
-            def timed(fn) -> float:
-                best = float("inf")
-                for _ in range(5):
-                    start = time.perf_counter()
-                    list(pool.map(fn, bounds))
-                    best = min(best, time.perf_counter() - start)
-                return best
-
-            read = timed(lambda b: data[b[0] : b[1]].max())  # a vectorised max is memory-bound (a sum is not)
-            copy = timed(lambda b: np.copyto(out[b[0] : b[1]], data[b[0] : b[1]]))
-        result[n] = {"read_GB_s": data.nbytes / read / 1e9, "copy_GB_s": 2 * data.nbytes / copy / 1e9}
+            copy = _best(pool, lambda b: np.copyto(out[b[0] : b[1]], data[b[0] : b[1]]), bounds, 5)
+        result[n] = {"read_GB_s": read_roof(n, gib, 5), "copy_GB_s": 2 * data.nbytes / copy / 1e9}
     return result
+
+
+def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    return [(c[0], c[-1] + 1) for c in np.array_split(np.arange(size), parts)]
+
+
+def _best(pool, fn, bounds, repeats: int) -> float:
+    """The fastest of `repeats` rounds of fn over every bound on the pool, seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        list(pool.map(fn, bounds))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def read_roof(threads: int, gib: float = 1.0, repeats: int = 3) -> float:
+    """The streaming read rate (GB/s) of `threads` threads over a buffer far larger than the caches
+    (a vectorised max is memory-bound; a sum is not)."""
+    data = np.ones(int(gib * 2**30) // 8, np.float64)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL
+        seconds = _best(pool, lambda b: data[b[0] : b[1]].max(), _bounds(data.size, threads), repeats)
+    return data.nbytes / seconds / 1e9
+
+
+def adjacent_share(entry: dict, before: float, after: float) -> dict:
+    """`entry` (with achieved_GB_s) with the roof read just before and after its timed run, and its share of their mean."""
+    entry["adjacent_roof_GB_s"] = {"before": before, "after": after}
+    entry["share_of_adjacent_roof"] = entry["achieved_GB_s"] / ((before + after) / 2)
+    return entry
 
 
 def press_bytes_per_token(params, config, widths: list[int], kv_itemsize: int) -> dict:
@@ -79,7 +102,7 @@ def press_bytes_per_token(params, config, widths: list[int], kv_itemsize: int) -
     return {"weights": weights, "kv_cache": per_slot * statistics.mean(widths)}
 
 
-def bench_press(directory: str, prompts: list[str], new_tokens: int) -> dict:
+def bench_press(directory: str, prompts: list[str], new_tokens: int, threads: int) -> dict:
     from compress import pretrained
     from compress.kernels import cpu as cpu_kernels
     from serve.engine import MIN_SEQ_BUCKET, Engine, power_of_two_at_least
@@ -90,15 +113,17 @@ def bench_press(directory: str, prompts: list[str], new_tokens: int) -> dict:
     with Engine(model.params, model.config, model.tokenizer, max_slots=1, max_seq_len=512, name=directory) as engine:
         engine.warmup(prompt_lengths=(16, 32))
         engine.generate(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True))  # the first decode's shapes
+        before = read_roof(threads)
         outs = [engine.generate(p, sampling)[0] for p in prompts]
+        after = read_roof(threads)
     speeds = [o.decode_tokens_per_second for o in outs]
     widths = [power_of_two_at_least(len(o.prompt_token_ids) + i + 1, MIN_SEQ_BUCKET) for o in outs
               for i in range(1, new_tokens)]
     per_token = press_bytes_per_token(model.params, model.config, widths, 4)
     rate = statistics.mean(speeds)
-    return {"decode_tokens_per_s": rate, "per_prompt": speeds, "bytes_per_token": per_token,
-            "achieved_GB_s": (per_token["weights"] + per_token["kv_cache"]) * rate / 1e9,
-            "kernels": cpu_kernels.status()}
+    return adjacent_share({"decode_tokens_per_s": rate, "per_prompt": speeds, "bytes_per_token": per_token,
+                           "achieved_GB_s": (per_token["weights"] + per_token["kv_cache"]) * rate / 1e9,
+                           "kernels": cpu_kernels.status()}, before, after)
 
 
 def llama_q8_0(source: str, work: str) -> str:
@@ -147,13 +172,15 @@ def bench_llama_cpp(path: str, prompts: list[str], new_tokens: int, threads: int
         return (new_tokens - 1) / (time.perf_counter() - first), len(tokens)
 
     run(prompts[0])  # warm-up
+    before = read_roof(threads)
     results = [run(p) for p in prompts]
+    after = read_roof(threads)
     speeds = [r[0] for r in results]
     contexts = [n + i for _, n in results for i in range(1, new_tokens)]
     per_token = gguf_bytes_per_token(path, contexts)
     rate = statistics.mean(speeds)
-    return {"decode_tokens_per_s": rate, "per_prompt": speeds, "bytes_per_token": per_token,
-            "achieved_GB_s": (per_token["weights"] + per_token["kv_cache"]) * rate / 1e9}
+    return adjacent_share({"decode_tokens_per_s": rate, "per_prompt": speeds, "bytes_per_token": per_token,
+                           "achieved_GB_s": (per_token["weights"] + per_token["kv_cache"]) * rate / 1e9}, before, after)
 
 
 def quantized_directory(model: str, scheme: str, work: str) -> str:
@@ -191,7 +218,8 @@ def main() -> None:
     result["press"] = {}
     for scheme in args.schemes.split(","):
         log(f"roofline: press {scheme}")
-        entry = bench_press(quantized_directory(args.model, scheme, args.work), prompts, args.new_tokens)
+        directory = quantized_directory(args.model, scheme, args.work)
+        entry = bench_press(directory, prompts, args.new_tokens, args.threads)
         entry["share_of_roof"] = entry["achieved_GB_s"] / roof
         result["press"][scheme] = entry
     if not args.no_llama_cpp:
