@@ -198,9 +198,10 @@ FLOAT_ROWS = 24
 @dataclasses.dataclass(frozen=True)
 class FloatSpec:
     """The matmul of a float projection in a model served on a CPU (`native_float`): float32
-    activations of 1-64 rows against its float32 kernel on the native kernel, read in place from
-    the layer stack (`whole_keys`); anything else (prefill, other dtypes) is XLA's einsum of the
-    same numbers. Gradients are the plain einsum's, to the kernel as well."""
+    activations of 1 to FLOAT_ROWS rows against its float32 kernel on the native kernel, read in
+    place from the layer stack (`whole_keys`); anything else (prefill, larger batches, other
+    dtypes) is XLA's einsum of the same numbers. Gradients are the plain einsum's, to the kernel
+    as well."""
 
     whole_keys: tuple[str, ...] = ("kernel",)
 
