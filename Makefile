@@ -100,7 +100,7 @@ bench: install $(VENV)/.bench
 		--out bench-results/decode-float.json
 	$(BIN)/python benchmarks/draft_agreement.py --drafts out/roofline/smollm2-135m-instruct-int8+embed-int8,out/roofline/smollm2-135m-instruct-int4-g32-asym+embed-int4-g32-asym \
 		--out bench-results/draft-agreement.json
-	$(BIN)/python benchmarks/mixed_trace.py --schemes int8+embed-int8 --out bench-results/mixed-trace.json
+	$(BIN)/python benchmarks/mixed_trace.py --schemes int8+embed-int8,w8a8 --out bench-results/mixed-trace.json
 	@test -d out/smollm2-int8+embed-int8 || $(BIN)/press quantize --model smollm2-135m-instruct \
 		--scheme int8+embed-int8 --out out/smollm2-int8+embed-int8
 	$(BIN)/python benchmarks/speculative.py --draft out/smollm2-int8+embed-int8 --draft-tokens 4 \
