@@ -338,6 +338,12 @@ def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(
     hlo = step.lower(served, tokens, cache).compile().as_text()
     calls = [line for line in hlo.splitlines() if "press_f32_matmul" in line and "custom-call(" in line]
     assert len(calls) == 7 and all("f32[2," in line.split("custom-call(")[1] for line in calls)  # [L=2, ...] stacks
+    # Each call also names the stack its successor reads (prefetched while it finishes), not the dummy.
+    operands = [re.findall(r"f32\[([0-9,]*)\]", re.search(r"operand_layout_constraints=\{(.*)\}", line).group(1))
+                for line in calls]
+    assert all(o[1].startswith("2,") and o[2].startswith("2,") for o in operands), operands
+    size = lambda dims: int(np.prod([int(d) for d in dims.split(",")]))  # noqa: E731
+    assert sorted(size(o[2]) for o in operands) == sorted(size(o[1]) for o in operands)  # the seven stacks, rotated
     smallest = min(p["kernel"][0].size for p in params["layers"].values() if isinstance(p, dict) and "kernel" in p)
     for line in hlo.splitlines():
         op = line.split("=", 1)[-1].lstrip()

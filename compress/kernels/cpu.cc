@@ -196,17 +196,15 @@ __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K
 #endif
 }
 
-template <int R, int V>
-inline void int8_tile(const float* x, int64_t K, const int8_t* q, int64_t N, float* y, int64_t ldy, int64_t m0,
-                      int64_t k0, int64_t depth, int64_t c, int64_t ahead) {
-  weight_tile<int8_t, R, V>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
-}
-
-template <int R, int V>
-inline void f32_tile(const float* x, int64_t K, const float* q, int64_t N, float* y, int64_t ldy, int64_t m0,
-                     int64_t k0, int64_t depth, int64_t c, int64_t ahead) {
-  weight_tile<float, R, V>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
-}
+// weight_tile for PRESS_DISPATCH, which names a template of <R, V> only.
+template <typename W>
+struct WeightTile {
+  template <int R, int V>
+  static void run(const float* x, int64_t K, const W* q, int64_t N, float* y, int64_t ldy, int64_t m0, int64_t k0,
+                  int64_t depth, int64_t c, int64_t ahead) {
+    weight_tile<W, R, V>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
+  }
+};
 
 // ---- int4: y[m0 : m0 + R, c : c + 16 V] += group g's contribution (sums[m * G + g]: the group's
 // sum of x, for the zero point's constant term 8 scale + offset)
@@ -324,24 +322,15 @@ void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, fl
         case 3: weight_tiles<W, 3>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
         default: weight_tiles<W, 4>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
       }
-      if (full < c1) {
-        if constexpr (std::is_same_v<W, float>) {
-          PRESS_DISPATCH(f32_tile, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
-        } else {
-          PRESS_DISPATCH(int8_tile, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
-        }
-      }
+      if (full < c1)
+        PRESS_DISPATCH(WeightTile<W>::template run, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
       continue;
     }
     for (int64_t c = c0; c < c1; c += kTile) {  // the tile's converted weights reused by every block of rows
       const int64_t vecs = std::min(kTile, c1 - c) / 16;
       for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, M - m0);
-        if constexpr (std::is_same_v<W, float>) {
-          PRESS_DISPATCH(f32_tile, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
-        } else {
-          PRESS_DISPATCH(int8_tile, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
-        }
+        PRESS_DISPATCH(WeightTile<W>::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
       }
     }
   }
@@ -619,6 +608,18 @@ struct Int8Call {
   }
 };
 
+// y [M, N] = x [M, K] @ w [K, N] (int8 codes, unscaled, or float32), split between threads in
+// whole blocks of kDepth inputs (or, for a wide matrix, by columns).
+template <typename W>
+void weights_matmul(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t threads,
+                    const NextWeights& next) {
+  split_work(thread_count(threads, K * N * int64_t(sizeof(W)), M), M, N, (K + kDepth - 1) / kDepth, y,
+             [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy, int64_t p,
+                        int64_t parts) {
+               weight_part(x, M, K, w, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts);
+             });
+}
+
 ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S8> next_q,
                       ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
@@ -628,12 +629,7 @@ ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
   const float *xp = call.x, *sp = call.scale;
   const int8_t* qp = call.q;
   float* yp = call.y;
-  const NextWeights next = next_weights(next_q, next_layer);
-  // Inputs are split in whole blocks of kDepth rows.
-  split_work(thread_count(threads, K * N, M), M, N, (K + kDepth - 1) / kDepth, yp,
-             [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy, int64_t p, int64_t parts) {
-               weight_part(xp, M, K, qp, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts);
-             });
+  weights_matmul(xp, M, K, qp, N, yp, threads, next_weights(next_q, next_layer));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < N; ++c) yp[m * N + c] *= sp[c];
   return ffi::Error::Success();
@@ -652,11 +648,7 @@ ffi::Error F32Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buff
   const float* xp = x.typed_data();
   const float* wp = w.typed_data() + l * K * N;
   float* yp = y->typed_data();
-  const NextWeights next = next_weights(next_w, next_layer);
-  split_work(thread_count(threads, K * N * 4, M), M, N, (K + kDepth - 1) / kDepth, yp,
-             [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy, int64_t p, int64_t parts) {
-               weight_part(xp, M, K, wp, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts);
-             });
+  weights_matmul(xp, M, K, wp, N, yp, threads, next_weights(next_w, next_layer));
   return ffi::Error::Success();
 }
 

@@ -188,9 +188,9 @@ def _native_bwd(spec, equation, shape, residuals, g):
 _native_einsum.defvjp(_native_fwd, _native_bwd)
 
 
-# Rows up to which the float kernel beats XLA's dot: at 8-24 rows it took 0.5-0.85x of the dot's time
-# on SmolLM2's projections, at 32-64 rows 0.75-1.4x (XLA's blocked matmul reuses weights better
-# once the rows make it compute-bound; one run, 2 Zen 4 cores).
+# Rows up to which the float kernel beats XLA's dot (benchmarks/float_kernel.py, 2 Zen 4 cores): on
+# SmolLM2's projections 5.5-7.5x at one row, 1.0-2.4x at 24, 0.65-0.88x at 64, where the rows
+# make it compute-bound and XLA's blocked matmul reuses the weights better.
 FLOAT_ROWS = 24
 
 
@@ -203,7 +203,10 @@ class FloatSpec:
     dtypes) is XLA's einsum of the same numbers. Gradients are the plain einsum's, to the kernel
     as well."""
 
-    whole_keys: tuple[str, ...] = ("kernel",)
+    @property
+    def whole_keys(self) -> tuple[str, ...]:
+        """What each layer of the scan gets whole, with its index (compress/models/layer_scan.py)."""
+        return ("kernel",)
 
     def einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
         kernel, layer = p["kernel"], p.get("layer")
@@ -213,7 +216,8 @@ class FloatSpec:
         k, n = math.prod(kernel.shape[lead : lead + n_in]), math.prod(kernel.shape[lead + n_in :])
         if (x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and kernel.ndim == len(rhs) + lead
                 and m <= FLOAT_ROWS and cpu_kernels.usable(m, n)):
-            return _float_native(equation, (m, k, n, n_in), kernel, x, 0 if layer is None else layer, p.get("after"))
+            return _float_native(equation, (m, k, n, n_in, bool(lead)), kernel, x, 0 if layer is None else layer,
+                                 p.get("after"))
         return _float_plain(equation, kernel, x, layer)
 
 
@@ -225,9 +229,9 @@ def _float_plain(equation: str, kernel: jnp.ndarray, x: jnp.ndarray, layer) -> j
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _float_native(equation: str, shape: tuple[int, ...], kernel: jnp.ndarray, x: jnp.ndarray, layer, after=None):
-    """The native kernel's x @ kernel[layer] (a stack of layers, or one kernel at layer 0)."""
-    m, k, n, n_in = shape
-    stacked = kernel.ndim == len(equation.split("->")[0].split(",")[1]) + 1
+    """The native kernel's x @ kernel[layer] (a stack of layers, or one kernel at layer 0).
+    shape: (rows M, inputs K, outputs N, contracted axes, whether kernel is a stack)."""
+    m, k, n, n_in, stacked = shape
     out_dims = kernel.shape[int(stacked) + n_in :]
     w = kernel.reshape(kernel.shape[0] if stacked else 1, k, n)
     y = cpu_kernels.f32_matmul(x.reshape(m, k), w, layer, after)
@@ -240,8 +244,7 @@ def _float_native_fwd(equation, shape, kernel, x, layer, after=None):
 
 def _float_native_bwd(equation, shape, residuals, g):
     kernel, x, layer = residuals
-    stacked = kernel.ndim == len(equation.split("->")[0].split(",")[1]) + 1
-    _, vjp = jax.vjp(lambda w, x: _float_plain(equation, w, x, layer if stacked else None), kernel, x)
+    _, vjp = jax.vjp(lambda w, x: _float_plain(equation, w, x, layer if shape[4] else None), kernel, x)
     dw, dx = vjp(g)
     return dw, dx, None, None
 
