@@ -209,6 +209,11 @@ struct WeightTile {
 // ---- int4: y[m0 : m0 + R, c : c + 16 V] += group g's contribution (sums[m * G + g]: the group's
 // sum of x, for the zero point's constant term 8 scale + offset)
 
+#ifdef PRESS_AVX512
+// A nibble's value as a two's-complement int4 (-8..7), indexed by the nibble: the weights' floats.
+const __m512 kNibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+#endif
+
 template <int R, int V>
 void int4_tile(const float* x, int64_t K, const int8_t* q, int64_t N, int64_t S, const uint16_t* scale,
                const uint16_t* offset, bool zero_point, const float* sums, float* y, int64_t ldy, int64_t m0,
@@ -216,21 +221,28 @@ void int4_tile(const float* x, int64_t K, const int8_t* q, int64_t N, int64_t S,
   const int64_t G = K / S, J = S / 2;
   const float* xg = x + g * S;
 #ifdef PRESS_AVX512
-  __m512 acc[R][V];
+  __m512 acc[R][V], acc2[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[r][v] = acc2[r][v] = _mm512_setzero_ps();
   const int8_t* row = q + g * J * N + c;
   for (int64_t j = 0; j < J; ++j, row += N) {
     _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
     __m512 lo[V], hi[V];
-    for (int v = 0; v < V; ++v) {
-      const __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v)));
-      lo[v] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));  // sign-extended low nibble
-      hi[v] = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));                           // the byte's high nibble
+    for (int v = 0; v < V; ++v) {  // each byte to a lane; vpermps reads a lane's low 4 bits: the nibble
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v)));
+      lo[v] = _mm512_permutexvar_ps(b, kNibbles);
+      hi[v] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), kNibbles);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 xl = _mm512_set1_ps(xg[(m0 + r) * K + j]), xh = _mm512_set1_ps(xg[(m0 + r) * K + J + j]);
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xh, hi[v], _mm512_fmadd_ps(xl, lo[v], acc[r][v]));
+      for (int v = 0; v < V; ++v) {
+        if constexpr (R == 1) {  // two chains: the latency of one FMA after another would bind one row
+          acc[r][v] = _mm512_fmadd_ps(xl, lo[v], acc[r][v]);
+          acc2[r][v] = _mm512_fmadd_ps(xh, hi[v], acc2[r][v]);
+        } else {
+          acc[r][v] = _mm512_fmadd_ps(xh, hi[v], _mm512_fmadd_ps(xl, lo[v], acc[r][v]));
+        }
+      }
     }
   }
   for (int v = 0; v < V; ++v) {
@@ -244,7 +256,7 @@ void int4_tile(const float* x, int64_t K, const int8_t* q, int64_t N, int64_t S,
     }
     for (int r = 0; r < R; ++r) {
       float* ym = y + (m0 + r) * ldy + c + 16 * v;
-      __m512 out = _mm512_fmadd_ps(s, acc[r][v], _mm512_loadu_ps(ym));
+      __m512 out = _mm512_fmadd_ps(s, _mm512_add_ps(acc[r][v], acc2[r][v]), _mm512_loadu_ps(ym));
       if (zero_point) out = _mm512_fmadd_ps(_mm512_set1_ps(sums[(m0 + r) * G + g]), constant, out);
       _mm512_storeu_ps(ym, out);
     }
