@@ -423,7 +423,7 @@ class Engine:
         caches (W = fresh.max_len slots) into rows `slots` of the engine's cache and their new
         prefix blocks into the pool."""
         out = decoder.forward(params, tokens, self.config, attention_mask=mask, cache=fresh, last_logits_only=True)
-        first = sample(out.logits[:, -1], seeds, counts, temperature, top_k, top_p)
+        first = sample(out.logits[:, -1], seeds, counts, temperature, top_k, top_p, cache.native)
         cache = _insert_rows(cache, out.cache, slots)
         if pool is not None:
             pool = pc.scatter(pool, out.cache, store_ids, store_from)
@@ -468,7 +468,8 @@ class Engine:
             logits, cache = step.logits.at[chunk["row"]].set(step.chunk_logits), step.cache
             if pool is not None:
                 pool = pc.scatter(pool, cache, chunk["store_ids"][None], chunk["start"][None], chunk["row"][None])
-        nxt = sample(logits, seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows])
+        nxt = sample(logits, seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows],
+                     cache.native)  # one device: the native argmax (serve/sampling.py greedy)
         return nxt, cache, pool
 
     def _load_prefix_fn(self, cache, pool, row, prefix_ids):

@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from compress.kernels import cpu as cpu_kernels
+
 # top-k / top-p choose among at most this many highest-scoring tokens: a full sort of a
 # 50k-256k vocabulary per row and step would cost more than the model on CPU. A nucleus
 # wider than this (top_p near 1 over a very flat distribution) is cut at this many tokens.
@@ -76,13 +78,19 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def greedy(logits: jnp.ndarray) -> jnp.ndarray:
+def greedy(logits: jnp.ndarray, native: bool = True) -> jnp.ndarray:
     """The argmax over the last axis as int32, the lowest index among ties and the first NaN
-    where there is one (jnp.argmax's answer), in two plain reductions: XLA's CPU backend runs
-    jnp.argmax's (value, index) reduction as a scalar loop, 260 us for SmolLM2's 49,152 logits
-    against 58 us this way (1.8 ms against 0.39 ms at 16 rows), a twentieth of a decode step."""
+    where there is one (jnp.argmax's answer). With native=True on a CPU with the native kernels
+    (float32 logits), one vector pass per row (compress/kernels/cpu.py `argmax`): XLA's CPU
+    backend took 70-120 us for SmolLM2's 49,152 logits even as the two plain reductions below
+    (and 260 us as jnp.argmax's (value, index) reduction), up to a twentieth of a decode step.
+    A caller whose logits are sharded over devices passes native=False (a custom call would
+    gather them)."""
+    if native and cpu_kernels.argmax_usable(logits):
+        return cpu_kernels.argmax(logits)
     top = jnp.max(logits, axis=-1, keepdims=True)
-    hit = (logits == top) | jnp.isnan(logits)
+    nan = jnp.isnan(logits)  # a row's NaN is its answer: XLA's CPU max does not always carry it
+    hit = jnp.where(nan.any(axis=-1, keepdims=True), nan, logits == top)
     index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
@@ -94,6 +102,7 @@ def sample(
     temperature: jnp.ndarray,
     top_k: jnp.ndarray,
     top_p: jnp.ndarray,
+    native: bool = True,
 ) -> jnp.ndarray:
     """One token per row.
 
@@ -101,10 +110,11 @@ def sample(
       logits: [B, V] float32.
       seeds: [B] uint32 per-request seeds; counts: [B] int32 tokens generated so far.
       temperature: [B] (0 = greedy); top_k: [B] int32 (0 = off); top_p: [B] (1 = off).
+      native: as `greedy`'s.
     Returns:
       [B] int32 token ids.
     """
-    best = greedy(logits)
+    best = greedy(logits, native)
     sampling = temperature > 0
     uses_filter = sampling & ((top_k > 0) | (top_p < 1))
 
@@ -141,7 +151,8 @@ def _candidates(scaled, top_k, top_p):
     return jnp.where(keep, top_logits, -jnp.inf), top_ids
 
 
-def probabilities(logits: jnp.ndarray, temperature: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
+def probabilities(logits: jnp.ndarray, temperature: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarray,
+                  native: bool = True) -> jnp.ndarray:
     """The distribution `sample` draws each row's token from, as probabilities [B, V] float32:
     softmax(logits / temperature) over the tokens top-k and top-p keep (renormalized), and for a
     greedy row (temperature 0) all the mass on its argmax. Speculative decoding compares the
@@ -159,5 +170,5 @@ def probabilities(logits: jnp.ndarray, temperature: jnp.ndarray, top_k: jnp.ndar
 
     # top_k over the vocabulary is the costliest part: only when some row filters.
     probs = jax.lax.cond(uses_filter.any(), filtered, lambda _: full, None)
-    greedy_mass = jax.nn.one_hot(greedy(logits), v, dtype=jnp.float32)
+    greedy_mass = jax.nn.one_hot(greedy(logits, native), v, dtype=jnp.float32)
     return jnp.where(sampling[:, None], jnp.where(uses_filter[:, None], probs, full), greedy_mass)

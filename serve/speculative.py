@@ -55,43 +55,45 @@ def _keys(seeds: jnp.ndarray, counts: jnp.ndarray, purpose: int) -> jnp.ndarray:
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), c), purpose))(seeds, counts)
 
 
-def propose(logits, seeds, counts, temperature, top_k, top_p) -> jnp.ndarray:
+def propose(logits, seeds, counts, temperature, top_k, top_p, native: bool = True) -> jnp.ndarray:
     """The draft's token per row [B] from its logits [B, V]: the argmax for greedy rows, a draw
-    from its filtered distribution q for sampled rows (what `verify` assumes)."""
-    greedy = argmax(logits)
+    from its filtered distribution q for sampled rows (what `verify` assumes). native: as
+    serve/sampling.py `greedy`'s."""
+    greedy = argmax(logits, native)
     sampling = temperature > 0
 
     def sampled(_):
-        q = probabilities(logits, temperature, top_k, top_p)  # [B, V]
+        q = probabilities(logits, temperature, top_k, top_p, native)  # [B, V]
         drawn = jax.vmap(jax.random.categorical)(_keys(seeds, counts, PROPOSE), jnp.log(q)).astype(jnp.int32)
         return jnp.where(sampling, drawn, greedy)
 
     return jax.lax.cond(sampling.any(), sampled, lambda _: greedy, None)
 
 
-def verify(target_logits, draft_tokens, draft_logits, seeds, counts, temperature, top_k, top_p):
+def verify(target_logits, draft_tokens, draft_logits, seeds, counts, temperature, top_k, top_p, native: bool = True):
     """Accept or reject each row's draft tokens (module docstring).
 
     Args:
       target_logits: [B, K + 1, V] float32, the target's logits after [cur, d1 .. dK].
       draft_tokens: [B, K] int32, d1 .. dK; draft_logits: [B, K, V] the draft's logits they came from.
       seeds [B], counts [B] (tokens generated before d1), temperature, top_k, top_p [B]: as `sample`.
+      native: as serve/sampling.py `greedy`'s.
     Returns:
       (tokens [B, K + 1] int32, kept [B] int32): a row's new tokens are tokens[:kept + 1].
     """
     b, k1, v = target_logits.shape
     k = k1 - 1
     sampling = temperature > 0
-    best = argmax(target_logits)  # [B, K + 1]
+    best = argmax(target_logits, native)  # [B, K + 1]
     # Greedy: the kept tokens equal the target's argmax, so the argmax row is the output.
     greedy_kept = jnp.sum(jnp.cumprod(draft_tokens == best[:, :k], axis=1), axis=1).astype(jnp.int32)
 
     def sampled(_):
         per_position = lambda x: jnp.repeat(x, k1)  # noqa: E731 - one setting per row -> per row and position
         p = probabilities(target_logits.reshape(b * k1, v), per_position(temperature), per_position(top_k),
-                          per_position(top_p)).reshape(b, k1, v)
+                          per_position(top_p), native).reshape(b, k1, v)
         q = probabilities(draft_logits.reshape(b * k, v), jnp.repeat(temperature, k), jnp.repeat(top_k, k),
-                          jnp.repeat(top_p, k)).reshape(b, k, v)
+                          jnp.repeat(top_p, k), native).reshape(b, k, v)
         at_draft = lambda dist: jnp.take_along_axis(dist, draft_tokens[..., None], axis=-1)[..., 0]  # noqa: E731
         p_d, q_d = at_draft(p[:, :k]), at_draft(q)  # [B, K]
         counts_at = (counts[:, None] + jnp.arange(k)[None, :]).reshape(-1)  # [B * K] the count each d_j decides
@@ -149,13 +151,14 @@ def step(params, config: decoder.DecoderConfig, draft_params, draft_config: deco
     """
     start, past = cache.index[: cur.shape[0]], cache.lengths[: cur.shape[0]]
     filters = (temperature, top_k, top_p)
+    native = cache.native  # one device: the native argmax may read the logits (serve/sampling.py greedy)
     logits, draft_cache = feed(draft_params, draft_config, draft_cache, prev, cur, width)
-    first = propose(logits, seeds, counts, *filters)
+    first = propose(logits, seeds, counts, *filters, native)
 
     def draft_pass(carry, j):  # d_j -> the draft's logits after it and d_j+1
         dcache, token = carry
         out = decoder.forward(draft_params, token[:, None], draft_config, cache=dcache, attend_len=width)
-        nxt = propose(out.logits[:, 0], seeds, counts + j, *filters)
+        nxt = propose(out.logits[:, 0], seeds, counts + j, *filters, native)
         return (out.cache, nxt), (nxt, out.logits[:, 0])
 
     if k > 1:
@@ -166,7 +169,7 @@ def step(params, config: decoder.DecoderConfig, draft_params, draft_config: deco
         draft_tokens, draft_logits = first[:, None], logits[:, None]
     out = decoder.forward(params, jnp.concatenate([cur[:, None], draft_tokens], axis=1), config, cache=cache,
                           attend_len=width)
-    tokens, kept = verify(out.logits, draft_tokens, draft_logits, seeds, counts, temperature, top_k, top_p)
+    tokens, kept = verify(out.logits, draft_tokens, draft_logits, seeds, counts, temperature, top_k, top_p, native)
     index, lengths = start + kept + 1, past + kept + 1  # cur and the kept draft tokens are now context
     cache = truncate(out.cache, index, lengths, start + k + 1)
     draft_cache = truncate(draft_cache, index, lengths, start + k)

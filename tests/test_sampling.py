@@ -87,17 +87,28 @@ def test_bad_settings_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
-def test_greedy_is_jnp_argmax_ties_nans_and_all():
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("vocab", [49152, 49157, 7])  # 49157, 7: a tail past the last 16 logits
+def test_greedy_is_jnp_argmax_ties_nans_and_all(native, vocab):
+    from compress.kernels import cpu as cpu_kernels
     from serve.sampling import greedy
 
     rng = np.random.default_rng(3)
-    logits = rng.standard_normal((5, 49152)).astype(np.float32)
-    logits[1, [7, 90, 40000]] = 9.0  # a three-way tie: the lowest index
-    logits[2, [5, 60]] = np.nan  # the first NaN, as jnp.argmax answers
+    logits = rng.standard_normal((9, vocab)).astype(np.float32)
+    logits[1, [3, 5, vocab - 1]] = 9.0  # a three-way tie: the lowest index
+    logits[2, [5, 6]] = np.nan  # the first NaN, as jnp.argmax answers
     logits[3] = -np.inf  # nothing but -inf: index 0
-    logits[4, -1] = np.inf
-    got = jax.jit(greedy)(jnp.asarray(logits))
+    logits[4, -1] = np.inf  # the maximum in the tail
+    logits[5, -1] = np.nan  # a NaN only in the tail
+    logits[6, [0, -1]] = 50.0  # a tie between the first and the last
+    logits[7] = 0.0  # all equal
+    fn = jax.jit(lambda x: greedy(x, native))
+    got = fn(jnp.asarray(logits))
     assert got.dtype == jnp.int32
-    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
-    np.testing.assert_array_equal(got, [np.argmax(logits[0]), 7, 5, 0, 49151])
-    assert jax.jit(greedy)(jnp.asarray(logits[None])).shape == (1, 5)  # any leading axes
+    want = np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[1:8], [3, 5, 0, vocab - 1, vocab - 1, 0, 0])
+    assert fn(jnp.asarray(logits[None])).shape == (1, 9)  # any leading axes
+    assert fn(jnp.asarray(logits[:1])).shape == (1,)
+    hlo = fn.lower(jnp.asarray(logits)).compile().as_text()
+    assert ("press_argmax" in hlo) == (native and cpu_kernels.available())

@@ -47,7 +47,8 @@ import numpy as np
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cc")
 MAX_ROWS = 64  # rows of activations the kernels take; more (prefill, training) stay on XLA's dot
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
-_TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8")
+_TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8",
+            "press_argmax")
 MAX_QUERIES = 64  # query positions per row decode attention takes (a decode step, a verify pass, a chunk)
 MAX_GROUP = 16  # query heads per key/value head
 _status = "not loaded yet"
@@ -230,6 +231,21 @@ def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
     offset = offset.astype(jnp.float16) if has_offset else jnp.zeros((1,), jnp.float16)
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float16), offset, jnp.asarray(layer, jnp.int32),
                 *_next_operands(after), threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset)
+
+
+def argmax_usable(x: jnp.ndarray) -> bool:
+    """Whether `argmax` takes x: float32 with a last axis of 1 .. 2**31 - 1, on the native kernels."""
+    return x.dtype == jnp.float32 and x.ndim >= 1 and 0 < x.shape[-1] < 2**31 and x.size > 0 and available()
+
+
+def argmax(x: jnp.ndarray) -> jnp.ndarray:
+    """jnp.argmax(x, axis=-1) as int32 (the lowest index among ties, the first NaN where there is
+    one) for float32 x [..., V], in one native pass per row."""
+    _require()
+    rows = x.reshape(-1, x.shape[-1])
+    call = jax.ffi.ffi_call("press_argmax", jax.ShapeDtypeStruct((rows.shape[0],), jnp.int32),
+                            vmap_method="sequential")
+    return call(rows, threads=_threads()).reshape(x.shape[:-1])
 
 
 def attention_usable(q: jnp.ndarray, cache: jnp.ndarray) -> bool:
