@@ -99,6 +99,7 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/decode.py --batches 1,16,64 --new-tokens 64 --no-peers --float-xla \
 		--out bench-results/decode-float.json
 	$(BIN)/python benchmarks/float_kernel.py --out bench-results/float-kernel.json
+	$(BIN)/python benchmarks/argmax.py --out bench-results/argmax.json
 	$(BIN)/python benchmarks/draft_agreement.py --drafts out/roofline/smollm2-135m-instruct-int8+embed-int8,out/roofline/smollm2-135m-instruct-int4-g32-asym+embed-int4-g32-asym \
 		--out bench-results/draft-agreement.json
 	$(BIN)/python benchmarks/mixed_trace.py --schemes int8+embed-int8,w8a8 --out bench-results/mixed-trace.json

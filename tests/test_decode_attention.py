@@ -131,6 +131,13 @@ def test_an_engine_on_a_mesh_keeps_its_cache_on_the_plain_path():
     with Engine(params, config, tokenizer, mesh=shd.make_mesh(data=-1, fsdp=1, tensor=1), max_slots=2,
                 max_seq_len=32) as on_mesh, Engine(params, config, tokenizer, max_slots=2, max_seq_len=32) as alone:
         assert not on_mesh._cache.native and alone._cache.native
+        # The greedy argmax follows the cache: native alone, XLA's reductions on the mesh.
+        z = np.zeros(2, np.int32)
+        for engine, native in ((on_mesh, False), (alone, True)):
+            hlo = engine._decode.lower(engine.params, engine._cache, engine._pool, z, np.zeros(2, np.uint32), z,
+                                       np.zeros(2, np.float32), z, np.ones(2, np.float32), 2, 32, None,
+                                       None).compile().as_text()
+            assert ("press_argmax" in hlo) == (native and cpu.available())
         tokens = [e.generate(["The quick brown fox"], SamplingParams(max_new_tokens=6))[0].token_ids
                   for e in (on_mesh, alone)]
         assert tokens[0] == tokens[1]

@@ -1115,12 +1115,11 @@ ffi::Error AttentionS8(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> keys,
                            v_scale.typed_data(), keys.dimensions(), allowed, layer, first_row, out, threads, scale);
 }
 
-
 // ---- argmax over the last axis (greedy sampling): x [B, V] float32 -> [B] int32, the lowest
 // index among ties and the first NaN where a row has one (jnp.argmax's answer). XLA's CPU
-// backend spends 70-120 us on a row of SmolLM2's 49,152 logits (its variadic reduce runs as a
-// scalar loop, and even a plain max takes ~70 us through its reduction fusion); two vector
-// passes over the row, the second stopping at the first hit, take a few.
+// backend spent 70-230 us on a row of SmolLM2's 49,152 logits (its variadic reduce runs as a
+// scalar loop, and even a plain max took ~70 us through its reduction fusion); two vector
+// passes over the row, the second stopping at the first hit, take a few (benchmarks/argmax.py).
 
 int32_t first_nan(const float* x, int64_t V) {
   for (int64_t i = 0; i < V; ++i)
@@ -1157,7 +1156,7 @@ int32_t argmax_row(const float* x, int64_t V) {
 #endif
   for (; i < V; ++i)
     if (x[i] == best) return static_cast<int32_t>(i);
-  return 0;  // V == 0 is refused by the binding's caller; a row of -inf has its max at 0 (above)
+  return 0;  // not reached: the row holds its own maximum (V >= 1 is checked by the caller)
 }
 
 ffi::Error Argmax(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out, int64_t threads) {
