@@ -10,22 +10,10 @@ serve/sampling.py `greedy` with native=True (compress/kernels/cpu.py `argmax`) a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-from common import log, write_result
+from common import log, median_seconds, write_result
 
 VOCAB = 49152
-
-
-def median_us(fn, x, repeats: int) -> float:
-    fn(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -48,7 +36,7 @@ def main() -> None:
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, VOCAB), np.float32))
-        entry = {"rows": rows, **{f"{name}_us": median_us(fn, x, args.repeats) for name, fn in fns.items()}}
+        entry = {"rows": rows, **{f"{name}_us": median_seconds(fn, (x,), args.repeats) * 1e6 for name, fn in fns.items()}}
         entry["xla_over_native"] = entry["xla_us"] / entry["native_us"]
         log(f"argmax: {rows} rows: native {entry['native_us']:.1f} us, xla {entry['xla_us']:.1f} us, "
             f"no-op {entry['no-op_us']:.1f} us")

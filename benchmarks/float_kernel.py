@@ -13,22 +13,10 @@ uses the kernel up to FLOAT_ROWS rows.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-from common import log, write_result
+from common import log, median_seconds, write_result
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # q/o, gate/up, down (k/v are 576 x 192)
-
-
-def median_seconds(fn, args, repeats: int) -> float:
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
