@@ -43,7 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 900) -> None:
+    """Until `press serve` answers /health. A first start on a fresh machine compiles every decode
+    and prefill shape (--warmup: 110 programs in about 200 s for 32 slots on 2 cores); later starts
+    load them from the compilation cache."""
     import urllib.request
 
     deadline = time.time() + timeout

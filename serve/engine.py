@@ -14,9 +14,9 @@ step so it is updated in place. A request owns one row from its prefill to its e
 Shapes are bucketed so a new prompt never recompiles:
   - prefill takes the waiting requests of one length bucket together, prompts left-padded
     to a power of two >= 16 and the group padded to a power of two rows;
-  - decode runs the rows [0, Bb) and the slots [0, Sb) in use, Bb and Sb powers of two,
-    so short sequences do not pay for the longest possible context. Freed rows are
-    reused lowest first, which keeps Bb small.
+  - decode runs the rows [0, Bb) and the slots [0, Sb) in use, Bb a row bucket and Sb a
+    power of two, so short sequences do not pay for the longest possible context. Freed rows
+    are reused lowest first, which keeps Bb small.
 
 Scheduling (continuous batching): a background thread loops; each turn it prefills waiting
 requests into free rows, then runs one decode step for all active rows. A finished row is
@@ -26,9 +26,11 @@ settings share a step (serve/sampling.py samples row by row).
 
 Chunked prefill: while rows are decoding, a short prompt that arrives alone (the usual case
 for a server) is not prefilled by a call of its own, which would stall every decoding row
-and read all the weights again for a few tokens; it is written CHUNK tokens a step into its
-row by the decode step itself (compress/models/decode_step.py), and starts decoding the
-step after its last chunk. Groups of prompts and long ones still get a batched prefill.
+and read all the weights again for a few tokens; it is written up to CHUNK tokens a step into
+its row by the decode step itself (compress/models/decode_step.py), and starts decoding the
+step after its last chunk. A chunk is padded to the smallest of CHUNK_SIZES that holds it: on
+a CPU a step's matmuls cost about what its rows do, and the rest of a chat prompt after its
+cached prefix is often a few tokens. Groups of prompts and long ones still get a batched prefill.
 
 Prefix caching (serve/prefix_cache.py): the KV of every prompt's 16-token blocks is kept in
 a pool of prefix_cache_blocks blocks on the device (least recently used evicted), and a
@@ -101,6 +103,11 @@ MAX_CHARS_PER_TOKEN = 64  # beyond max_seq_len * this, a prompt is refused befor
 DEFAULT_PREFIX_BLOCKS = 256
 MAX_STORED_BLOCKS = 64  # blocks of one prompt stored for reuse (its first 1,024 tokens)
 CHUNK = 2 * BLOCK  # prompt tokens a decode step writes into a row being filled (chunked prefill)
+# What a chunk is padded to, the smaller that holds it. On a CPU a step's matmuls cost about what
+# its rows do once compute-bound (fp32 SmolLM2, 2 cores, 8 rows: 29.5 ms alone, 45 with an 8-token
+# chunk, 73 with a 32-token one), and a chat prompt's rest after its cached prefix is often a few
+# tokens. Each size is one more decode program per row and slot bucket (16 tokens saved less).
+CHUNK_SIZES = (BLOCK // 2, CHUNK)
 CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get a batched prefill
 MAX_FILLING = 2  # rows filled in chunks at once; more arrivals at once get a batched prefill
 
@@ -110,6 +117,25 @@ def power_of_two_at_least(n: int, minimum: int = 1) -> int:
     while size < n:
         size *= 2
     return size
+
+
+def row_buckets(largest: int) -> list[int]:
+    """The row counts a step is compiled for, up to `largest` (capped at it): powers of two and,
+    from 8, halfway between them too (1, 2, 4, 8, 12, 16, 24, 32, 48, ...). A step's matmuls cost
+    about what its rows do once they are compute-bound, so 9 busy rows padded to 16 cost 1.5x
+    what 12 do (fp32 SmolLM2 on 2 cores: 43.5 ms against 29.5); below 8 rows a step streams its
+    weights and rows are nearly free."""
+    out, p = [], 1
+    while not out or out[-1] < largest:
+        out += [p] + ([p + p // 2] if p >= 8 else [])
+        p *= 2
+    out = [n for n in out if n < largest]
+    return out + [largest]
+
+
+def row_bucket(n: int, largest: int) -> int:
+    """The smallest of `row_buckets(largest)` that holds n rows."""
+    return next(size for size in row_buckets(largest) if size >= n)
 
 
 def _buckets(smallest: int, largest: int) -> list[int]:
@@ -454,7 +480,7 @@ class Engine:
     def _decode_fn(self, params, cache, pool, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int,
                    adapter_rows=None, chunk=None):
         """One token for rows [0, rows), attending over slots [0, width); with `chunk` (a dict of
-        tokens [CHUNK], row, length, start and store_ids [CHUNK / BLOCK]) also the next tokens of
+        tokens [one of CHUNK_SIZES], row, length, start and store_ids [CHUNK / BLOCK]) also the next tokens of
         the prompt filling that row, whose full blocks go to pool blocks store_ids. The row's
         sampled token follows the chunk (its first token, when the chunk is the prompt's last).
         Returns (tokens [rows], the cache, the pool)."""
@@ -652,7 +678,7 @@ class Engine:
         """
         if any(self._slots) or len(self._waiting):
             raise RuntimeError("warmup() runs before requests are submitted")
-        rows = [r for r in _buckets(1, self.max_slots)]
+        rows = row_buckets(self.max_slots)
         widths = _buckets(MIN_SEQ_BUCKET, self.max_seq_len)
         if max_len is not None:  # up to the first width that holds max_len slots
             widths = widths[: next((i + 1 for i, w in enumerate(widths) if w >= max_len), len(widths))]
@@ -661,11 +687,11 @@ class Engine:
         n = 0
         zeros = lambda dtype: np.zeros(self.max_slots, dtype)  # noqa: E731
         adapters = (lambda n: np.zeros(n, np.int32)) if self._bank is not None else (lambda n: None)  # noqa: E731
-        # A chunk for row max_slots (out of range) is computed and never written.
-        nowhere = self._chunk(np.zeros(CHUNK, np.int32), self.max_slots, 1, 0, [])
+        # Chunks for row max_slots (out of range) are computed and never written.
+        nowhere = [self._chunk(np.zeros(size, np.int32), self.max_slots, 1, 0, []) for size in CHUNK_SIZES]
         for r in rows:
             for w in widths:  # garbage in idle rows; a prefill resets a row before it is read
-                for chunk in (None, nowhere) if chunked else (None,):
+                for chunk in (None, *nowhere) if chunked else (None,):
                     _, self._cache, self._pool = self._decode(
                         self.params, self._cache, self._pool, zeros(np.int32), zeros(np.uint32), zeros(np.int32),
                         zeros(np.float32), zeros(np.int32), np.ones(self.max_slots, np.float32), r, w,
@@ -680,6 +706,7 @@ class Engine:
                     self._draft_cache = self._draft_feed(self.draft_params, self._draft_cache, zeros(np.int32),
                                                          zeros(np.int32), r, w)
                     n += 2
+        for r in _buckets(1, self.max_slots):  # a prefill's rows are a power of two (`_prefill`)
             sampling = (np.full(r, self.max_slots, np.int32),  # all padding rows: nothing written
                         np.zeros(r, np.uint32), np.zeros(r, np.int32), np.zeros(r, np.float32), np.zeros(r, np.int32),
                         np.ones(r, np.float32))
@@ -978,7 +1005,7 @@ class Engine:
             self.stats["prefix_tokens_reused"] += blocks * BLOCK
         rest = r.context_ids[r.filled :]
         n = min(CHUNK, len(rest))
-        tokens = np.zeros(CHUNK, np.int32)
+        tokens = np.zeros(next(size for size in CHUNK_SIZES if size >= n), np.int32)
         tokens[:n] = rest[:n]
         store = []
         if self._pool is not None:  # the chunk's full blocks of the prompt (chunks start on a block boundary)
@@ -1005,7 +1032,7 @@ class Engine:
         active = [i for i, r in enumerate(self._slots) if r is not None]
         if not active:
             return
-        rows = min(power_of_two_at_least(max(active) + 1), self.max_slots)
+        rows = row_bucket(max(active) + 1, self.max_slots)
         if self.draft_config is not None and all(self._index[i] + self.draft_tokens + 1 <= self.max_seq_len
                                                  for i in active):
             return self._speculative_step(active, rows)

@@ -116,3 +116,14 @@ def test_warmup_for_one_request_compiles_only_the_widths_it_reaches(tiny):
         with compiles.counting() as events:
             out = engine.generate("a b c d e", SamplingParams(max_new_tokens=90, ignore_eos=True))[0]
         assert len(out.token_ids) == 90 and events == []
+
+
+def test_rows_and_chunks_are_padded_to_the_smallest_bucket_that_holds_them():
+    # Powers of two, and from 8 halfway between them; capped at max_slots, which is always a bucket.
+    assert engine_lib.row_buckets(64) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert engine_lib.row_buckets(20) == [1, 2, 4, 8, 12, 16, 20]
+    assert engine_lib.row_buckets(3) == [1, 2, 3] and engine_lib.row_buckets(1) == [1]
+    assert [engine_lib.row_bucket(n, 16) for n in (1, 3, 5, 8, 9, 12, 13, 16)] == [1, 4, 8, 8, 12, 12, 16, 16]
+    # Every chunk but a prompt's last is CHUNK long, so each starts on a prefix-cache block boundary.
+    assert engine_lib.CHUNK_SIZES[-1] == engine_lib.CHUNK and engine_lib.CHUNK % engine_lib.BLOCK == 0
+    assert list(engine_lib.CHUNK_SIZES) == sorted(engine_lib.CHUNK_SIZES)

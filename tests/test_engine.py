@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from serve import engine as engine_lib
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 
@@ -171,7 +172,11 @@ with Engine.from_pretrained('smollm2-135m-instruct', max_slots=1, max_seq_len=64
     out = e.generate('Hello', SamplingParams(max_new_tokens=3))[0]
 print(json.dumps({'hits': len(hits), 'tokens': out.token_ids}))
 """
-    env = {**os.environ, "PRESS_CACHE_DIR": str(tmp_path)}
+    from compress.kernels import cpu
+
+    env = {**os.environ, "PRESS_CACHE_DIR": str(tmp_path)}  # an empty compilation cache
+    if cpu.library_path():  # this process's kernels, not a build of them in the new cache
+        env["PRESS_CPU_KERNELS_LIB"] = cpu.library_path()
     env.pop("XLA_FLAGS", None)  # one device, like a serving process
 
     def run():
@@ -187,8 +192,9 @@ print(json.dumps({'hits': len(hits), 'tokens': out.token_ids}))
 
 def test_warmup_compiles_every_shape_traffic_meets():
     with Engine.from_pretrained("smollm2-135m-instruct", max_slots=3, max_seq_len=128) as e:
-        # rows 1,2,3 x slots 64,128, each with and without a prompt's chunk; 3 prefills; an empty row to fill
-        assert e.warmup(prompt_lengths=(16,)) == 3 * 2 * 2 + 3 + 1
+        # rows 1,2,3 x slots 64,128, each without and with a prompt's chunk of each size; 3 prefills;
+        # an empty row to fill
+        assert e.warmup(prompt_lengths=(16,)) == 3 * 2 * (1 + len(engine_lib.CHUNK_SIZES)) + 3 + 1
         with compiles.counting() as events:
             outs = e.generate(["a", "b c", "d e f"], SamplingParams(max_new_tokens=80, ignore_eos=True))
         assert all(len(o.token_ids) == 80 for o in outs)

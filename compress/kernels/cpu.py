@@ -52,6 +52,7 @@ _TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press
 MAX_QUERIES = 64  # query positions per row decode attention takes (a decode step, a verify pass, a chunk)
 MAX_GROUP = 16  # query heads per key/value head
 _status = "not loaded yet"
+_path: str | None = None  # the library loaded, once loaded
 
 
 def _compiler() -> str | None:
@@ -99,7 +100,7 @@ def _build(compiler: str, path: str) -> None:
 
 @functools.cache
 def _load() -> ctypes.CDLL | None:
-    global _status
+    global _status, _path
     if os.environ.get("PRESS_CPU_KERNELS", "1") == "0":
         _status = "switched off (PRESS_CPU_KERNELS=0)"
         return None
@@ -128,12 +129,20 @@ def _load() -> ctypes.CDLL | None:
     isa += ", VNNI w8a8" if library.press_cpu_kernels_vnni() else ", no w8a8 kernel (no AVX-512 VNNI)"
     workers = library.press_kernel_workers()
     _status = f"loaded ({isa}, {workers} worker thread{'s' * (workers != 1)}) from {path}"
+    _path = path
     return library
 
 
 def available() -> bool:
     """Whether the native kernels are built and registered (builds them on the first call)."""
     return _load() is not None
+
+
+def library_path() -> str | None:
+    """The kernels' library file this process loaded (another process on this machine can load it
+    through PRESS_CPU_KERNELS_LIB), or None where they are not in use."""
+    _load()
+    return _path
 
 
 def status() -> str:
