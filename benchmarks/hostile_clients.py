@@ -1,9 +1,11 @@
 """Hostile clients beside well-behaved ones against `press serve` on loopback, for a bounded time.
 
-One server (`press serve`, its own process) and two phases of --seconds each against it:
+One server (`press serve`, its own process) and two phases of --seconds each against it, run
+in --rounds segments that alternate (baseline, hostile, baseline, ...), so that a drift in the
+machine's own speed falls on both alike:
   1. baseline: W well-behaved openai clients looping over short chat requests (max_tokens 32);
   2. the same W clients while hostile ones run beside them, each kind in its own paced loop:
-     - disconnect: a non-streaming completion (max_tokens 200), the socket closed after 0.2 s;
+     - disconnect: a non-streaming completion (max_tokens 200, ignore_eos), the socket closed after 0.2 s;
      - disconnect_stream: a streaming chat completion, the socket closed after the first event;
      - slowloris: a handful of connections sending their headers one byte a second, never finishing;
      - fanout_16: one /v1/completions request of 16 prompts, max_tokens 64 each (200 expected);
@@ -11,10 +13,12 @@ One server (`press serve`, its own process) and two phases of --seconds each aga
      - oversized: a ~7.9 MB prompt, under the body limit but far beyond the context (400 expected, quickly).
 The figures: well-behaved p50/p95 latency and errors in each phase, the p95 ratio (goal: at most
 1.5 with no well-behaved error), what each hostile kind got back (status codes), and the server's
-cancellation and rejection counters from GET /metrics. Exit status 1 if a well-behaved request failed.
+cancellation and rejection counters from GET /metrics, and what the engine computed in each
+phase (steps, seconds, rows and chunk tokens computed and busy). Exit status 1 if a
+well-behaved request failed.
 
-  .venv/bin/python benchmarks/hostile_clients.py [--well-behaved 8] [--seconds 60] [--max-slots 16]
-      [--slow 4] [--out bench-results/hostile.json]
+  .venv/bin/python benchmarks/hostile_clients.py [--well-behaved 8] [--seconds 60] [--rounds 2]
+      [--max-slots 16] [--slow 4] [--out bench-results/hostile.json]
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ EXPECTED = {"disconnect": {"hung_up"}, "disconnect_stream": {"hung_up_after_firs
             "slowloris": {"still_open"}, "fanout_16": {"200"}, "fanout_10000": {"400"}, "oversized": {"400"}}
 METRIC_PREFIXES = ("press_cancelled_requests_total", "press_rejected_requests_total", "press_requests_total",
                    "press_queue_depth", "press_slots_in_use", "press_requests_in_flight", "press_engine_",
-                   "press_preempted_requests_total", "press_prefill_chunks_total")
+                   "press_preempted_requests_total", "press_prefill_chunks_total", "press_decode_rows_total",
+                   "press_prefill_chunk_tokens_total")
 
 
 class Outcomes:
@@ -107,9 +112,11 @@ def _status_of(received: bytes) -> str:
 
 
 def disconnect_once(port: int, model: str, outcomes: Outcomes) -> None:
-    """A non-streaming completion of 200 tokens; hang up 0.2 s later, before the answer."""
+    """A non-streaming completion of 200 tokens (ignore_eos: a sampled answer that ended early would
+    finish before the hang-up, and hold its row for less than a hostile client means to); hang up
+    0.2 s later, before the answer."""
     request = _raw_request("/v1/completions", {"model": model, "prompt": "Tell me a long story about the sea.",
-                                               "max_tokens": 200, "temperature": 0.7}, port)
+                                               "max_tokens": 200, "temperature": 0.7, "ignore_eos": True}, port)
     try:
         with socket.create_connection((HOST, port), timeout=5) as s:
             s.sendall(request)
@@ -217,9 +224,9 @@ def hostile_threads(port: int, model: str, stop_at: float, slow: int, outcomes: 
     return threads
 
 
-def well_behaved_phase(client, model: str, clients: int, seconds: float, max_tokens: int, extra=()) -> dict:
+def well_behaved_clients(client, model: str, clients: int, seconds: float, max_tokens: int, extra=()) -> dict:
     """`clients` openai clients looping over chat requests for `seconds`, beside the `extra` threads
-    (started with them and joined after them)."""
+    (started with them and joined after them): their latencies, errors and wall time."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -249,10 +256,33 @@ def well_behaved_phase(client, model: str, clients: int, seconds: float, max_tok
     wall = time.perf_counter() - begin
     for t in extra:
         t.join()
+    return {"seconds": wall, "latencies": latencies, "errors": errors}
+
+
+def phase_summary(segments: list[dict]) -> dict:
+    """One phase's figures over its segments (latencies pooled)."""
+    latencies = [x for seg in segments for x in seg["latencies"]]
+    errors = [e for seg in segments for e in seg["errors"]]
+    wall = sum(seg["seconds"] for seg in segments)
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else [float("nan")] * 19
-    return {"seconds": wall, "requests": len(latencies), "requests_per_s": len(latencies) / wall,
-            "errors": len(errors), "first_errors": errors[:5],
+    return {"seconds": wall, "segments": len(segments), "requests": len(latencies),
+            "requests_per_s": len(latencies) / wall, "errors": len(errors), "first_errors": errors[:5],
             "latency_p50_s": statistics.median(latencies) if latencies else None, "latency_p95_s": q[18]}
+
+
+def counter_values(lines: list[str]) -> dict[str, float]:
+    """The metrics lines as {name with labels: value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+
+
+def drain(url: str, seconds: float = 30) -> list[str]:
+    """Wait until no row is in use and nothing is queued (cancelled and finished rows freed), at
+    most `seconds`; the metrics lines then."""
+    deadline = time.time() + seconds
+    while (lines := metrics_lines(url)) and time.time() < deadline and not all(
+            line.endswith(" 0.0") for line in lines if line.startswith(("press_slots", "press_queue"))):
+        time.sleep(0.5)
+    return lines
 
 
 def metrics_lines(url: str) -> list[str]:
@@ -268,6 +298,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--well-behaved", type=int, default=8, help="well-behaved clients in both phases")
     parser.add_argument("--seconds", type=float, default=60, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="segments each phase is run in, the phases alternating (baseline first)")
     parser.add_argument("--max-slots", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32, help="of each well-behaved request")
     parser.add_argument("--slow", type=int, default=4, help="slowloris connections")
@@ -294,18 +326,29 @@ def main() -> None:
             t.start()
         for t in warm:
             t.join()
-        log(f"hostile_clients: baseline, {args.well_behaved} well-behaved clients for {args.seconds:g} s")
-        baseline = well_behaved_phase(client, args.model, args.well_behaved, args.seconds, args.max_tokens)
-        after_baseline = metrics_lines(url)
-        log(f"hostile_clients: the same beside hostile clients for {args.seconds:g} s")
+        # The phases alternate in --rounds segments each, so a drift in the machine's own speed
+        # (another tenant's load) falls on both alike.
         outcomes = Outcomes()
-        extra = hostile_threads(port, args.model, time.perf_counter() + args.seconds, args.slow, outcomes)
-        hostile = well_behaved_phase(client, args.model, args.well_behaved, args.seconds, args.max_tokens, extra)
+        segments: dict[str, list[dict]] = {"baseline": [], "hostile": []}
+        engine_work: dict[str, dict[str, float]] = {"baseline": {}, "hostile": {}}
+        part = args.seconds / args.rounds
+        before = counter_values(metrics_lines(url))
+        for r in range(args.rounds):
+            for phase in ("baseline", "hostile"):
+                log(f"hostile_clients: {phase} {r + 1}/{args.rounds}, {args.well_behaved} well-behaved clients"
+                    f"{' beside hostile ones' if phase == 'hostile' else ''} for {part:g} s")
+                extra = (hostile_threads(port, args.model, time.perf_counter() + part, args.slow, outcomes)
+                         if phase == "hostile" else ())
+                segments[phase].append(well_behaved_clients(client, args.model, args.well_behaved, part,
+                                                            args.max_tokens, extra))
+                lines = drain(url)
+                after = counter_values(lines)
+                for name, value in after.items():  # what the engine did in this phase's segments
+                    if name.startswith(("press_engine_", "press_decode_rows", "press_prefill_chunk")):
+                        engine_work[phase][name] = engine_work[phase].get(name, 0.0) + value - before.get(name, 0.0)
+                before = after
         client.close()
-        deadline = time.time() + 30  # cancelled and finished rows freed, nothing left waiting
-        while (lines := metrics_lines(url)) and time.time() < deadline and not all(
-                line.endswith(" 0.0") for line in lines if line.startswith(("press_slots", "press_queue"))):
-            time.sleep(0.5)
+        baseline, hostile = phase_summary(segments["baseline"]), phase_summary(segments["hostile"])
     finally:
         server.terminate()
         try:
@@ -325,6 +368,7 @@ def main() -> None:
         "model": args.model,
         "well_behaved_clients": args.well_behaved,
         "seconds_per_phase": args.seconds,
+        "rounds": args.rounds,
         "max_slots": args.max_slots,
         "serve_settings": args.set,
         "max_tokens": args.max_tokens,
@@ -337,7 +381,7 @@ def main() -> None:
         "goal": f"well-behaved p95 ratio <= {P95_GOAL} and no well-behaved error",
         "goal_met": ratio is not None and ratio <= P95_GOAL and not baseline["errors"] and not hostile["errors"],
         "hostile": outcomes.report(),
-        "metrics_after_baseline": after_baseline,
+        "engine_by_phase": engine_work,
         "metrics": lines,
         "server_tracebacks": stderr.count("Traceback (most recent call last)"),
         "server_exit": server.returncode,

@@ -291,7 +291,10 @@ class Engine:
         self._counter = itertools.count()
         self.stats = {"prefills": 0, "decode_steps": 0, "generated_tokens": 0, "cancelled": 0,
                       "prefix_tokens_reused": 0, "preempted": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
-                      "prefill_chunks": 0, "speculative_steps": 0, "drafted_tokens": 0, "accepted_tokens": 0}
+                      "prefill_chunks": 0, "speculative_steps": 0, "drafted_tokens": 0, "accepted_tokens": 0,
+                      # what decode steps computed against what was asked of them: rows (a row bucket)
+                      # and rows busy; chunk tokens (padded to a chunk size) and prompt tokens in them
+                      "decode_rows": 0, "decode_rows_busy": 0, "chunk_tokens": 0, "chunk_prompt_tokens": 0}
 
     @classmethod
     def from_pretrained(
@@ -1053,6 +1056,11 @@ class Engine:
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1
         self.stats["decode_seconds"] += time.perf_counter() - start
+        self.stats["decode_rows"] += rows
+        self.stats["decode_rows_busy"] += len(decoding)
+        if chunk is not None:
+            self.stats["chunk_tokens"] += len(chunk["tokens"])
+            self.stats["chunk_prompt_tokens"] += int(chunk["length"])
         for i in decoding:
             self._index[i] += 1
             try:
@@ -1087,6 +1095,8 @@ class Engine:
         self.stats["decode_steps"] += 1
         self.stats["speculative_steps"] += 1
         self.stats["decode_seconds"] += time.perf_counter() - start
+        self.stats["decode_rows"] += rows
+        self.stats["decode_rows_busy"] += len(active)
         for i in active:
             request, n = self._slots[i], int(kept[i])
             self._index[i] += n + 1

@@ -14,6 +14,10 @@
   press_engine_calls_total{phase}             prefill calls (each a batch of prompts) and decode steps
   press_preempted_requests_total              rows given up to a submission below its fair share
   press_prefill_chunks_total                  prompt chunks written by decode steps (chunked prefill)
+  press_decode_rows_total{kind}               rows decode steps computed (kind="computed": padded to a
+                                              row bucket) and rows generating in them (kind="busy")
+  press_prefill_chunk_tokens_total{kind}      tokens of those chunks: computed (padded to a chunk size)
+                                              and prompt tokens
   press_draft_tokens_total                    tokens a draft model proposed (speculative decoding only)
   press_draft_accepted_tokens_total           of those, tokens the model kept
   press_draft_acceptance_rate                 kept over proposed, since start
@@ -60,6 +64,14 @@ class ServerMetrics:
               registry=registry).set_function(lambda: engine.stats["preempted"])
         Gauge("press_prefill_chunks_total", "prompt chunks written by decode steps (chunked prefill)",
               registry=registry).set_function(lambda: engine.stats["prefill_chunks"])
+        rows = Gauge("press_decode_rows_total", "rows decode steps computed (padded) and rows generating in them",
+                     ["kind"], registry=registry)
+        chunk_tokens = Gauge("press_prefill_chunk_tokens_total", "tokens of prompt chunks computed (padded) and "
+                             "prompt tokens in them", ["kind"], registry=registry)
+        for gauge, kind, stat in ((rows, "computed", "decode_rows"), (rows, "busy", "decode_rows_busy"),
+                                  (chunk_tokens, "computed", "chunk_tokens"),
+                                  (chunk_tokens, "prompt", "chunk_prompt_tokens")):
+            gauge.labels(kind).set_function(lambda s=stat: engine.stats[s])
         if getattr(engine, "draft_tokens", 0):  # speculative decoding
             Gauge("press_draft_tokens_total", "tokens the draft model proposed", registry=registry).set_function(
                 lambda: engine.stats["drafted_tokens"])

@@ -100,6 +100,11 @@ def test_warmup_covers_the_chunked_steps_and_a_cancelled_fill_frees_its_row(tiny
             short = engine.submit("x " * (engine_lib.CHUNK + 5), SamplingParams(max_new_tokens=4))
             assert short.result(60).finish_reason == "length"
         assert engine.stats["prefill_chunks"] == 2
+        # a full chunk, then the rest padded to the smallest chunk size that holds it
+        n = len(short.result().prompt_token_ids)
+        last = next(size for size in engine_lib.CHUNK_SIZES if size >= n - engine_lib.CHUNK)
+        assert engine.stats["chunk_prompt_tokens"] == n and engine.stats["chunk_tokens"] == engine_lib.CHUNK + last
+        assert engine.stats["decode_rows_busy"] <= engine.stats["decode_rows"] <= 2 * engine.stats["decode_steps"]
         assert events == []  # the chunked steps and the row they fill were compiled by warmup
         gone = engine.submit("y " * (3 * engine_lib.CHUNK), SamplingParams(max_new_tokens=4))
         gone.cancel()

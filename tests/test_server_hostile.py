@@ -208,6 +208,10 @@ def test_metrics_count_requests_tokens_and_status(served):
     assert float(lines["press_request_latency_seconds_count"]) == 1
     assert float(lines["press_time_to_first_token_seconds_count"]) == 1
     assert lines["press_queue_depth"] == "0.0" and lines["press_slots_in_use"] == "0.0"
+    # one row generating 5 tokens: its prefill gave the first, 4 decode steps of one row the rest
+    assert float(lines['press_decode_rows_total{kind="busy"}']) == 4
+    assert float(lines['press_decode_rows_total{kind="computed"}']) == 4
+    assert float(lines['press_prefill_chunk_tokens_total{kind="computed"}']) == 0  # nothing decoded beside it
 
 
 def test_sigterm_drains_requests_in_flight(tiny, tmp_path):
