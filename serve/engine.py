@@ -682,7 +682,7 @@ class Engine:
         if any(self._slots) or len(self._waiting):
             raise RuntimeError("warmup() runs before requests are submitted")
         rows = row_buckets(self.max_slots)
-        widths = _buckets(MIN_SEQ_BUCKET, self.max_seq_len)
+        widths = _buckets(min(MIN_SEQ_BUCKET, self.max_seq_len), self.max_seq_len)  # as _step caps them
         if max_len is not None:  # up to the first width that holds max_len slots
             widths = widths[: next((i + 1 for i, w in enumerate(widths) if w >= max_len), len(widths))]
         # With one row nothing is ever filled in chunks (no row decodes beside a free one).

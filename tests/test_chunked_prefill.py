@@ -132,3 +132,18 @@ def test_rows_and_chunks_are_padded_to_the_smallest_bucket_that_holds_them():
     # Every chunk but a prompt's last is CHUNK long, so each starts on a prefix-cache block boundary.
     assert engine_lib.CHUNK_SIZES[-1] == engine_lib.CHUNK and engine_lib.CHUNK % engine_lib.BLOCK == 0
     assert list(engine_lib.CHUNK_SIZES) == sorted(engine_lib.CHUNK_SIZES)
+
+
+def test_nine_rows_decode_on_the_12_row_bucket_warmup_compiled_and_as_each_alone(tiny):
+    config, params, tokenizer = tiny
+    prompts = [f"question {i} about the language" for i in range(9)]
+    sampling = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    # max_seq_len under the smallest slot bucket (64): warmup compiled width 64 where steps ran 32
+    with Engine(params, config, tokenizer, max_slots=16, max_seq_len=32) as engine:
+        engine.warmup(prompt_lengths=(16,))
+        with compiles.counting() as events:
+            together = engine.generate(prompts, sampling)
+        assert events == []  # the 12-row decode steps were compiled by warmup
+        assert engine.stats["decode_rows"] == 12 * engine.stats["decode_steps"]  # 9 busy rows: the 12 bucket
+        alone = [engine.generate(p, sampling)[0] for p in prompts]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
