@@ -106,7 +106,7 @@ CHUNK = 2 * BLOCK  # prompt tokens a decode step writes into a row being filled 
 # What a chunk is padded to, the smaller that holds it. On a CPU a step's matmuls cost about what
 # its rows do once compute-bound (fp32 SmolLM2, 2 cores, 8 rows: 29.5 ms alone, 45 with an 8-token
 # chunk, 73 with a 32-token one), and a chat prompt's rest after its cached prefix is often a few
-# tokens. Each size is one more decode program per row and slot bucket (16 tokens saved less).
+# tokens. Each size is one more decode program per row and slot bucket (so no 16-token size).
 CHUNK_SIZES = (BLOCK // 2, CHUNK)
 CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get a batched prefill
 MAX_FILLING = 2  # rows filled in chunks at once; more arrivals at once get a batched prefill
