@@ -110,9 +110,10 @@ CHUNK = 2 * BLOCK  # prompt tokens a decode step writes into a row being filled 
 CHUNK_SIZES = (BLOCK // 2, CHUNK)
 CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get a batched prefill
 # Rows filled in chunks at once (one chunk a step, the oldest first); more arrivals at once get a
-# batched prefill, which stalls every row. 4 rather than 2: on the 32-client chat load, two runs
-# alternated, p50 2.95 / 3.27 s against 3.21 / 3.62 and p95 3.50 / 4.18 against 4.19 / 4.76.
-MAX_FILLING = 4
+# batched prefill, which stalls every row. 4 helped the 32-client chat load (p95 13-16% lower in
+# two alternated pairs of runs) but the hostile benchmark's ratio went to 1.94x (1.25-1.76x with
+# 2): the prompts of clients about to hang up held more rows. BENCHMARKS.md, "Server under load".
+MAX_FILLING = 2
 
 
 def power_of_two_at_least(n: int, minimum: int = 1) -> int:
