@@ -19,7 +19,7 @@ the cache in place (float32, or int8 with its scales) with an online softmax, on
 keys and values (compress/models/attention.py calls it).
 
 Built on first use with the machine's C++ compiler (`$CXX`, else c++ or g++; `-O3
--march=native`, so it uses AVX-512 where the CPU has it) into the press cache
+-march=native`, so it uses AVX-512 or AVX2 where the CPU has them) into the press cache
 (`$PRESS_CACHE_DIR/kernels`, keyed by the source, the compiler, jax and the CPU), written
 beside and renamed so concurrent processes never load half a file. Where it cannot be built
 or loaded (no compiler, not a CPU backend, `PRESS_CPU_KERNELS=0`), `available()` is False and
@@ -125,7 +125,8 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         _status = f"unavailable: {type(e).__name__}: {e}"
         return None
-    isa = "AVX-512" if library.press_cpu_kernels_avx512() else "portable C++"
+    avx2 = getattr(library, "press_cpu_kernels_avx2", None)  # absent from a library built before it
+    isa = "AVX-512" if library.press_cpu_kernels_avx512() else "AVX2" if avx2 and avx2() else "portable C++"
     isa += ", VNNI w8a8" if library.press_cpu_kernels_vnni() else ", no w8a8 kernel (no AVX-512 VNNI)"
     workers = library.press_kernel_workers()
     _status = f"loaded ({isa}, {workers} worker thread{'s' * (workers != 1)}) from {path}"
