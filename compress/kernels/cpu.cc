@@ -34,8 +34,9 @@
 // Decode attention (press_attention_f32 / _s8, below): a few query positions per cache row against
 // the layer's keys and values read where they lie in the KV cache; see the section's comment.
 //
-// Built by compress/kernels/cpu.py with the machine's own compiler (-O3 -march=native);
-// without AVX-512 the same loops are plain C++ for the compiler to vectorise.
+// Built by compress/kernels/cpu.py with the machine's own compiler (-O3 -march=native): AVX-512
+// where the CPU has it, else AVX2 with FMA and F16C (the matmuls, attention and argmax; w8a8 needs
+// AVX-512 VNNI), else the same loops in plain C++ for the compiler to vectorise.
 
 #include <algorithm>
 #include <cmath>
