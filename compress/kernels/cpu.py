@@ -25,6 +25,11 @@ beside and renamed so concurrent processes never load half a file. Where it cann
 or loaded (no compiler, not a CPU backend, `PRESS_CPU_KERNELS=0`), `available()` is False and
 compress/quant/matmul.py keeps the plain JAX path; `status()` says why.
 
+`PRESS_CPU_KERNELS_ISA` picks the instruction set the kernels are built for: `native` (the
+default: AVX-512 where the CPU has it, else AVX2), `avx2` (AVX-512 off, for a library that also
+runs on CPUs without it, and so that tests can check the AVX2 paths on a CPU with AVX-512) or
+`portable` (the plain C++ loops, vectorised by the compiler).
+
   python -m compress.kernels.cpu    # build now (make install does) and report
 """
 
@@ -47,6 +52,8 @@ import numpy as np
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cc")
 MAX_ROWS = 64  # rows of activations the kernels take; more (prefill, training) stay on XLA's dot
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
+# What each PRESS_CPU_KERNELS_ISA adds to FLAGS: cpu.cc picks its paths by the compiler's macros.
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "portable": ("-mno-avx2", "-mno-avx512f", "-mno-fma", "-mno-f16c")}
 _TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8",
             "press_argmax")
 MAX_QUERIES = 64  # query positions per row decode attention takes (a decode step, a verify pass, a chunk)
@@ -72,13 +79,20 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def _flags() -> tuple[str, ...]:
+    isa = os.environ.get("PRESS_CPU_KERNELS_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise RuntimeError(f"PRESS_CPU_KERNELS_ISA={isa!r} is not one of {', '.join(ISA_FLAGS)}")
+    return FLAGS + ISA_FLAGS[isa]
+
+
 def _library_path(compiler: str) -> str:
     # The press cache (compress.formats.tokenizer.cache_root, which this layer cannot import).
     cache_root = os.environ.get("PRESS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "press")
     with open(SOURCE, "rb") as f:
         source = f.read()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), jax.__version__.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, version.encode(), jax.__version__.encode(), " ".join(_flags()).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:20]
     return os.path.join(cache_root, "kernels", f"press-cpu-kernels-{key}.so")
 
@@ -88,7 +102,7 @@ def _build(compiler: str, path: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+        command = [compiler, *_flags(), f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
