@@ -49,6 +49,8 @@ def _cache(rng, shape, quantized):
     (5, 1, 37, 4, 2, 16),    # odd width, several rows
     (2, 5, 64, 8, 1, 32),    # a verify pass of 5 tokens, 8 query heads per key head
     (1, 32, 100, 16, 4, 128),  # a prefill chunk
+    (2, 3, 70, 6, 2, 80),    # head sizes of 5 and 6 AVX-512 vectors (10 and 12 on AVX2)
+    (1, 2, 90, 4, 4, 96),
     (3, 2, 48, 6, 3, 48),    # a head size the vector code has no case for: the portable loops
 ])
 def test_the_kernel_equals_float64(quantized, b, t, w, heads, kv_heads, h):

@@ -114,8 +114,123 @@ struct NextWeights {
   }
 };
 
-inline float half_to_float(uint16_t h) {
+// ---- the vector instructions, one struct per instruction set: the loops below are written once
+// against `Simd` (16 float lanes in 32 registers on AVX-512, 8 in 16 on AVX2) and their sizes
+// (vectors a pass over the weights takes, heads an attention pass holds) come from it.
+
 #if defined(PRESS_AVX512) || defined(PRESS_AVX2)
+#define PRESS_SIMD 1
+#endif
+
+#ifdef PRESS_AVX512
+struct Simd {
+  using F = __m512;
+  using Mask = uint32_t;  // one bit a lane
+  static constexpr int kLanes = 16, kRegisters = 32;
+  // Weight vectors one pass over a tile's rows takes for R activation rows: R * P accumulators,
+  // R broadcasts and the weight vectors within 32 registers, so the whole 64-column tile.
+  template <int R> static constexpr int kPass = 4;
+  template <int R> static constexpr int kPass4 = 4;  // int4: the same, with two nibble vectors and the table
+  // Attention: a key's vectors held in registers beside GB * HC accumulators (at most 16).
+  static constexpr bool kHoldKeys = true;
+  static constexpr int heads_per_pass(int hc) { return hc <= 4 ? 4 : hc <= 6 ? 2 : 1; }
+
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load(const int8_t* p) {  // 16 int8 widened to float
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F load_aligned(const float* p) { return _mm512_load_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store_aligned(float* p, F v) { _mm512_store_ps(p, v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+  static float max_lane(F v) { return _mm512_reduce_max_ps(v); }
+  static Mask nan_lanes(F v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q); }
+  static Mask equal_lanes(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static F zero_where_minus_inf(F scores, F v) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(scores, set1(-INFINITY), _CMP_NEQ_OQ), v);
+  }
+  static F round(F t) { return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F scale_by_pow2(F p, F n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+  // The lanes' int4 weights: p's 16 bytes, each byte's low and high nibble as a float; vpermps
+  // reads a lane's low 4 bits, so one table lookup converts a nibble.
+  static void nibbles(const int8_t* p, F& lo, F& hi) {
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm512_permutexvar_ps(b, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+  }
+};
+#elif defined(PRESS_AVX2)
+struct Simd {
+  using F = __m256;
+  using Mask = uint32_t;
+  static constexpr int kLanes = 8, kRegisters = 16;
+  // 16 registers: fewer vectors a pass as the rows grow (R * P accumulators and R broadcasts).
+  template <int R> static constexpr int kPass = R == 1 ? 8 : R <= 3 ? 4 : 2;
+  template <int R> static constexpr int kPass4 = R <= 2 ? 4 : R == 3 ? 2 : 1;  // 2 R broadcasts, two nibble vectors
+  // Attention: keys and values read at each use (HC of them would not fit beside the accumulators).
+  static constexpr bool kHoldKeys = false;
+  static constexpr int heads_per_pass(int hc) { return hc <= 2 ? 4 : hc <= 4 ? 2 : 1; }
+
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F load_aligned(const float* p) { return _mm256_load_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static void store_aligned(float* p, F v) { _mm256_store_ps(p, v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float max_lane(F v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  static Mask nan_lanes(F v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+  static Mask equal_lanes(F a, F b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
+  static F zero_where_minus_inf(F scores, F v) {
+    return _mm256_and_ps(_mm256_cmp_ps(scores, set1(-INFINITY), _CMP_NEQ_OQ), v);
+  }
+  static F round(F t) { return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n with 2^n built in the exponent bits (n >= -126 after exp_nonpositive's clamp, so a
+  // normal float).
+  static F scale_by_pow2(F p, F n) {
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
+  }
+  // Each of p's 8 bytes sign-extended to a lane: its low nibble by a shift pair, its high one by
+  // an arithmetic shift.
+  static void nibbles(const int8_t* p, F& lo, F& hi) {
+    const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+    hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+  }
+};
+#endif
+
+inline float half_to_float(uint16_t h) {
+#ifdef PRESS_SIMD
   return _cvtsh_ss(h);
 #else
   const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
@@ -141,21 +256,15 @@ inline float half_to_float(uint16_t h) {
 }
 
 // The access pattern both kernels share: weights are read kDepth rows (int8) or one group's rows
-// (int4) at a time, a tile of 64 columns (four vectors) of each, tile after tile across the
-// column range: a handful of sequential streams the hardware prefetches, each row's cache line
-// used whole, and four independent accumulator chains per activation row to hide FMA latency.
-// Converted weights are reused by up to kRowBlock activation rows before the next are read.
-
-#ifdef PRESS_AVX512
-inline __m512 widen_int8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-#endif
+// (int4) at a time, a tile of 64 columns of each, tile after tile across the column range: a
+// handful of sequential streams the hardware prefetches, each row's cache line used whole, and
+// independent accumulator chains per activation row to hide FMA latency. Converted weights are
+// reused by up to kRowBlock activation rows before the next are read.
 
 // Ask for rows [r0, r1), columns [c0, c1) of the weights now: a call's first block would otherwise
 // wait on memory row by row before the in-loop prefetches (one block ahead) take over.
 inline void prefetch_start(const int8_t* q, int64_t N, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-#if defined(PRESS_AVX512) || defined(PRESS_AVX2)
+#ifdef PRESS_SIMD
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t c = c0; c < c1; c += 64) _mm_prefetch(reinterpret_cast<const char*>(q + r * N + c), _MM_HINT_T0);
 #endif
@@ -165,57 +274,29 @@ inline void prefetch_start(const int8_t* q, int64_t N, int64_t r0, int64_t r1, i
 // q[k0 : k0 + depth, c : ...], with q int8 (widened in registers) or float32 (loaded as it is).
 // `ahead`: bytes from each weight row to where the tile's next weights are, prefetched now.
 
-#ifdef PRESS_AVX512
-inline __m512 load16(const int8_t* p) { return widen_int8(p); }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-#endif
-
-#ifdef PRESS_AVX2
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-// 8-float vectors of a tile one pass over its weight rows takes, for R activation rows: R * P
-// accumulators, R broadcasts and the weight vector in use within AVX2's 16 registers.
-template <int R>
-constexpr int kPass = R == 1 ? 8 : R <= 3 ? 4 : 2;
-
-// y[m0 : m0 + R, c : c + 8 P] += x[m0 : m0 + R, k0 : k0 + depth] w[k0 : k0 + depth, c : c + 8 P]
+#ifdef PRESS_SIMD
+// y[m0 : m0 + R, c : c + P lanes] += x[m0 : m0 + R, k0 : k0 + depth] w[k0 : k0 + depth, c : ...]
 // (`row`: w[k0, c]); prefetches `prefetch_bytes` of each weight row `ahead` bytes on.
 template <typename W, int R, int P>
 __attribute__((always_inline)) inline void weight_pass(const float* x, int64_t K, const W* row, int64_t N, float* y,
                                                        int64_t ldy, int64_t m0, int64_t k0, int64_t depth, int64_t c,
                                                        int64_t ahead, int64_t prefetch_bytes) {
-  __m256 acc[R][P];
+  constexpr int L = Simd::kLanes;
+  Simd::F acc[R][P];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < P; ++v) acc[r][v] = _mm256_loadu_ps(y + (m0 + r) * ldy + c + 8 * v);
+    for (int v = 0; v < P; ++v) acc[r][v] = Simd::load(y + (m0 + r) * ldy + c + L * v);
   for (int64_t i = 0; i < depth; ++i, row += N) {
     const char* next = reinterpret_cast<const char*>(row) + ahead;
     for (int64_t line = 0; line < prefetch_bytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
-    __m256 xi[R];
-    for (int r = 0; r < R; ++r) xi[r] = _mm256_broadcast_ss(x + (m0 + r) * K + k0 + i);
+    Simd::F xi[R];  // the broadcasts first, then one weight vector at a time (AVX2's 16 registers)
+    for (int r = 0; r < R; ++r) xi[r] = Simd::broadcast(x + (m0 + r) * K + k0 + i);
     for (int v = 0; v < P; ++v) {
-      const __m256 w = load8(row + 8 * v);
-      for (int r = 0; r < R; ++r) acc[r][v] = _mm256_fmadd_ps(xi[r], w, acc[r][v]);
+      const Simd::F w = Simd::load(row + L * v);
+      for (int r = 0; r < R; ++r) acc[r][v] = Simd::fmadd(xi[r], w, acc[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < P; ++v) _mm256_storeu_ps(y + (m0 + r) * ldy + c + 8 * v, acc[r][v]);
-}
-
-// The U vectors of a tile in passes of P (the last may be shorter); the first prefetches the whole tile.
-template <typename W, int R, int U, int P>
-__attribute__((always_inline)) inline void weight_passes(const float* x, int64_t K, const W* q, int64_t N, float* y,
-                                                         int64_t ldy, int64_t m0, int64_t k0, int64_t depth, int64_t c,
-                                                         int64_t ahead) {
-  const W* row = q + k0 * N + c;
-  constexpr int full = U / P * P;
-  for (int u = 0; u < full; u += P)
-    weight_pass<W, R, P>(x, K, row + 8 * u, N, y, ldy, m0, k0, depth, c + 8 * u, ahead,
-                         u == 0 ? int64_t(sizeof(W)) * 8 * U : 0);
-  if constexpr (full < U)
-    weight_pass<W, R, U - full>(x, K, row + 8 * full, N, y, ldy, m0, k0, depth, c + 8 * full, ahead, 0);
+    for (int v = 0; v < P; ++v) Simd::store(y + (m0 + r) * ldy + c + L * v, acc[r][v]);
 }
 #endif
 
@@ -223,26 +304,15 @@ template <typename W, int R, int V>
 __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K, const W* q, int64_t N, float* y,
                                                        int64_t ldy, int64_t m0, int64_t k0, int64_t depth, int64_t c,
                                                        int64_t ahead) {
-#ifdef PRESS_AVX512
-  __m512 acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(y + (m0 + r) * ldy + c + 16 * v);
+#ifdef PRESS_SIMD
+  // The tile's U vectors in passes of P (the last may be shorter); the first prefetches the whole tile.
+  constexpr int L = Simd::kLanes, U = 16 * V / L, P = Simd::kPass<R> < U ? Simd::kPass<R> : U, full = U / P * P;
   const W* row = q + k0 * N + c;
-  for (int64_t i = 0; i < depth; ++i, row += N) {
-    const char* next = reinterpret_cast<const char*>(row) + ahead;
-    for (int64_t line = 0; line < int64_t(sizeof(W)) * 16 * V; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
-    __m512 w[V];
-    for (int v = 0; v < V; ++v) w[v] = load16(row + 16 * v);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xi = _mm512_set1_ps(x[(m0 + r) * K + k0 + i]);
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xi, w[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + (m0 + r) * ldy + c + 16 * v, acc[r][v]);
-#elif defined(PRESS_AVX2)
-  constexpr int U = 2 * V, P = kPass<R> < U ? kPass<R> : U;
-  weight_passes<W, R, U, P>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
+  for (int u = 0; u < full; u += P)
+    weight_pass<W, R, P>(x, K, row + L * u, N, y, ldy, m0, k0, depth, c + L * u, ahead,
+                         u == 0 ? int64_t(sizeof(W)) * 16 * V : 0);
+  if constexpr (full < U)
+    weight_pass<W, R, U - full>(x, K, row + L * full, N, y, ldy, m0, k0, depth, c + L * full, ahead, 0);
 #else
   for (int r = 0; r < R; ++r) {
     float* ym = y + (m0 + r) * ldy + c;
@@ -268,62 +338,64 @@ struct WeightTile {
 // ---- int4: y[m0 : m0 + R, c : c + 16 V] += group g's contribution (sums[m * G + g]: the group's
 // sum of x, for the zero point's constant term 8 scale + offset)
 
-#ifdef PRESS_AVX512
-// A nibble's value as a two's-complement int4 (-8..7), indexed by the nibble: the weights' floats.
-const __m512 kNibbles = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
-#endif
-
-#ifdef PRESS_AVX2
-// Vectors of 8 columns a pass of int4_tile takes for R rows: the accumulators (two chains for one
-// row), 2 R broadcasts and a byte vector's two nibble vectors within 16 registers.
-template <int R>
-constexpr int kPass4 = R <= 2 ? 4 : R == 3 ? 2 : 1;
-
-// int4_tile's work for columns [col, col + 8 P) of group g (`row`: the group's first byte row there).
+#ifdef PRESS_SIMD
+// int4_tile's work for columns [col, col + P lanes) of group g (`row`: the group's first byte row there).
 template <int R, int P>
 __attribute__((always_inline)) inline void int4_pass(const float* xg, int64_t K, int64_t J, const int8_t* row,
                                                      int64_t N, const uint16_t* scale, const uint16_t* offset,
                                                      bool zero_point, const float* sums, int64_t G, int64_t g, float* y,
                                                      int64_t ldy, int64_t m0, int64_t col, int64_t ahead,
                                                      bool prefetch) {
-  __m256 acc[R][P], acc2[R][P];
+  constexpr int L = Simd::kLanes;
+  Simd::F acc[R][P], acc2[R][P];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < P; ++v) acc[r][v] = acc2[r][v] = _mm256_setzero_ps();
+    for (int v = 0; v < P; ++v) acc[r][v] = acc2[r][v] = Simd::zero();
   for (int64_t j = 0; j < J; ++j, row += N) {
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
-    __m256 xl[R], xh[R];
-    for (int r = 0; r < R; ++r) {
-      xl[r] = _mm256_broadcast_ss(xg + (m0 + r) * K + j);
-      xh[r] = _mm256_broadcast_ss(xg + (m0 + r) * K + J + j);
-    }
-    for (int v = 0; v < P; ++v) {  // each byte sign-extended to a lane: its high nibble by an arithmetic shift
-      const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * v)));
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+    auto fma = [&](int r, int v, Simd::F xl, Simd::F xh, Simd::F lo, Simd::F hi) {
+      if constexpr (R == 1) {  // two chains: the latency of one FMA after another would bind one row
+        acc[r][v] = Simd::fmadd(xl, lo, acc[r][v]);
+        acc2[r][v] = Simd::fmadd(xh, hi, acc2[r][v]);
+      } else {
+        acc[r][v] = Simd::fmadd(xh, hi, Simd::fmadd(xl, lo, acc[r][v]));
+      }
+    };
+    // The pass's nibbles converted first where the registers hold them beside the accumulators
+    // (AVX-512: 2-3% faster than a vector at a time), else the rows' broadcasts first.
+    constexpr int kAccumulators = R == 1 ? 2 * P : R * P;
+    if constexpr (2 * P + kAccumulators + 3 <= Simd::kRegisters) {
+      Simd::F lo[P], hi[P];
+      for (int v = 0; v < P; ++v) Simd::nibbles(row + L * v, lo[v], hi[v]);
       for (int r = 0; r < R; ++r) {
-        if constexpr (R == 1) {  // two chains: the latency of one FMA after another would bind one row
-          acc[r][v] = _mm256_fmadd_ps(xl[r], lo, acc[r][v]);
-          acc2[r][v] = _mm256_fmadd_ps(xh[r], hi, acc2[r][v]);
-        } else {
-          acc[r][v] = _mm256_fmadd_ps(xh[r], hi, _mm256_fmadd_ps(xl[r], lo, acc[r][v]));
-        }
+        const Simd::F xl = Simd::broadcast(xg + (m0 + r) * K + j), xh = Simd::broadcast(xg + (m0 + r) * K + J + j);
+        for (int v = 0; v < P; ++v) fma(r, v, xl, xh, lo[v], hi[v]);
+      }
+    } else {
+      Simd::F xl[R], xh[R];
+      for (int r = 0; r < R; ++r) {
+        xl[r] = Simd::broadcast(xg + (m0 + r) * K + j);
+        xh[r] = Simd::broadcast(xg + (m0 + r) * K + J + j);
+      }
+      for (int v = 0; v < P; ++v) {
+        Simd::F lo, hi;
+        Simd::nibbles(row + L * v, lo, hi);
+        for (int r = 0; r < R; ++r) fma(r, v, xl[r], xh[r], lo, hi);
       }
     }
   }
   for (int v = 0; v < P; ++v) {
-    const int64_t at = g * N + col + 8 * v;
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + at)));
-    __m256 constant = _mm256_setzero_ps();
+    const int64_t at = g * N + col + L * v;
+    const Simd::F s = Simd::load_half(scale + at);
+    Simd::F constant = Simd::zero();
     if (zero_point) {
-      constant = _mm256_mul_ps(_mm256_set1_ps(8.0f), s);
-      if (offset)
-        constant = _mm256_add_ps(constant, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offset + at))));
+      constant = Simd::mul(Simd::set1(8.0f), s);
+      if (offset) constant = Simd::add(constant, Simd::load_half(offset + at));
     }
     for (int r = 0; r < R; ++r) {
-      float* ym = y + (m0 + r) * ldy + col + 8 * v;
-      __m256 out = _mm256_fmadd_ps(s, _mm256_add_ps(acc[r][v], acc2[r][v]), _mm256_loadu_ps(ym));
-      if (zero_point) out = _mm256_fmadd_ps(_mm256_set1_ps(sums[(m0 + r) * G + g]), constant, out);
-      _mm256_storeu_ps(ym, out);
+      float* ym = y + (m0 + r) * ldy + col + L * v;
+      Simd::F out = Simd::fmadd(s, Simd::add(acc[r][v], acc2[r][v]), Simd::load(ym));
+      if (zero_point) out = Simd::fmadd(Simd::set1(sums[(m0 + r) * G + g]), constant, out);
+      Simd::store(ym, out);
     }
   }
 }
@@ -335,56 +407,15 @@ void int4_tile(const float* x, int64_t K, const int8_t* q, int64_t N, int64_t S,
                int64_t g, int64_t c, int64_t ahead) {
   const int64_t G = K / S, J = S / 2;
   const float* xg = x + g * S;
-#ifdef PRESS_AVX512
-  __m512 acc[R][V], acc2[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = acc2[r][v] = _mm512_setzero_ps();
-  const int8_t* row = q + g * J * N + c;
-  for (int64_t j = 0; j < J; ++j, row += N) {
-    _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
-    __m512 lo[V], hi[V];
-    for (int v = 0; v < V; ++v) {  // each byte to a lane; vpermps reads a lane's low 4 bits: the nibble
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v)));
-      lo[v] = _mm512_permutexvar_ps(b, kNibbles);
-      hi[v] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), kNibbles);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512 xl = _mm512_set1_ps(xg[(m0 + r) * K + j]), xh = _mm512_set1_ps(xg[(m0 + r) * K + J + j]);
-      for (int v = 0; v < V; ++v) {
-        if constexpr (R == 1) {  // two chains: the latency of one FMA after another would bind one row
-          acc[r][v] = _mm512_fmadd_ps(xl, lo[v], acc[r][v]);
-          acc2[r][v] = _mm512_fmadd_ps(xh, hi[v], acc2[r][v]);
-        } else {
-          acc[r][v] = _mm512_fmadd_ps(xh, hi[v], _mm512_fmadd_ps(xl, lo[v], acc[r][v]));
-        }
-      }
-    }
-  }
-  for (int v = 0; v < V; ++v) {
-    const int64_t at = g * N + c + 16 * v;
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + at)));
-    __m512 constant = _mm512_setzero_ps();
-    if (zero_point) {
-      constant = _mm512_mul_ps(_mm512_set1_ps(8.0f), s);
-      if (offset)
-        constant = _mm512_add_ps(constant, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + at))));
-    }
-    for (int r = 0; r < R; ++r) {
-      float* ym = y + (m0 + r) * ldy + c + 16 * v;
-      __m512 out = _mm512_fmadd_ps(s, _mm512_add_ps(acc[r][v], acc2[r][v]), _mm512_loadu_ps(ym));
-      if (zero_point) out = _mm512_fmadd_ps(_mm512_set1_ps(sums[(m0 + r) * G + g]), constant, out);
-      _mm512_storeu_ps(ym, out);
-    }
-  }
-#elif defined(PRESS_AVX2)
-  constexpr int U = 2 * V, P = kPass4<R> < U ? kPass4<R> : U, full = U / P * P;
+#ifdef PRESS_SIMD
+  constexpr int L = Simd::kLanes, U = 16 * V / L, P = Simd::kPass4<R> < U ? Simd::kPass4<R> : U, full = U / P * P;
   const int8_t* row = q + g * J * N + c;
   for (int u = 0; u < full; u += P)
-    int4_pass<R, P>(xg, K, J, row + 8 * u, N, scale, offset, zero_point, sums, G, g, y, ldy, m0, c + 8 * u, ahead,
+    int4_pass<R, P>(xg, K, J, row + L * u, N, scale, offset, zero_point, sums, G, g, y, ldy, m0, c + L * u, ahead,
                     u == 0);
   if constexpr (full < U)
-    int4_pass<R, U - full>(xg, K, J, row + 8 * full, N, scale, offset, zero_point, sums, G, g, y, ldy, m0,
-                           c + 8 * full, ahead, false);
+    int4_pass<R, U - full>(xg, K, J, row + L * full, N, scale, offset, zero_point, sums, G, g, y, ldy, m0,
+                           c + L * full, ahead, false);
 #else
   for (int r = 0; r < R; ++r) {
     const float* xm = xg + (m0 + r) * K;
@@ -1026,160 +1057,42 @@ void attend_range_plain(const float* q, float q_scale, int64_t G, int64_t H, con
   }
 }
 
-#ifdef PRESS_AVX512
-// exp(x) for x <= 0 (scores minus their running max), 16 lanes: 2^(x log2 e) as 2^n * 2^f with a
-// degree-6 polynomial for 2^f on [-0.5, 0.5] (relative error under 2e-7); very negative x gives 0.
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+#ifdef PRESS_SIMD
+// exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) as 2^n * 2^f with a degree-6
+// polynomial for 2^f on [-0.5, 0.5] (relative error under 2e-7); very negative x gives 0.
+inline Simd::F exp_nonpositive(Simd::F x) {
+  const Simd::F t = Simd::mul(Simd::max(x, Simd::set1(-87.0f)), Simd::set1(1.44269504088896341f));
+  const Simd::F n = Simd::round(t);
+  const Simd::F f = Simd::sub(t, n);
+  Simd::F p = Simd::set1(1.535336188319500e-4f);
+  p = Simd::fmadd(p, f, Simd::set1(1.339887440266574e-3f));
+  p = Simd::fmadd(p, f, Simd::set1(9.618437357674640e-3f));
+  p = Simd::fmadd(p, f, Simd::set1(5.550332471162809e-2f));
+  p = Simd::fmadd(p, f, Simd::set1(2.402264791363012e-1f));
+  p = Simd::fmadd(p, f, Simd::set1(6.931472028550421e-1f));
+  p = Simd::fmadd(p, f, Simd::set1(1.0f));
+  return Simd::scale_by_pow2(p, n);
 }
 
-// attend_range_plain for GB query heads of HC * 16 dimensions, the output accumulators and a
-// key or value vector held in registers; slots go 16 at a time (scores, then one vectorised
-// exp per head, then the values).
+// attend_range_plain for GB query heads of HC vectors of dimensions, the output accumulators in
+// registers (and a key's vectors, where Simd holds them); slots go a vector's lanes at a time
+// (scores, then one vectorised exp per head, then the values).
 template <typename T, int HC, int GB>
-void attend_range_avx(const float* q, float q_scale, int64_t H, const T* keys, const T* values, const float* k_scale,
-                      const float* v_scale, int64_t slot_stride, int64_t scale_stride, const bool* allowed,
-                      int64_t s0, int64_t s1, float* m_out, float* l_out, float* acc_out) {
-  __m512 acc[GB][HC];
-  float m[GB], l[GB];
-  for (int g = 0; g < GB; ++g) {
-    m[g] = -INFINITY, l[g] = 0.0f;
-    for (int c = 0; c < HC; ++c) acc[g][c] = _mm512_setzero_ps();
-  }
-  alignas(64) float prob[GB][kSlotBlock];
-  for (int64_t b0 = s0; b0 < s1; b0 += kSlotBlock) {
-    const int64_t n = std::min(kSlotBlock, s1 - b0);
-    bool any = false;
-    for (int64_t j = 0; j < kSlotBlock; ++j) {
-      const int64_t s = b0 + j;
-      if (j >= n || !allowed[s]) {
-        for (int g = 0; g < GB; ++g) prob[g][j] = -INFINITY;
-        continue;
-      }
-      any = true;
-      const T* key = keys + s * slot_stride;
-      __m512 kv[HC];
-      for (int c = 0; c < HC; ++c) kv[c] = load16(key + 16 * c);
-      const float ks = (k_scale ? k_scale[s * scale_stride] : 1.0f) * q_scale;
-      for (int g = 0; g < GB; ++g) {
-        __m512 d = _mm512_mul_ps(_mm512_loadu_ps(q + g * H), kv[0]);
-        for (int c = 1; c < HC; ++c) d = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * H + 16 * c), kv[c], d);
-        prob[g][j] = _mm512_reduce_add_ps(d) * ks;
-      }
-    }
-    if (!any) continue;
-    for (int g = 0; g < GB; ++g) {
-      const __m512 sv = _mm512_load_ps(prob[g]);
-      const float m_new = std::max(m[g], _mm512_reduce_max_ps(sv));
-      const float rescale = std::exp(m[g] - m_new);  // 0 while nothing was seen (m = -inf)
-      const __mmask16 live = _mm512_cmp_ps_mask(sv, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-      const __m512 pv = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-      l[g] = l[g] * rescale + _mm512_reduce_add_ps(pv);
-      m[g] = m_new;
-      _mm512_store_ps(prob[g], pv);
-      const __m512 r = _mm512_set1_ps(rescale);
-      for (int c = 0; c < HC; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], r);
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t s = b0 + j;
-      if (!allowed[s]) continue;
-      const T* value = values + s * slot_stride;
-      __m512 vv[HC];
-      for (int c = 0; c < HC; ++c) vv[c] = load16(value + 16 * c);
-      const float vs = v_scale ? v_scale[s * scale_stride] : 1.0f;
-      for (int g = 0; g < GB; ++g) {
-        const __m512 w = _mm512_set1_ps(prob[g][j] * vs);
-        for (int c = 0; c < HC; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
-      }
-    }
-  }
-  for (int g = 0; g < GB; ++g) {
-    m_out[g] = m[g], l_out[g] = l[g];
-    for (int c = 0; c < HC; ++c) _mm512_storeu_ps(acc_out + g * H + 16 * c, acc[g][c]);
-  }
-}
-
-// The G heads of one item in groups whose accumulators fit the 32 vector registers.
-template <typename T, int HC>
-void attend_heads_avx(const float* q, float q_scale, int64_t G, const T* keys, const T* values, const float* k_scale,
-                      const float* v_scale, int64_t slot_stride, int64_t scale_stride, const bool* allowed,
-                      int64_t s0, int64_t s1, float* m, float* l, float* acc) {
-  constexpr int64_t kGroup = HC <= 4 ? 4 : HC <= 6 ? 2 : 1;  // GB * HC accumulators, at most 16
-  constexpr int64_t H = 16 * HC;
-  for (int64_t g = 0; g < G;) {
-    const int64_t left = std::min<int64_t>(kGroup, G - g);
-    auto run = [&](auto gb) {
-      attend_range_avx<T, HC, decltype(gb)::value>(q + g * H, q_scale, H, keys, values, k_scale, v_scale, slot_stride,
-                                                   scale_stride, allowed, s0, s1, m + g, l + g, acc + g * H);
-    };
-    if (left == 4) run(std::integral_constant<int, 4>{});
-    else if (left == 3) run(std::integral_constant<int, 3>{});
-    else if (left == 2) run(std::integral_constant<int, 2>{});
-    else run(std::integral_constant<int, 1>{});
-    g += left;
-  }
-}
-#endif
-
-#ifdef PRESS_AVX2
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline float hmax8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-// exp(x) for x <= 0, 8 lanes: exp_nonpositive's polynomial, 2^n built in the exponent bits
-// (n >= -126 after the clamp, so the result is a normal float or the polynomial's own tiny value).
-inline __m256 exp_nonpositive8(__m256 x) {
-  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(1.44269504088896341f));
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-// attend_range_avx on 8-float vectors: GB query heads of HC * 8 dimensions, slots 8 at a time;
-// the keys and values are read from memory at each use (HC of them would not fit beside the
-// accumulators in 16 registers).
-template <typename T, int HC, int GB>
-void attend_range_avx2(const float* q, float q_scale, int64_t H, const T* keys, const T* values, const float* k_scale,
+void attend_range_simd(const float* q, float q_scale, int64_t H, const T* keys, const T* values, const float* k_scale,
                        const float* v_scale, int64_t slot_stride, int64_t scale_stride, const bool* allowed,
                        int64_t s0, int64_t s1, float* m_out, float* l_out, float* acc_out) {
-  constexpr int64_t kBlock = 8;
-  __m256 acc[GB][HC];
+  constexpr int64_t L = Simd::kLanes;
+  Simd::F acc[GB][HC];
   float m[GB], l[GB];
   for (int g = 0; g < GB; ++g) {
     m[g] = -INFINITY, l[g] = 0.0f;
-    for (int c = 0; c < HC; ++c) acc[g][c] = _mm256_setzero_ps();
+    for (int c = 0; c < HC; ++c) acc[g][c] = Simd::zero();
   }
-  alignas(32) float prob[GB][kBlock];
-  for (int64_t b0 = s0; b0 < s1; b0 += kBlock) {
-    const int64_t n = std::min(kBlock, s1 - b0);
+  alignas(64) float prob[GB][L];
+  for (int64_t b0 = s0; b0 < s1; b0 += L) {
+    const int64_t n = std::min(L, s1 - b0);
     bool any = false;
-    for (int64_t j = 0; j < kBlock; ++j) {
+    for (int64_t j = 0; j < L; ++j) {
       const int64_t s = b0 + j;
       if (j >= n || !allowed[s]) {
         for (int g = 0; g < GB; ++g) prob[g][j] = -INFINITY;
@@ -1188,52 +1101,59 @@ void attend_range_avx2(const float* q, float q_scale, int64_t H, const T* keys, 
       any = true;
       const T* key = keys + s * slot_stride;
       const float ks = (k_scale ? k_scale[s * scale_stride] : 1.0f) * q_scale;
+      Simd::F kv[HC];  // the key's vectors, held in registers where Simd has room (else loaded at each use)
+      if constexpr (Simd::kHoldKeys)
+        for (int c = 0; c < HC; ++c) kv[c] = Simd::load(key + L * c);
       for (int g = 0; g < GB; ++g) {
-        __m256 d = _mm256_mul_ps(_mm256_loadu_ps(q + g * H), load8(key));
-        for (int c = 1; c < HC; ++c) d = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * H + 8 * c), load8(key + 8 * c), d);
-        prob[g][j] = hsum8(d) * ks;
+        Simd::F d = Simd::mul(Simd::load(q + g * H), Simd::kHoldKeys ? kv[0] : Simd::load(key));
+        for (int c = 1; c < HC; ++c)
+          d = Simd::fmadd(Simd::load(q + g * H + L * c), Simd::kHoldKeys ? kv[c] : Simd::load(key + L * c), d);
+        prob[g][j] = Simd::sum(d) * ks;
       }
     }
     if (!any) continue;
     for (int g = 0; g < GB; ++g) {
-      const __m256 sv = _mm256_load_ps(prob[g]);
-      const float m_new = std::max(m[g], hmax8(sv));
+      const Simd::F sv = Simd::load_aligned(prob[g]);
+      const float m_new = std::max(m[g], Simd::max_lane(sv));
       const float rescale = std::exp(m[g] - m_new);  // 0 while nothing was seen (m = -inf)
-      const __m256 live = _mm256_cmp_ps(sv, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-      const __m256 pv = _mm256_and_ps(live, exp_nonpositive8(_mm256_sub_ps(sv, _mm256_set1_ps(m_new))));
-      l[g] = l[g] * rescale + hsum8(pv);
+      const Simd::F pv = Simd::zero_where_minus_inf(sv, exp_nonpositive(Simd::sub(sv, Simd::set1(m_new))));
+      l[g] = l[g] * rescale + Simd::sum(pv);
       m[g] = m_new;
-      _mm256_store_ps(prob[g], pv);
-      const __m256 r = _mm256_set1_ps(rescale);
-      for (int c = 0; c < HC; ++c) acc[g][c] = _mm256_mul_ps(acc[g][c], r);
+      Simd::store_aligned(prob[g], pv);
+      const Simd::F r = Simd::set1(rescale);
+      for (int c = 0; c < HC; ++c) acc[g][c] = Simd::mul(acc[g][c], r);
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t s = b0 + j;
       if (!allowed[s]) continue;
       const T* value = values + s * slot_stride;
       const float vs = v_scale ? v_scale[s * scale_stride] : 1.0f;
+      Simd::F vv[HC];
+      if constexpr (Simd::kHoldKeys)
+        for (int c = 0; c < HC; ++c) vv[c] = Simd::load(value + L * c);
       for (int g = 0; g < GB; ++g) {
-        const __m256 w = _mm256_set1_ps(prob[g][j] * vs);
-        for (int c = 0; c < HC; ++c) acc[g][c] = _mm256_fmadd_ps(w, load8(value + 8 * c), acc[g][c]);
+        const Simd::F w = Simd::set1(prob[g][j] * vs);
+        for (int c = 0; c < HC; ++c)
+          acc[g][c] = Simd::fmadd(w, Simd::kHoldKeys ? vv[c] : Simd::load(value + L * c), acc[g][c]);
       }
     }
   }
   for (int g = 0; g < GB; ++g) {
     m_out[g] = m[g], l_out[g] = l[g];
-    for (int c = 0; c < HC; ++c) _mm256_storeu_ps(acc_out + g * H + 8 * c, acc[g][c]);
+    for (int c = 0; c < HC; ++c) Simd::store(acc_out + g * H + L * c, acc[g][c]);
   }
 }
 
+// The G heads of one item in groups whose accumulators fit the registers (Simd::heads_per_pass).
 template <typename T, int HC>
-void attend_heads_avx2(const float* q, float q_scale, int64_t G, const T* keys, const T* values, const float* k_scale,
+void attend_heads_simd(const float* q, float q_scale, int64_t G, const T* keys, const T* values, const float* k_scale,
                        const float* v_scale, int64_t slot_stride, int64_t scale_stride, const bool* allowed,
                        int64_t s0, int64_t s1, float* m, float* l, float* acc) {
-  constexpr int64_t kGroup = HC <= 2 ? 4 : HC <= 4 ? 2 : 1;  // GB * HC accumulators, at most 8 (16 for H = 128)
-  constexpr int64_t H = 8 * HC;
+  constexpr int64_t kGroup = Simd::heads_per_pass(HC), H = Simd::kLanes * HC;
   for (int64_t g = 0; g < G;) {
     const int64_t left = std::min<int64_t>(kGroup, G - g);
     auto run = [&](auto gb) {
-      attend_range_avx2<T, HC, decltype(gb)::value>(q + g * H, q_scale, H, keys, values, k_scale, v_scale, slot_stride,
+      attend_range_simd<T, HC, decltype(gb)::value>(q + g * H, q_scale, H, keys, values, k_scale, v_scale, slot_stride,
                                                     scale_stride, allowed, s0, s1, m + g, l + g, acc + g * H);
     };
     if (left == 4) run(std::integral_constant<int, 4>{});
@@ -1249,22 +1169,19 @@ template <typename T>
 void attend_range(const float* q, float q_scale, int64_t G, int64_t H, const T* keys, const T* values, const float* k_scale,
                   const float* v_scale, int64_t slot_stride, int64_t scale_stride, const bool* allowed, int64_t s0,
                   int64_t s1, float* m, float* l, float* acc) {
-#ifdef PRESS_AVX512
+#ifdef PRESS_SIMD
+  auto simd = [&](auto hc) {
+    attend_heads_simd<T, decltype(hc)::value>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride,
+                                              allowed, s0, s1, m, l, acc);
+  };
+  constexpr int L = Simd::kLanes;  // head sizes of 16, 32, 64, 80, 96 and 128 dimensions
   switch (H) {
-    case 16: return attend_heads_avx<T, 1>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    case 32: return attend_heads_avx<T, 2>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    case 64: return attend_heads_avx<T, 4>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    case 80: return attend_heads_avx<T, 5>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    case 96: return attend_heads_avx<T, 6>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    case 128: return attend_heads_avx<T, 8>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    default: break;
-  }
-#elif defined(PRESS_AVX2)
-  switch (H) {
-    case 16: return attend_heads_avx2<T, 2>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    case 32: return attend_heads_avx2<T, 4>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    case 64: return attend_heads_avx2<T, 8>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
-    case 128: return attend_heads_avx2<T, 16>(q, q_scale, G, keys, values, k_scale, v_scale, slot_stride, scale_stride, allowed, s0, s1, m, l, acc);
+    case 16: return simd(std::integral_constant<int, 16 / L>{});
+    case 32: return simd(std::integral_constant<int, 32 / L>{});
+    case 64: return simd(std::integral_constant<int, 64 / L>{});
+    case 80: return simd(std::integral_constant<int, 80 / L>{});
+    case 96: return simd(std::integral_constant<int, 96 / L>{});
+    case 128: return simd(std::integral_constant<int, 128 / L>{});
     default: break;
   }
 #endif
@@ -1377,27 +1294,17 @@ int32_t argmax_row(const float* x, int64_t V) {
   int64_t i = 0;
   float best = -INFINITY;
   bool nan = false;
-#ifdef PRESS_AVX512
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  __mmask16 unordered = 0;
-  for (; i + 16 <= V; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
-    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    top = _mm512_max_ps(top, v);
+#ifdef PRESS_SIMD
+  constexpr int L = Simd::kLanes;
+  Simd::F top = Simd::set1(-INFINITY);
+  Simd::Mask unordered = 0;
+  for (; i + L <= V; i += L) {
+    const Simd::F v = Simd::load(x + i);
+    unordered |= Simd::nan_lanes(v);
+    top = Simd::max(top, v);
   }
   nan = unordered != 0;
-  best = _mm512_reduce_max_ps(top);
-#elif defined(PRESS_AVX2)
-  __m256 top = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
-  for (; i + 8 <= V; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    top = _mm256_max_ps(top, v);
-  }
-  nan = _mm256_movemask_ps(unordered) != 0;
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, top);
-  for (float lane : lanes) best = std::max(best, lane);
+  best = Simd::max_lane(top);
 #endif
   for (int64_t j = i; j < V; ++j) {
     nan |= std::isnan(x[j]);
@@ -1405,15 +1312,10 @@ int32_t argmax_row(const float* x, int64_t V) {
   }
   if (nan) return first_nan(x, V);
   i = 0;
-#ifdef PRESS_AVX512
-  const __m512 target = _mm512_set1_ps(best);
-  for (; i + 16 <= V; i += 16)
-    if (const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), target, _CMP_EQ_OQ))
-      return static_cast<int32_t>(i + __builtin_ctz(hit));
-#elif defined(PRESS_AVX2)
-  const __m256 target = _mm256_set1_ps(best);
-  for (; i + 8 <= V; i += 8)
-    if (const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ)))
+#ifdef PRESS_SIMD
+  const Simd::F target = Simd::set1(best);
+  for (; i + L <= V; i += L)
+    if (const Simd::Mask hit = Simd::equal_lanes(Simd::load(x + i), target))
       return static_cast<int32_t>(i + __builtin_ctz(hit));
 #endif
   for (; i < V; ++i)

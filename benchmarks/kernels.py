@@ -1,0 +1,174 @@
+"""The native kernels one call at a time: each instruction-set path against the others, or one
+library file against another, in one process with their calls interleaved.
+
+Every library is loaded into this process with its custom calls registered under names of its
+own, and each measurement alternates between them round by round, so that the machine's drift
+(these machines are shared) falls on all of them alike. What is timed: each of SmolLM2-135M's
+projection shapes as a stack of layers larger than the last-level cache (int8 with a scale per
+output, int4 groups of 32 with scales and offsets, float32 up to 16 rows), a jitted scan calling
+the kernel once per layer with the next layer's prefetch hint, as the decoder does; and decode
+attention over a float32 and an int8 cache of 30 layers x 512 slots at SmolLM2's heads (9 query
+heads on 3 of 64 dimensions), 1 and 16 rows. One thread by default (`--threads`), so the figures
+compare the loops, not the workers. Reported: microseconds per call (the median of `--rounds`
+scans over all layers, divided by the layers), the weights' or cache's GB/s, and each library's
+time over the first one's.
+
+  .venv/bin/python benchmarks/kernels.py [--isas native,avx2,portable] [--out bench-results/kernels.json]
+  .venv/bin/python benchmarks/kernels.py --libraries before.so,after.so   # a kernel change, A/B
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from common import log, write_result
+
+SHAPES = {"q/o": (576, 576), "gate/up": (576, 1536), "down": (1536, 576)}
+STACK_BYTES = 96 << 20  # each stack spans at least this much, beyond a 32 MB last-level cache
+HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS = 9, 3, 64, 30, 512
+TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8")
+
+
+def _built_library(isa: str) -> str | None:
+    """The library compress/kernels/cpu.py builds for PRESS_CPU_KERNELS_ISA=isa (None: not here)."""
+    code = "from compress.kernels import cpu; print(cpu.library_path() or ''); print(cpu.status())"
+    env = {**os.environ, "PRESS_CPU_KERNELS_ISA": isa}
+    env.pop("PRESS_CPU_KERNELS_LIB", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path, status = (done.stdout.splitlines() + ["", ""])[:2]
+    log(f"kernels: {isa}: {status or done.stderr[-500:]}")
+    return path or None
+
+
+def _cases(names: list[str], threads: int) -> list[tuple[str, dict, int, dict, tuple]]:
+    """(label, what it measures, calls per scan, {library name: jitted scan}, operands) for each case."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from compress.quant import packed_int4
+
+    t = np.int64(threads)
+
+    def call(target, name, shape, *operands, **attributes):
+        return jax.ffi.ffi_call(f"{target}_{name}", jax.ShapeDtypeStruct(shape, jnp.float32))(*operands, threads=t,
+                                                                                              **attributes)
+
+    def scans(layers, body):
+        """{name: jit(operands -> the sum over layers of body(name, x, layer, *stacks))}."""
+        def make(name):
+            def run(x, *stacks):
+                step = lambda total, i: (total + body(name, x, i, *stacks).sum(), None)  # noqa: E731
+                return jax.lax.scan(step, jnp.float32(0), jnp.arange(layers, dtype=jnp.int32))[0]
+            return jax.jit(run)
+        return {name: make(name) for name in names}
+
+    def int8(name, x, i, q, s):
+        return call("press_int8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i, q, i + 1)
+
+    def int4(name, x, i, q, s, o):
+        return call("press_int4_matmul", name, (x.shape[0], q.shape[3]), x, q, s, o, i, q, i + 1, zero_point=True,
+                    has_offset=True)
+
+    def f32(name, x, i, w):
+        return call("press_f32_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1)
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for label, (k, n) in SHAPES.items():
+        bytes_per_layer = {"int8": k * n + 4 * n, "int4": k * n // 2 + 4 * (k // 32) * n, "f32": 4 * k * n}
+        layers = {kind: max(4, -(-STACK_BYTES // size)) for kind, size in bytes_per_layer.items()}
+        stacks = {
+            "int8": (jnp.asarray(rng.integers(-127, 128, (layers["int8"], k, n), np.int8)),
+                     jnp.asarray(rng.random((layers["int8"], n), np.float32) + 0.5)),
+            "int4": (packed_int4.pack(jnp.asarray(rng.integers(-8, 8, (layers["int4"], k // 32, 32, n), np.int8)), 2),
+                     jnp.asarray(rng.random((layers["int4"], k // 32, n)) + 0.5, jnp.float16),
+                     jnp.asarray(rng.standard_normal((layers["int4"], k // 32, n)), jnp.float16)),
+            "f32": (jnp.asarray(rng.standard_normal((layers["f32"], k, n), np.float32)),),
+        }
+        bodies = {"int8": int8, "int4": int4, "f32": f32}
+        for kind in ("int8", "int4", "f32"):
+            fns = scans(layers[kind], bodies[kind])
+            for rows in (1, 4, 16):
+                x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
+                what = {"kernel": kind, "shape": label, "k": k, "n": n, "rows": rows, "bytes": bytes_per_layer[kind]}
+                cases.append((f"{kind} {label} {k}x{n} rows {rows}", what, layers[kind], fns, (x, *stacks[kind])))
+    scale = np.float32(HEAD_DIM ** -0.5)
+    for rows in (1, 16):
+        shape = (LAYERS, rows, SLOTS, KV_HEADS, HEAD_DIM)
+        q = jnp.asarray(rng.standard_normal((rows, 1, HEADS, HEAD_DIM), np.float32))
+        allowed = jnp.ones((rows, 1, SLOTS), bool)
+        floats = tuple(jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(2))
+        codes = tuple(jnp.asarray(rng.integers(-127, 128, shape, np.int8)) for _ in range(2))
+        scales = tuple(jnp.asarray(rng.random(shape[:-1], np.float32) / 100) for _ in range(2))
+
+        def f32_attention(name, x, i, k, v, allowed=allowed):
+            return call("press_attention_f32", name, x.shape, x, k, v, allowed, i, jnp.int32(0), scale=scale)
+
+        def s8_attention(name, x, i, k, v, ks, vs, allowed=allowed):
+            return call("press_attention_s8", name, x.shape, x, k, v, ks, vs, allowed, i, jnp.int32(0), scale=scale)
+
+        for kind, body, operands, size in (("float32", f32_attention, floats, 2 * 4 * HEAD_DIM),
+                                           ("int8", s8_attention, codes + scales, 2 * (HEAD_DIM + 4))):
+            what = {"kernel": f"attention-{kind}", "rows": rows, "slots": SLOTS, "bytes": rows * SLOTS * KV_HEADS * size}
+            cases.append((f"attention {kind} rows {rows} x {SLOTS} slots", what, LAYERS, scans(LAYERS, body),
+                          (q, *operands)))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--isas", default="native,avx2,portable", help="paths to build and compare (PRESS_CPU_KERNELS_ISA)")
+    parser.add_argument("--libraries", help="library files to compare instead, comma-separated (the first is the base)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--only", default="", help="run only the cases whose label contains this")
+    parser.add_argument("--out", default="bench-results/kernels.json")
+    args = parser.parse_args()
+
+    if args.libraries:
+        libraries = {f"lib{i}": path for i, path in enumerate(args.libraries.split(","))}
+    else:
+        libraries = {isa: path for isa in args.isas.split(",") if (path := _built_library(isa))}
+    if not libraries:
+        raise SystemExit("kernels: no library to measure (see the lines above)")
+    import jax
+
+    for name, path in libraries.items():
+        library = ctypes.CDLL(path)  # its own copy of the kernels, workers included
+        for target in TARGETS:
+            jax.ffi.register_ffi_target(f"{target}_{name}", jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    names = list(libraries)
+    results = []
+    for label, what, calls, fns, operands in _cases(names, args.threads):
+        if args.only not in label:
+            continue
+        times = {name: [] for name in names}
+        for fn in fns.values():
+            fn(*operands).block_until_ready()
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn(*operands).block_until_ready()
+                times[name].append(time.perf_counter() - start)
+        us = {name: statistics.median(times[name]) / calls * 1e6 for name in names}
+        entry = {**what, "us": us, "GB_s": {name: what["bytes"] / t / 1e3 for name, t in us.items()},
+                 "over_first": {name: us[name] / us[names[0]] for name in names}}
+        results.append(entry)
+        log(f"kernels: {label}: " + ", ".join(f"{name} {us[name]:.1f} us ({entry['over_first'][name]:.2f}x)"
+                                               for name in names))
+    ratios = {name: statistics.geometric_mean([r["over_first"][name] for r in results]) for name in names}
+    log("kernels: geometric mean over the first: " + ", ".join(f"{n} {r:.3f}" for n, r in ratios.items()))
+    write_result(args.out, {"libraries": libraries, "threads": args.threads, "rounds": args.rounds,
+                            "stack_bytes": STACK_BYTES, "geomean_over_first": ratios, "results": results})
+
+
+if __name__ == "__main__":
+    main()
