@@ -5,7 +5,7 @@ Every library is loaded into this process with its custom calls registered under
 own, and each measurement alternates between them round by round, so that the machine's drift
 (these machines are shared) falls on all of them alike. What is timed: each of SmolLM2-135M's
 projection shapes as a stack of layers larger than the last-level cache (int8 with a scale per
-output, int4 groups of 32 with scales and offsets, float32 up to 16 rows), a jitted scan calling
+output, int4 groups of 32 with scales and offsets, float32 up to 24 rows), a jitted scan calling
 the kernel once per layer with the next layer's prefetch hint, as the decoder does; and decode
 attention over a float32 and an int8 cache of 30 layers x 512 slots at SmolLM2's heads (9 query
 heads on 3 of 64 dimensions), 1 and 16 rows. One thread by default (`--threads`), so the figures
@@ -47,7 +47,7 @@ def _built_library(isa: str) -> str | None:
     return path or None
 
 
-def _cases(names: list[str], threads: int) -> list[tuple[str, dict, int, dict, tuple]]:
+def _cases(names: list[str], threads: int, matmul_rows: list[int]) -> list[tuple[str, dict, int, dict, tuple]]:
     """(label, what it measures, calls per scan, {library name: jitted scan}, operands) for each case."""
     import jax
     import jax.numpy as jnp
@@ -96,7 +96,9 @@ def _cases(names: list[str], threads: int) -> list[tuple[str, dict, int, dict, t
         bodies = {"int8": int8, "int4": int4, "f32": f32}
         for kind in ("int8", "int4", "f32"):
             fns = scans(layers[kind], bodies[kind])
-            for rows in (1, 4, 16):
+            for rows in matmul_rows:
+                if kind == "f32" and rows > 24:
+                    continue  # compress/quant/matmul.py FLOAT_ROWS: more rows stay on XLA's dot
                 x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
                 what = {"kernel": kind, "shape": label, "k": k, "n": n, "rows": rows, "bytes": bytes_per_layer[kind]}
                 cases.append((f"{kind} {label} {k}x{n} rows {rows}", what, layers[kind], fns, (x, *stacks[kind])))
@@ -127,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--isas", default="native,avx2,portable", help="paths to build and compare (PRESS_CPU_KERNELS_ISA)")
     parser.add_argument("--libraries", help="library files to compare instead, comma-separated (the first is the base)")
+    parser.add_argument("--rows", default="1,4,16", help="activation rows of the matmuls")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--only", default="", help="run only the cases whose label contains this")
@@ -147,7 +150,7 @@ def main() -> None:
             jax.ffi.register_ffi_target(f"{target}_{name}", jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     names = list(libraries)
     results = []
-    for label, what, calls, fns, operands in _cases(names, args.threads):
+    for label, what, calls, fns, operands in _cases(names, args.threads, [int(r) for r in args.rows.split(",")]):
         if args.only not in label:
             continue
         times = {name: [] for name in names}

@@ -130,6 +130,11 @@ struct Simd {
   // Weight vectors one pass over a tile's rows takes for R activation rows: R * P accumulators,
   // R broadcasts and the weight vectors within 32 registers, so the whole 64-column tile.
   template <int R> static constexpr int kPass = 4;
+  // Narrow passes, where a tile's weights meet block after block of 4 rows (weight_part says
+  // when): 16 columns a pass, not 64, ran int8 weights at 5-64 rows in 0.74-0.89x the time and
+  // float32 ones at 16-17 rows in 0.71-0.88x, but float32 at 5-8 rows in 1.0-1.2x
+  // (benchmarks/kernels.py --libraries, one thread, Zen 4); fewer than 4 rows keep their chains.
+  template <int R> static constexpr int kNarrowPass = R >= 4 ? 1 : 4;
   template <int R> static constexpr int kPass4 = 4;  // int4: the same, with two nibble vectors and the table
   // Attention: a key's vectors held in registers beside GB * HC accumulators (at most 16).
   static constexpr bool kHoldKeys = true;
@@ -176,6 +181,7 @@ struct Simd {
   static constexpr int kLanes = 8, kRegisters = 16;
   // 16 registers: fewer vectors a pass as the rows grow (R * P accumulators and R broadcasts).
   template <int R> static constexpr int kPass = R == 1 ? 8 : R <= 3 ? 4 : 2;
+  template <int R> static constexpr int kNarrowPass = kPass<R>;  // already 16 columns at 4 rows; 8 ran slower
   template <int R> static constexpr int kPass4 = R <= 2 ? 4 : R == 3 ? 2 : 1;  // 2 R broadcasts, two nibble vectors
   // Attention: keys and values read at each use (HC of them would not fit beside the accumulators).
   static constexpr bool kHoldKeys = false;
@@ -300,13 +306,15 @@ __attribute__((always_inline)) inline void weight_pass(const float* x, int64_t K
 }
 #endif
 
-template <typename W, int R, int V>
+// kNarrow: passes of Simd::kNarrowPass vectors (see there).
+template <typename W, int R, int V, bool kNarrow = false>
 __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K, const W* q, int64_t N, float* y,
                                                        int64_t ldy, int64_t m0, int64_t k0, int64_t depth, int64_t c,
                                                        int64_t ahead) {
 #ifdef PRESS_SIMD
   // The tile's U vectors in passes of P (the last may be shorter); the first prefetches the whole tile.
-  constexpr int L = Simd::kLanes, U = 16 * V / L, P = Simd::kPass<R> < U ? Simd::kPass<R> : U, full = U / P * P;
+  constexpr int L = Simd::kLanes, U = 16 * V / L, most = kNarrow ? Simd::kNarrowPass<R> : Simd::kPass<R>;
+  constexpr int P = most < U ? most : U, full = U / P * P;
   const W* row = q + k0 * N + c;
   for (int u = 0; u < full; u += P)
     weight_pass<W, R, P>(x, K, row + L * u, N, y, ldy, m0, k0, depth, c + L * u, ahead,
@@ -326,12 +334,12 @@ __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K
 }
 
 // weight_tile for PRESS_DISPATCH, which names a template of <R, V> only.
-template <typename W>
+template <typename W, bool kNarrow>
 struct WeightTile {
   template <int R, int V>
   static void run(const float* x, int64_t K, const W* q, int64_t N, float* y, int64_t ldy, int64_t m0, int64_t k0,
                   int64_t depth, int64_t c, int64_t ahead) {
-    weight_tile<W, R, V>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
+    weight_tile<W, R, V, kNarrow>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
   }
 };
 
@@ -471,6 +479,9 @@ void weight_tiles(const float* x, int64_t K, const W* q, int64_t N, float* y, in
 template <typename W>
 void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, float* y, int64_t ldy,
                  int64_t c0, int64_t c1, int64_t k0, int64_t k1, const NextWeights& next, int64_t p, int64_t parts) {
+  using Tile = WeightTile<W, false>;  // PRESS_DISPATCH's arguments can hold no comma
+  using NarrowTile = WeightTile<W, true>;
+  const bool narrow = sizeof(W) == 1 || M >= 16;  // where narrow passes ran faster (Simd::kNarrowPass)
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
   const int64_t rows_per_block = N >= kWide ? kWideDepth : kDepth;
   const int64_t block_ahead = prefetch_ahead(N, rows_per_block) * int64_t(sizeof(W));
@@ -490,14 +501,17 @@ void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, fl
         default: weight_tiles<W, 4>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
       }
       if (full < c1)
-        PRESS_DISPATCH(WeightTile<W>::template run, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
+        PRESS_DISPATCH(Tile::template run, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
       continue;
     }
     for (int64_t c = c0; c < c1; c += kTile) {  // the tile's converted weights reused by every block of rows
       const int64_t vecs = std::min(kTile, c1 - c) / 16;
       for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, M - m0);
-        PRESS_DISPATCH(WeightTile<W>::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
+        if (narrow)
+          PRESS_DISPATCH(NarrowTile::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
+        else
+          PRESS_DISPATCH(Tile::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
       }
     }
   }
