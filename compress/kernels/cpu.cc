@@ -135,7 +135,9 @@ struct Simd {
   // float32 ones at 16-17 rows in 0.71-0.88x, but float32 at 5-8 rows in 1.0-1.2x
   // (benchmarks/kernels.py --libraries, one thread, Zen 4); fewer than 4 rows keep their chains.
   template <int R> static constexpr int kNarrowPass = R >= 4 ? 1 : 4;
-  template <int R> static constexpr int kPass4 = 4;  // int4: the same, with two nibble vectors and the table
+  // int4: the same, with two nibble vectors and the table; 16 columns a pass at 4 rows ran 0.81-0.90x
+  // the time of 64 at 4-64 rows (benchmarks/kernels.py --libraries, one thread, Zen 4).
+  template <int R> static constexpr int kPass4 = R >= 4 ? 1 : 4;
   // Attention: a key's vectors held in registers beside GB * HC accumulators (at most 16).
   static constexpr bool kHoldKeys = true;
   static constexpr int heads_per_pass(int hc) { return hc <= 4 ? 4 : hc <= 6 ? 2 : 1; }
@@ -182,7 +184,9 @@ struct Simd {
   // 16 registers: fewer vectors a pass as the rows grow (R * P accumulators and R broadcasts).
   template <int R> static constexpr int kPass = R == 1 ? 8 : R <= 3 ? 4 : 2;
   template <int R> static constexpr int kNarrowPass = kPass<R>;  // already 16 columns at 4 rows; 8 ran slower
-  template <int R> static constexpr int kPass4 = R <= 2 ? 4 : R == 3 ? 2 : 1;  // 2 R broadcasts, two nibble vectors
+  // int4: 2 R broadcasts and two nibble vectors beside the accumulators; at 4 rows 2 vectors a pass
+  // (16 columns, as AVX-512's) ran 0.71-0.79x the time of 1, though they spill a register or two.
+  template <int R> static constexpr int kPass4 = R <= 2 ? 4 : 2;
   // Attention: keys and values read at each use (HC of them would not fit beside the accumulators).
   static constexpr bool kHoldKeys = false;
   static constexpr int heads_per_pass(int hc) { return hc <= 2 ? 4 : hc <= 4 ? 2 : 1; }
