@@ -35,16 +35,18 @@ HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS = 9, 3, 64, 30, 512
 TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8")
 
 
-def _built_library(isa: str) -> str | None:
-    """The library compress/kernels/cpu.py builds for PRESS_CPU_KERNELS_ISA=isa (None: not here)."""
-    code = "from compress.kernels import cpu; print(cpu.library_path() or ''); print(cpu.status())"
+def _built_library(isa: str) -> tuple[str | None, str | None]:
+    """(the library compress/kernels/cpu.py builds for PRESS_CPU_KERNELS_ISA=isa, the path it
+    runs: cpu.instruction_set()), or Nones where it cannot be built here."""
+    code = ("from compress.kernels import cpu; print(cpu.library_path() or ''); print(cpu.instruction_set() or '');"
+            " print(cpu.status())")
     env = {**os.environ, "PRESS_CPU_KERNELS_ISA": isa}
     env.pop("PRESS_CPU_KERNELS_LIB", None)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path, status = (done.stdout.splitlines() + ["", ""])[:2]
+    path, runs, status = (done.stdout.splitlines() + ["", "", ""])[:3]
     log(f"kernels: {isa}: {status or done.stderr[-500:]}")
-    return path or None
+    return path or None, runs or None
 
 
 def _cases(names: list[str], threads: int, matmul_rows: list[int]) -> list[tuple[str, dict, int, dict, tuple]]:
@@ -139,7 +141,13 @@ def main() -> None:
     if args.libraries:
         libraries = {f"lib{i}": path for i, path in enumerate(args.libraries.split(","))}
     else:
-        libraries = {isa: path for isa in args.isas.split(",") if (path := _built_library(isa))}
+        libraries = {}
+        for isa in args.isas.split(","):
+            path, runs = _built_library(isa)
+            if path in libraries.values():  # on a CPU without AVX-512, avx2 builds what native does
+                log(f"kernels: {isa} builds the same {runs} library as another path, measured once")
+            elif path:
+                libraries[runs] = path  # named by what it runs, not by what was asked
     if not libraries:
         raise SystemExit("kernels: no library to measure (see the lines above)")
     import jax

@@ -60,6 +60,7 @@ MAX_QUERIES = 64  # query positions per row decode attention takes (a decode ste
 MAX_GROUP = 16  # query heads per key/value head
 _status = "not loaded yet"
 _path: str | None = None  # the library loaded, once loaded
+_isa: str | None = None  # the instruction-set path it runs, once loaded
 
 
 def _compiler() -> str | None:
@@ -114,7 +115,7 @@ def _build(compiler: str, path: str) -> None:
 
 @functools.cache
 def _load() -> ctypes.CDLL | None:
-    global _status, _path
+    global _status, _path, _isa
     if os.environ.get("PRESS_CPU_KERNELS", "1") == "0":
         _status = "switched off (PRESS_CPU_KERNELS=0)"
         return None
@@ -141,6 +142,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     avx2 = getattr(library, "press_cpu_kernels_avx2", None)  # absent from a library built before it
     isa = "AVX-512" if library.press_cpu_kernels_avx512() else "AVX2" if avx2 and avx2() else "portable C++"
+    _isa = isa
     isa += ", VNNI w8a8" if library.press_cpu_kernels_vnni() else ", no w8a8 kernel (no AVX-512 VNNI)"
     workers = library.press_kernel_workers()
     _status = f"loaded ({isa}, {workers} worker thread{'s' * (workers != 1)}) from {path}"
@@ -158,6 +160,13 @@ def library_path() -> str | None:
     through PRESS_CPU_KERNELS_LIB), or None where they are not in use."""
     _load()
     return _path
+
+
+def instruction_set() -> str | None:
+    """The path the loaded library runs ("AVX-512", "AVX2" or "portable C++"), or None where the
+    kernels are not in use."""
+    _load()
+    return _isa
 
 
 def status() -> str:
