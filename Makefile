@@ -107,6 +107,7 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/mixed_trace.py --schemes int8+embed-int8,w8a8 --out bench-results/mixed-trace.json
 	@test -d out/smollm2-int8+embed-int8 || $(BIN)/press quantize --model smollm2-135m-instruct \
 		--scheme int8+embed-int8 --out out/smollm2-int8+embed-int8
+	$(BIN)/python benchmarks/step_ablation.py --model out/smollm2-int8+embed-int8 --out bench-results/step-ablation.json
 	$(BIN)/python benchmarks/speculative.py --draft out/smollm2-int8+embed-int8 --draft-tokens 4 \
 		--out bench-results/speculative-int8.json
 	$(BIN)/python benchmarks/speculative_draft.py --work out/draft
