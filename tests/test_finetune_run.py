@@ -5,6 +5,7 @@ continues with the losses of an uninterrupted one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -55,8 +56,8 @@ def _bytes(directory):
 def lora_run(tiny_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lora") / "run")
     notes = []
-    result = _run(out, f"model.name={tiny_dir}", "eval_every=4", "eval_sources=[pydoc-qa]", "eval_at_start=true",
-                  log=notes.append)
+    result = _run(out, f"model.name={tiny_dir}", "eval_every=4", "eval_sources=[pydoc-qa]", "eval_batches=3",
+                  "eval_at_start=true", log=notes.append)
     return out, result, notes
 
 
@@ -104,8 +105,8 @@ def test_a_run_continues_a_peft_adapter_from_where_it_was(tiny_dir, lora_run, tm
     notes = []
     again = str(tmp_path / "again")
     _run(again, f"model.name={tiny_dir}", f"lora.init_from={out}/adapter", "lora.rank=2", "steps=1",
-         "optimizer.total_steps=2", "save_every=0", "eval_every=1", "eval_sources=[pydoc-qa]", "eval_at_start=true",
-         log=notes.append)
+         "optimizer.total_steps=2", "save_every=0", "eval_every=1", "eval_sources=[pydoc-qa]", "eval_batches=3",
+         "eval_at_start=true", log=notes.append)
     assert any("continuing the adapter" in n and "rank 4" in n for n in notes)  # the adapter's rank, not 2
     evals = [line for line in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if line.get("split") == "eval"]
     start = next(line for line in map(json.loads, open(os.path.join(again, "metrics.jsonl")))
@@ -158,3 +159,18 @@ def test_bad_requests_are_refused_before_any_work(tiny_dir, tmp_path, capsys):
     quantize_model(tiny_dir, "int8", base)
     assert cli.main(["finetune", *SETTINGS, f"model.name={base}", "method=full", f"out={tmp_path / 'y'}"]) == 2
     assert "use method: lora for QLoRA" in capsys.readouterr().err
+
+
+def test_eval_batches_keeps_the_first_batches_of_the_held_out_documents():
+    from compress.formats.registry import resolve
+    from compress.formats.tokenizer import load_tokenizer
+    from compress.train import loop
+
+    tokenizer = load_tokenizer(resolve("smollm2-135m-instruct"))
+    config = cfg.load(FinetuneConfig, None, [*SETTINGS, "eval_sources=[pydoc-qa]"])
+    every = loop._eval_batches(config, tokenizer)
+    first = loop._eval_batches(dataclasses.replace(config, eval_batches=3), tokenizer)
+    assert len(every) > 3 and len(first) == 3
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, every) for k in a)
+    with pytest.raises(ValueError, match="eval_batches"):
+        cfg.load(FinetuneConfig, None, [*SETTINGS, "eval_batches=-1"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import signal
@@ -94,6 +95,7 @@ class RunConfig:
     # Held-out data instead of those windows: files, or built-in corpora (their held-out part: pydoc,
     # pydoc-qa), packed like the training data, loss where the data's mask says (a chat's answers).
     eval_sources: tuple[str, ...] = ()
+    eval_batches: int = 0  # with eval_sources: the first this many batches of them (0: every held-out document)
     eval_at_start: bool = False  # also evaluate before the first step (the starting model's loss)
     export: bool = True  # write the trained parameters as a Hugging Face directory at the end
     seed: int = 0  # of a random init (the data's order has data.seed)
@@ -105,7 +107,7 @@ class RunConfig:
 
     def __post_init__(self):
         cfg.require_at_least(self, 1, "steps", "grad_accum_steps", "keep_checkpoints", "log_every", "eval_windows")
-        cfg.require_at_least(self, 0, "save_every", "eval_every", "seed")
+        cfg.require_at_least(self, 0, "save_every", "eval_every", "eval_batches", "seed")
         if self.data.batch_size % self.grad_accum_steps:
             raise ValueError(f"data.batch_size={self.data.batch_size} is not a multiple of "
                              f"grad_accum_steps={self.grad_accum_steps}")
@@ -389,13 +391,13 @@ def _eval_windows(config: RunConfig, tokenizer) -> list[dict[str, np.ndarray]]:
 
 
 def _eval_batches(config: RunConfig, tokenizer) -> list[dict[str, np.ndarray]]:
-    """Every held-out document of `eval_sources` once, packed in order; the last batch is filled
-    with rows that count nothing."""
+    """Every held-out document of `eval_sources` once, packed in order (or the first
+    `eval_batches` batches of them); the last batch is filled with rows that count nothing."""
     documents = read_sources(config.eval_sources, held_out=True)
     data = DataConfig(sources=config.eval_sources, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                       shuffle=False, epochs=1, prefetch=0)
     stream = train_batches(data, tokenizer, shard_index=0, shard_count=1, documents=documents)
-    batches = list(stream)
+    batches = list(itertools.islice(stream, config.eval_batches or None))
     if not batches:
         raise InputError(f"eval_sources {list(config.eval_sources)}: no held-out tokens to evaluate on")
     rows = config.data.batch_size
