@@ -12,6 +12,7 @@ from serve import batch
 from serve.commands.batch import BatchConfig
 from serve.engine import Engine
 from serve.sampling import SamplingParams
+from tests.devices import xla_flags
 from tests.processes import run_job
 from tests.tiny_decoder import export_tiny_decoder
 
@@ -47,7 +48,7 @@ def tiny_engine(tiny_dir):
 @pytest.mark.slow
 def test_two_processes_leave_the_output_of_one(tiny_dir, tiny_engine, tmp_path):
     _write_lines(tmp_path / "in.jsonl", LINES)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     codes, logs = run_job(["batch", "--model", tiny_dir, "--input", str(tmp_path / "in.jsonl"),
                            "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", str(DEFAULTS.max_new_tokens),

@@ -18,6 +18,7 @@ from compress.formats import hf_decoder
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 from serve.server import make_server
+from tests.devices import xla_flags
 from tests.tiny_decoder import tiny_decoder
 
 
@@ -222,7 +223,7 @@ def test_sigterm_drains_requests_in_flight(tiny, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     process = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--model", model, "--port", str(port),
                                 "--max-slots", "2", "max_seq_len=1024", "drain_seconds=300"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

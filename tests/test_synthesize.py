@@ -23,6 +23,7 @@ from serve import cli
 from serve.commands.synthesize import SynthesizeConfig, answer_seed, synthesize
 from serve.engine import Engine
 from serve.sampling import SamplingParams
+from tests.devices import xla_flags
 from tests.processes import REPO
 from tests.test_batch_lines import _Borrowed
 from tests.tiny_decoder import export_tiny_decoder
@@ -290,7 +291,7 @@ def test_a_job_killed_with_sigkill_resumes_to_the_lines_of_an_uninterrupted_one(
                                                                                uninterrupted):
     (tmp_path / "prompts.jsonl").write_bytes(_prompts(10))
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": xla_flags(1)}
     argv = ["synthesize", "--teacher", tiny_dir, "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
             str(tmp_path / "data.jsonl"), "--system", SYSTEM, "--max-new-tokens", "6", "--temperature", "0.7",
             "--top-p", "0.95", "--seed", "0", "--stop", STOP_SOME, "--max-slots",

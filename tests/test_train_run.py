@@ -24,6 +24,7 @@ from compress.errors import InputError
 from compress.pretrained import load_decoder
 from compress.train.loop import TrainConfig, TrainingDiverged, train
 from compress.train.metrics import read_metrics
+from tests.devices import xla_flags
 from tests.processes import run_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,7 @@ def test_two_processes_of_4_devices_give_the_losses_of_one_process_of_8(uninterr
     assert jax.device_count() == 8
     want = _losses(uninterrupted[0])
     out = tmp_path / "two"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "PYTHONUNBUFFERED": "1"}
     codes, logs = run_job(["train", TINY, *SHORT, f"out={out}"], 2, env)
     assert codes == [0, 0], logs
     got = _losses(out)
