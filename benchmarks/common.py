@@ -32,3 +32,20 @@ def median_seconds(fn, args: tuple, repeats: int) -> float:
         fn(*args).block_until_ready()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def decode_step_seconds(engine, rows: int, width: int, chunk=None) -> float:
+    """The wall time of one call of the engine's jitted decode step (serve/engine.py `_decode`)
+    over `rows` of its slots, attending `width` slots, with a prompt chunk (`engine._chunk`) or
+    none: every slot at token 0, greedy. Timing only: the cache it writes is the engine's own,
+    and the tokens it returns are waited for, not used."""
+    import numpy as np
+
+    e = engine
+    zeros = lambda dtype: np.zeros(e.max_slots, dtype)  # noqa: E731
+    start = time.perf_counter()
+    nxt, e._cache, e._pool = e._decode(e.params, e._cache, e._pool, zeros(np.int32), zeros(np.uint32), zeros(np.int32),
+                                       zeros(np.float32), zeros(np.int32), np.ones(e.max_slots, np.float32), rows,
+                                       width, None, chunk)
+    np.asarray(nxt)
+    return time.perf_counter() - start

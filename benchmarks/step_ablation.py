@@ -15,21 +15,22 @@ all of them), each round the median of `--steps` calls:
   no-attention-kernel  the new keys and values written to the cache, attention returning q
   no-attention  attention returns q: no cache write, no attention kernel
 
-The variants patch compress/models/decoder.py's (and attention.py's) functions before their engine compiles its
-step, and put the originals back after.
+The variants patch compress/models/decoder.py's (and attention.py's) functions before their
+engine compiles its step, and put the originals back after.
 
   .venv/bin/python benchmarks/step_ablation.py --model out/smollm2-int8+embed-int8 [--rounds 15]
-      [--variants base,one-matrix,no-norm,no-rope,no-attention] [--out bench-results/step-ablation.json]
+      [--variants base,one-matrix,no-norm,no-rope,no-attention-kernel,no-attention]
+      [--out bench-results/step-ablation.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
-import time
 
-from common import log, write_result
+from common import decode_step_seconds, log, write_result
 
 VARIANTS = ("base", "one-matrix", "no-norm", "no-rope", "no-attention-kernel", "no-attention")
 
@@ -109,8 +110,6 @@ def main() -> None:
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
-    import numpy as np
-
     from serve.engine import Engine
 
     steps, engines = {}, []
@@ -119,16 +118,7 @@ def main() -> None:
         engines.append(engine)
         if variant == "one-matrix":
             engine.params = _one_matrix_params(engine.params)
-        zeros = lambda dtype, e=engine: np.zeros(e.max_slots, dtype)  # noqa: E731
-
-        def step(e=engine, zeros=zeros) -> float:
-            start = time.perf_counter()
-            nxt, e._cache, e._pool = e._decode(e.params, e._cache, e._pool, zeros(np.int32), zeros(np.uint32),
-                                               zeros(np.int32), zeros(np.float32), zeros(np.int32),
-                                               np.ones(e.max_slots, np.float32), 1, 64, None, None)
-            np.asarray(nxt)
-            return time.perf_counter() - start
-
+        step = functools.partial(decode_step_seconds, engine, 1, 64)
         with _patched(variant):
             for _ in range(3):  # the first compiles it, under the patch
                 step()

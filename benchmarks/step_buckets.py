@@ -16,7 +16,7 @@ import argparse
 import tempfile
 import time
 
-from common import log, write_result
+from common import decode_step_seconds, log, write_result
 
 
 def main() -> None:
@@ -38,16 +38,9 @@ def main() -> None:
 
     result = {"model": args.model, "slots": 16, "width": 64, "steps_ms": {}}
     with Engine.from_pretrained(args.model, max_slots=16, max_seq_len=256) as e:
-        zeros = lambda dtype: np.zeros(e.max_slots, dtype)  # noqa: E731
-
         def step(rows: int, size: int | None) -> float:
             chunk = None if size is None else e._chunk(np.zeros(size, np.int32), e.max_slots, 1, 0, [])
-            start = time.perf_counter()
-            nxt, e._cache, e._pool = e._decode(e.params, e._cache, e._pool, zeros(np.int32), zeros(np.uint32),
-                                               zeros(np.int32), zeros(np.float32), zeros(np.int32),
-                                               np.ones(e.max_slots, np.float32), rows, 64, None, chunk)
-            np.asarray(nxt)
-            return time.perf_counter() - start
+            return decode_step_seconds(e, rows, 64, chunk)
 
         cases = [(r, c) for r in map(int, args.rows.split(",")) for c in (None, *map(int, args.chunks.split(",")))]
         for _ in range(2):  # the first call compiles; the first after all of them still ran slow
