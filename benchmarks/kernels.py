@@ -5,8 +5,10 @@ Every library is loaded into this process with its custom calls registered under
 own, and each measurement alternates between them round by round, so that the machine's drift
 (these machines are shared) falls on all of them alike. What is timed: each of SmolLM2-135M's
 projection shapes as a stack of layers larger than the last-level cache (int8 with a scale per
-output, int4 groups of 32 with scales and offsets, float32 up to 24 rows), a jitted scan calling
-the kernel once per layer with the next layer's prefetch hint, as the decoder does; and decode
+output; w8a8, the same weights against activations quantized per row in the call, in each library
+that has integer dot products; int4 groups of 32 with scales and offsets; float32 up to 24 rows),
+a jitted scan calling the kernel once per layer with the next layer's prefetch hint (none for
+w8a8), as the decoder does; and decode
 attention over a float32 and an int8 cache of 30 layers x 512 slots at SmolLM2's heads (9 query
 heads on 3 of 64 dimensions), 1 and 16 rows. One thread by default (`--threads`), so the figures
 compare the loops, not the workers. Reported: microseconds per call (the median of `--rounds`
@@ -32,7 +34,8 @@ from common import log, write_result
 SHAPES = {"q/o": (576, 576), "gate/up": (576, 1536), "down": (1536, 576)}
 STACK_BYTES = 96 << 20  # each stack spans at least this much, beyond a 32 MB last-level cache
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS = 9, 3, 64, 30, 512
-TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8")
+TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8",
+           "press_w8a8_matmul")  # w8a8: only in a library with integer dot products (not the portable loops)
 
 
 def _built_library(isa: str) -> tuple[str | None, str | None]:
@@ -49,8 +52,10 @@ def _built_library(isa: str) -> tuple[str | None, str | None]:
     return path or None, runs or None
 
 
-def _cases(names: list[str], threads: int, matmul_rows: list[int]) -> list[tuple[str, dict, int, dict, tuple]]:
-    """(label, what it measures, calls per scan, {library name: jitted scan}, operands) for each case."""
+def _cases(names: list[str], threads: int, matmul_rows: list[int],
+           with_w8a8: list[str]) -> list[tuple[str, dict, int, dict, tuple]]:
+    """(label, what it measures, calls per scan, {library name: jitted scan}, operands) for each
+    case; w8a8 cases for the libraries in `with_w8a8` only."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -63,14 +68,14 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int]) -> list[tuple
         return jax.ffi.ffi_call(f"{target}_{name}", jax.ShapeDtypeStruct(shape, jnp.float32))(*operands, threads=t,
                                                                                               **attributes)
 
-    def scans(layers, body):
+    def scans(layers, body, among=names):
         """{name: jit(operands -> the sum over layers of body(name, x, layer, *stacks))}."""
         def make(name):
             def run(x, *stacks):
                 step = lambda total, i: (total + body(name, x, i, *stacks).sum(), None)  # noqa: E731
                 return jax.lax.scan(step, jnp.float32(0), jnp.arange(layers, dtype=jnp.int32))[0]
             return jax.jit(run)
-        return {name: make(name) for name in names}
+        return {name: make(name) for name in among}
 
     def int8(name, x, i, q, s):
         return call("press_int8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i, q, i + 1)
@@ -78,6 +83,9 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int]) -> list[tuple
     def int4(name, x, i, q, s, o):
         return call("press_int4_matmul", name, (x.shape[0], q.shape[3]), x, q, s, o, i, q, i + 1, zero_point=True,
                     has_offset=True)
+
+    def w8a8(name, x, i, q, s):  # each row quantized to int8 in the call, integer dot products
+        return call("press_w8a8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i)
 
     def f32(name, x, i, w):
         return call("press_f32_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1)
@@ -95,9 +103,13 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int]) -> list[tuple
                      jnp.asarray(rng.standard_normal((layers["int4"], k // 32, n)), jnp.float16)),
             "f32": (jnp.asarray(rng.standard_normal((layers["f32"], k, n), np.float32)),),
         }
-        bodies = {"int8": int8, "int4": int4, "f32": f32}
-        for kind in ("int8", "int4", "f32"):
-            fns = scans(layers[kind], bodies[kind])
+        bodies = {"int8": int8, "int4": int4, "f32": f32, "w8a8": w8a8}
+        layers["w8a8"], stacks["w8a8"], bytes_per_layer["w8a8"] = layers["int8"], stacks["int8"], bytes_per_layer["int8"]
+        for kind in ("int8", "w8a8", "int4", "f32"):
+            among = with_w8a8 if kind == "w8a8" else names
+            if not among:
+                continue
+            fns = scans(layers[kind], bodies[kind], among)
             for rows in matmul_rows:
                 if kind == "f32" and rows > 24:
                     continue  # compress/quant/matmul.py FLOAT_ROWS: more rows stay on XLA's dot
@@ -155,13 +167,16 @@ def main() -> None:
     for name, path in libraries.items():
         library = ctypes.CDLL(path)  # its own copy of the kernels, workers included
         for target in TARGETS:
-            jax.ffi.register_ffi_target(f"{target}_{name}", jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+            if hasattr(library, target):
+                jax.ffi.register_ffi_target(f"{target}_{name}", jax.ffi.pycapsule(getattr(library, target)),
+                                            platform="cpu")
     names = list(libraries)
+    w8a8 = [name for name, path in libraries.items() if hasattr(ctypes.CDLL(path), "press_w8a8_matmul")]
     results = []
-    for label, what, calls, fns, operands in _cases(names, args.threads, [int(r) for r in args.rows.split(",")]):
+    for label, what, calls, fns, operands in _cases(names, args.threads, [int(r) for r in args.rows.split(",")], w8a8):
         if args.only not in label:
             continue
-        times = {name: [] for name in names}
+        times = {name: [] for name in fns}
         for fn in fns.values():
             fn(*operands).block_until_ready()
         for _ in range(args.rounds):
@@ -169,13 +184,15 @@ def main() -> None:
                 start = time.perf_counter()
                 fn(*operands).block_until_ready()
                 times[name].append(time.perf_counter() - start)
-        us = {name: statistics.median(times[name]) / calls * 1e6 for name in names}
+        us = {name: statistics.median(times[name]) / calls * 1e6 for name in fns}
+        first = next(iter(us))
         entry = {**what, "us": us, "GB_s": {name: what["bytes"] / t / 1e3 for name, t in us.items()},
-                 "over_first": {name: us[name] / us[names[0]] for name in names}}
+                 "over_first": {name: us[name] / us[first] for name in us}}
         results.append(entry)
         log(f"kernels: {label}: " + ", ".join(f"{name} {us[name]:.1f} us ({entry['over_first'][name]:.2f}x)"
-                                               for name in names))
-    ratios = {name: statistics.geometric_mean([r["over_first"][name] for r in results]) for name in names}
+                                               for name in us))
+    ratios = {name: statistics.geometric_mean([r["over_first"][name] for r in results if name in r["over_first"]])
+              for name in names if any(name in r["over_first"] for r in results)}
     log("kernels: geometric mean over the first: " + ", ".join(f"{n} {r:.3f}" for n, r in ratios.items()))
     write_result(args.out, {"libraries": libraries, "threads": args.threads, "rounds": args.rounds,
                             "stack_bytes": STACK_BYTES, "geomean_over_first": ratios, "results": results})
