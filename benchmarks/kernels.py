@@ -6,14 +6,15 @@ own, and each measurement alternates between them round by round, so that the ma
 (these machines are shared) falls on all of them alike. What is timed: each of SmolLM2-135M's
 projection shapes as a stack of layers larger than the last-level cache (int8 with a scale per
 output; w8a8, the same weights against activations quantized per row in the call, in each library
-that has integer dot products; int4 groups of 32 with scales and offsets; float32 up to 24 rows),
-a jitted scan calling the kernel once per layer with the next layer's prefetch hint (none for
-w8a8), as the decoder does; and decode
-attention over a float32 and an int8 cache of 30 layers x 512 slots at SmolLM2's heads (9 query
-heads on 3 of 64 dimensions), 1 and 16 rows. One thread by default (`--threads`), so the figures
-compare the loops, not the workers. Reported: microseconds per call (the median of `--rounds`
-scans over all layers, divided by the layers), the weights' or cache's GB/s, and each library's
-time over the first one's.
+that has integer dot products and as AQT's path on XLA, which w8a8 takes without them; int4
+groups of 32 with scales and offsets; float32 up to 24 rows), a jitted scan calling the kernel
+once per layer with the next layer's prefetch hint (none for w8a8), as the decoder does; and
+decode attention over a float32 and an int8 cache of 30 layers x 512 slots at SmolLM2's heads
+(9 query heads on 3 of 64 dimensions), 1 and 16 rows. One thread by default (`--threads`), so
+the figures compare the loops, not the workers (XLA, the w8a8 peer, takes the process's CPUs:
+under `taskset -c 0` it has one core too). Reported: microseconds per call (the median of
+`--rounds` scans over all layers, divided by the layers), the weights' or cache's GB/s, and each
+library's time over the first one's.
 
   .venv/bin/python benchmarks/kernels.py [--isas native,avx2,portable] [--out bench-results/kernels.json]
   .venv/bin/python benchmarks/kernels.py --libraries before.so,after.so   # a kernel change, A/B
@@ -36,6 +37,7 @@ STACK_BYTES = 96 << 20  # each stack spans at least this much, beyond a 32 MB la
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS = 9, 3, 64, 30, 512
 TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8",
            "press_w8a8_matmul")  # w8a8: only in a library with integer dot products (not the portable loops)
+XLA_PEER = "AQT on XLA"  # w8a8's plain path (compress/quant/aqt_matmul.py), timed beside the kernel
 
 
 def _built_library(isa: str) -> tuple[str | None, str | None]:
@@ -87,6 +89,11 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int],
     def w8a8(name, x, i, q, s):  # each row quantized to int8 in the call, integer dot products
         return call("press_w8a8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i)
 
+    def aqt_w8a8(name, x, i, q, s):  # AQT's per-token int8 activations and its integer dot on XLA
+        from compress.quant import aqt_matmul
+
+        return aqt_matmul.int_weight_einsum("mk,kn->mn", x, q[i], s[i][None], 8, 8)
+
     def f32(name, x, i, w):
         return call("press_f32_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1)
 
@@ -110,6 +117,8 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int],
             if not among:
                 continue
             fns = scans(layers[kind], bodies[kind], among)
+            if kind == "w8a8":  # the path w8a8 takes without the kernel, as the peer
+                fns[XLA_PEER] = scans(layers[kind], aqt_w8a8, [XLA_PEER])[XLA_PEER]
             for rows in matmul_rows:
                 if kind == "f32" and rows > 24:
                     continue  # compress/quant/matmul.py FLOAT_ROWS: more rows stay on XLA's dot

@@ -40,9 +40,11 @@ def test_each_instruction_set_path_computes_what_float64_does(isa):
         pytest.skip("this CPU has no AVX2 with FMA and F16C")
     if cpu_kernels.instruction_set() == NAMES[isa]:
         pytest.skip(f"the native build already runs the {NAMES[isa]} path (tests/test_cpu_kernels.py)")
-    built = _run(["-c", "from compress.kernels import cpu; print(cpu.instruction_set()); print(cpu.status())"], isa)
-    assert built.stdout.splitlines()[:1] == [NAMES[isa]], built.stdout + built.stderr
-    tests = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", *EXACTNESS], isa)
+    # One process builds the library, says which path it runs, then runs the tests on it.
+    code = ("import sys, pytest; from compress.kernels import cpu; print(cpu.instruction_set()); print(cpu.status());"
+            f" sys.exit(pytest.main({['-q', '-p', 'no:cacheprovider', *EXACTNESS]!r}))")
+    tests = _run(["-c", code], isa)
+    assert tests.stdout.splitlines()[:1] == [NAMES[isa]], tests.stdout[-2000:] + tests.stderr[-2000:]
     assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
     assert " passed" in tests.stdout and " skipped" not in tests.stdout, tests.stdout[-2000:]
 

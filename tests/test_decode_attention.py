@@ -117,7 +117,9 @@ def test_the_compiled_step_reads_the_cache_in_place(tiny):
     shape = "f32[" + ",".join(map(str, cache.k.shape)) + "]"
     calls = [line for line in hlo.splitlines() if "press_attention_f32" in line and "custom-call(" in line]
     assert len(calls) == 1  # in the scan body, run once per layer
-    copies = [line for line in hlo.splitlines() if f"= {shape}" in line and (" copy(" in line or "slice(" in line)]
+    # (the step's write of the new keys and values, a dynamic-update-slice in place, is not a copy)
+    copies = [line for line in hlo.splitlines()
+              if f"= {shape}" in line and any(op in line for op in (" copy(", " slice(", " dynamic-slice("))]
     assert copies == []
     plain = step.lower(params, jnp.zeros((2,), jnp.int32), cache.replace(native=False)).compile().as_text()
     assert "press_attention" not in plain

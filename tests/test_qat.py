@@ -19,10 +19,12 @@ def _params():
     return decoder.init_params(CONFIG, jax.random.key(0), scale=0.1)
 
 
-@pytest.mark.parametrize("name, tolerance", [("int8", 1e-5), ("w8a8", 1e-5), ("int4-g32-asym", 1e-4), ("int4-g32", 2e-2)])
+@pytest.mark.parametrize("name, tolerance", [("int8", 1e-5), ("w8a8", 1e-4), ("int4-g32-asym", 1e-4), ("int4-g32", 2e-2)])
 def test_training_forward_is_the_served_model(name, tolerance):
     """QAT's forward computes what `press quantize` serves (int4-g32: codes may differ only
-    where float16 group scales move a value across a rounding boundary)."""
+    where float16 group scales move a value across a rounding boundary; w8a8: an activation's
+    code where x / step lies within a rounding error of a half, which XLA's code generation
+    decides: 4.4e-5 with its older fusion emitters, under 1e-5 with the newer)."""
     params, scheme = _params(), schemes.get(name)
     served = decoder.forward(quantize_params(params, decoder.PROJECTIONS, scheme), TOKENS, CONFIG).logits
     trained = decoder.forward(qat.fake_quantize(params, decoder.PROJECTIONS, scheme), TOKENS, CONFIG).logits
