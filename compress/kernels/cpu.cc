@@ -134,10 +134,14 @@ struct Simd {
   // when): 16 columns a pass, not 64, ran int8 weights at 5-64 rows in 0.74-0.89x the time and
   // float32 ones at 16-17 rows in 0.71-0.88x, but float32 at 5-8 rows in 1.0-1.2x
   // (benchmarks/kernels.py --libraries, one thread, Zen 4); fewer than 4 rows keep their chains.
-  template <int R> static constexpr int kNarrowPass = R >= 4 ? 1 : 4;
+  // On Zen 5, which has two 512-bit FMA pipes where Zen 4 has one, 4 rows x 1 vector are too few
+  // chains to fill them: int8 weights in passes of 2 vectors ran at 5-64 rows in 0.71-0.88x the
+  // time of 1, float32 at 8-24 rows in 0.99-1.10x (so it keeps 1).
+  template <typename W, int R> static constexpr int kNarrowPass = R < 4 ? 4 : sizeof(W) == 1 ? 2 : 1;
   // int4: the same, with two nibble vectors and the table; 16 columns a pass at 4 rows ran 0.81-0.90x
-  // the time of 64 at 4-64 rows (benchmarks/kernels.py --libraries, one thread, Zen 4).
-  template <int R> static constexpr int kPass4 = R >= 4 ? 1 : 4;
+  // the time of 64 at 4-64 rows (benchmarks/kernels.py --libraries, one thread, Zen 4), and on
+  // Zen 5 32 columns ran 0.76-0.83x the time of 16.
+  template <int R> static constexpr int kPass4 = R >= 4 ? 2 : 4;
   // Attention: a key's vectors held in registers beside GB * HC accumulators (at most 16).
   static constexpr bool kHoldKeys = true;
   static constexpr int heads_per_pass(int hc) { return hc <= 4 ? 4 : hc <= 6 ? 2 : 1; }
@@ -183,7 +187,7 @@ struct Simd {
   static constexpr int kLanes = 8, kRegisters = 16;
   // 16 registers: fewer vectors a pass as the rows grow (R * P accumulators and R broadcasts).
   template <int R> static constexpr int kPass = R == 1 ? 8 : R <= 3 ? 4 : 2;
-  template <int R> static constexpr int kNarrowPass = kPass<R>;  // already 16 columns at 4 rows; 8 ran slower
+  template <typename W, int R> static constexpr int kNarrowPass = kPass<R>;  // already 16 columns at 4 rows; 8 ran slower
   // int4: 2 R broadcasts and two nibble vectors beside the accumulators; at 4 rows 2 vectors a pass
   // (16 columns, as AVX-512's) ran 0.71-0.79x the time of 1, though they spill a register or two.
   template <int R> static constexpr int kPass4 = R <= 2 ? 4 : 2;
@@ -321,7 +325,7 @@ __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K
   // hardware's prefetcher follows its rows; benchmarks/kernels.py, one thread, Zen 4); at 16 rows
   // the prefetches are worth 1.07-1.5x.
   constexpr bool kPrefetch = !(std::is_same_v<W, float> && R == 1);
-  constexpr int L = Simd::kLanes, U = 16 * V / L, most = kNarrow ? Simd::kNarrowPass<R> : Simd::kPass<R>;
+  constexpr int L = Simd::kLanes, U = 16 * V / L, most = kNarrow ? Simd::template kNarrowPass<W, R> : Simd::kPass<R>;
   constexpr int P = most < U ? most : U, full = U / P * P;
   const W* row = q + k0 * N + c;
   for (int u = 0; u < full; u += P)
