@@ -187,7 +187,8 @@ struct Simd {
   static constexpr int kLanes = 8, kRegisters = 16;
   // 16 registers: fewer vectors a pass as the rows grow (R * P accumulators and R broadcasts).
   template <int R> static constexpr int kPass = R == 1 ? 8 : R <= 3 ? 4 : 2;
-  template <typename W, int R> static constexpr int kNarrowPass = kPass<R>;  // already 16 columns at 4 rows; 8 ran slower
+  // Narrow passes: already 16 columns at 4 rows; 8 ran slower.
+  template <typename W, int R> static constexpr int kNarrowPass = kPass<R>;
   // int4: 2 R broadcasts and two nibble vectors beside the accumulators; at 4 rows 2 vectors a pass
   // (16 columns, as AVX-512's) ran 0.71-0.79x the time of 1, though they spill a register or two.
   template <int R> static constexpr int kPass4 = R <= 2 ? 4 : 2;
