@@ -173,14 +173,16 @@ def main() -> None:
         raise SystemExit("kernels: no library to measure (see the lines above)")
     import jax
 
+    w8a8 = []  # the libraries with the w8a8 kernel
     for name, path in libraries.items():
         library = ctypes.CDLL(path)  # its own copy of the kernels, workers included
         for target in TARGETS:
             if hasattr(library, target):
                 jax.ffi.register_ffi_target(f"{target}_{name}", jax.ffi.pycapsule(getattr(library, target)),
                                             platform="cpu")
+        if hasattr(library, "press_w8a8_matmul"):
+            w8a8.append(name)
     names = list(libraries)
-    w8a8 = [name for name, path in libraries.items() if hasattr(ctypes.CDLL(path), "press_w8a8_matmul")]
     results = []
     for label, what, calls, fns, operands in _cases(names, args.threads, [int(r) for r in args.rows.split(",")], w8a8):
         if args.only not in label:

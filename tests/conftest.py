@@ -28,11 +28,12 @@ def _xla_knows(flag: str) -> bool:
 # them and 7.1 s with the older emitters, the same tokens out; the suite from a cold cache then
 # took 13m58s instead of 22m48s (2,640 s of test time down to 1,588; the text encoder's tests,
 # compute-bound, ran 1.5x longer). Nothing is timed in the tests.
-_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
-          "--xla_llvm_disable_expensive_passes=true"]
-if "XLA_FLAGS" not in os.environ and _xla_knows("xla_cpu_use_fusion_emitters"):
-    _FLAGS.append("--xla_cpu_use_fusion_emitters=false")
-os.environ.setdefault("XLA_FLAGS", " ".join(_FLAGS))
+if "XLA_FLAGS" not in os.environ:  # a caller's own flags are kept as they are
+    _flags = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+              "--xla_llvm_disable_expensive_passes=true"]
+    if _xla_knows("xla_cpu_use_fusion_emitters"):
+        _flags.append("--xla_cpu_use_fusion_emitters=false")
+    os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

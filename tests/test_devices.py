@@ -27,3 +27,11 @@ def test_the_flags_the_suite_runs_under_reach_a_child_process():
     count, flags = done.stdout.splitlines()[:2]
     assert count == "3"
     assert ours <= set(flags.split())
+
+
+def test_a_flag_is_added_only_where_this_jaxlib_knows_it():
+    """conftest.py asks before adding a flag that newer XLA may drop (XLA aborts on an unknown one)."""
+    from tests.conftest import _xla_knows
+
+    assert _xla_knows("xla_force_host_platform_device_count")
+    assert not _xla_knows("xla_press_no_such_flag_anywhere")
