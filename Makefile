@@ -100,7 +100,7 @@ bench: install $(VENV)/.bench
 		--out bench-results/decode-float.json
 	$(BIN)/python benchmarks/float_kernel.py --out bench-results/float-kernel.json
 	$(BIN)/python benchmarks/argmax.py --out bench-results/argmax.json
-	$(BIN)/python benchmarks/kernels.py --out bench-results/kernels.json
+	$(BIN)/python benchmarks/kernel_calls.py --out bench-results/kernels.json
 	$(BIN)/python benchmarks/step_buckets.py --out bench-results/step-buckets.json
 	$(BIN)/python benchmarks/draft_agreement.py --drafts out/roofline/smollm2-135m-instruct-int8+embed-int8,out/roofline/smollm2-135m-instruct-int4-g32-asym+embed-int4-g32-asym \
 		--out bench-results/draft-agreement.json

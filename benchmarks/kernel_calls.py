@@ -7,7 +7,7 @@ own, and each measurement alternates between them round by round, so that the ma
 projection shapes as a stack of layers larger than the last-level cache (int8 with a scale per
 output; w8a8, the same weights against activations quantized per row in the call, in each library
 that has integer dot products and as AQT's path on XLA, which w8a8 takes without them; int4
-groups of 32 with scales and offsets; float32 up to 24 rows), a jitted scan calling the kernel
+groups of 32 with scales and offsets; float32 and bfloat16 up to 24 rows), a jitted scan calling the kernel
 once per layer with the next layer's prefetch hint (none for w8a8), as the decoder does; and
 decode attention over a float32 and an int8 cache of 30 layers x 512 slots at SmolLM2's heads
 (9 query heads on 3 of 64 dimensions), 1 and 16 rows. One thread by default (`--threads`), so
@@ -16,8 +16,8 @@ under `taskset -c 0` it has one core too). Reported: microseconds per call (the 
 `--rounds` scans over all layers, divided by the layers), the weights' or cache's GB/s, and each
 library's time over the first one's.
 
-  .venv/bin/python benchmarks/kernels.py [--isas native,avx2,portable] [--out bench-results/kernels.json]
-  .venv/bin/python benchmarks/kernels.py --libraries before.so,after.so   # a kernel change, A/B
+  .venv/bin/python benchmarks/kernel_calls.py [--isas native,avx2,portable] [--out bench-results/kernels.json]
+  .venv/bin/python benchmarks/kernel_calls.py --libraries before.so,after.so   # a kernel change, A/B
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from common import log, write_result
 SHAPES = {"q/o": (576, 576), "gate/up": (576, 1536), "down": (1536, 576)}
 STACK_BYTES = 96 << 20  # each stack spans at least this much, beyond a 32 MB last-level cache
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS = 9, 3, 64, 30, 512
-TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8",
-           "press_w8a8_matmul")  # w8a8: only in a library with integer dot products (not the portable loops)
+TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_bf16_matmul", "press_attention_f32",
+           "press_attention_s8", "press_w8a8_matmul")  # w8a8: only in a library with integer dot products (not the portable loops)
 XLA_PEER = "AQT on XLA"  # w8a8's plain path (compress/quant/aqt_matmul.py), timed beside the kernel
 
 
@@ -54,10 +54,10 @@ def _built_library(isa: str) -> tuple[str | None, str | None]:
     return path or None, runs or None
 
 
-def _cases(names: list[str], threads: int, matmul_rows: list[int],
-           with_w8a8: list[str]) -> list[tuple[str, dict, int, dict, tuple]]:
+def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: list[str],
+           with_bf16: list[str]) -> list[tuple[str, dict, int, dict, tuple]]:
     """(label, what it measures, calls per scan, {library name: jitted scan}, operands) for each
-    case; w8a8 cases for the libraries in `with_w8a8` only."""
+    case; w8a8 cases for the libraries in `with_w8a8` only, bfloat16 weights for those in `with_bf16`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -97,10 +97,13 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int],
     def f32(name, x, i, w):
         return call("press_f32_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1)
 
+    def bf16(name, x, i, w):  # bfloat16 weights widened in registers
+        return call("press_bf16_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1)
+
     rng = np.random.default_rng(0)
     cases = []
     for label, (k, n) in SHAPES.items():
-        bytes_per_layer = {"int8": k * n + 4 * n, "int4": k * n // 2 + 4 * (k // 32) * n, "f32": 4 * k * n}
+        bytes_per_layer = {"int8": k * n + 4 * n, "int4": k * n // 2 + 4 * (k // 32) * n, "f32": 4 * k * n, "bf16": 2 * k * n}
         layers = {kind: max(4, -(-STACK_BYTES // size)) for kind, size in bytes_per_layer.items()}
         stacks = {
             "int8": (jnp.asarray(rng.integers(-127, 128, (layers["int8"], k, n), np.int8)),
@@ -109,18 +112,19 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int],
                      jnp.asarray(rng.random((layers["int4"], k // 32, n)) + 0.5, jnp.float16),
                      jnp.asarray(rng.standard_normal((layers["int4"], k // 32, n)), jnp.float16)),
             "f32": (jnp.asarray(rng.standard_normal((layers["f32"], k, n), np.float32)),),
+            "bf16": (jnp.asarray(rng.standard_normal((layers["bf16"], k, n), np.float32), jnp.bfloat16),),
         }
-        bodies = {"int8": int8, "int4": int4, "f32": f32, "w8a8": w8a8}
+        bodies = {"int8": int8, "int4": int4, "f32": f32, "bf16": bf16, "w8a8": w8a8}
         layers["w8a8"], stacks["w8a8"], bytes_per_layer["w8a8"] = layers["int8"], stacks["int8"], bytes_per_layer["int8"]
-        for kind in ("int8", "w8a8", "int4", "f32"):
-            among = with_w8a8 if kind == "w8a8" else names
+        for kind in ("int8", "w8a8", "int4", "f32", "bf16"):
+            among = with_w8a8 if kind == "w8a8" else with_bf16 if kind == "bf16" else names
             if not among:
                 continue
             fns = scans(layers[kind], bodies[kind], among)
             if kind == "w8a8":  # the path w8a8 takes without the kernel, as the peer
                 fns[XLA_PEER] = scans(layers[kind], aqt_w8a8, [XLA_PEER])[XLA_PEER]
             for rows in matmul_rows:
-                if kind == "f32" and rows > 24:
+                if kind in ("f32", "bf16") and rows > 24:
                     continue  # compress/quant/matmul.py FLOAT_ROWS: more rows stay on XLA's dot
                 x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
                 what = {"kernel": kind, "shape": label, "k": k, "n": n, "rows": rows, "bytes": bytes_per_layer[kind]}
@@ -173,7 +177,7 @@ def main() -> None:
         raise SystemExit("kernels: no library to measure (see the lines above)")
     import jax
 
-    w8a8 = []  # the libraries with the w8a8 kernel
+    w8a8, bf16 = [], []  # the libraries with the w8a8 kernel, with bfloat16 weights
     for name, path in libraries.items():
         library = ctypes.CDLL(path)  # its own copy of the kernels, workers included
         for target in TARGETS:
@@ -182,9 +186,12 @@ def main() -> None:
                                             platform="cpu")
         if hasattr(library, "press_w8a8_matmul"):
             w8a8.append(name)
+        if hasattr(library, "press_bf16_matmul"):
+            bf16.append(name)
     names = list(libraries)
     results = []
-    for label, what, calls, fns, operands in _cases(names, args.threads, [int(r) for r in args.rows.split(",")], w8a8):
+    for label, what, calls, fns, operands in _cases(names, args.threads, [int(r) for r in args.rows.split(",")], w8a8,
+                                                    bf16):
         if args.only not in label:
             continue
         times = {name: [] for name in fns}
