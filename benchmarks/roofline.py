@@ -7,7 +7,8 @@ the rate the weights stream at; the machine's own streaming rate is the roof. On
     and the read rate on N threads again just before and just after each engine's timed run
     (best of 3 each): another tenant can take a third of it within minutes, so each engine's
     `share_of_adjacent_roof` is against the mean of those two, `share_of_roof` against the first;
-  - press: each scheme's directory written by `press quantize` (made here if missing), batch 1
+  - press: each scheme's directory written by `press quantize` (made here if missing; `fp32` and
+    `bf16` are the model itself with float32 or bfloat16 weights), batch 1
     through the engine, 8 prompts x `--new-tokens` tokens each, EOS ignored, greedy;
   - llama.cpp (llama-cpp-python, the same thread count): the bundled Q4_1 file, and Q8_0 written
     from it by llama.cpp's own quantizer (`llama_model_quantize`), the same prompts and lengths.
@@ -22,7 +23,7 @@ width); llama.cpp, every tensor of its file but the token table when an output t
 (SmolLM2 ties them, so the table is the head), and its f16 cache over the context so far.
 
   .venv/bin/python benchmarks/roofline.py [--threads 2] [--new-tokens 128] [--prompts 8]
-      [--schemes fp32,int8,int8+embed-int8,int4-g32-asym+embed-int4-g32-asym] [--work out/roofline]
+      [--schemes fp32,bf16,int8,int8+embed-int8,int4-g32-asym+embed-int4-g32-asym] [--work out/roofline]
       [--out bench-results/roofline.json]
 """
 
@@ -42,6 +43,7 @@ from common import log, write_result
 from decode import PROMPTS
 
 PAIRS = {"int8+embed-int8": "Q8_0", "int4-g32-asym+embed-int4-g32-asym": "Q4_1"}
+FLOAT = {"fp32": None, "bf16": "bfloat16"}  # the model itself, its weights in this dtype (computed in float32)
 LLAMA_FTYPES = {"Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
 
 
@@ -102,13 +104,13 @@ def press_bytes_per_token(params, config, widths: list[int], kv_itemsize: int) -
     return {"weights": weights, "kv_cache": per_slot * statistics.mean(widths)}
 
 
-def bench_press(directory: str, prompts: list[str], new_tokens: int, threads: int) -> dict:
+def bench_press(directory: str, prompts: list[str], new_tokens: int, threads: int, param_dtype=None) -> dict:
     from compress import pretrained
     from compress.kernels import cpu as cpu_kernels
     from serve.engine import MIN_SEQ_BUCKET, Engine, power_of_two_at_least
     from serve.sampling import SamplingParams
 
-    model = pretrained.load_decoder(directory)
+    model = pretrained.load_decoder(directory, param_dtype=param_dtype or "float32")  # computed in float32
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     with Engine(model.params, model.config, model.tokenizer, max_slots=1, max_seq_len=512, name=directory) as engine:
         engine.warmup(prompt_lengths=(16, 32))
@@ -184,7 +186,7 @@ def bench_llama_cpp(path: str, prompts: list[str], new_tokens: int, threads: int
 
 
 def quantized_directory(model: str, scheme: str, work: str) -> str:
-    if scheme == "fp32":
+    if scheme in FLOAT:
         return model
     out = os.path.join(work, f"{model}-{scheme}")
     if not os.path.exists(os.path.join(out, "config.json")):
@@ -200,7 +202,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--schemes", default="fp32,int8," + ",".join(PAIRS))
+    parser.add_argument("--schemes", default="fp32,bf16,int8," + ",".join(PAIRS))
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--work", default="out/roofline")
     parser.add_argument("--out", default="bench-results/roofline.json")
@@ -219,7 +221,7 @@ def main() -> None:
     for scheme in args.schemes.split(","):
         log(f"roofline: press {scheme}")
         directory = quantized_directory(args.model, scheme, args.work)
-        entry = bench_press(directory, prompts, args.new_tokens, args.threads)
+        entry = bench_press(directory, prompts, args.new_tokens, args.threads, FLOAT.get(scheme))
         entry["share_of_roof"] = entry["achieved_GB_s"] / roof
         result["press"][scheme] = entry
     if not args.no_llama_cpp:

@@ -219,14 +219,31 @@ def test_the_decode_step_reads_the_integers_in_place(tiny):
             assert np.prod([int(d) for d in op[3 : op.index("]")].split(",")]) < smallest, line
 
 
-def _float_copies(hlo: str, params) -> list[str]:
-    """Lines of compiled HLO that convert an int8 weight (a whole stack or one layer) to float32."""
+def _float_copies(hlo: str, params, dtype=jnp.int8) -> list[str]:
+    """Lines of compiled HLO that convert a matrix of `dtype` (a whole stack, one layer, or a
+    table either way round; not a norm's vector) to float32."""
     dims = set()
     for a in jax.tree.leaves(params):
-        if a.dtype == jnp.int8:
-            dims |= {",".join(map(str, a.shape)), ",".join(map(str, a.shape[1:]))}
+        if a.dtype == dtype and a.ndim >= 2 and a.size > 2 * a.shape[-1]:
+            dims |= {",".join(map(str, a.shape)), ",".join(map(str, a.shape[::-1]))}
+            if a.ndim >= 3:
+                dims.add(",".join(map(str, a.shape[1:])))
     pattern = re.compile(r"= f32\[([0-9,]+)\]\S* convert\(")
-    return [line for line in hlo.splitlines() if (m := pattern.search(line)) and m.group(1) in dims]
+    header = re.compile(r"^\S.* -> \(?\w+\[([0-9,]*)\]")  # a computation and (the first of) its results
+    size = lambda dims: int(np.prod([int(d) for d in dims.split(",") if d]))  # noqa: E731
+    computations, result = [], None  # (its result's size, its lines)
+    for line in hlo.splitlines():
+        if (h := header.match(line)) is not None:
+            computations.append((size(h.group(1)), []))
+        elif computations:
+            computations[-1][1].append(line)
+    found = []
+    for result, lines in computations:
+        # A fusion that gathers fewer values than it converts (a lookup of table rows) converts only those.
+        lookup = any(" gather(" in line for line in lines)
+        found += [line for line in lines if (m := pattern.search(line)) and m.group(1) in dims
+                  and not (lookup and size(m.group(1)) > result)]
+    return found
 
 
 def test_gradients_through_the_kernels_are_the_plain_paths(tiny):
@@ -311,11 +328,13 @@ def test_params_loaded_onto_a_mesh_keep_the_plain_path(tmp_path, tiny):
 
 @pytest.mark.parametrize("rows", [1, 4, 7, 24])
 @pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (576, 192), (64, 4112)])
-def test_float32_products_equal_float64(rows, k, n):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float_products_equal_float64(rows, k, n, dtype):
+    """float32 weights, and bfloat16 ones widened to float32 (exact), against float64."""
     rng = np.random.default_rng(rows * 100 + n)
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    w = rng.standard_normal((3, k, n)).astype(np.float32)
-    want = x.astype(np.float64) @ w[1].astype(np.float64)
+    w = jnp.asarray(rng.standard_normal((3, k, n)), dtype)
+    want = x.astype(np.float64) @ np.asarray(w[1].astype(jnp.float32), np.float64)
     got = jax.jit(cpu_kernels.f32_matmul)(x, w, 1)  # layer 1 of a stack of 3, read in place
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     hinted = cpu_kernels.f32_matmul(jnp.asarray(x), w, 1, after=(w[:, ::-1], 9))  # a prefetch hint past the end
@@ -325,35 +344,49 @@ def test_float32_products_equal_float64(rows, k, n):
     del q
 
 
-def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(tiny):
-    """native_float gives every float projection a FloatSpec: a decode step then hands the float
-    kernel whole stacks (no per-layer slice of a weight), computes the plain path's logits, and
-    takes gradients to the weights and inputs that the plain einsum gives."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(tiny, dtype):
+    """native_float gives every float projection a FloatSpec and makes the tied table the head's
+    kernel: a decode step then hands the float kernel whole stacks (no per-layer slice of a
+    weight) and the head, makes no float32 copy of a bfloat16 weight, computes the plain path's
+    logits, and takes gradients to the weights and inputs that the plain einsum gives."""
     config, params, _ = tiny
+    params = jax.tree.map(lambda a: a.astype(dtype), params)  # the weights' dtype; computed in float32
     served = matmul.native_float(params)
     assert isinstance(served["layers"]["q"]["spec"], matmul.FloatSpec) and "spec" not in params["layers"]["q"]
+    assert served["embed"]["kernel"].shape == params["embed"].shape[::-1]  # the tied head's kernel [D, V]
     cache = decoder.init_cache(config, 2, 32)
     step = jax.jit(lambda p, t, c: decoder.forward(p, t, config, cache=c, attend_len=32).logits)
     tokens = jnp.asarray([[5], [9]], jnp.int32)
     np.testing.assert_allclose(step(served, tokens, cache), step(params, tokens, cache),
                                atol=2e-5 * float(jnp.abs(step(params, tokens, cache)).max()))
     hlo = step.lower(served, tokens, cache).compile().as_text()
-    calls = [line for line in hlo.splitlines() if "press_f32_matmul" in line and "custom-call(" in line]
-    assert len(calls) == 7 and all("f32[2," in line.split("custom-call(")[1] for line in calls)  # [L=2, ...] stacks
-    # Each call also names the stack its successor reads (prefetched while it finishes), not the dummy.
-    operands = [re.findall(r"f32\[([0-9,]*)\]", re.search(r"operand_layout_constraints=\{(.*)\}", line).group(1))
-                for line in calls]
-    assert all(o[1].startswith("2,") and o[2].startswith("2,") for o in operands), operands
+    target = cpu_kernels.FLOAT_WEIGHTS[jnp.dtype(dtype)]
+    kind = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    calls = [line for line in hlo.splitlines() if target in line and "custom-call(" in line]
+    shapes = [re.findall(r"\w+\[([0-9,]*)\]", re.search(r"operand_layout_constraints=\{(.*)\}", line).group(1))
+              for line in calls]  # x, the weights, the layer, the next call's weights, its layer
+    operands = [o for o in shapes if o[1].startswith("2,")]  # [L=2, ...] stacks
+    assert len(calls) == 8 and len(operands) == 7  # and the head, [1, D, V]
+    assert [o[1] for o in shapes if o not in operands] == [f"1,{config.embed_dim},{config.vocab_size}"]
+    # Each layer call also names the stack its successor reads (prefetched while it finishes), not the dummy.
+    assert all(o[3].startswith("2,") for o in operands), operands
     size = lambda dims: int(np.prod([int(d) for d in dims.split(",")]))  # noqa: E731
-    assert sorted(size(o[2]) for o in operands) == sorted(size(o[1]) for o in operands)  # the seven stacks, rotated
+    assert sorted(size(o[3]) for o in operands) == sorted(size(o[1]) for o in operands)  # the seven stacks, rotated
+    assert _float_copies(hlo, params, jnp.dtype(dtype)) == []
+    if dtype == "bfloat16":
+        assert _float_copies(step.lower(params, tokens, cache).compile().as_text(), params, jnp.dtype(dtype)), \
+            "the plain path converts bfloat16 weights to float32: the check can fail"
     smallest = min(p["kernel"][0].size for p in params["layers"].values() if isinstance(p, dict) and "kernel" in p)
     for line in hlo.splitlines():
         op = line.split("=", 1)[-1].lstrip()
-        if "dynamic-slice(" in op and op.startswith("f32["):  # no layer's matrix is sliced out of its stack
-            assert np.prod([int(d) for d in op[4 : op.index("]")].split(",")]) < smallest, line
-    # Prefill (more rows than FLOAT_ROWS) stays on XLA's dot.
-    long = jnp.zeros((2, matmul.FLOAT_ROWS), jnp.int32)
-    assert "press_f32_matmul" not in step.lower(served, long, decoder.init_cache(config, 2, 64)).as_text()
+        if "dynamic-slice(" in op and op.startswith(f"{kind}["):  # no layer's matrix is sliced out of its stack
+            assert np.prod([int(d) for d in op[len(kind) + 1 : op.index("]")].split(",")]) < smallest, line
+    # Prefill (more rows than FLOAT_ROWS) stays on XLA's dot, and reads the same table.
+    long = jnp.asarray(np.arange(2 * matmul.FLOAT_ROWS).reshape(2, -1) * 7, jnp.int32)
+    long_cache = decoder.init_cache(config, 2, 64)
+    assert target not in step.lower(served, long, long_cache).as_text()
+    np.testing.assert_allclose(step(served, long, long_cache), step(params, long, long_cache), rtol=1e-5, atol=1e-5)
 
     def loss(p, x):
         return jnp.sum(jnp.sin(decoder.decoder_layer(jax.tree.map(lambda a: a[0], p["layers"]), x, config,
@@ -363,15 +396,18 @@ def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(
     native = jax.grad(loss, argnums=(0, 1))(served, embedded)
     plain = jax.grad(loss, argnums=(0, 1))(params, embedded)
     np.testing.assert_allclose(native[1], plain[1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(native[0]["layers"]["down"]["kernel"], plain[0]["layers"]["down"]["kernel"],
-                               rtol=1e-4, atol=1e-5)
+    grads = native[0]["layers"]["down"]["kernel"], plain[0]["layers"]["down"]["kernel"]  # in the weights' dtype
+    np.testing.assert_allclose(*(np.asarray(g, np.float32) for g in grads), rtol=1e-4 if dtype == "float32" else 1e-2,
+                               atol=1e-5)
 
 
-def test_the_engine_serves_float_models_on_the_kernel_unless_switched_off(tiny):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_serves_float_models_on_the_kernel_unless_switched_off(tiny, dtype):
     from serve.engine import Engine
     from serve.sampling import SamplingParams
 
     config, params, tokenizer = tiny
+    params = jax.tree.map(lambda a: a.astype(dtype), params)  # param_dtype=bfloat16 computes in float32
     outputs = {}
     for switch in ("1", "0"):
         os.environ["PRESS_FLOAT_KERNELS"] = switch

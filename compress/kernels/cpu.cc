@@ -17,6 +17,9 @@
 //   f32:    w    f32  [L, K, N]    y[m, n] = sum_k x[m, k] w[k, n]  (a float model's decode steps:
 //                                  XLA's dot of a few rows against one layer of a stack ran at a
 //                                  quarter of the read rate; the same loops as int8, no widening)
+//   bf16:   w    bf16 [L, K, N]    the same with bfloat16 weights (a model loaded with
+//                                  param_dtype=bfloat16): half the bytes, each weight widened to
+//                                  float32 in registers (exact), products and sums in float32
 //   int4:   q    s8   [L, G, S/2, N]  groups of S inputs; byte j of group g holds input g*S + j in its
 //                                   low nibble and input g*S + S/2 + j in its high nibble (-8..7)
 //           scale f16 [L, G, N], offset f16 [L, G, N] (zero point: codes are stored minus 8)
@@ -114,6 +117,18 @@ struct NextWeights {
   }
 };
 
+// A bfloat16 weight: the top half of a float32, so widening is a 16-bit shift (exact).
+struct Bf16 {
+  uint16_t bits;
+  explicit operator float() const {
+    const uint32_t wide = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &wide, sizeof f);
+    return f;
+  }
+};
+static_assert(sizeof(Bf16) == 2, "bf16 weights are read in place");
+
 // ---- the vector instructions, one struct per instruction set: the loops below are written once
 // against `Simd` (16 float lanes in 32 registers on AVX-512, 8 in 16 on AVX2) and their sizes
 // (vectors a pass over the weights takes, heads an attention pass holds) come from it.
@@ -133,13 +148,13 @@ struct Simd {
   // Narrow passes, where a tile's weights meet block after block of 4 rows (weight_part says
   // when): 16 columns a pass, not 64, ran int8 weights at 5-64 rows in 0.74-0.89x the time and
   // float32 ones at 16-17 rows in 0.71-0.88x, but float32 at 5-8 rows in 1.0-1.2x
-  // (benchmarks/kernels.py --libraries, one thread, Zen 4); fewer than 4 rows keep their chains.
+  // (benchmarks/kernel_calls.py --libraries, one thread, Zen 4); fewer than 4 rows keep their chains.
   // On Zen 5, which has two 512-bit FMA pipes where Zen 4 has one, 4 rows x 1 vector are too few
   // chains to fill them: int8 weights in passes of 2 vectors ran at 5-64 rows in 0.71-0.88x the
   // time of 1, float32 at 8-24 rows in 0.99-1.10x (so it keeps 1).
   template <typename W, int R> static constexpr int kNarrowPass = R < 4 ? 4 : sizeof(W) == 1 ? 2 : 1;
   // int4: the same, with two nibble vectors and the table; 16 columns a pass at 4 rows ran 0.81-0.90x
-  // the time of 64 at 4-64 rows (benchmarks/kernels.py --libraries, one thread, Zen 4), and on
+  // the time of 64 at 4-64 rows (benchmarks/kernel_calls.py --libraries, one thread, Zen 4), and on
   // Zen 5 32 columns ran 0.76-0.83x the time of 16.
   template <int R> static constexpr int kPass4 = R >= 4 ? 2 : 4;
   // Attention: a key's vectors held in registers beside GB * HC accumulators (at most 16).
@@ -154,6 +169,10 @@ struct Simd {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static F load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F load(const Bf16* p) {  // 16 bfloat16 widened to float (shifted into the top half)
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
   static F load_aligned(const float* p) { return _mm512_load_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static void store_aligned(float* p, F v) { _mm512_store_ps(p, v); }
@@ -204,6 +223,10 @@ struct Simd {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static F load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F load(const Bf16* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
   static F load_aligned(const float* p) { return _mm256_load_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static void store_aligned(float* p, F v) { _mm256_store_ps(p, v); }
@@ -323,7 +346,7 @@ __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K
 #ifdef PRESS_SIMD
   // The tile's U vectors in passes of P (the last may be shorter); the first prefetches the whole tile,
   // but for one row of float32 weights, which streamed in 0.66-0.77x the time without (the
-  // hardware's prefetcher follows its rows; benchmarks/kernels.py, one thread, Zen 4); at 16 rows
+  // hardware's prefetcher follows its rows; benchmarks/kernel_calls.py, one thread, Zen 4); at 16 rows
   // the prefetches are worth 1.07-1.5x.
   constexpr bool kPrefetch = !(std::is_same_v<W, float> && R == 1);
   constexpr int L = Simd::kLanes, U = 16 * V / L, most = kNarrow ? Simd::template kNarrowPass<W, R> : Simd::kPass<R>;
@@ -829,21 +852,35 @@ ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
   return ffi::Error::Success();
 }
 
-// Float32 weights, for float models' decode steps: x [M, K] @ layer `layer` of w [L, K, N] -> y.
-ffi::Error F32Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
-                     ffi::Buffer<ffi::F32> next_w, ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y,
-                     int64_t threads) {
+// Float weights (W: float32, or Bf16 for bfloat16), for float models' decode steps:
+// x [M, K] @ layer `layer` of w [L, K, N] -> y.
+template <typename W, ffi::DataType T>
+ffi::Error FloatMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::Buffer<ffi::S32> layer, ffi::Buffer<T> next_w,
+                       ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads,
+                       const char* kernel) {
   auto dims = w.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("press f32 kernel: weights must be [L, K, N]");
+  if (dims.size() != 3) return ffi::Error::InvalidArgument(std::string(kernel) + ": weights must be [L, K, N]");
   const int64_t K = dims[1], N = dims[2], M = x.element_count() / K;
   if (auto error = check(M, N); error.failure()) return error;
   int64_t l;
   if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
   const float* xp = x.typed_data();
-  const float* wp = w.typed_data() + l * K * N;
+  const W* wp = reinterpret_cast<const W*>(w.typed_data()) + l * K * N;
   float* yp = y->typed_data();
   weights_matmul(xp, M, K, wp, N, yp, threads, next_weights(next_w, next_layer));
   return ffi::Error::Success();
+}
+
+ffi::Error F32Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
+                     ffi::Buffer<ffi::F32> next_w, ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y,
+                     int64_t threads) {
+  return FloatMatmul<float>(x, w, layer, next_w, next_layer, y, threads, "press f32 kernel");
+}
+
+ffi::Error Bf16Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> layer,
+                      ffi::Buffer<ffi::BF16> next_w, ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y,
+                      int64_t threads) {
+  return FloatMatmul<Bf16>(x, w, layer, next_w, next_layer, y, threads, "press bf16 kernel");
 }
 
 ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
@@ -1387,6 +1424,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_f32_matmul, F32Matmul,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<S32>().Arg<F32>().Arg<S32>().Ret<F32>()
                                   .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(press_bf16_matmul, Bf16Matmul,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<ffi::Buffer<ffi::BF16>>().Arg<S32>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>().Arg<S32>().Ret<F32>().Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
                               ffi::Ffi::Bind()

@@ -1,5 +1,5 @@
-"""Native CPU kernels: matmuls of a few rows of activations against stored int8, packed int4 or
-float32 weights, and attention of a few query positions over the KV cache where it lies.
+"""Native CPU kernels: matmuls of a few rows of activations against stored int8, packed int4,
+float32 or bfloat16 weights, and attention of a few query positions over the KV cache where it lies.
 
 Batch-1 decoding reads every weight once per token, so its speed is the rate at which the
 weights stream from memory. XLA's CPU backend does not fuse the integer-to-float conversion
@@ -8,7 +8,9 @@ times the int8 bytes), and runs slower than float weights would (BENCHMARKS.md, 
 cpu.cc streams the integers once, widens them in registers and keeps the accumulators there;
 `jax.ffi` makes it an XLA custom call. Float models' decode steps use the same loops on float32
 weights (`f32_matmul`): XLA's dot of 1-24 rows against one layer of a stacked kernel streamed
-it at 6-16 GB/s, a quarter of the read rate. Its calls are split between the calling thread and
+it at 6-16 GB/s, a quarter of the read rate; bfloat16 weights (a model loaded with
+`param_dtype=bfloat16`) stream at half those bytes, widened to float32 in registers, where XLA's
+dot would first convert the whole stack to float32. Its calls are split between the calling thread and
 workers of its own that spin between calls (waking a sleeping pool thread for each of a decode
 step's ~200 calls cost more than the half it took over; cpu.cc says how they work).
 
@@ -54,8 +56,9 @@ MAX_ROWS = 64  # rows of activations the kernels take; more (prefill, training) 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
 # What each PRESS_CPU_KERNELS_ISA adds to FLAGS: cpu.cc picks its paths by the compiler's macros.
 ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "portable": ("-mno-avx2", "-mno-avx512f", "-mno-fma", "-mno-f16c")}
-_TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_attention_f32", "press_attention_s8",
-            "press_argmax")
+_TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_bf16_matmul", "press_attention_f32",
+            "press_attention_s8", "press_argmax")
+FLOAT_WEIGHTS = {jnp.dtype(jnp.float32): "press_f32_matmul", jnp.dtype(jnp.bfloat16): "press_bf16_matmul"}
 MAX_QUERIES = 64  # query positions per row decode attention takes (a decode step, a verify pass, a chunk)
 MAX_GROUP = 16  # query heads per key/value head
 _status = "not loaded yet"
@@ -219,15 +222,19 @@ def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0, aft
 
 
 def f32_matmul(x: jnp.ndarray, w: jnp.ndarray, layer=0, after=None) -> jnp.ndarray:
-    """x [M, K] float32 @ w[layer] float32 [K, N] -> [M, N] float32, where w is [L, K, N] (a stack
-    of layers; read in place) or [K, N]: a float model's decode-step matmul, one pass over w.
-    after: (stack, layer), the float32 weights the model reads next, to prefetch, or None."""
+    """x [M, K] float32 @ w[layer] [K, N] -> [M, N] float32, where w is float32 or bfloat16 and
+    [L, K, N] (a stack of layers; read in place) or [K, N]: a float model's decode-step matmul,
+    one pass over w (bfloat16 weights widened to float32 in registers, so the product is
+    x @ w.astype(float32)). after: (stack, layer), the weights the model reads next (of w's
+    dtype), to prefetch, or None."""
     _require()
     if w.ndim == 2:
         w = w[None]
-    call = jax.ffi.ffi_call("press_f32_matmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32),
+    if w.dtype not in FLOAT_WEIGHTS:
+        raise ValueError(f"press float kernel: weights of {w.dtype}; it takes {', '.join(map(str, FLOAT_WEIGHTS))}")
+    call = jax.ffi.ffi_call(FLOAT_WEIGHTS[w.dtype], jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32),
                             vmap_method="sequential")
-    return call(x.astype(jnp.float32), w, jnp.asarray(layer, jnp.int32), *_next_operands(after, jnp.float32),
+    return call(x.astype(jnp.float32), w, jnp.asarray(layer, jnp.int32), *_next_operands(after, w.dtype),
                 threads=_threads())
 
 

@@ -248,7 +248,8 @@ def layer_tables(
 def embed(params: dict[str, Any], tokens: jnp.ndarray, config: DecoderConfig) -> jnp.ndarray:
     """The residual stream entering layer 0: [B, T, D] in the compute dtype. A quantized table
     (`press quantize` with an embed-* option) is a projection dict holding the tied head's
-    kernel [D, V]; its static spec reads the rows at `tokens` from the integers."""
+    kernel [D, V]; its static spec reads the rows at `tokens` from the integers (a float table
+    served on the CPU kernels is stored the same way: compress/quant/matmul.py native_float)."""
     table = params["embed"]
     if isinstance(table, dict):
         return table["spec"].take(table, tokens).astype(DTYPES[config.dtype])
@@ -420,7 +421,8 @@ def lm_head(params: dict[str, Any], x: jnp.ndarray, config: DecoderConfig) -> jn
     """Final norm and LM head: the residual stream [B, T, D] -> float32 logits [B, T, V]."""
     c = config
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-    if c.tie_word_embeddings and isinstance(params["embed"], dict):  # quantized: stored as this kernel
+    if c.tie_word_embeddings and isinstance(params["embed"], dict):  # stored as this kernel: quantized, or to serve
+        # on the CPU kernels (compress/quant/matmul.py native_float)
         return dense(params["embed"], x, PROJECTIONS["lm_head"]).astype(jnp.float32)
     if c.tie_word_embeddings:
         return jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(x.dtype), preferred_element_type=jnp.float32)

@@ -198,8 +198,8 @@ FLOAT_ROWS = 24
 @dataclasses.dataclass(frozen=True)
 class FloatSpec:
     """The matmul of a float projection in a model served on a CPU (`native_float`): float32
-    activations of 1 to FLOAT_ROWS rows against its float32 kernel on the native kernel, read in
-    place from the layer stack (`whole_keys`); anything else (prefill, larger batches, other
+    activations of 1 to FLOAT_ROWS rows against its float32 or bfloat16 kernel on the native
+    kernel, read in place from the layer stack (`whole_keys`); anything else (prefill, larger batches, other
     dtypes) is XLA's einsum of the same numbers. Gradients are the plain einsum's, to the kernel
     as well."""
 
@@ -214,11 +214,17 @@ class FloatSpec:
         n_in, lead = sum(c in lhs for c in rhs), int(layer is not None)
         m = math.prod(x.shape[: x.ndim - n_in])
         k, n = math.prod(kernel.shape[lead : lead + n_in]), math.prod(kernel.shape[lead + n_in :])
-        if (x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and kernel.ndim == len(rhs) + lead
+        if (x.dtype == jnp.float32 and kernel.dtype in cpu_kernels.FLOAT_WEIGHTS and kernel.ndim == len(rhs) + lead
                 and m <= FLOAT_ROWS and cpu_kernels.usable(m, n)):
             return _float_native(equation, (m, k, n, n_in, bool(lead)), kernel, x, 0 if layer is None else layer,
                                  p.get("after"))
         return _float_plain(equation, kernel, x, layer)
+
+
+    def take(self, p: dict[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
+        """Columns `ids` of the kernel [D, V]: the rows of a tied embedding table that
+        `native_float` stored as its head's kernel, [*ids.shape, D] in the kernel's dtype."""
+        return jnp.moveaxis(jnp.take(p["kernel"], ids, axis=1), 0, -1)
 
 
 def _float_plain(equation: str, kernel: jnp.ndarray, x: jnp.ndarray, layer) -> jnp.ndarray:
@@ -255,9 +261,19 @@ _float_native.defvjp(_float_native_fwd, _float_native_bwd)
 def native_float(params: Any) -> Any:
     """`params` with a FloatSpec on every float projection without a spec (a dict holding a float
     `kernel`), for decoding on a CPU where the native kernels are built; unchanged elsewhere, or
-    with PRESS_FLOAT_KERNELS=0 (XLA's dot, to compare)."""
+    with PRESS_FLOAT_KERNELS=0 (XLA's dot, to compare).
+
+    A decoder's tied float embedding table (`embed` [V, D] without an `lm_head`) becomes the
+    head's kernel, its transpose [D, V] with a FloatSpec, as `press quantize` stores a quantized
+    table (compress/models/decoder.py reads either): the kernels read [K, N] weights, and XLA's
+    dot of `x @ table.T` streamed the fp32 table at ~30 GB/s and converted a bfloat16 one to a
+    float32 copy (113 MB written and read) at every step. A lookup reads the columns it needs."""
     if not cpu_kernels.available() or os.environ.get("PRESS_FLOAT_KERNELS", "1") == "0":
         return params
+    table = params.get("embed") if isinstance(params, dict) else None
+    if "lm_head" not in params and hasattr(table, "dtype") and table.ndim == 2 \
+            and table.dtype in cpu_kernels.FLOAT_WEIGHTS:
+        params = {**params, "embed": {"kernel": table.T, "spec": FloatSpec()}}
 
     def walk(node):
         if not isinstance(node, dict):
