@@ -99,6 +99,7 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/decode.py --batches 1,16,64 --new-tokens 64 --no-peers --float-xla \
 		--out bench-results/decode-float.json
 	$(BIN)/python benchmarks/float_kernel.py --out bench-results/float-kernel.json
+	$(BIN)/python benchmarks/bf16_weights.py --out bench-results/bf16-weights.json
 	$(BIN)/python benchmarks/argmax.py --out bench-results/argmax.json
 	$(BIN)/python benchmarks/kernel_calls.py --out bench-results/kernels.json
 	$(BIN)/python benchmarks/step_buckets.py --out bench-results/step-buckets.json

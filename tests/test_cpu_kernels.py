@@ -326,7 +326,7 @@ def test_params_loaded_onto_a_mesh_keep_the_plain_path(tmp_path, tiny):
     assert specs(on_mesh) and not any(s.native for s in specs(on_mesh)) and all(s.native for s in specs(alone))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 7, 24])
+@pytest.mark.parametrize("rows", [1, 4, 7, 24, 64])
 @pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (576, 192), (64, 4112)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_float_products_equal_float64(rows, k, n, dtype):
@@ -382,8 +382,9 @@ def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(
         op = line.split("=", 1)[-1].lstrip()
         if "dynamic-slice(" in op and op.startswith(f"{kind}["):  # no layer's matrix is sliced out of its stack
             assert np.prod([int(d) for d in op[len(kind) + 1 : op.index("]")].split(",")]) < smallest, line
-    # Prefill (more rows than FLOAT_ROWS) stays on XLA's dot, and reads the same table.
-    long = jnp.asarray(np.arange(2 * matmul.FLOAT_ROWS).reshape(2, -1) * 7, jnp.int32)
+    # Prefill (more rows than FLOAT_ROWS, or BF16_ROWS) stays on XLA's dot, and reads the same table.
+    rows = matmul.FLOAT_ROWS if dtype == "float32" else matmul.BF16_ROWS
+    long = jnp.asarray(np.arange(2 * rows).reshape(2, -1) * 7, jnp.int32)
     long_cache = decoder.init_cache(config, 2, 64)
     assert target not in step.lower(served, long, long_cache).as_text()
     np.testing.assert_allclose(step(served, long, long_cache), step(params, long, long_cache), rtol=1e-5, atol=1e-5)

@@ -192,14 +192,18 @@ _native_einsum.defvjp(_native_fwd, _native_bwd)
 # SmolLM2's projections 5.5-7.5x at one row, 1.0-2.4x at 24, 0.65-0.88x at 64, where the rows
 # make it compute-bound and XLA's blocked matmul reuses the weights better.
 FLOAT_ROWS = 24
+# bfloat16 weights take the kernel at every row count it has (cpu_kernels.MAX_ROWS): XLA's dot
+# converts each layer to float32 first, and a 48- or 64-row step of SmolLM2 took 276 and 302 ms
+# there against 118 and 146 on the kernel (one run, 2 Zen 4 cores; 32 rows: 76 against 69).
+BF16_ROWS = cpu_kernels.MAX_ROWS
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class FloatSpec:
     """The matmul of a float projection in a model served on a CPU (`native_float`): float32
-    activations of 1 to FLOAT_ROWS rows against its float32 or bfloat16 kernel on the native
-    kernel, read in place from the layer stack (`whole_keys`); anything else (prefill, larger batches, other
+    activations of 1 to FLOAT_ROWS rows against its float32 kernel (BF16_ROWS against a
+    bfloat16 one) on the native kernel, read in place from the layer stack (`whole_keys`); anything else (prefill, larger batches, other
     dtypes) is XLA's einsum of the same numbers. Gradients are the plain einsum's, to the kernel
     as well."""
 
@@ -214,8 +218,9 @@ class FloatSpec:
         n_in, lead = sum(c in lhs for c in rhs), int(layer is not None)
         m = math.prod(x.shape[: x.ndim - n_in])
         k, n = math.prod(kernel.shape[lead : lead + n_in]), math.prod(kernel.shape[lead + n_in :])
+        rows = FLOAT_ROWS if kernel.dtype == jnp.float32 else BF16_ROWS
         if (x.dtype == jnp.float32 and kernel.dtype in cpu_kernels.FLOAT_WEIGHTS and kernel.ndim == len(rhs) + lead
-                and m <= FLOAT_ROWS and cpu_kernels.usable(m, n)):
+                and m <= rows and cpu_kernels.usable(m, n)):
             return _float_native(equation, (m, k, n, n_in, bool(lead)), kernel, x, 0 if layer is None else layer,
                                  p.get("after"))
         return _float_plain(equation, kernel, x, layer)
