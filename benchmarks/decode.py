@@ -8,7 +8,8 @@ llama.cpp by one untimed `generate` of the same prompts. Each ratio names both s
 formats (press_fp32_over_transformers_fp32: press's tokens/s over transformers').
 
 With --schemes, press also serves each scheme's directory (written by `press quantize`, made
-here if missing) at every batch size, reported against press fp32 in the same run: at 16-64
+here if missing; `bf16`: the model with bfloat16 weights) at every batch size, reported against
+press fp32 in the same run: at 16-64
 rows a step is bound by the matmuls, where w8a8 runs on integer dot products (AVX-512 VNNI).
 With --float-xla, press fp32 also runs with its projections on XLA's dot instead of the native
 float kernel (PRESS_FLOAT_KERNELS=0), as the row `fp32-xla-dot`.
@@ -42,14 +43,14 @@ def prompts_for(batch: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" (variant {i})") for i in range(batch)]
 
 
-def bench_press(model: str, batches: list[int], new_tokens: int) -> dict:
+def bench_press(model: str, batches: list[int], new_tokens: int, param_dtype: str | None = None) -> dict:
     from serve.engine import Engine
     from serve.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     results = {}
     for batch in batches:
-        with Engine.from_pretrained(model, max_slots=batch, max_seq_len=256) as engine:
+        with Engine.from_pretrained(model, max_slots=batch, max_seq_len=256, param_dtype=param_dtype) as engine:
             prompts = prompts_for(batch)
             engine.warmup()  # compile every shape before timing
             start = time.perf_counter()
@@ -136,11 +137,12 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
 
     from compress.formats.registry import resolve
-    from roofline import quantized_directory
+    from roofline import FLOAT, quantized_directory
 
     path = resolve(args.model).path
     press = bench_press(args.model, batches, args.new_tokens)
-    schemes = {scheme: bench_press(quantized_directory(args.model, scheme, args.work), batches, args.new_tokens)
+    schemes = {scheme: bench_press(quantized_directory(args.model, scheme, args.work), batches, args.new_tokens,
+                                   FLOAT.get(scheme))  # bf16: the model itself with bfloat16 weights
                for scheme in filter(None, args.schemes.split(","))}
     if args.float_xla:
         os.environ["PRESS_FLOAT_KERNELS"] = "0"  # read when an engine is made (compress/quant/matmul.py native_float)
