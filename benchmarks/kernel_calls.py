@@ -95,10 +95,10 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
         return aqt_matmul.int_weight_einsum("mk,kn->mn", x, q[i], s[i][None], 8, 8)
 
     def f32(name, x, i, w):
-        return call("press_f32_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1)
+        return call("press_f32_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1, tiled=False)
 
     def bf16(name, x, i, w):  # bfloat16 weights widened in registers
-        return call("press_bf16_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1)
+        return call("press_bf16_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1, tiled=False)
 
     rng = np.random.default_rng(0)
     cases = []

@@ -114,6 +114,11 @@ CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get
 # two alternated pairs of runs) but the hostile benchmark's ratio went to 1.94x (1.25-1.76x with
 # 2): the prompts of clients about to hang up held more rows. BENCHMARKS.md, "Server under load".
 MAX_FILLING = 2
+# Float weights are stored in the CPU kernels' tiled layout (compress/quant/matmul.py `tile`) when no
+# decode step carries more rows than this (max_slots x (1 + draft tokens), no chunks beside rows): the
+# engine's fp32 step took 0.64-0.91x the time tiled at 1-5 rows but 1.04-1.09x at 8-24
+# (compress/kernels/cpu.cc kTileRows).
+TILED_ROWS = 5
 
 
 def power_of_two_at_least(n: int, minimum: int = 1) -> int:
@@ -214,9 +219,14 @@ class Engine:
         if max_slots < 1:
             raise InputError(f"max_slots must be at least 1, got {max_slots}")
         # On one CPU device a float model's decode steps stream its weights through the native
-        # kernels (compress/quant/matmul.py FloatSpec); a mesh keeps XLA's sharded matmuls.
+        # kernels (compress/quant/matmul.py FloatSpec); a mesh keeps XLA's sharded matmuls. Where
+        # no step carries more than TILED_ROWS rows, the weights are stored tiled for them.
         single = mesh is None or mesh.size == 1
-        self.params = matmul.native_float(params) if single else params
+        proposed = draft_tokens if draft is not None and isinstance(draft_tokens, int) else 0  # checked below
+        step_rows = max_slots * (1 + max(proposed, 0))
+        tiled = step_rows <= TILED_ROWS and (max_slots == 1 or not chunked_prefill)
+        projections = decoder.PROJECTIONS if tiled else None
+        self.params = matmul.native_float(params, projections) if single else params
         self.config, self.tokenizer, self.name = config, tokenizer, name
         self.max_slots = max_slots
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
@@ -224,7 +234,7 @@ class Engine:
         # draft_tokens tokens a step for the target to check in one pass.
         self.draft_params, self.draft_config, self.draft_name = self._read_draft(draft)
         if draft is not None and single:
-            self.draft_params = matmul.native_float(self.draft_params)
+            self.draft_params = matmul.native_float(self.draft_params, decoder.PROJECTIONS if max_slots == 1 else None)
         if draft is not None:
             if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
                     not 1 <= draft_tokens <= speculative.MAX_DRAFT_TOKENS:

@@ -327,7 +327,7 @@ def test_params_loaded_onto_a_mesh_keep_the_plain_path(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("rows", [1, 4, 7, 24, 64])
-@pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (576, 192), (64, 4112)])
+@pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (576, 192), (64, 4112), (1536, 576)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_float_products_equal_float64(rows, k, n, dtype):
     """float32 weights, and bfloat16 ones widened to float32 (exact), against float64."""
@@ -342,18 +342,36 @@ def test_float_products_equal_float64(rows, k, n, dtype):
     other = cpu_kernels.f32_matmul(jnp.asarray(x), w, 1, after=(q := jnp.zeros((2, 8, 8), jnp.int8), 0))
     np.testing.assert_array_equal(other, got)  # int8 weights next: no hint, the same product
     del q
+    if matmul.tileable(k, n):  # the same weights in the tiled layout: the same sums in the same order
+        tiled = matmul.tile(w, 1, lead=1)
+        assert not np.array_equal(tiled, w) and np.array_equal(matmul.tile(tiled, 1, lead=1, inverse=True), w)
+        np.testing.assert_array_equal(cpu_kernels.f32_matmul(jnp.asarray(x), tiled, 1, after=(tiled, 2), tiled=True),
+                                      got)
+    else:
+        with pytest.raises(Exception, match="tiled weights need"):
+            jax.block_until_ready(cpu_kernels.f32_matmul(jnp.asarray(x), w, 1, tiled=True))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(tiny, dtype):
-    """native_float gives every float projection a FloatSpec and makes the tied table the head's
-    kernel: a decode step then hands the float kernel whole stacks (no per-layer slice of a
-    weight) and the head, makes no float32 copy of a bfloat16 weight, computes the plain path's
-    logits, and takes gradients to the weights and inputs that the plain einsum gives."""
+@pytest.mark.parametrize("dtype, tiled", [("float32", False), ("bfloat16", False), ("float32", True),
+                                          ("bfloat16", True)])
+def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(tiny, dtype, tiled):
+    """native_float gives every float projection a FloatSpec (tiled: the layer stacks in the
+    kernels' tiled layout) and makes the tied table the head's kernel: a decode step then hands
+    the float kernel whole stacks (no per-layer slice of a weight) and the head, makes no float32
+    copy of a bfloat16 weight, computes the plain path's logits, and takes gradients to the
+    weights and inputs that the plain einsum gives."""
     config, params, _ = tiny
     params = jax.tree.map(lambda a: a.astype(dtype), params)  # the weights' dtype; computed in float32
-    served = matmul.native_float(params)
+    served = matmul.native_float(params, decoder.PROJECTIONS if tiled else None)
     assert isinstance(served["layers"]["q"]["spec"], matmul.FloatSpec) and "spec" not in params["layers"]["q"]
+    for name in decoder.CALL_ORDER:  # tiled where whole tiles fit (here k and v are 32 wide: not)
+        lhs, rhs = decoder.PROJECTIONS[name].split("->")[0].split(",")
+        shape = params["layers"][name]["kernel"].shape[1:]
+        n_in = sum(c in lhs for c in rhs)
+        fits = matmul.tileable(int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:])))
+        assert served["layers"][name]["spec"].tiled == (tiled and fits), name
+    assert not tiled or served["layers"]["up"]["spec"].tiled
+    assert not served["embed"]["spec"].tiled  # the head is wide: its columns are split, not tiled
     assert served["embed"]["kernel"].shape == params["embed"].shape[::-1]  # the tied head's kernel [D, V]
     cache = decoder.init_cache(config, 2, 32)
     step = jax.jit(lambda p, t, c: decoder.forward(p, t, config, cache=c, attend_len=32).logits)
@@ -397,7 +415,8 @@ def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(
     native = jax.grad(loss, argnums=(0, 1))(served, embedded)
     plain = jax.grad(loss, argnums=(0, 1))(params, embedded)
     np.testing.assert_allclose(native[1], plain[1], rtol=1e-4, atol=1e-5)
-    grads = native[0]["layers"]["down"]["kernel"], plain[0]["layers"]["down"]["kernel"]  # in the weights' dtype
+    down = native[0]["layers"]["down"]["kernel"]  # the gradient to the stored (tiled) kernel, in its dtype
+    grads = matmul.tile(down, 1, lead=1, inverse=True) if tiled else down, plain[0]["layers"]["down"]["kernel"]
     np.testing.assert_allclose(*(np.asarray(g, np.float32) for g in grads), rtol=1e-4 if dtype == "float32" else 1e-2,
                                atol=1e-5)
 
@@ -410,13 +429,15 @@ def test_the_engine_serves_float_models_on_the_kernel_unless_switched_off(tiny, 
     config, params, tokenizer = tiny
     params = jax.tree.map(lambda a: a.astype(dtype), params)  # param_dtype=bfloat16 computes in float32
     outputs = {}
-    for switch in ("1", "0"):
+    for switch, slots in (("1", 2), ("1", 1), ("0", 2)):  # one slot: the weights tiled (engine.TILED_ROWS)
         os.environ["PRESS_FLOAT_KERNELS"] = switch
         try:
-            with Engine(params, config, tokenizer, max_slots=2, max_seq_len=64, compilation_cache=False) as engine:
-                assert isinstance(engine.params["layers"]["up"].get("spec"), matmul.FloatSpec) == (switch == "1")
-                outputs[switch] = [o.token_ids for o in engine.generate(["Hello there", "The for statement"],
-                                                                          SamplingParams(max_new_tokens=6))]
+            with Engine(params, config, tokenizer, max_slots=slots, max_seq_len=64, compilation_cache=False) as engine:
+                spec = engine.params["layers"]["up"].get("spec")
+                assert isinstance(spec, matmul.FloatSpec) == (switch == "1")
+                assert (spec is not None and spec.tiled) == (slots == 1)
+                outputs[switch, slots] = [o.token_ids for o in engine.generate(["Hello there", "The for statement"],
+                                                                                 SamplingParams(max_new_tokens=6))]
         finally:
             del os.environ["PRESS_FLOAT_KERNELS"]
-    assert outputs["1"] == outputs["0"]
+    assert outputs["1", 2] == outputs["0", 2] == outputs["1", 1]

@@ -94,6 +94,18 @@ constexpr int64_t kDepth = PRESS_DEPTH;  // weight rows (inputs) widened into re
 constexpr int64_t kWideDepth = 4;
 constexpr int64_t kPrefetch = PRESS_PREFETCH;  // bytes ahead along a wide weight row the next tiles are fetched
 constexpr int64_t kWide = 4096;  // outputs from which workers split the columns; narrower, they split the inputs
+// The tiled layout of float weights (compress/quant/matmul.py native_float): a narrow matrix [K, N]
+// stored as [K / 16, N / 64, 16, 64], so that each tile the loops read (16 input rows of 64
+// columns, kDepth x kTile) is one contiguous 4 KB (float32) run and a block of rows a sequence of
+// them. Rows of N read 64 columns at a time are 16 streams a stride of N apart; one thread read
+// SmolLM2's projections that way at 13-19 GB/s and tiled at 21-25 (a scratch harness, 1 row).
+// Measured (SmolLM2's projections, 2 Zen 4 cores): the engine's fp32 decode step took 0.64-0.91x the
+// time tiled at 1-5 rows, but 1.04-1.09x at 8-24, where blocks of 4 rows run over each tile in turn;
+// one call on one thread (benchmarks/kernel_calls.py) 0.69-0.88x at 1 and 4 rows, 1.10-1.26x at 8.
+// Not understood: prefetching from the first block of rows only, nearer (2-8 tiles on) or not at all
+// were all slower at 8 rows. So the engine tiles only where its steps carry at most 5 rows
+// (serve/engine.py TILED_ROWS).
+constexpr int64_t kTileRows = 16, kTileCols = 64;
 
 // Where the next tiles' weights are, from a tile row: along the row for wide weights; for narrow
 // ones (a worker owns whole rows, one contiguous region) the same columns of the next block of rows.
@@ -339,10 +351,14 @@ __attribute__((always_inline)) inline void weight_pass(const float* x, int64_t K
 #endif
 
 // kNarrow: passes of Simd::kNarrowPass vectors (see there).
+// tiled: q holds 16 x 64 tiles (see kTileRows), each contiguous, instead of rows of N.
 template <typename W, int R, int V, bool kNarrow = false>
 __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K, const W* q, int64_t N, float* y,
                                                        int64_t ldy, int64_t m0, int64_t k0, int64_t depth, int64_t c,
-                                                       int64_t ahead) {
+                                                       int64_t ahead, bool tiled) {
+  // Where the tile's first weight row starts, and how far apart its rows are.
+  const W* row = tiled ? q + k0 * N + c * kTileRows : q + k0 * N + c;
+  const int64_t stride = tiled ? kTileCols : N;
 #ifdef PRESS_SIMD
   // The tile's U vectors in passes of P (the last may be shorter); the first prefetches the whole tile,
   // but for one row of float32 weights, which streamed in 0.66-0.77x the time without (the
@@ -351,19 +367,18 @@ __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K
   constexpr bool kPrefetch = !(std::is_same_v<W, float> && R == 1);
   constexpr int L = Simd::kLanes, U = 16 * V / L, most = kNarrow ? Simd::template kNarrowPass<W, R> : Simd::kPass<R>;
   constexpr int P = most < U ? most : U, full = U / P * P;
-  const W* row = q + k0 * N + c;
   for (int u = 0; u < full; u += P)
-    weight_pass<W, R, P>(x, K, row + L * u, N, y, ldy, m0, k0, depth, c + L * u, ahead,
+    weight_pass<W, R, P>(x, K, row + L * u, stride, y, ldy, m0, k0, depth, c + L * u, ahead,
                          u == 0 && kPrefetch ? int64_t(sizeof(W)) * 16 * V : 0);
   if constexpr (full < U)
-    weight_pass<W, R, U - full>(x, K, row + L * full, N, y, ldy, m0, k0, depth, c + L * full, ahead, 0);
+    weight_pass<W, R, U - full>(x, K, row + L * full, stride, y, ldy, m0, k0, depth, c + L * full, ahead, 0);
 #else
   for (int r = 0; r < R; ++r) {
     float* ym = y + (m0 + r) * ldy + c;
     for (int64_t i = 0; i < depth; ++i) {
       const float xi = x[(m0 + r) * K + k0 + i];
-      const W* row = q + (k0 + i) * N + c;
-      for (int j = 0; j < 16 * V; ++j) ym[j] += xi * static_cast<float>(row[j]);
+      const W* w = row + i * stride;
+      for (int j = 0; j < 16 * V; ++j) ym[j] += xi * static_cast<float>(w[j]);
     }
   }
 #endif
@@ -374,8 +389,8 @@ template <typename W, bool kNarrow>
 struct WeightTile {
   template <int R, int V>
   static void run(const float* x, int64_t K, const W* q, int64_t N, float* y, int64_t ldy, int64_t m0, int64_t k0,
-                  int64_t depth, int64_t c, int64_t ahead) {
-    weight_tile<W, R, V, kNarrow>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead);
+                  int64_t depth, int64_t c, int64_t ahead, bool tiled) {
+    weight_tile<W, R, V, kNarrow>(x, K, q, N, y, ldy, m0, k0, depth, c, ahead, tiled);
   }
 };
 
@@ -506,15 +521,16 @@ constexpr int64_t kTile = 64;
 // weight_tile<W, R, 4> for the 64-column tiles of [c0, c1) one after another, rows 0 .. R - 1.
 template <typename W, int R>
 void weight_tiles(const float* x, int64_t K, const W* q, int64_t N, float* y, int64_t ldy, int64_t k0,
-                  int64_t depth, int64_t c0, int64_t c1, int64_t ahead) {
-  for (int64_t c = c0; c < c1; c += kTile) weight_tile<W, R, 4>(x, K, q, N, y, ldy, 0, k0, depth, c, ahead);
+                  int64_t depth, int64_t c0, int64_t c1, int64_t ahead, bool tiled) {
+  for (int64_t c = c0; c < c1; c += kTile) weight_tile<W, R, 4>(x, K, q, N, y, ldy, 0, k0, depth, c, ahead, tiled);
 }
 
 // y[:, c0:c1] (row stride ldy) = the products over inputs [k0, k1) (zeroed first; not scaled),
 // for int8 or float32 weights W.
 template <typename W>
 void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, float* y, int64_t ldy,
-                 int64_t c0, int64_t c1, int64_t k0, int64_t k1, const NextWeights& next, int64_t p, int64_t parts) {
+                 int64_t c0, int64_t c1, int64_t k0, int64_t k1, const NextWeights& next, int64_t p, int64_t parts,
+                 bool tiled = false) {
   using Tile = WeightTile<W, false>;  // PRESS_DISPATCH's arguments can hold no comma
   using NarrowTile = WeightTile<W, true>;
   const bool narrow = sizeof(W) == 1 || M >= 16;  // where narrow passes ran faster (Simd::kNarrowPass)
@@ -531,13 +547,13 @@ void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, fl
     if (M <= kRowBlock) {  // one block of rows: its tiles in one call (a wide block's tile is only 256 bytes)
       const int64_t full = c0 + (c1 - c0) / kTile * kTile;
       switch (M) {
-        case 1: weight_tiles<W, 1>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
-        case 2: weight_tiles<W, 2>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
-        case 3: weight_tiles<W, 3>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
-        default: weight_tiles<W, 4>(x, K, q, N, y, ldy, k, depth, c0, full, ahead); break;
+        case 1: weight_tiles<W, 1>(x, K, q, N, y, ldy, k, depth, c0, full, ahead, tiled); break;
+        case 2: weight_tiles<W, 2>(x, K, q, N, y, ldy, k, depth, c0, full, ahead, tiled); break;
+        case 3: weight_tiles<W, 3>(x, K, q, N, y, ldy, k, depth, c0, full, ahead, tiled); break;
+        default: weight_tiles<W, 4>(x, K, q, N, y, ldy, k, depth, c0, full, ahead, tiled); break;
       }
       if (full < c1)
-        PRESS_DISPATCH(Tile::template run, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead)
+        PRESS_DISPATCH(Tile::template run, M, (c1 - full) / 16, x, K, q, N, y, ldy, 0, k, depth, full, ahead, tiled)
       continue;
     }
     for (int64_t c = c0; c < c1; c += kTile) {  // the tile's converted weights reused by every block of rows
@@ -545,9 +561,9 @@ void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, fl
       for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, M - m0);
         if (narrow)
-          PRESS_DISPATCH(NarrowTile::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
+          PRESS_DISPATCH(NarrowTile::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead, tiled)
         else
-          PRESS_DISPATCH(Tile::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead)
+          PRESS_DISPATCH(Tile::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead, tiled)
       }
     }
   }
@@ -829,11 +845,12 @@ struct Int8Call {
 // whole blocks of kDepth inputs (or, for a wide matrix, by columns).
 template <typename W>
 void weights_matmul(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t threads,
-                    const NextWeights& next) {
+                    const NextWeights& next, bool tiled = false) {
   split_work(thread_count(threads, K * N * int64_t(sizeof(W)), M), M, N, (K + kDepth - 1) / kDepth, y,
              [=](int64_t c0, int64_t c1, int64_t b0, int64_t b1, float* out, int64_t ldy, int64_t p,
                         int64_t parts) {
-               weight_part(x, M, K, w, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts);
+               weight_part(x, M, K, w, N, out, ldy, c0, c1, b0 * kDepth, std::min(K, b1 * kDepth), next, p, parts,
+                           tiled);
              });
 }
 
@@ -856,7 +873,7 @@ ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
 // x [M, K] @ layer `layer` of w [L, K, N] -> y.
 template <typename W, ffi::DataType T>
 ffi::Error FloatMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::Buffer<ffi::S32> layer, ffi::Buffer<T> next_w,
-                       ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads,
+                       ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads, bool tiled,
                        const char* kernel) {
   auto dims = w.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument(std::string(kernel) + ": weights must be [L, K, N]");
@@ -864,23 +881,26 @@ ffi::Error FloatMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::Buffer<ff
   if (auto error = check(M, N); error.failure()) return error;
   int64_t l;
   if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
+  if (tiled && (kDepth != kTileRows || K % kTileRows || N % kTileCols || N >= kWide))
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": tiled weights need K % 16 == 0, N % 64 == 0 and N < " +
+                                       std::to_string(kWide) + " (and a build with PRESS_DEPTH 16)");
   const float* xp = x.typed_data();
   const W* wp = reinterpret_cast<const W*>(w.typed_data()) + l * K * N;
   float* yp = y->typed_data();
-  weights_matmul(xp, M, K, wp, N, yp, threads, next_weights(next_w, next_layer));
+  weights_matmul(xp, M, K, wp, N, yp, threads, next_weights(next_w, next_layer), tiled);
   return ffi::Error::Success();
 }
 
 ffi::Error F32Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
                      ffi::Buffer<ffi::F32> next_w, ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y,
-                     int64_t threads) {
-  return FloatMatmul<float>(x, w, layer, next_w, next_layer, y, threads, "press f32 kernel");
+                     int64_t threads, bool tiled) {
+  return FloatMatmul<float>(x, w, layer, next_w, next_layer, y, threads, tiled, "press f32 kernel");
 }
 
 ffi::Error Bf16Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> layer,
                       ffi::Buffer<ffi::BF16> next_w, ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y,
-                      int64_t threads) {
-  return FloatMatmul<Bf16>(x, w, layer, next_w, next_layer, y, threads, "press bf16 kernel");
+                      int64_t threads, bool tiled) {
+  return FloatMatmul<Bf16>(x, w, layer, next_w, next_layer, y, threads, tiled, "press bf16 kernel");
 }
 
 ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
@@ -1423,11 +1443,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_f32_matmul, F32Matmul,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<S32>().Arg<F32>().Arg<S32>().Ret<F32>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads").Attr<bool>("tiled"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_bf16_matmul, Bf16Matmul,
                               ffi::Ffi::Bind().Arg<F32>().Arg<ffi::Buffer<ffi::BF16>>().Arg<S32>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>().Arg<S32>().Ret<F32>().Attr<int64_t>("threads"));
+                                  .Arg<ffi::Buffer<ffi::BF16>>().Arg<S32>().Ret<F32>().Attr<int64_t>("threads")
+                                  .Attr<bool>("tiled"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
                               ffi::Ffi::Bind()

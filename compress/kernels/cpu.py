@@ -53,6 +53,7 @@ import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.cc")
 MAX_ROWS = 64  # rows of activations the kernels take; more (prefill, training) stay on XLA's dot
+WIDE = 4096  # outputs from which the kernels split a matrix's columns between threads (cpu.cc kWide)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
 # What each PRESS_CPU_KERNELS_ISA adds to FLAGS: cpu.cc picks its paths by the compiler's macros.
 ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "portable": ("-mno-avx2", "-mno-avx512f", "-mno-fma", "-mno-f16c")}
@@ -221,12 +222,13 @@ def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0, aft
     return _int8_weights_call("press_int8_matmul", x, q, scale, layer, *_next_operands(after))
 
 
-def f32_matmul(x: jnp.ndarray, w: jnp.ndarray, layer=0, after=None) -> jnp.ndarray:
+def f32_matmul(x: jnp.ndarray, w: jnp.ndarray, layer=0, after=None, tiled: bool = False) -> jnp.ndarray:
     """x [M, K] float32 @ w[layer] [K, N] -> [M, N] float32, where w is float32 or bfloat16 and
     [L, K, N] (a stack of layers; read in place) or [K, N]: a float model's decode-step matmul,
     one pass over w (bfloat16 weights widened to float32 in registers, so the product is
     x @ w.astype(float32)). after: (stack, layer), the weights the model reads next (of w's
-    dtype), to prefetch, or None."""
+    dtype), to prefetch, or None. tiled: w's layers hold the tiled layout (compress/quant/matmul.py
+    `tile`; K % 16 == 0, N % 64 == 0, N < WIDE)."""
     _require()
     if w.ndim == 2:
         w = w[None]
@@ -235,7 +237,7 @@ def f32_matmul(x: jnp.ndarray, w: jnp.ndarray, layer=0, after=None) -> jnp.ndarr
     call = jax.ffi.ffi_call(FLOAT_WEIGHTS[w.dtype], jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32),
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), w, jnp.asarray(layer, jnp.int32), *_next_operands(after, w.dtype),
-                threads=_threads())
+                threads=_threads(), tiled=bool(tiled))
 
 
 def w8a8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> jnp.ndarray:

@@ -203,9 +203,14 @@ BF16_ROWS = cpu_kernels.MAX_ROWS
 class FloatSpec:
     """The matmul of a float projection in a model served on a CPU (`native_float`): float32
     activations of 1 to FLOAT_ROWS rows against its float32 kernel (BF16_ROWS against a
-    bfloat16 one) on the native kernel, read in place from the layer stack (`whole_keys`); anything else (prefill, larger batches, other
-    dtypes) is XLA's einsum of the same numbers. Gradients are the plain einsum's, to the kernel
-    as well."""
+    bfloat16 one) on the native kernel, read in place from the layer stack (`whole_keys`);
+    anything else (prefill, larger batches, other dtypes) is XLA's einsum of the same numbers.
+    Gradients are the plain einsum's, to the kernel as well.
+
+    tiled: the kernel's numbers are stored in the kernels' tiled layout (`tile`; its shape is
+    unchanged), which the native kernel streams in order and the plain path undoes first."""
+
+    tiled: bool = False
 
     @property
     def whole_keys(self) -> tuple[str, ...]:
@@ -221,9 +226,9 @@ class FloatSpec:
         rows = FLOAT_ROWS if kernel.dtype == jnp.float32 else BF16_ROWS
         if (x.dtype == jnp.float32 and kernel.dtype in cpu_kernels.FLOAT_WEIGHTS and kernel.ndim == len(rhs) + lead
                 and m <= rows and cpu_kernels.usable(m, n)):
-            return _float_native(equation, (m, k, n, n_in, bool(lead)), kernel, x, 0 if layer is None else layer,
-                                 p.get("after"))
-        return _float_plain(equation, kernel, x, layer)
+            return _float_native(equation, (m, k, n, n_in, bool(lead), self.tiled), kernel, x,
+                                 0 if layer is None else layer, p.get("after"))
+        return _float_plain(equation, kernel, x, layer, self.tiled)
 
 
     def take(self, p: dict[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
@@ -232,20 +237,44 @@ class FloatSpec:
         return jnp.moveaxis(jnp.take(p["kernel"], ids, axis=1), 0, -1)
 
 
-def _float_plain(equation: str, kernel: jnp.ndarray, x: jnp.ndarray, layer) -> jnp.ndarray:
+TILE_ROWS, TILE_COLS = 16, 64  # compress/kernels/cpu.cc kTileRows, kTileCols
+
+
+def tile(kernel: jnp.ndarray, n_in: int, lead: int = 0, inverse: bool = False) -> jnp.ndarray:
+    """A float kernel's numbers in the CPU kernels' tiled layout (inverse: back), its shape kept.
+    Viewed as [*lead axes, K, N] (the first n_in axes after the lead ones are contracted), it
+    becomes [*lead, K / 16, N / 64, 16, 64]: each 16 x 64 tile the kernel reads is one contiguous
+    run (compress/kernels/cpu.cc says what it measured)."""
+    shape = kernel.shape
+    k, n = math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])
+    blocks = (k // TILE_ROWS, TILE_ROWS, n // TILE_COLS, TILE_COLS)
+    if inverse:
+        blocks = (blocks[0], blocks[2], blocks[1], blocks[3])
+    return kernel.reshape(*shape[:lead], *blocks).swapaxes(-3, -2).reshape(shape)
+
+
+def tileable(k: int, n: int) -> bool:
+    """Whether the kernels take a [k, n] matrix tiled: whole tiles, narrower than the wide path."""
+    return k % TILE_ROWS == 0 and n % TILE_COLS == 0 and n < cpu_kernels.WIDE
+
+
+def _float_plain(equation: str, kernel: jnp.ndarray, x: jnp.ndarray, layer, tiled: bool = False) -> jnp.ndarray:
     if layer is not None:
         kernel = jax.lax.dynamic_index_in_dim(kernel, layer, 0, keepdims=False)
+    if tiled:
+        lhs, rhs = equation.split("->")[0].split(",")
+        kernel = tile(kernel, sum(c in lhs for c in rhs), inverse=True)
     return jnp.einsum(equation, x, kernel.astype(x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _float_native(equation: str, shape: tuple[int, ...], kernel: jnp.ndarray, x: jnp.ndarray, layer, after=None):
     """The native kernel's x @ kernel[layer] (a stack of layers, or one kernel at layer 0).
-    shape: (rows M, inputs K, outputs N, contracted axes, whether kernel is a stack)."""
-    m, k, n, n_in, stacked = shape
+    shape: (rows M, inputs K, outputs N, contracted axes, whether kernel is a stack, whether tiled)."""
+    m, k, n, n_in, stacked, tiled = shape
     out_dims = kernel.shape[int(stacked) + n_in :]
     w = kernel.reshape(kernel.shape[0] if stacked else 1, k, n)
-    y = cpu_kernels.f32_matmul(x.reshape(m, k), w, layer, after)
+    y = cpu_kernels.f32_matmul(x.reshape(m, k), w, layer, after, tiled=tiled)
     return y.reshape(*x.shape[: x.ndim - n_in], *out_dims)
 
 
@@ -255,7 +284,7 @@ def _float_native_fwd(equation, shape, kernel, x, layer, after=None):
 
 def _float_native_bwd(equation, shape, residuals, g):
     kernel, x, layer = residuals
-    _, vjp = jax.vjp(lambda w, x: _float_plain(equation, w, x, layer if shape[4] else None), kernel, x)
+    _, vjp = jax.vjp(lambda w, x: _float_plain(equation, w, x, layer if shape[4] else None, shape[5]), kernel, x)
     dw, dx = vjp(g)
     return dw, dx, None, None
 
@@ -263,10 +292,14 @@ def _float_native_bwd(equation, shape, residuals, g):
 _float_native.defvjp(_float_native_fwd, _float_native_bwd)
 
 
-def native_float(params: Any) -> Any:
+def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
     """`params` with a FloatSpec on every float projection without a spec (a dict holding a float
     `kernel`), for decoding on a CPU where the native kernels are built; unchanged elsewhere, or
     with PRESS_FLOAT_KERNELS=0 (XLA's dot, to compare).
+
+    projections: {name: einsum equation} of the model's projections (decoder.PROJECTIONS): those
+    the kernels can take tiled are stored in their tiled layout (`tile`), a copy made here
+    (PRESS_FLOAT_TILED=0 keeps rows).
 
     A decoder's tied float embedding table (`embed` [V, D] without an `lm_head`) becomes the
     head's kernel, its transpose [D, V] with a FloatSpec, as `press quantize` stores a quantized
@@ -280,14 +313,30 @@ def native_float(params: Any) -> Any:
             and table.dtype in cpu_kernels.FLOAT_WEIGHTS:
         params = {**params, "embed": {"kernel": table.T, "spec": FloatSpec()}}
 
-    def walk(node):
+    tiling = projections if os.environ.get("PRESS_FLOAT_TILED", "1") != "0" else None
+
+    def spec(name, kernel):
+        equation = (tiling or {}).get(name)
+        if equation is None or kernel.dtype not in cpu_kernels.FLOAT_WEIGHTS:
+            return kernel, FloatSpec()
+        lhs, rhs = equation.split("->")[0].split(",")
+        n_in, lead = sum(c in lhs for c in rhs), kernel.ndim - len(rhs)
+        if lead not in (0, 1):
+            return kernel, FloatSpec()
+        k, n = math.prod(kernel.shape[lead : lead + n_in]), math.prod(kernel.shape[lead + n_in :])
+        if not tileable(k, n):
+            return kernel, FloatSpec()
+        return tile(kernel, n_in, lead), FloatSpec(tiled=True)
+
+    def walk(node, name=None):
         if not isinstance(node, dict):
             return node
         kernel = node.get("kernel")
         if "spec" not in node and hasattr(kernel, "dtype") and jnp.issubdtype(kernel.dtype, jnp.floating) \
                 and kernel.ndim >= 2:
-            return {**node, "spec": FloatSpec()}
-        return {name: walk(value) for name, value in node.items()}
+            kernel, floatspec = spec(name, kernel)
+            return {**node, "kernel": kernel, "spec": floatspec}
+        return {key: walk(value, key) for key, value in node.items()}
 
     return walk(params)
 
