@@ -80,7 +80,7 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
         return {name: make(name) for name in among}
 
     def int8(name, x, i, q, s):
-        return call("press_int8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i, q, i + 1)
+        return call("press_int8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i, q, i + 1, tiled=False)
 
     def int4(name, x, i, q, s, o):
         return call("press_int4_matmul", name, (x.shape[0], q.shape[3]), x, q, s, o, i, q, i + 1, zero_point=True,

@@ -46,6 +46,9 @@ def test_int8_and_int4_products_equal_float64(rows, k, n):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
     hinted = cpu_kernels.int8_matmul(jnp.asarray(x), q, scale, 2, after=(q[:, ::-1], 7))  # prefetch hints: past the end
     np.testing.assert_array_equal(hinted, got)
+    if matmul.tileable(k, n):  # the codes in the tiled layout: the same sums in the same order
+        tiled = matmul.tile(jnp.asarray(q), 1, lead=1)
+        np.testing.assert_array_equal(cpu_kernels.int8_matmul(jnp.asarray(x), tiled, scale, 2, tiled=True), got)
     for zero_point in (False, True):
         packed, gscale, offset, w = _int4_case(rng, 2, k // 32, 32, n, zero_point)
         want = x.astype(np.float64) @ w[1]
@@ -185,6 +188,14 @@ def test_a_quantized_decoder_computes_what_the_plain_path_does(tiny, name):
     forward = jax.jit(lambda p, t: decoder.forward(p, t, config).logits)
     native, plain = forward(q, tokens), forward(matmul.single_device(q), tokens)
     np.testing.assert_allclose(native, plain, atol=2e-5 * float(jnp.abs(plain).max()))
+    # The int8 layers tiled (native_float, for engines of few rows): the kernel reads the tiles, and
+    # the plain path (prefill, 64+ rows) undoes them; both compute what the rows did.
+    tiled = matmul.native_float(q, decoder.PROJECTIONS)
+    assert tiled["layers"]["up"]["spec"].tiled == (name.split("+")[0] == "int8")
+    np.testing.assert_allclose(forward(tiled, tokens), native, rtol=1e-6, atol=1e-6 * float(jnp.abs(plain).max()))
+    long = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 40)), jnp.int32)  # 80 rows
+    np.testing.assert_allclose(forward(tiled, long), forward(q, long), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(forward(q, long)).max()))
     text = forward.lower(q, tokens).as_text()
     assert text.count("press_int") == 7 + ("embed" in name)  # every projection of the scan body, and the head
     assert "press_int" not in forward.lower(matmul.single_device(q), tokens).as_text()

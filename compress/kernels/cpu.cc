@@ -820,6 +820,14 @@ NextWeights next_weights(ffi::Buffer<T>& stack, ffi::Buffer<ffi::S32>& layer) {
           bytes};
 }
 
+// Whether weights said to be tiled (kTileRows) can be: whole tiles, narrower than kWide.
+ffi::Error check_tiled(bool tiled, int64_t K, int64_t N, const char* kernel) {
+  if (tiled && (kDepth != kTileRows || K % kTileRows || N % kTileCols || N >= kWide))
+    return ffi::Error::InvalidArgument(std::string(kernel) + ": tiled weights need K % 16 == 0, N % 64 == 0 and N < " +
+                                       std::to_string(kWide) + " (and a build with PRESS_DEPTH 16)");
+  return ffi::Error::Success();
+}
+
 // What an int8-weight call reads: x [M, K], layer `layer` of q [L, K, N] and of scale [L, N], y.
 struct Int8Call {
   int64_t M, K, N;
@@ -856,14 +864,15 @@ void weights_matmul(const float* x, int64_t M, int64_t K, const W* w, int64_t N,
 
 ffi::Error Int8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S8> next_q,
-                      ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
+                      ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads, bool tiled) {
   Int8Call call;
   if (auto error = call.read(x, q, scale, layer, y, "press int8 kernel"); error.failure()) return error;
   const int64_t K = call.K, N = call.N, M = call.M;
+  if (auto error = check_tiled(tiled, K, N, "press int8 kernel"); error.failure()) return error;
   const float *xp = call.x, *sp = call.scale;
   const int8_t* qp = call.q;
   float* yp = call.y;
-  weights_matmul(xp, M, K, qp, N, yp, threads, next_weights(next_q, next_layer));
+  weights_matmul(xp, M, K, qp, N, yp, threads, next_weights(next_q, next_layer), tiled);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < N; ++c) yp[m * N + c] *= sp[c];
   return ffi::Error::Success();
@@ -881,9 +890,7 @@ ffi::Error FloatMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::Buffer<ff
   if (auto error = check(M, N); error.failure()) return error;
   int64_t l;
   if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
-  if (tiled && (kDepth != kTileRows || K % kTileRows || N % kTileCols || N >= kWide))
-    return ffi::Error::InvalidArgument(std::string(kernel) + ": tiled weights need K % 16 == 0, N % 64 == 0 and N < " +
-                                       std::to_string(kWide) + " (and a build with PRESS_DEPTH 16)");
+  if (auto error = check_tiled(tiled, K, N, kernel); error.failure()) return error;
   const float* xp = x.typed_data();
   const W* wp = reinterpret_cast<const W*>(w.typed_data()) + l * K * N;
   float* yp = y->typed_data();
@@ -1439,7 +1446,8 @@ auto bind_attention_end(Binding binding) {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int8_matmul, Int8Matmul,
-                              bind_int8_weights().Arg<S8>().Arg<S32>().Ret<F32>().Attr<int64_t>("threads"));
+                              bind_int8_weights().Arg<S8>().Arg<S32>().Ret<F32>().Attr<int64_t>("threads")
+                                  .Attr<bool>("tiled"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_f32_matmul, F32Matmul,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<S32>().Arg<F32>().Arg<S32>().Ret<F32>()

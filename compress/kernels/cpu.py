@@ -215,11 +215,13 @@ def _next_operands(after, dtype=jnp.int8) -> tuple[jnp.ndarray, jnp.ndarray]:
     return stack, jnp.asarray(layer, jnp.int32)
 
 
-def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0, after=None) -> jnp.ndarray:
+def int8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0, after=None,
+                tiled: bool = False) -> jnp.ndarray:
     """x [M, K] float32 @ (q[layer] int8 [K, N] * scale[layer] [N]) -> [M, N] float32, where q is
     [L, K, N] and scale [L, N] (a stack of layers; read in place) or [K, N] and [N].
-    after: (stack, layer), the int8 weights the model reads next, to prefetch, or None."""
-    return _int8_weights_call("press_int8_matmul", x, q, scale, layer, *_next_operands(after))
+    after: (stack, layer), the int8 weights the model reads next, to prefetch, or None. tiled: q's
+    layers hold the tiled layout (as f32_matmul's)."""
+    return _int8_weights_call("press_int8_matmul", x, q, scale, layer, *_next_operands(after), tiled=bool(tiled))
 
 
 def f32_matmul(x: jnp.ndarray, w: jnp.ndarray, layer=0, after=None, tiled: bool = False) -> jnp.ndarray:
@@ -247,7 +249,7 @@ def w8a8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> 
     return _int8_weights_call("press_w8a8_matmul", x, q, scale, layer)
 
 
-def _int8_weights_call(target: str, x, q, scale, layer, *extra) -> jnp.ndarray:
+def _int8_weights_call(target: str, x, q, scale, layer, *extra, **attributes) -> jnp.ndarray:
     """The custom call `target` on x [M, K], int8 weights q [L, K, N] or [K, N] with scales, the
     layer, and any further operands -> [M, N] float32."""
     _require()
@@ -256,7 +258,7 @@ def _int8_weights_call(target: str, x, q, scale, layer, *extra) -> jnp.ndarray:
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], q.shape[2]), jnp.float32),
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), jnp.asarray(layer, jnp.int32), *extra,
-                threads=_threads())
+                threads=_threads(), **attributes)
 
 
 def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None,

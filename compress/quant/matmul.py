@@ -51,6 +51,7 @@ class MatmulSpec:
     fake: bool = False  # training mode (QAT): a float kernel quantized inside the matmul
     input_shape: tuple[int, ...] | None = None  # group-wise: the kernel's contracted axes
     native: bool = True  # small-batch matmuls on a CPU may run the native kernels (single-device placement)
+    tiled: bool = False  # int8: qkernel's numbers in the kernels' tiled layout (`tile`, by `native_float`)
 
     @property
     def whole_keys(self) -> tuple[str, ...]:
@@ -84,7 +85,11 @@ class MatmulSpec:
             return aqt_matmul.fake_quant_einsum(equation, x, p["kernel"], self.weight_bits, self.group_size,
                                                 self.zero_point, self.activation_bits)
         if self.group_size is None:
-            return aqt_matmul.int_weight_einsum(equation, x, p["qkernel"], p["scale"], bits=self.weight_bits,
+            q = p["qkernel"]
+            if self.tiled:  # one layer's (einsum slices the stack first)
+                lhs, rhs = equation.split("->")[0].split(",")
+                q = tile(q, sum(c in lhs for c in rhs), inverse=True)
+            return aqt_matmul.int_weight_einsum(equation, x, q, p["scale"], bits=self.weight_bits,
                                                 activation_bits=self.activation_bits)
         # Plain JAX, not AQT: see compress/quant/packed_int4.py for why and what it measured.
         return packed_int4.einsum(x, p["qkernel"], p["group_scale"], p.get("group_offset"),
@@ -155,7 +160,7 @@ def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stor
         y = cpu_kernels.w8a8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer)
     elif spec.group_size is None:
         y = cpu_kernels.int8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer,
-                                    after)
+                                    after, tiled=spec.tiled)
     else:
         offset = stored.get("group_offset")
         groups, half = q.shape[int(stacked)], q.shape[int(stacked) + 1]
@@ -298,44 +303,47 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
     with PRESS_FLOAT_KERNELS=0 (XLA's dot, to compare).
 
     projections: {name: einsum equation} of the model's projections (decoder.PROJECTIONS): those
-    the kernels can take tiled are stored in their tiled layout (`tile`), a copy made here
-    (PRESS_FLOAT_TILED=0 keeps rows).
+    the kernels can take tiled, float or int8 (per-channel, weight-only), are stored in their
+    tiled layout (`tile`), a copy made here (PRESS_TILED_WEIGHTS=0 keeps rows).
 
     A decoder's tied float embedding table (`embed` [V, D] without an `lm_head`) becomes the
     head's kernel, its transpose [D, V] with a FloatSpec, as `press quantize` stores a quantized
     table (compress/models/decoder.py reads either): the kernels read [K, N] weights, and XLA's
     dot of `x @ table.T` streamed the fp32 table at ~30 GB/s and converted a bfloat16 one to a
     float32 copy (113 MB written and read) at every step. A lookup reads the columns it needs."""
-    if not cpu_kernels.available() or os.environ.get("PRESS_FLOAT_KERNELS", "1") == "0":
+    if not cpu_kernels.available():
         return params
+    floats = os.environ.get("PRESS_FLOAT_KERNELS", "1") != "0"
     table = params.get("embed") if isinstance(params, dict) else None
-    if "lm_head" not in params and hasattr(table, "dtype") and table.ndim == 2 \
+    if floats and "lm_head" not in params and hasattr(table, "dtype") and table.ndim == 2 \
             and table.dtype in cpu_kernels.FLOAT_WEIGHTS:
         params = {**params, "embed": {"kernel": table.T, "spec": FloatSpec()}}
+    tiling = projections if os.environ.get("PRESS_TILED_WEIGHTS", "1") != "0" else None
 
-    tiling = projections if os.environ.get("PRESS_FLOAT_TILED", "1") != "0" else None
-
-    def spec(name, kernel):
+    def tiled_shape(name, array):
+        """(contracted axes, lead axes) of a projection the kernels can take tiled, or None."""
         equation = (tiling or {}).get(name)
-        if equation is None or kernel.dtype not in cpu_kernels.FLOAT_WEIGHTS:
-            return kernel, FloatSpec()
+        if equation is None:
+            return None
         lhs, rhs = equation.split("->")[0].split(",")
-        n_in, lead = sum(c in lhs for c in rhs), kernel.ndim - len(rhs)
-        if lead not in (0, 1):
-            return kernel, FloatSpec()
-        k, n = math.prod(kernel.shape[lead : lead + n_in]), math.prod(kernel.shape[lead + n_in :])
-        if not tileable(k, n):
-            return kernel, FloatSpec()
-        return tile(kernel, n_in, lead), FloatSpec(tiled=True)
+        n_in, lead = sum(c in lhs for c in rhs), array.ndim - len(rhs)
+        k, n = math.prod(array.shape[lead : lead + n_in]), math.prod(array.shape[lead + n_in :])
+        return (n_in, lead) if lead in (0, 1) and tileable(k, n) else None
 
     def walk(node, name=None):
         if not isinstance(node, dict):
             return node
-        kernel = node.get("kernel")
-        if "spec" not in node and hasattr(kernel, "dtype") and jnp.issubdtype(kernel.dtype, jnp.floating) \
+        kernel, spec = node.get("kernel"), node.get("spec")
+        if floats and spec is None and hasattr(kernel, "dtype") and jnp.issubdtype(kernel.dtype, jnp.floating) \
                 and kernel.ndim >= 2:
-            kernel, floatspec = spec(name, kernel)
-            return {**node, "kernel": kernel, "spec": floatspec}
+            axes = tiled_shape(name, kernel) if kernel.dtype in cpu_kernels.FLOAT_WEIGHTS else None
+            if axes is None:
+                return {**node, "spec": FloatSpec()}
+            return {**node, "kernel": tile(kernel, *axes), "spec": FloatSpec(tiled=True)}
+        if isinstance(spec, MatmulSpec) and spec.native and not spec.fake and spec.weight_bits == 8 \
+                and spec.group_size is None and spec.activation_bits is None and not spec.tiled \
+                and (axes := tiled_shape(name, node["qkernel"])) is not None:  # int8 weights, the same layout
+            return {**node, "qkernel": tile(node["qkernel"], *axes), "spec": dataclasses.replace(spec, tiled=True)}
         return {key: walk(value, key) for key, value in node.items()}
 
     return walk(params)
