@@ -84,7 +84,7 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
 
     def int4(name, x, i, q, s, o):
         return call("press_int4_matmul", name, (x.shape[0], q.shape[3]), x, q, s, o, i, q, i + 1, zero_point=True,
-                    has_offset=True)
+                    has_offset=True, tiled=False)
 
     def w8a8(name, x, i, q, s):  # each row quantized to int8 in the call, integer dot products
         return call("press_w8a8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i)

@@ -56,6 +56,10 @@ def test_int8_and_int4_products_equal_float64(rows, k, n):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
         hinted = cpu_kernels.int4_matmul(jnp.asarray(x), packed, gscale, offset, zero_point, 1, after=(packed, 0))
         np.testing.assert_array_equal(hinted, got)
+        if n % 64 == 0 and n < cpu_kernels.WIDE:  # each group's rows of 64 columns contiguous: the same sums
+            tiled = matmul.tile(jnp.asarray(packed), 2, lead=1, rows=packed.shape[2])
+            np.testing.assert_array_equal(
+                cpu_kernels.int4_matmul(jnp.asarray(x), tiled, gscale, offset, zero_point, 1, tiled=True), got)
 
 
 vnni = pytest.mark.skipif(not cpu_kernels.has_w8a8(), reason="no AVX-512 VNNI on this CPU: w8a8 keeps AQT's path")
@@ -188,10 +192,10 @@ def test_a_quantized_decoder_computes_what_the_plain_path_does(tiny, name):
     forward = jax.jit(lambda p, t: decoder.forward(p, t, config).logits)
     native, plain = forward(q, tokens), forward(matmul.single_device(q), tokens)
     np.testing.assert_allclose(native, plain, atol=2e-5 * float(jnp.abs(plain).max()))
-    # The int8 layers tiled (native_float, for engines of few rows): the kernel reads the tiles, and
+    # The layers' codes tiled (native_float, for engines of few rows): the kernel reads the tiles, and
     # the plain path (prefill, 64+ rows) undoes them; both compute what the rows did.
     tiled = matmul.native_float(q, decoder.PROJECTIONS)
-    assert tiled["layers"]["up"]["spec"].tiled == (name.split("+")[0] == "int8")
+    assert tiled["layers"]["up"]["spec"].tiled
     np.testing.assert_allclose(forward(tiled, tokens), native, rtol=1e-6, atol=1e-6 * float(jnp.abs(plain).max()))
     long = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 40)), jnp.int32)  # 80 rows
     np.testing.assert_allclose(forward(tiled, long), forward(q, long), rtol=1e-5,

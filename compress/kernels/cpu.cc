@@ -404,12 +404,12 @@ __attribute__((always_inline)) inline void int4_pass(const float* xg, int64_t K,
                                                      int64_t N, const uint16_t* scale, const uint16_t* offset,
                                                      bool zero_point, const float* sums, int64_t G, int64_t g, float* y,
                                                      int64_t ldy, int64_t m0, int64_t col, int64_t ahead,
-                                                     bool prefetch) {
+                                                     bool prefetch, int64_t stride) {
   constexpr int L = Simd::kLanes;
   Simd::F acc[R][P], acc2[R][P];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < P; ++v) acc[r][v] = acc2[r][v] = Simd::zero();
-  for (int64_t j = 0; j < J; ++j, row += N) {
+  for (int64_t j = 0; j < J; ++j, row += stride) {
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
     auto fma = [&](int r, int v, Simd::F xl, Simd::F xh, Simd::F lo, Simd::F hi) {
       if constexpr (R == 1) {  // two chains: the latency of one FMA after another would bind one row
@@ -463,24 +463,26 @@ __attribute__((always_inline)) inline void int4_pass(const float* xg, int64_t K,
 template <int R, int V>
 void int4_tile(const float* x, int64_t K, const int8_t* q, int64_t N, int64_t S, const uint16_t* scale,
                const uint16_t* offset, bool zero_point, const float* sums, float* y, int64_t ldy, int64_t m0,
-               int64_t g, int64_t c, int64_t ahead) {
+               int64_t g, int64_t c, int64_t ahead, bool tiled) {
   const int64_t G = K / S, J = S / 2;
   const float* xg = x + g * S;
+  // tiled: the group's J byte rows of each 64 columns are one contiguous run (kTileCols).
+  const int8_t* first = tiled ? q + g * J * N + c * J : q + g * J * N + c;
+  const int64_t stride = tiled ? kTileCols : N;
 #ifdef PRESS_SIMD
   constexpr int L = Simd::kLanes, U = 16 * V / L, P = Simd::kPass4<R> < U ? Simd::kPass4<R> : U, full = U / P * P;
-  const int8_t* row = q + g * J * N + c;
   for (int u = 0; u < full; u += P)
-    int4_pass<R, P>(xg, K, J, row + L * u, N, scale, offset, zero_point, sums, G, g, y, ldy, m0, c + L * u, ahead,
-                    u == 0);
+    int4_pass<R, P>(xg, K, J, first + L * u, N, scale, offset, zero_point, sums, G, g, y, ldy, m0, c + L * u, ahead,
+                    u == 0, stride);
   if constexpr (full < U)
-    int4_pass<R, U - full>(xg, K, J, row + L * full, N, scale, offset, zero_point, sums, G, g, y, ldy, m0,
-                           c + L * full, ahead, false);
+    int4_pass<R, U - full>(xg, K, J, first + L * full, N, scale, offset, zero_point, sums, G, g, y, ldy, m0,
+                           c + L * full, ahead, false, stride);
 #else
   for (int r = 0; r < R; ++r) {
     const float* xm = xg + (m0 + r) * K;
     float acc[16 * V] = {};
     for (int64_t j = 0; j < J; ++j) {
-      const int8_t* row = q + (g * J + j) * N + c;
+      const int8_t* row = first + j * stride;
       for (int i = 0; i < 16 * V; ++i) {
         const int lo = static_cast<int8_t>(static_cast<uint8_t>(row[i]) << 4) >> 4, hi = row[i] >> 4;
         acc[i] += xm[j] * static_cast<float>(lo) + xm[J + j] * static_cast<float>(hi);
@@ -572,7 +574,7 @@ void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, fl
 // The same for packed int4 over groups [g0, g1), scales applied group by group
 void int4_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N, int64_t S, const uint16_t* scale,
                const uint16_t* offset, bool zero_point, const float* sums, float* y, int64_t ldy, int64_t c0,
-               int64_t c1, int64_t g0, int64_t g1, const NextWeights& next, int64_t p, int64_t parts) {
+               int64_t c1, int64_t g0, int64_t g1, const NextWeights& next, int64_t p, int64_t parts, bool tiled) {
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
   const int64_t block_ahead = prefetch_ahead(N, S / 2);
   if (g1 > g0) prefetch_start(q, N, g0 * (S / 2), (g0 + 1) * (S / 2), c0, c1);
@@ -583,7 +585,8 @@ void int4_part(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t N,
       const int64_t vecs = std::min(kTile, c1 - c) / 16;
       for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, M - m0);
-        PRESS_DISPATCH(int4_tile, rows, vecs, x, K, q, N, S, scale, offset, zero_point, sums, y, ldy, m0, g, c, ahead)
+        PRESS_DISPATCH(int4_tile, rows, vecs, x, K, q, N, S, scale, offset, zero_point, sums, y, ldy, m0, g, c, ahead,
+                       tiled)
       }
     }
   }
@@ -913,11 +916,13 @@ ffi::Error Bf16Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::Bu
 ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::S32> layer,
                       ffi::Buffer<ffi::S8> next_q, ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y,
-                      int64_t threads, bool zero_point, bool has_offset) {
+                      int64_t threads, bool zero_point, bool has_offset, bool tiled) {
   auto dims = q.dimensions();
   if (dims.size() != 4) return ffi::Error::InvalidArgument("press int4 kernel: codes must be [L, G, S/2, N]");
   const int64_t G = dims[1], S = 2 * dims[2], N = dims[3], K = G * S, M = x.element_count() / K;
   if (auto error = check(M, N); error.failure()) return error;
+  if (tiled && (N % kTileCols || N >= kWide))
+    return ffi::Error::InvalidArgument("press int4 kernel: tiled codes need N % 64 == 0 and N < " + std::to_string(kWide));
   int64_t l;
   if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
   const float* xp = x.typed_data();
@@ -936,7 +941,8 @@ ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
   const NextWeights next = next_weights(next_q, next_layer);
   split_work(thread_count(threads, K * N / 2, M), M, N, G, yp,
              [=](int64_t c0, int64_t c1, int64_t g0, int64_t g1, float* out, int64_t ldy, int64_t p, int64_t parts) {
-               int4_part(xp, M, K, qp, N, S, sp, op, zero_point, sums_p, out, ldy, c0, c1, g0, g1, next, p, parts);
+               int4_part(xp, M, K, qp, N, S, sp, op, zero_point, sums_p, out, ldy, c0, c1, g0, g1, next, p, parts,
+                         tiled);
              });
   return ffi::Error::Success();
 }
@@ -1470,7 +1476,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_int4_matmul, Int4Matmul,
                                   .Ret<F32>()
                                   .Attr<int64_t>("threads")
                                   .Attr<bool>("zero_point")
-                                  .Attr<bool>("has_offset"));
+                                  .Attr<bool>("has_offset")
+                                  .Attr<bool>("tiled"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_argmax, Argmax,
                               ffi::Ffi::Bind().Arg<F32>().Ret<ffi::Buffer<ffi::S32>>().Attr<int64_t>("threads"));

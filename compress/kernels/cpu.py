@@ -262,10 +262,11 @@ def _int8_weights_call(target: str, x, q, scale, layer, *extra, **attributes) ->
 
 
 def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None,
-                zero_point: bool, layer=0, after=None) -> jnp.ndarray:
+                zero_point: bool, layer=0, after=None, tiled: bool = False) -> jnp.ndarray:
     """x [M, G*S] float32 against packed codes q[layer] [G, S/2, N] with float16 group scales
     (and offsets) [G, N] (compress/quant/packed_int4.py's layout) -> [M, N] float32; q, scale
-    and offset have a leading axis of stacked layers, or none. after: as int8_matmul's."""
+    and offset have a leading axis of stacked layers, or none. after: as int8_matmul's. tiled:
+    each group's S/2 byte rows of 64 columns one contiguous run (compress/quant/matmul.py `tile`)."""
     _require()
     if q.ndim == 3:
         q, scale, offset = q[None], scale[None], None if offset is None else offset[None]
@@ -274,7 +275,8 @@ def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
     has_offset = offset is not None
     offset = offset.astype(jnp.float16) if has_offset else jnp.zeros((1,), jnp.float16)
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float16), offset, jnp.asarray(layer, jnp.int32),
-                *_next_operands(after), threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset)
+                *_next_operands(after), threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset,
+                tiled=bool(tiled))
 
 
 def argmax_usable(x: jnp.ndarray) -> bool:

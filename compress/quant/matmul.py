@@ -51,7 +51,7 @@ class MatmulSpec:
     fake: bool = False  # training mode (QAT): a float kernel quantized inside the matmul
     input_shape: tuple[int, ...] | None = None  # group-wise: the kernel's contracted axes
     native: bool = True  # small-batch matmuls on a CPU may run the native kernels (single-device placement)
-    tiled: bool = False  # int8: qkernel's numbers in the kernels' tiled layout (`tile`, by `native_float`)
+    tiled: bool = False  # qkernel's codes in the kernels' tiled layout (`tile`, by `native_float`)
 
     @property
     def whole_keys(self) -> tuple[str, ...]:
@@ -92,8 +92,11 @@ class MatmulSpec:
             return aqt_matmul.int_weight_einsum(equation, x, q, p["scale"], bits=self.weight_bits,
                                                 activation_bits=self.activation_bits)
         # Plain JAX, not AQT: see compress/quant/packed_int4.py for why and what it measured.
-        return packed_int4.einsum(x, p["qkernel"], p["group_scale"], p.get("group_offset"),
-                                  len(self.input_shape), self.zero_point)
+        q = p["qkernel"]  # [G, S/2, *outputs]
+        if self.tiled:
+            q = tile(q, 2, rows=q.shape[1], inverse=True)
+        return packed_int4.einsum(x, q, p["group_scale"], p.get("group_offset"), len(self.input_shape),
+                                  self.zero_point)
 
     def take(self, p: dict[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
         """Columns `ids` of a stored kernel [in, V] with one contracted axis, dequantized: float32
@@ -167,7 +170,7 @@ def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stor
         y = cpu_kernels.int4_matmul(x.reshape(m, k), q.reshape(layers, groups, half, n),
                                     stored["group_scale"].reshape(layers, groups, n),
                                     None if offset is None else offset.reshape(layers, groups, n), spec.zero_point,
-                                    layer, after)
+                                    layer, after, tiled=spec.tiled)
     return y.reshape(*x.shape[: x.ndim - n_in], *out_dims).astype(x.dtype)
 
 
@@ -245,14 +248,15 @@ class FloatSpec:
 TILE_ROWS, TILE_COLS = 16, 64  # compress/kernels/cpu.cc kTileRows, kTileCols
 
 
-def tile(kernel: jnp.ndarray, n_in: int, lead: int = 0, inverse: bool = False) -> jnp.ndarray:
-    """A float kernel's numbers in the CPU kernels' tiled layout (inverse: back), its shape kept.
+def tile(kernel: jnp.ndarray, n_in: int, lead: int = 0, inverse: bool = False, rows: int = TILE_ROWS) -> jnp.ndarray:
+    """A kernel's numbers in the CPU kernels' tiled layout (inverse: back), its shape kept.
     Viewed as [*lead axes, K, N] (the first n_in axes after the lead ones are contracted), it
-    becomes [*lead, K / 16, N / 64, 16, 64]: each 16 x 64 tile the kernel reads is one contiguous
-    run (compress/kernels/cpu.cc says what it measured)."""
+    becomes [*lead, K / rows, N / 64, rows, 64]: each rows x 64 tile the kernel reads is one
+    contiguous run (compress/kernels/cpu.cc says what it measured). Float and int8 kernels take
+    tiles of 16 rows; packed int4 codes [G, S/2, N], tiles of a group's S/2 byte rows."""
     shape = kernel.shape
     k, n = math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])
-    blocks = (k // TILE_ROWS, TILE_ROWS, n // TILE_COLS, TILE_COLS)
+    blocks = (k // rows, rows, n // TILE_COLS, TILE_COLS)
     if inverse:
         blocks = (blocks[0], blocks[2], blocks[1], blocks[3])
     return kernel.reshape(*shape[:lead], *blocks).swapaxes(-3, -2).reshape(shape)
@@ -303,7 +307,7 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
     with PRESS_FLOAT_KERNELS=0 (XLA's dot, to compare).
 
     projections: {name: einsum equation} of the model's projections (decoder.PROJECTIONS): those
-    the kernels can take tiled, float or int8 (per-channel, weight-only), are stored in their
+    the kernels can take tiled, float, int8 or packed int4 (weight-only), are stored in their
     tiled layout (`tile`), a copy made here (PRESS_TILED_WEIGHTS=0 keeps rows).
 
     A decoder's tied float embedding table (`embed` [V, D] without an `lm_head`) becomes the
@@ -340,10 +344,18 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
             if axes is None:
                 return {**node, "spec": FloatSpec()}
             return {**node, "kernel": tile(kernel, *axes), "spec": FloatSpec(tiled=True)}
-        if isinstance(spec, MatmulSpec) and spec.native and not spec.fake and spec.weight_bits == 8 \
-                and spec.group_size is None and spec.activation_bits is None and not spec.tiled \
-                and (axes := tiled_shape(name, node["qkernel"])) is not None:  # int8 weights, the same layout
-            return {**node, "qkernel": tile(node["qkernel"], *axes), "spec": dataclasses.replace(spec, tiled=True)}
+        if isinstance(spec, MatmulSpec) and spec.native and not spec.fake and spec.activation_bits is None \
+                and not spec.tiled and (tiling or {}).get(name) is not None:
+            q = node["qkernel"]
+            if spec.group_size is None and spec.weight_bits == 8 and (axes := tiled_shape(name, q)) is not None:
+                return {**node, "qkernel": tile(q, *axes), "spec": dataclasses.replace(spec, tiled=True)}
+            if spec.group_size is not None:  # packed int4 [*lead, G, S/2, *outputs]
+                lhs, rhs = tiling[name].split("->")[0].split(",")
+                lead = q.ndim - 2 - (len(rhs) - sum(c in lhs for c in rhs))
+                n = math.prod(q.shape[lead + 2 :])
+                if lead in (0, 1) and n % TILE_COLS == 0 and n < cpu_kernels.WIDE:
+                    return {**node, "qkernel": tile(q, 2, lead, rows=q.shape[lead + 1]),
+                            "spec": dataclasses.replace(spec, tiled=True)}
         return {key: walk(value, key) for key, value in node.items()}
 
     return walk(params)
