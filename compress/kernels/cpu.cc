@@ -26,6 +26,9 @@
 //           y[m, n] = sum_g scale[g, n] sum_{i in g} x[m, i] code[i, n]
 //                   + [zero point] sum_g (8 scale[g, n] + offset[g, n]) sum_{i in g} x[m, i]
 //   y       f32  [M, N]
+//   tiled   (the `tiled` attribute of the f32, bf16, int8 and int4 calls) the same arrays with each
+//           16-row block of a narrow matrix (int4: each group's S/2 byte rows) stored as its 64-column
+//           tiles one after another, so the loops read it in order (kTileRows below).
 // N must be a multiple of 16. Work is shared between the calling thread and the kernels' own
 // spinning workers (below; parts claimed from an atomic counter, so the caller never waits on a
 // part nobody has started): a wide matrix (N >= 4096, the LM head) by ranges of columns, a narrow
