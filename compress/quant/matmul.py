@@ -313,16 +313,20 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
     A decoder's tied float embedding table (`embed` [V, D] without an `lm_head`) becomes the
     head's kernel, its transpose [D, V] with a FloatSpec, as `press quantize` stores a quantized
     table (compress/models/decoder.py reads either): the kernels read [K, N] weights, and XLA's
-    dot of `x @ table.T` streamed the fp32 table at ~30 GB/s and converted a bfloat16 one to a
-    float32 copy (113 MB written and read) at every step. A lookup reads the columns it needs."""
+    dot of `x @ table.T` converted a bfloat16 table to a float32 copy (113 MB written and read)
+    at every step, and streamed an fp32 one at ~30 GB/s. A lookup reads the columns it needs. An
+    fp32 table moves only with `projections` (engines of few rows): a batch-1 step took 0.91x
+    the time with it, but beside the server's own threads under the hostile-client benchmark
+    (16 slots) the well-behaved p95 ratio was 1.88-2.24x in three runs with it, 1.46x without
+    (BENCHMARKS.md, "Hostile clients")."""
     if not cpu_kernels.available():
         return params
     floats = os.environ.get("PRESS_FLOAT_KERNELS", "1") != "0"
+    tiling = projections if os.environ.get("PRESS_TILED_WEIGHTS", "1") != "0" else None
     table = params.get("embed") if isinstance(params, dict) else None
     if floats and "lm_head" not in params and hasattr(table, "dtype") and table.ndim == 2 \
-            and table.dtype in cpu_kernels.FLOAT_WEIGHTS:
+            and table.dtype in cpu_kernels.FLOAT_WEIGHTS and (projections is not None or table.dtype != jnp.float32):
         params = {**params, "embed": {"kernel": table.T, "spec": FloatSpec()}}
-    tiling = projections if os.environ.get("PRESS_TILED_WEIGHTS", "1") != "0" else None
 
     def tiled_shape(name, array):
         """(contracted axes, lead axes) of a projection the kernels can take tiled, or None."""
