@@ -114,7 +114,7 @@ CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get
 # two alternated pairs of runs) but the hostile benchmark's ratio went to 1.94x (1.25-1.76x with
 # 2): the prompts of clients about to hang up held more rows. BENCHMARKS.md, "Server under load".
 MAX_FILLING = 2
-# Float weights are stored in the CPU kernels' tiled layout (compress/quant/matmul.py `tile`) when no
+# Weights (float, int8, int4) are stored in the CPU kernels' tiled layout (compress/quant/matmul.py `tile`) when no
 # decode step carries more rows than this (max_slots x (1 + draft tokens), no chunks beside rows): the
 # engine's fp32 step took 0.64-0.91x the time tiled at 1-5 rows but 1.04-1.09x at 8-24
 # (compress/kernels/cpu.cc kTileRows).

@@ -238,7 +238,6 @@ class FloatSpec:
                                  0 if layer is None else layer, p.get("after"))
         return _float_plain(equation, kernel, x, layer, self.tiled)
 
-
     def take(self, p: dict[str, Any], ids: jnp.ndarray) -> jnp.ndarray:
         """Columns `ids` of the kernel [D, V]: the rows of a tied embedding table that
         `native_float` stored as its head's kernel, [*ids.shape, D] in the kernel's dtype."""
@@ -317,8 +316,8 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
     at every step, and streamed an fp32 one at ~30 GB/s. A lookup reads the columns it needs. An
     fp32 table moves only with `projections` (engines of few rows): a batch-1 step took 0.91x
     the time with it, but beside the server's own threads under the hostile-client benchmark
-    (16 slots) the well-behaved p95 ratio was 1.88-2.24x in three runs with it, 1.46x without
-    (BENCHMARKS.md, "Hostile clients")."""
+    (16 slots) the well-behaved p95 ratio was 1.88-2.24x in three runs with it, 1.46-1.51x in
+    two without (BENCHMARKS.md, "Hostile clients")."""
     if not cpu_kernels.available():
         return params
     floats = os.environ.get("PRESS_FLOAT_KERNELS", "1") != "0"
