@@ -117,7 +117,8 @@ MAX_FILLING = 2
 # Weights (float, int8, int4) are stored in the CPU kernels' tiled layout (compress/quant/matmul.py `tile`) when no
 # decode step carries more rows than this (max_slots x (1 + draft tokens), no chunks beside rows): the
 # engine's fp32 step took 0.64-0.91x the time tiled at 1-5 rows but 1.04-1.09x at 8-24
-# (compress/kernels/cpu.cc kTileRows).
+# (compress/kernels/cpu.cc kTileRows). w4a8's integer kernel reads only a layout of its own, which
+# every engine stores (native_float's own_layouts).
 TILED_ROWS = 5
 
 
@@ -226,7 +227,7 @@ class Engine:
         step_rows = max_slots * (1 + max(proposed, 0))
         tiled = step_rows <= TILED_ROWS and (max_slots == 1 or not chunked_prefill)
         projections = decoder.PROJECTIONS if tiled else None
-        self.params = matmul.native_float(params, projections) if single else params
+        self.params = matmul.native_float(params, projections, own_layouts=decoder.PROJECTIONS) if single else params
         self.config, self.tokenizer, self.name = config, tokenizer, name
         self.max_slots = max_slots
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
@@ -234,7 +235,8 @@ class Engine:
         # draft_tokens tokens a step for the target to check in one pass.
         self.draft_params, self.draft_config, self.draft_name = self._read_draft(draft)
         if draft is not None and single:
-            self.draft_params = matmul.native_float(self.draft_params, decoder.PROJECTIONS if max_slots == 1 else None)
+            self.draft_params = matmul.native_float(self.draft_params, decoder.PROJECTIONS if max_slots == 1 else None,
+                                                     own_layouts=decoder.PROJECTIONS)
         if draft is not None:
             if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
                     not 1 <= draft_tokens <= speculative.MAX_DRAFT_TOKENS:

@@ -2,6 +2,7 @@
 the same logits and gradients as the plain JAX path, no float copy of a weight in the compiled
 decode step, and a clean fallback where they cannot be built."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from compress.models import decoder
 from compress.kernels import cpu as cpu_kernels
-from compress.quant import matmul, packed_int4, schemes, weights
+from compress.quant import aqt_matmul, matmul, packed_int4, schemes, weights
 from tests.tiny_decoder import tiny_decoder
 
 
@@ -85,6 +86,81 @@ def test_w8a8_products_are_the_per_token_integer_products_aqt_computes(rows, k, 
 
     aqt = aqt_matmul.int_weight_einsum("mk,kn->mn", jnp.asarray(x), jnp.asarray(q[1]), jnp.asarray(scale[1][None]), 8, 8)
     np.testing.assert_allclose(got, aqt, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@vnni
+@pytest.mark.parametrize("rows, k, n, size", [(1, 576, 576, 32), (3, 576, 192, 64), (5, 1536, 576, 32),
+                                              (17, 128, 64, 128), (64, 64, 128, 32)])
+def test_w4a8_products_are_each_groups_integer_products(rows, k, n, size):
+    """The w4a8 kernel rounds each group of `size` activations to int8 codes with its own step and
+    sums codes times the int4 codes in integers: float64 math on the same codes, and the plain
+    path (the activations rounded, then int4's float product), give the same numbers."""
+    rng = np.random.default_rng(rows + k + n + size)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, 3] = 40.0  # an outlier: its group's step is large, the other groups keep theirs
+    x[-1, :size] = 0.0  # a group of zeros: step 1, every code 0
+    xg = x.reshape(rows, k // size, size).astype(np.float64)
+    step = np.abs(x.reshape(rows, k // size, size)).max(axis=-1, keepdims=True) / np.float32(127)
+    step[step == 0] = 1
+    codes = np.clip(np.round(x.reshape(xg.shape) / step.astype(np.float32)), -127, 127)  # half to even, as the kernel
+    rounded = (codes * step).reshape(rows, k)
+    for zero_point in (False, True):
+        packed, scale, offset, w = _int4_case(rng, 2, k // size, size, n, zero_point)
+        want = rounded @ w[1]
+        tiled = matmul.w4a8_tile(jnp.asarray(packed), 1)
+        assert np.array_equal(matmul.w4a8_tile(tiled, 1, inverse=True), packed)
+        got = jax.jit(cpu_kernels.w4a8_matmul, static_argnums=4)(jnp.asarray(x), tiled, scale, offset, zero_point, 1)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+        plain = packed_int4.einsum(packed_int4.quantize_activations(jnp.asarray(x), 1, size), packed[1], scale[1],
+                                   None if offset is None else offset[1], 1, zero_point)
+        np.testing.assert_allclose(plain, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+        hinted = cpu_kernels.w4a8_matmul(jnp.asarray(x), tiled, scale, offset, zero_point, 1, after=(tiled, 0))
+        np.testing.assert_array_equal(hinted, got)
+
+
+@pytest.mark.parametrize("name", ["w4a8-g32", "w4a8-g32-asym+embed-int4-g32-asym"])
+def test_a_w4a8_decoder_computes_what_its_plain_path_does(tiny, name):
+    """w4a8 rows take the int4 kernel on the rounded activations; tiled (engines of few rows) the
+    integer kernel, where the CPU has VNNI; prefill undoes the tiles. All compute the plain path's logits."""
+    config, params, _ = tiny
+    q = _quantized(params, name)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, 5)), jnp.int32)
+    forward = jax.jit(lambda p, t: decoder.forward(p, t, config).logits)
+    plain = forward(matmul.single_device(q), tokens)
+    np.testing.assert_allclose(forward(q, tokens), plain, atol=2e-5 * float(jnp.abs(plain).max()))
+    assert forward.lower(q, tokens).as_text().count("press_int4") == 7 + ("embed" in name)
+    tiled = matmul.native_float(q, decoder.PROJECTIONS)
+    assert tiled["layers"]["up"]["spec"].tiled == cpu_kernels.has_w8a8()
+    np.testing.assert_allclose(forward(tiled, tokens), plain, atol=2e-5 * float(jnp.abs(plain).max()))
+    if cpu_kernels.has_w8a8():
+        text = forward.lower(tiled, tokens).as_text()
+        assert text.count("press_w4a8") == 5 and text.count("press_int4") == 2 + ("embed" in name)  # k, v: 32 wide
+        assert _float_copies(forward.lower(tiled, tokens).compile().as_text(), q) == []
+    long = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 40)), jnp.int32)  # 80 rows
+    want = forward(matmul.single_device(q), long)
+    np.testing.assert_allclose(forward(tiled, long), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    # An engine of any width stores w4a8's layout (its kernel has no other) and generates what the plain path does.
+    from serve.engine import Engine
+    from serve.sampling import SamplingParams
+
+    outputs = []
+    for served in (q, matmul.single_device(q)):
+        with Engine(served, config, tiny[2], max_slots=4, max_seq_len=64, compilation_cache=False) as engine:
+            assert engine.params["layers"]["up"]["spec"].tiled == (served is q and cpu_kernels.has_w8a8())
+            outputs.append([o.token_ids for o in engine.generate(["Hello there", "The for statement"],
+                                                                  SamplingParams(max_new_tokens=6))])
+    assert outputs[0] == outputs[1]
+    # Quantization-aware training of the scheme rounds the activations the same way (straight through).
+    fake = dataclasses.replace(q["layers"]["up"]["spec"], fake=True, tiled=False)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, config.embed_dim)), jnp.float32)
+    kernel = jnp.asarray(np.random.default_rng(3).standard_normal((config.embed_dim, 64)), jnp.float32) / 10
+    trained = fake.plain_einsum({"kernel": kernel}, x, "mk,kn->mn")
+    rounded = aqt_matmul.fake_quant_einsum("mk,kn->mn", packed_int4.quantize_activations(x, 1, 32), kernel, 4, 32,
+                                           fake.zero_point)
+    np.testing.assert_allclose(trained, rounded, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: fake.plain_einsum({"kernel": kernel}, x, "mk,kn->mn").sum())(x),
+                               jax.grad(lambda x: aqt_matmul.fake_quant_einsum("mk,kn->mn", x, kernel, 4, 32,
+                                                                               fake.zero_point).sum())(x), rtol=1e-5)
 
 
 @vnni

@@ -67,14 +67,14 @@ def test_quantize_command_refuses_bad_requests(int8_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("scheme", ["int4-g64+kv-int8", "int4-g32-asym", "w8a8"])
+@pytest.mark.parametrize("scheme", ["int4-g64+kv-int8", "int4-g32-asym", "w8a8", "w4a8-g32-asym"])
 def test_every_scheme_stores_reloads_and_serves(scheme, tiny_dir, tmp_path):
     out = str(tmp_path / scheme)
     summary = quantize_model(tiny_dir, scheme, out)
     stored = load_decoder(out)
     assert stored.quantization == scheme
     q = stored.params["layers"]["gate"]
-    if scheme.startswith("int4"):
+    if schemes.get(scheme).weight_bits == 4:
         group = 64 if "g64" in scheme else 32
         assert q["qkernel"].dtype == jnp.int8 and q["spec"].weight_bits == 4 and q["spec"].zero_point == ("asym" in scheme)
         assert summary["quantized_matrices_fraction_of_bf16"] <= (0.32 if "asym" in scheme else 0.29)

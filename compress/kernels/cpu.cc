@@ -29,6 +29,8 @@
 //   tiled   (the `tiled` attribute of the f32, bf16, int8 and int4 calls) the same arrays with each
 //           16-row block of a narrow matrix (int4: each group's S/2 byte rows) stored as its 64-column
 //           tiles one after another, so the loops read it in order (kTileRows below).
+//   w4a8    (press_w4a8_matmul, AVX-512 VNNI) int4's arrays, its tiles reordered for vpdpbusd, and x
+//           rounded to int8 per group of S inputs: integer products per group (see its section)
 // N must be a multiple of 16. Work is shared between the calling thread and the kernels' own
 // spinning workers (below; parts claimed from an atomic counter, so the caller never waits on a
 // part nobody has started): a wide matrix (N >= 4096, the LM head) by ranges of columns, a narrow
@@ -41,8 +43,8 @@
 // the layer's keys and values read where they lie in the KV cache; see the section's comment.
 //
 // Built by compress/kernels/cpu.py with the machine's own compiler (-O3 -march=native): AVX-512
-// where the CPU has it, else AVX2 with FMA and F16C (the matmuls, attention and argmax; w8a8 needs
-// AVX-512 VNNI), else the same loops in plain C++ for the compiler to vectorise.
+// where the CPU has it, else AVX2 with FMA and F16C (the matmuls, attention and argmax; w8a8 and
+// w4a8 need AVX-512 VNNI), else the same loops in plain C++ for the compiler to vectorise.
 
 #include <algorithm>
 #include <cmath>
@@ -1113,6 +1115,155 @@ ffi::Error W8A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buff
     }
   return ffi::Error::Success();
 }
+
+// ---- w4a8: packed int4 groups times int8 activations per group (AVX-512 VNNI), tiled codes
+//
+// The w4a8-gN schemes keep int4-gN's stored weights and quantize each group of N activations of
+// a row to int8 with its own step (max |x| / 127, round half to even: quantize_row), as GGUF's
+// Q4_1 meets Q8_1 activations. A group's products are then integer sums: vpdpbusd takes the
+// codes' unsigned nibbles (u = code + 8, 0..15: the stored nibble with its top bit flipped) and
+// four activation codes at a time, 64 products an instruction, where the float int4 loops above
+// convert every nibble to float (bound by those conversions at one row, not by the bytes).
+//   y[m, n] = sum_g step[m, g] * (scale[g, n] * (usum - 8 csum) + csum * constant[g, n])
+// usum: the group's sum of u times the codes, csum: the sum of the codes, constant: 8 scale +
+// offset for asymmetric groups (w = scale * u + offset), else 0 (w = scale * (u - 8)).
+// Layout (compress/quant/matmul.py w4a8_tile): int4's tiles (a group's J = N/2 byte rows of 64
+// columns, one run), each ordered [J/4 quads][4 vectors of 16 columns][16 columns][4 byte rows],
+// so that a vector's 32-bit lane holds one column's four byte rows of a quad: its low nibbles
+// meet the codes of inputs 4j.. 4j + 3 and its high nibbles those of J + 4j .. + 3.
+
+// A tile's unsigned nibbles, split into low and high halves: unpacked[2 (4 j + v)] and [... + 1].
+inline void w4a8_unpack(const int8_t* tile, int64_t J, int64_t ahead, __m512i* unpacked) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88)), low = _mm512_set1_epi8(0x0F);
+  for (int64_t j = 0; j < J / 4; ++j) {
+    const int8_t* at = tile + j * 256;
+    for (int line = 0; line < 256; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + ahead + line), _MM_HINT_T0);
+    for (int v = 0; v < 4; ++v) {
+      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(at + 64 * v), flip);
+      unpacked[2 * (4 * j + v)] = _mm512_and_si512(u, low);
+      unpacked[2 * (4 * j + v) + 1] = _mm512_and_si512(_mm512_srli_epi16(u, 4), low);
+    }
+  }
+}
+
+// Rows m0 .. m0 + R of one tile: its nibbles unpacked here (kUnpacked false: a block of rows that
+// is the whole batch) or read from `unpacked` (w4a8_unpack's, shared by every block of rows).
+template <int R, bool kUnpacked = false>
+inline void w4a8_tile(const int8_t* codes, const float* step, const int32_t* csum, int64_t K, int64_t G, int64_t S,
+                      const int8_t* tile, const uint16_t* scale, const uint16_t* offset, bool zero_point, float* y,
+                      int64_t ldy, int64_t m0, int64_t g, int64_t N, int64_t c, int64_t ahead,
+                      const __m512i* unpacked = nullptr) {
+  const int64_t J = S / 2;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88)), low = _mm512_set1_epi8(0x0F);
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
+  const int32_t* xq[R];
+  for (int r = 0; r < R; ++r) xq[r] = reinterpret_cast<const int32_t*>(codes + (m0 + r) * K + g * S);
+  for (int64_t j = 0; j < J / 4; ++j) {
+    const int8_t* at = tile + j * 256;
+    if constexpr (!kUnpacked)
+      for (int line = 0; line < 256; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + ahead + line), _MM_HINT_T0);
+    __m512i lo_codes[R], hi_codes[R];
+    for (int r = 0; r < R; ++r) {
+      lo_codes[r] = _mm512_set1_epi32(xq[r][j]);
+      hi_codes[r] = _mm512_set1_epi32(xq[r][J / 4 + j]);
+    }
+    for (int v = 0; v < 4; ++v) {
+      __m512i lo, hi;
+      if constexpr (kUnpacked) {
+        lo = unpacked[2 * (4 * j + v)], hi = unpacked[2 * (4 * j + v) + 1];
+      } else {
+        const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(at + 64 * v), flip);
+        lo = _mm512_and_si512(u, low), hi = _mm512_and_si512(_mm512_srli_epi16(u, 4), low);
+      }
+      for (int r = 0; r < R; ++r)
+        acc[r][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][v], lo, lo_codes[r]), hi, hi_codes[r]);
+    }
+  }
+  for (int v = 0; v < 4; ++v) {
+    const int64_t at = g * N + c + 16 * v;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + at)));
+    __m512 constant = _mm512_setzero_ps();
+    if (zero_point) {
+      constant = _mm512_mul_ps(_mm512_set1_ps(8.0f), s);
+      if (offset)
+        constant = _mm512_add_ps(constant, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + at))));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int32_t cs = csum[(m0 + r) * G + g];
+      const __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], _mm512_set1_epi32(8 * cs)));
+      const __m512 group = _mm512_fmadd_ps(s, sums, _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(cs)), constant));
+      float* ym = y + (m0 + r) * ldy + c + 16 * v;
+      _mm512_storeu_ps(ym, _mm512_fmadd_ps(_mm512_set1_ps(step[(m0 + r) * G + g]), group, _mm512_loadu_ps(ym)));
+    }
+  }
+}
+
+ffi::Error W4A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F16> scale,
+                      ffi::Buffer<ffi::F16> offset, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S8> next_q,
+                      ffi::Buffer<ffi::S32> next_layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads,
+                      bool zero_point, bool has_offset) {
+  auto dims = q.dimensions();
+  if (dims.size() != 4) return ffi::Error::InvalidArgument("press w4a8 kernel: codes must be [L, G, S/2, N]");
+  const int64_t G = dims[1], S = 2 * dims[2], N = dims[3], K = G * S, M = x.element_count() / K;
+  if (auto error = check(M, N); error.failure()) return error;
+  if (S % 8 || N % kTileCols || N >= kWide)
+    return ffi::Error::InvalidArgument("press w4a8 kernel: tiled codes need groups of a multiple of 8, N % 64 == 0 "
+                                       "and N < " + std::to_string(kWide));
+  int64_t l;
+  if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
+  const float* xp = x.typed_data();
+  const int8_t* qp = q.typed_data() + l * G * (S / 2) * N;
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data()) + l * G * N;
+  const uint16_t* op = has_offset ? reinterpret_cast<const uint16_t*>(offset.typed_data()) + l * G * N : nullptr;
+  float* yp = y->typed_data();
+  std::vector<int8_t> codes(M * K);
+  std::vector<float> steps(M * G);
+  std::vector<int32_t> csums(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      quantize_row(xp + m * K + g * S, S, codes.data() + m * K + g * S, &steps[m * G + g], &csums[m * G + g]);
+  const int8_t* cp = codes.data();
+  const float* stp = steps.data();
+  const int32_t* csp = csums.data();
+  const NextWeights next = next_weights(next_q, next_layer);
+  const int64_t J = S / 2;
+  split_work(thread_count(threads, K * N / 2, M), M, N, G, yp,
+             [=](int64_t c0, int64_t c1, int64_t g0, int64_t g1, float* out, int64_t ldy, int64_t p, int64_t parts) {
+               for (int64_t m = 0; m < M; ++m) std::memset(out + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
+               if (g1 > g0) prefetch_start(qp, N, g0 * J, (g0 + 1) * J, c0, c1);
+               std::vector<__m512i> unpacked(M > 4 ? 2 * J : 0);  // lo and hi of J / 4 x 4 vectors
+               for (int64_t g = g0; g < g1; ++g) {
+                 const bool last = g + 1 == g1;
+                 const int64_t ahead = last ? next.offset(qp + g * J * N, J * N, p, parts) : J * N;
+                 for (int64_t c = c0; c < c1; c += kTile) {
+                   const int8_t* tile = qp + g * J * N + c * J;
+                   if (M <= 4) {  // one block of rows: the nibbles unpacked in registers as they are read
+                     switch (M) {
+                       case 4: w4a8_tile<4>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, 0, g, N, c, ahead); break;
+                       case 3: w4a8_tile<3>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, 0, g, N, c, ahead); break;
+                       case 2: w4a8_tile<2>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, 0, g, N, c, ahead); break;
+                       default: w4a8_tile<1>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, 0, g, N, c, ahead); break;
+                     }
+                     continue;
+                   }
+                   w4a8_unpack(tile, J, ahead, unpacked.data());  // once, for every block of rows
+                   const __m512i* u = unpacked.data();
+                   int64_t m0 = 0;
+                   for (; m0 + 4 <= M; m0 += 4)
+                     w4a8_tile<4, true>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, m0, g, N, c, ahead, u);
+                   switch (M - m0) {
+                     case 3: w4a8_tile<3, true>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, m0, g, N, c, ahead, u); break;
+                     case 2: w4a8_tile<2, true>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, m0, g, N, c, ahead, u); break;
+                     case 1: w4a8_tile<1, true>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, m0, g, N, c, ahead, u); break;
+                     default: break;
+                   }
+                 }
+               }
+             });
+  return ffi::Error::Success();
+}
 #endif
 
 // ---- decode attention: a few query positions per row against the KV cache, read in place
@@ -1493,6 +1644,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_s8, AttentionS8,
 
 #ifdef PRESS_VNNI
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w8a8_matmul, W8A8Matmul, bind_int8_weights().Ret<F32>().Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w4a8_matmul, W4A8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<S8>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<S32>()
+                                  .Arg<S8>()
+                                  .Arg<S32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("zero_point")
+                                  .Attr<bool>("has_offset"));
 #endif
 
 // Whether this build has the w8a8 kernel (the CPU has AVX-512 VNNI), for the Python side.

@@ -135,7 +135,7 @@ def _load() -> ctypes.CDLL | None:
         if not os.path.exists(path):
             _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(path)
-        targets = _TARGETS + (("press_w8a8_matmul",) if library.press_cpu_kernels_vnni() else ())
+        targets = _TARGETS + (("press_w8a8_matmul", "press_w4a8_matmul") if library.press_cpu_kernels_vnni() else ())
         for target in targets:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
         for name in ("press_workers_selftest", "press_kernel_workers"):
@@ -147,7 +147,7 @@ def _load() -> ctypes.CDLL | None:
     avx2 = getattr(library, "press_cpu_kernels_avx2", None)  # absent from a library built before it
     isa = "AVX-512" if library.press_cpu_kernels_avx512() else "AVX2" if avx2 and avx2() else "portable C++"
     _isa = isa
-    isa += ", VNNI w8a8" if library.press_cpu_kernels_vnni() else ", no w8a8 kernel (no AVX-512 VNNI)"
+    isa += ", VNNI w8a8 and w4a8" if library.press_cpu_kernels_vnni() else ", no w8a8/w4a8 kernels (no AVX-512 VNNI)"
     workers = library.press_kernel_workers()
     _status = f"loaded ({isa}, {workers} worker thread{'s' * (workers != 1)}) from {path}"
     _path = path
@@ -267,16 +267,29 @@ def int4_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
     (and offsets) [G, N] (compress/quant/packed_int4.py's layout) -> [M, N] float32; q, scale
     and offset have a leading axis of stacked layers, or none. after: as int8_matmul's. tiled:
     each group's S/2 byte rows of 64 columns one contiguous run (compress/quant/matmul.py `tile`)."""
+    return _int4_call("press_int4_matmul", x, q, scale, offset, zero_point, layer, after, tiled=bool(tiled))
+
+
+def w4a8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None,
+                zero_point: bool, layer=0, after=None) -> jnp.ndarray:
+    """The w4a8-gN schemes' product: each group of S activations of a row of x quantized to int8
+    with its own step (max |x| / 127, round half to even), times int4_matmul's packed codes in
+    the w4a8 tiled layout (compress/quant/matmul.py `w4a8_tile`), on integer dot products (AVX-512
+    VNNI: has_w8a8) -> [M, N] float32. Operands as int4_matmul's; S % 8 == 0, N % 64 == 0, N < WIDE."""
+    return _int4_call("press_w4a8_matmul", x, q, scale, offset, zero_point, layer, after)
+
+
+def _int4_call(target: str, x, q, scale, offset, zero_point, layer, after, **attributes) -> jnp.ndarray:
     _require()
     if q.ndim == 3:
         q, scale, offset = q[None], scale[None], None if offset is None else offset[None]
-    call = jax.ffi.ffi_call("press_int4_matmul", jax.ShapeDtypeStruct((x.shape[0], q.shape[3]), jnp.float32),
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], q.shape[3]), jnp.float32),
                             vmap_method="sequential")
     has_offset = offset is not None
     offset = offset.astype(jnp.float16) if has_offset else jnp.zeros((1,), jnp.float16)
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float16), offset, jnp.asarray(layer, jnp.int32),
                 *_next_operands(after), threads=_threads(), zero_point=bool(zero_point), has_offset=has_offset,
-                tiled=bool(tiled))
+                **attributes)
 
 
 def argmax_usable(x: jnp.ndarray) -> bool:

@@ -60,9 +60,9 @@ class MatmulSpec:
         copied out of it on every step."""
         if not self.native or self.fake:
             return ()
-        if self.activation_bits is None:
+        if self.activation_bits is None or self.group_size is not None:  # w4a8: the int4 kernels' (or its own)
             return _STORED
-        w8a8 = self.activation_bits == 8 and self.group_size is None and self.weight_bits == 8
+        w8a8 = self.activation_bits == 8 and self.weight_bits == 8
         return _STORED if w8a8 and cpu_kernels.has_w8a8() else ()
 
     def einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
@@ -81,20 +81,25 @@ class MatmulSpec:
 
     def plain_einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
         """`einsum` in plain JAX (AQT, packed int4), for any batch and placement."""
+        activation_bits = self.activation_bits
+        if self.group_size is not None and activation_bits is not None:  # w4a8: x rounded per group first
+            n_in = _contracted(equation)[2]
+            x = (packed_int4.quantize_activations_ste if self.fake else packed_int4.quantize_activations)(
+                x, n_in, self.group_size)
+            activation_bits = None
         if self.fake:
             return aqt_matmul.fake_quant_einsum(equation, x, p["kernel"], self.weight_bits, self.group_size,
-                                                self.zero_point, self.activation_bits)
+                                                self.zero_point, activation_bits)
         if self.group_size is None:
             q = p["qkernel"]
             if self.tiled:  # one layer's (einsum slices the stack first)
-                lhs, rhs = equation.split("->")[0].split(",")
-                q = tile(q, sum(c in lhs for c in rhs), inverse=True)
+                q = tile(q, _contracted(equation)[2], inverse=True)
             return aqt_matmul.int_weight_einsum(equation, x, q, p["scale"], bits=self.weight_bits,
-                                                activation_bits=self.activation_bits)
+                                                activation_bits=activation_bits)
         # Plain JAX, not AQT: see compress/quant/packed_int4.py for why and what it measured.
         q = p["qkernel"]  # [G, S/2, *outputs]
         if self.tiled:
-            q = tile(q, 2, rows=q.shape[1], inverse=True)
+            q = w4a8_tile(q, inverse=True) if self.activation_bits else tile(q, 2, rows=q.shape[1], inverse=True)
         return packed_int4.einsum(x, q, p["group_scale"], p.get("group_offset"), len(self.input_shape),
                                   self.zero_point)
 
@@ -118,6 +123,12 @@ class MatmulSpec:
 _STORED = ("qkernel", "scale", "group_scale", "group_offset")
 
 
+def _contracted(equation: str) -> tuple[str, str, int]:
+    """An einsum's (x's letters, the kernel's letters, how many of the kernel's it contracts)."""
+    lhs, rhs = equation.split("->")[0].split(",")
+    return lhs, rhs, sum(c in lhs for c in rhs)
+
+
 def _stored(p: dict[str, Any]) -> dict[str, jnp.ndarray]:
     return {k: p[k] for k in _STORED if k in p}
 
@@ -126,10 +137,9 @@ def _native_shape(spec: MatmulSpec, p: dict[str, Any], x: jnp.ndarray, equation:
                   stacked: bool) -> tuple[int, ...] | None:
     """(rows M, inputs K, outputs N, contracted axes) of a matmul the native kernels take, or None.
     stacked: the arrays have a leading axis of layers (the layer scan's whole stack)."""
-    lhs, rhs = equation.split("->")[0].split(",")
+    _, rhs, n_in = _contracted(equation)
     lead = int(stacked)
     q = p["qkernel"]
-    n_in = sum(c in lhs for c in rhs)
     if spec.group_size is None:
         if q.ndim != len(rhs) + lead:  # an unexpected leading axis: not one matmul
             return None
@@ -139,7 +149,7 @@ def _native_shape(spec: MatmulSpec, p: dict[str, Any], x: jnp.ndarray, equation:
             return None
         k, n = 2 * q.shape[lead] * q.shape[lead + 1], math.prod(q.shape[lead + 2 :])
     m = math.prod(x.shape[: x.ndim - n_in])
-    if spec.activation_bits is not None:
+    if spec.activation_bits is not None and spec.group_size is None:
         usable = cpu_kernels.w8a8_usable(m, k, n)
     else:
         usable = cpu_kernels.usable(m, n)
@@ -159,7 +169,7 @@ def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stor
     stacked = _is_stack(spec, q, n_in, equation)
     layers = q.shape[0] if stacked else 1
     out_dims = q.shape[int(stacked) + (n_in if spec.group_size is None else 2) :]
-    if spec.activation_bits is not None:  # w8a8: int8 activations per row, integer dot products
+    if spec.activation_bits is not None and spec.group_size is None:  # w8a8: int8 activations per row
         y = cpu_kernels.w8a8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer)
     elif spec.group_size is None:
         y = cpu_kernels.int8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer,
@@ -167,16 +177,21 @@ def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stor
     else:
         offset = stored.get("group_offset")
         groups, half = q.shape[int(stacked)], q.shape[int(stacked) + 1]
-        y = cpu_kernels.int4_matmul(x.reshape(m, k), q.reshape(layers, groups, half, n),
-                                    stored["group_scale"].reshape(layers, groups, n),
-                                    None if offset is None else offset.reshape(layers, groups, n), spec.zero_point,
-                                    layer, after, tiled=spec.tiled)
+        operands = (q.reshape(layers, groups, half, n), stored["group_scale"].reshape(layers, groups, n),
+                    None if offset is None else offset.reshape(layers, groups, n), spec.zero_point, layer, after)
+        rows = x.reshape(m, k)
+        if spec.activation_bits is not None and spec.tiled:  # w4a8 on integer dot products
+            y = cpu_kernels.w4a8_matmul(rows, *operands)
+        elif spec.activation_bits is not None:  # w4a8 without them: the same rounded activations, float products
+            y = cpu_kernels.int4_matmul(packed_int4.quantize_activations(rows, 1, spec.group_size), *operands)
+        else:
+            y = cpu_kernels.int4_matmul(rows, *operands, tiled=spec.tiled)
     return y.reshape(*x.shape[: x.ndim - n_in], *out_dims).astype(x.dtype)
 
 
 def _is_stack(spec: MatmulSpec, q: jnp.ndarray, n_in: int, equation: str) -> bool:
     """Whether q carries a leading axis of stacked layers beyond the einsum's kernel axes."""
-    rhs = equation.split("->")[0].split(",")[1]
+    rhs = _contracted(equation)[1]
     kernel_ndim = len(rhs) if spec.group_size is None else 2 + len(rhs) - n_in
     return q.ndim == kernel_ndim + 1
 
@@ -227,8 +242,8 @@ class FloatSpec:
 
     def einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
         kernel, layer = p["kernel"], p.get("layer")
-        lhs, rhs = equation.split("->")[0].split(",")
-        n_in, lead = sum(c in lhs for c in rhs), int(layer is not None)
+        _, rhs, n_in = _contracted(equation)
+        lead = int(layer is not None)
         m = math.prod(x.shape[: x.ndim - n_in])
         k, n = math.prod(kernel.shape[lead : lead + n_in]), math.prod(kernel.shape[lead + n_in :])
         rows = FLOAT_ROWS if kernel.dtype == jnp.float32 else BF16_ROWS
@@ -261,6 +276,26 @@ def tile(kernel: jnp.ndarray, n_in: int, lead: int = 0, inverse: bool = False, r
     return kernel.reshape(*shape[:lead], *blocks).swapaxes(-3, -2).reshape(shape)
 
 
+def w4a8_tile(q: jnp.ndarray, lead: int = 0, inverse: bool = False) -> jnp.ndarray:
+    """Packed int4 codes [*lead, G, J, *outputs] (J = S/2 byte rows a group) in the w4a8
+    kernel's tiled layout (inverse: back), the shape kept: `tile`'s runs of a group's J byte rows
+    of 64 columns, each ordered [J/4, 4 vectors of 16 columns, 16 columns, 4 byte rows], so that
+    one 32-bit lane holds four byte rows of one column (compress/kernels/cpu.cc, w4a8)."""
+    shape = q.shape
+    g, j, n = shape[lead], shape[lead + 1], math.prod(shape[lead + 2 :])
+    b = lead
+    if not inverse:
+        blocks, order = (g, j // 4, 4, n // TILE_COLS, 4, 16), (b, b + 3, b + 1, b + 4, b + 5, b + 2)
+    else:
+        blocks, order = (g, n // TILE_COLS, j // 4, 4, 16, 4), (b, b + 2, b + 5, b + 1, b + 3, b + 4)
+    return jnp.transpose(q.reshape(*shape[:lead], *blocks), (*range(lead), *order)).reshape(shape)
+
+
+def w4a8_tileable(group: int, n: int) -> bool:
+    """Whether the w4a8 kernel takes packed codes of groups of `group` inputs and n outputs."""
+    return group % 8 == 0 and n % TILE_COLS == 0 and n < cpu_kernels.WIDE and cpu_kernels.has_w8a8()
+
+
 def tileable(k: int, n: int) -> bool:
     """Whether the kernels take a [k, n] matrix tiled: whole tiles, narrower than the wide path."""
     return k % TILE_ROWS == 0 and n % TILE_COLS == 0 and n < cpu_kernels.WIDE
@@ -270,8 +305,7 @@ def _float_plain(equation: str, kernel: jnp.ndarray, x: jnp.ndarray, layer, tile
     if layer is not None:
         kernel = jax.lax.dynamic_index_in_dim(kernel, layer, 0, keepdims=False)
     if tiled:
-        lhs, rhs = equation.split("->")[0].split(",")
-        kernel = tile(kernel, sum(c in lhs for c in rhs), inverse=True)
+        kernel = tile(kernel, _contracted(equation)[2], inverse=True)
     return jnp.einsum(equation, x, kernel.astype(x.dtype))
 
 
@@ -300,7 +334,8 @@ def _float_native_bwd(equation, shape, residuals, g):
 _float_native.defvjp(_float_native_fwd, _float_native_bwd)
 
 
-def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
+def native_float(params: Any, projections: dict[str, str] | None = None,
+                 own_layouts: dict[str, str] | None = None) -> Any:
     """`params` with a FloatSpec on every float projection without a spec (a dict holding a float
     `kernel`), for decoding on a CPU where the native kernels are built; unchanged elsewhere, or
     with PRESS_FLOAT_KERNELS=0 (XLA's dot, to compare).
@@ -308,6 +343,8 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
     projections: {name: einsum equation} of the model's projections (decoder.PROJECTIONS): those
     the kernels can take tiled, float, int8 or packed int4 (weight-only), are stored in their
     tiled layout (`tile`), a copy made here (PRESS_TILED_WEIGHTS=0 keeps rows).
+    own_layouts: the same for projections whose integer kernel reads only a layout of its own
+    (w4a8: `w4a8_tile`), stored in it for an engine of any width (the plain path undoes it).
 
     A decoder's tied float embedding table (`embed` [V, D] without an `lm_head`) becomes the
     head's kernel, its transpose [D, V] with a FloatSpec, as `press quantize` stores a quantized
@@ -322,6 +359,7 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
         return params
     floats = os.environ.get("PRESS_FLOAT_KERNELS", "1") != "0"
     tiling = projections if os.environ.get("PRESS_TILED_WEIGHTS", "1") != "0" else None
+    own = {**(own_layouts or {}), **(tiling or {})} if os.environ.get("PRESS_TILED_WEIGHTS", "1") != "0" else {}
     table = params.get("embed") if isinstance(params, dict) else None
     if floats and "lm_head" not in params and hasattr(table, "dtype") and table.ndim == 2 \
             and table.dtype in cpu_kernels.FLOAT_WEIGHTS and (projections is not None or table.dtype != jnp.float32):
@@ -332,8 +370,8 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
         equation = (tiling or {}).get(name)
         if equation is None:
             return None
-        lhs, rhs = equation.split("->")[0].split(",")
-        n_in, lead = sum(c in lhs for c in rhs), array.ndim - len(rhs)
+        _, rhs, n_in = _contracted(equation)
+        lead = array.ndim - len(rhs)
         k, n = math.prod(array.shape[lead : lead + n_in]), math.prod(array.shape[lead + n_in :])
         return (n_in, lead) if lead in (0, 1) and tileable(k, n) else None
 
@@ -347,18 +385,22 @@ def native_float(params: Any, projections: dict[str, str] | None = None) -> Any:
             if axes is None:
                 return {**node, "spec": FloatSpec()}
             return {**node, "kernel": tile(kernel, *axes), "spec": FloatSpec(tiled=True)}
-        if isinstance(spec, MatmulSpec) and spec.native and not spec.fake and spec.activation_bits is None \
-                and not spec.tiled and (tiling or {}).get(name) is not None:
+        w4a8 = isinstance(spec, MatmulSpec) and spec.group_size is not None and spec.activation_bits is not None
+        if isinstance(spec, MatmulSpec) and spec.native and not spec.fake and not spec.tiled \
+                and (spec.activation_bits is None or w4a8) and (own if w4a8 else tiling or {}).get(name) is not None:
             q = node["qkernel"]
             if spec.group_size is None and spec.weight_bits == 8 and (axes := tiled_shape(name, q)) is not None:
                 return {**node, "qkernel": tile(q, *axes), "spec": dataclasses.replace(spec, tiled=True)}
             if spec.group_size is not None:  # packed int4 [*lead, G, S/2, *outputs]
-                lhs, rhs = tiling[name].split("->")[0].split(",")
-                lead = q.ndim - 2 - (len(rhs) - sum(c in lhs for c in rhs))
+                _, rhs, n_in = _contracted(own[name] if w4a8 else tiling[name])
+                lead = q.ndim - 2 - (len(rhs) - n_in)
                 n = math.prod(q.shape[lead + 2 :])
-                if lead in (0, 1) and n % TILE_COLS == 0 and n < cpu_kernels.WIDE:
-                    return {**node, "qkernel": tile(q, 2, lead, rows=q.shape[lead + 1]),
-                            "spec": dataclasses.replace(spec, tiled=True)}
+                tiled = dataclasses.replace(spec, tiled=True)
+                if spec.activation_bits is not None:  # w4a8: its own layout, where its kernel runs
+                    if lead in (0, 1) and w4a8_tileable(spec.group_size, n):
+                        return {**node, "qkernel": w4a8_tile(q, lead), "spec": tiled}
+                elif lead in (0, 1) and n % TILE_COLS == 0 and n < cpu_kernels.WIDE:
+                    return {**node, "qkernel": tile(q, 2, lead, rows=q.shape[lead + 1]), "spec": tiled}
         return {key: walk(value, key) for key, value in node.items()}
 
     return walk(params)

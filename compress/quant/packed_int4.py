@@ -23,6 +23,7 @@ those of int4, on disk and on the device.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -71,3 +72,21 @@ def einsum(
         sums = jnp.sum(xg, axis=(-2, -1), dtype=jnp.float32)  # [..., G]
         y = y + jnp.einsum("...G,GO->...O", sums, constant)
     return y.reshape(*batch, *out_shape).astype(x.dtype)
+
+
+def quantize_activations(x: jnp.ndarray, num_contracted: int, group: int) -> jnp.ndarray:
+    """x [..., *in] with each group of `group` consecutive inputs (the contracted axes flattened,
+    as the weights' groups) rounded to int8 with its own step, max |x| / 127 (1 for a group of
+    zeros), ties to even: the w4a8-gN schemes' activations, as the native kernel quantizes them
+    (compress/kernels/cpu.cc quantize_row), returned dequantized in x's dtype."""
+    batch = x.shape[: x.ndim - num_contracted]
+    xg = x.astype(jnp.float32).reshape(*batch, -1, group)
+    most = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+    step = jnp.where(most > 0, most / 127.0, 1.0)
+    codes = jnp.clip(jnp.round(xg / step), -127, 127)
+    return (codes * step).reshape(x.shape).astype(x.dtype)
+
+
+def quantize_activations_ste(x: jnp.ndarray, num_contracted: int, group: int) -> jnp.ndarray:
+    """quantize_activations with a straight-through gradient (quantization-aware training)."""
+    return x + jax.lax.stop_gradient(quantize_activations(x, num_contracted, group) - x)

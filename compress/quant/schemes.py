@@ -11,6 +11,10 @@
                   error compensation over calibration sequences); `-asym` works here too.
   w8a8            int8 weights (per output channel) and int8 activations quantized
                   dynamically, one scale per token; the matmul itself is int8 x int8.
+  w4a8-gN[-asym]  int4-gN[-asym] weights and int8 activations quantized dynamically, one
+                  step per group of N inputs of a token (GGUF's Q4_1 against Q8_1): each
+                  group's product is int4 x int8 (AVX-512 VNNI's dot products where the CPU
+                  has them, for decoding; compress/kernels/cpu.cc).
   smooth-w8a8     w8a8 after SmoothQuant (compress/quant/smooth.py): calibration text sets
                   per-channel factors that move activation outliers into the weights.
   kv-int8         an int8 key/value cache with one scale per token and key/value head.
@@ -48,7 +52,7 @@ class Scheme:
     group_size: int | None = None  # input channels per scale; None: one scale per output channel
     zero_point: bool = False  # asymmetric groups: a float offset per group as well
     calibration: str | None = None  # None: round to nearest; 'gptq': GPTQ; 'smoothquant': smoothed, then rounded
-    activation_bits: int | None = None  # dynamic per-token activation quantization (w8a8)
+    activation_bits: int | None = None  # dynamic activation quantization: per token (w8a8), per group (w4a8)
     kv_bits: int | None = None  # integer key/value cache
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # fnmatch patterns of projections left float
     embed: "Scheme | None" = None  # the embedding table's and the LM head's grid (None: both float)
@@ -87,6 +91,10 @@ def _weight_schemes() -> dict[str, Scheme]:
             Scheme(f"int4-g{n}", 4, f"int4 weights, a scale per {n} inputs (symmetric, round to nearest)", group_size=n),
             Scheme(f"int4-g{n}-asym", 4, f"int4 weights, a scale and offset per {n} inputs (round to nearest)",
                    group_size=n, zero_point=True),
+            Scheme(f"w4a8-g{n}", 4, f"int4-g{n} weights and int8 activations, a step per {n} inputs (dynamic)",
+                   group_size=n, activation_bits=8),
+            Scheme(f"w4a8-g{n}-asym", 4, f"int4-g{n}-asym weights and int8 activations, a step per {n} inputs (dynamic)",
+                   group_size=n, zero_point=True, activation_bits=8),
             Scheme(f"gptq-int4-g{n}", 4, f"int4 weights, a scale per {n} inputs, integers chosen by GPTQ",
                    group_size=n, calibration="gptq"),
             Scheme(f"gptq-int4-g{n}-asym", 4, f"int4 weights, a scale and offset per {n} inputs, chosen by GPTQ",
