@@ -75,6 +75,27 @@ def test_greedy_output_is_the_targets_whatever_the_draft_proposes(tiny, drafts, 
         assert stats["decode_steps"] < max(LENGTHS) - 1
 
 
+def test_a_one_row_engine_tiles_its_weights_only_while_its_checks_fit_the_tiled_rows(tiny, drafts):
+    """A speculative step checks 1 + K tokens a row, so a one-slot engine stores the target's weights
+    tiled (the kernels' few-row layout) only while 1 + K <= TILED_ROWS; the draft, a row a step,
+    stays tiled. Either way the greedy tokens are the target's alone."""
+    from compress.kernels import cpu as cpu_kernels
+    from serve import engine as engine_module
+
+    config, params, tokenizer = tiny
+    prompts, lengths = PROMPTS[:2], LENGTHS[:2]
+    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=128, prefix_cache_blocks=0) as plain:
+        want = _greedy(plain, prompts, lengths)
+    kernels = cpu_kernels.available()
+    for k in (engine_module.TILED_ROWS - 1, engine_module.TILED_ROWS):
+        with Engine(params, config, tokenizer, max_slots=1, max_seq_len=128, prefix_cache_blocks=0,
+                    draft=drafts["close"], draft_tokens=k) as spec:
+            target, draft = spec.params["layers"]["up"].get("spec"), spec.draft_params["layers"]["up"].get("spec")
+            assert (target is not None and target.tiled) == (kernels and 1 + k <= engine_module.TILED_ROWS), k
+            assert (draft is not None and draft.tiled) == kernels
+            assert _greedy(spec, prompts, lengths) == want, k
+
+
 @pytest.mark.parametrize("kv_cache, prefix_blocks", [(None, 0), (None, 64), ("int8", 64)])
 def test_greedy_equality_holds_with_the_prefix_cache_and_an_int8_cache(tiny, drafts, kv_cache, prefix_blocks):
     config, params, tokenizer = tiny
