@@ -7,17 +7,21 @@ own, and each measurement alternates between them round by round, so that the ma
 projection shapes as a stack of layers larger than the last-level cache (int8 with a scale per
 output; w8a8, the same weights against activations quantized per row in the call, in each library
 that has integer dot products and as AQT's path on XLA, which w8a8 takes without them; int4
-groups of 32 with scales and offsets; float32 and bfloat16 up to 24 rows), a jitted scan calling the kernel
+groups of 32 with scales and offsets; w4a8, the same codes in its own tiled layout against
+activations quantized per group of 32, in each library that has it; float32 and bfloat16 up to 24 rows), a jitted scan calling the kernel
 once per layer with the next layer's prefetch hint (none for w8a8), as the decoder does; and
 decode attention over a float32 and an int8 cache of 30 layers x 512 slots at SmolLM2's heads
 (9 query heads on 3 of 64 dimensions), 1 and 16 rows. One thread by default (`--threads`), so
 the figures compare the loops, not the workers (XLA, the w8a8 peer, takes the process's CPUs:
 under `taskset -c 0` it has one core too). Reported: microseconds per call (the median of
 `--rounds` scans over all layers, divided by the layers), the weights' or cache's GB/s, and each
-library's time over the first one's.
+library's time over the first one's. With `--tiled`, each library's matmuls also read the same
+weights in the tiled layout that engines of few rows store (compress/quant/matmul.py `tile`), as a
+variant named "LIBRARY tiled" interleaved with the rest.
 
   .venv/bin/python benchmarks/kernel_calls.py [--isas native,avx2,portable] [--out bench-results/kernels.json]
   .venv/bin/python benchmarks/kernel_calls.py --libraries before.so,after.so   # a kernel change, A/B
+  .venv/bin/python benchmarks/kernel_calls.py --isas native --tiled --rows 1,8,16   # rows against tiles
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ SHAPES = {"q/o": (576, 576), "gate/up": (576, 1536), "down": (1536, 576)}
 STACK_BYTES = 96 << 20  # each stack spans at least this much, beyond a 32 MB last-level cache
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS = 9, 3, 64, 30, 512
 TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_bf16_matmul", "press_attention_f32",
-           "press_attention_s8", "press_w8a8_matmul")  # w8a8: only in a library with integer dot products (not the portable loops)
+           "press_attention_s8", "press_w8a8_matmul", "press_w4a8_matmul")  # w8a8, w4a8: not in every library
 XLA_PEER = "AQT on XLA"  # w8a8's plain path (compress/quant/aqt_matmul.py), timed beside the kernel
 
 
@@ -55,14 +59,15 @@ def _built_library(isa: str) -> tuple[str | None, str | None]:
 
 
 def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: list[str],
-           with_bf16: list[str]) -> list[tuple[str, dict, int, dict, tuple]]:
-    """(label, what it measures, calls per scan, {library name: jitted scan}, operands) for each
-    case; w8a8 cases for the libraries in `with_w8a8` only, bfloat16 weights for those in `with_bf16`."""
+           with_bf16: list[str], tiled: bool = False, with_w4a8: tuple[str, ...] = ()) -> list[tuple[str, dict, int, dict]]:
+    """(label, what it measures, calls per scan, {variant: (jitted scan, its operands)}) for each
+    case; w8a8 cases for the libraries in `with_w8a8` only (w4a8: `with_w4a8`), bfloat16 weights for those in `with_bf16`;
+    tiled: a "NAME tiled" variant of each library's int8, int4, float32 and bfloat16 matmuls."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from compress.quant import packed_int4
+    from compress.quant import matmul, packed_int4
 
     t = np.int64(threads)
 
@@ -79,26 +84,36 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
             return jax.jit(run)
         return {name: make(name) for name in among}
 
-    def int8(name, x, i, q, s):
-        return call("press_int8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i, q, i + 1, tiled=False)
+    def int8(name, x, i, q, s, tiled=False):
+        return call("press_int8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i, q, i + 1, tiled=tiled)
 
-    def int4(name, x, i, q, s, o):
+    def int4(name, x, i, q, s, o, tiled=False):
         return call("press_int4_matmul", name, (x.shape[0], q.shape[3]), x, q, s, o, i, q, i + 1, zero_point=True,
-                    has_offset=True, tiled=False)
+                    has_offset=True, tiled=tiled)
 
     def w8a8(name, x, i, q, s):  # each row quantized to int8 in the call, integer dot products
         return call("press_w8a8_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i)
+
+    def w4a8(name, x, i, q, s, o):  # each group of 32 inputs quantized to int8 in the call, integer dot products
+        return call("press_w4a8_matmul", name, (x.shape[0], q.shape[3]), x, q, s, o, i, q, i + 1, zero_point=True,
+                    has_offset=True)
 
     def aqt_w8a8(name, x, i, q, s):  # AQT's per-token int8 activations and its integer dot on XLA
         from compress.quant import aqt_matmul
 
         return aqt_matmul.int_weight_einsum("mk,kn->mn", x, q[i], s[i][None], 8, 8)
 
-    def f32(name, x, i, w):
-        return call("press_f32_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1, tiled=False)
+    def f32(name, x, i, w, tiled=False):
+        return call("press_f32_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1, tiled=tiled)
 
-    def bf16(name, x, i, w):  # bfloat16 weights widened in registers
-        return call("press_bf16_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1, tiled=False)
+    def bf16(name, x, i, w, tiled=False):  # bfloat16 weights widened in registers
+        return call("press_bf16_matmul", name, (x.shape[0], w.shape[2]), x, w, i, w, i + 1, tiled=tiled)
+
+    def tiled_stacks(kind, stack):
+        """The kind's stacked operands with the weights in the tiled layout (the rest unchanged)."""
+        weights, *rest = stack
+        rows = weights.shape[2] if kind == "int4" else matmul.TILE_ROWS  # int4: a group's byte rows a tile
+        return (matmul.tile(weights, 2 if kind == "int4" else 1, lead=1, rows=rows), *rest)
 
     rng = np.random.default_rng(0)
     cases = []
@@ -114,21 +129,30 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
             "f32": (jnp.asarray(rng.standard_normal((layers["f32"], k, n), np.float32)),),
             "bf16": (jnp.asarray(rng.standard_normal((layers["bf16"], k, n), np.float32), jnp.bfloat16),),
         }
-        bodies = {"int8": int8, "int4": int4, "f32": f32, "bf16": bf16, "w8a8": w8a8}
+        bodies = {"int8": int8, "int4": int4, "f32": f32, "bf16": bf16, "w8a8": w8a8, "w4a8": w4a8}
         layers["w8a8"], stacks["w8a8"], bytes_per_layer["w8a8"] = layers["int8"], stacks["int8"], bytes_per_layer["int8"]
-        for kind in ("int8", "w8a8", "int4", "f32", "bf16"):
-            among = with_w8a8 if kind == "w8a8" else with_bf16 if kind == "bf16" else names
+        layers["w4a8"], bytes_per_layer["w4a8"] = layers["int4"], bytes_per_layer["int4"]
+        stacks["w4a8"] = (matmul.w4a8_tile(stacks["int4"][0], 1), *stacks["int4"][1:])
+        for kind in ("int8", "w8a8", "int4", "w4a8", "f32", "bf16"):
+            among = {"w8a8": with_w8a8, "w4a8": list(with_w4a8), "bf16": with_bf16}.get(kind, names)
             if not among:
                 continue
-            fns = scans(layers[kind], bodies[kind], among)
+            fns = {name: (fn, stacks[kind]) for name, fn in scans(layers[kind], bodies[kind], among).items()}
             if kind == "w8a8":  # the path w8a8 takes without the kernel, as the peer
-                fns[XLA_PEER] = scans(layers[kind], aqt_w8a8, [XLA_PEER])[XLA_PEER]
+                fns[XLA_PEER] = (scans(layers[kind], aqt_w8a8, [XLA_PEER])[XLA_PEER], stacks[kind])
+            elif tiled and kind != "w4a8" and matmul.tileable(k, n):
+                body = lambda name, *operands, body=bodies[kind]: body(name[: -len(" tiled")], *operands,  # noqa: E731
+                                                                       tiled=True)
+                tiles = tiled_stacks(kind, stacks[kind])
+                fns.update({name: (fn, tiles) for name, fn in
+                            scans(layers[kind], body, [f"{name} tiled" for name in among]).items()})
             for rows in matmul_rows:
                 if kind in ("f32", "bf16") and rows > 24:
                     continue  # compress/quant/matmul.py FLOAT_ROWS: more rows stay on XLA's dot
                 x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
                 what = {"kernel": kind, "shape": label, "k": k, "n": n, "rows": rows, "bytes": bytes_per_layer[kind]}
-                cases.append((f"{kind} {label} {k}x{n} rows {rows}", what, layers[kind], fns, (x, *stacks[kind])))
+                cases.append((f"{kind} {label} {k}x{n} rows {rows}", what, layers[kind],
+                              {name: (fn, (x, *operands)) for name, (fn, operands) in fns.items()}))
     scale = np.float32(HEAD_DIM ** -0.5)
     for rows in (1, 16):
         shape = (LAYERS, rows, SLOTS, KV_HEADS, HEAD_DIM)
@@ -147,8 +171,8 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
         for kind, body, operands, size in (("float32", f32_attention, floats, 2 * 4 * HEAD_DIM),
                                            ("int8", s8_attention, codes + scales, 2 * (HEAD_DIM + 4))):
             what = {"kernel": f"attention-{kind}", "rows": rows, "slots": SLOTS, "bytes": rows * SLOTS * KV_HEADS * size}
-            cases.append((f"attention {kind} rows {rows} x {SLOTS} slots", what, LAYERS, scans(LAYERS, body),
-                          (q, *operands)))
+            cases.append((f"attention {kind} rows {rows} x {SLOTS} slots", what, LAYERS,
+                          {name: (fn, (q, *operands)) for name, fn in scans(LAYERS, body).items()}))
     return cases
 
 
@@ -160,6 +184,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--only", default="", help="run only the cases whose label contains this")
+    parser.add_argument("--tiled", action="store_true", help="also each library's matmuls on tiled weights")
     parser.add_argument("--out", default="bench-results/kernels.json")
     args = parser.parse_args()
 
@@ -177,7 +202,7 @@ def main() -> None:
         raise SystemExit("kernels: no library to measure (see the lines above)")
     import jax
 
-    w8a8, bf16 = [], []  # the libraries with the w8a8 kernel, with bfloat16 weights
+    w8a8, bf16, w4a8 = [], [], []  # the libraries with the w8a8 kernel, with bfloat16 weights, with w4a8
     for name, path in libraries.items():
         library = ctypes.CDLL(path)  # its own copy of the kernels, workers included
         for target in TARGETS:
@@ -188,17 +213,19 @@ def main() -> None:
             w8a8.append(name)
         if hasattr(library, "press_bf16_matmul"):
             bf16.append(name)
+        if hasattr(library, "press_w4a8_matmul"):
+            w4a8.append(name)
     names = list(libraries)
     results = []
-    for label, what, calls, fns, operands in _cases(names, args.threads, [int(r) for r in args.rows.split(",")], w8a8,
-                                                    bf16):
+    for label, what, calls, fns in _cases(names, args.threads, [int(r) for r in args.rows.split(",")], w8a8, bf16,
+                                          args.tiled, tuple(w4a8)):
         if args.only not in label:
             continue
         times = {name: [] for name in fns}
-        for fn in fns.values():
+        for fn, operands in fns.values():
             fn(*operands).block_until_ready()
         for _ in range(args.rounds):
-            for name, fn in fns.items():
+            for name, (fn, operands) in fns.items():
                 start = time.perf_counter()
                 fn(*operands).block_until_ready()
                 times[name].append(time.perf_counter() - start)
@@ -210,9 +237,9 @@ def main() -> None:
         log(f"kernels: {label}: " + ", ".join(f"{name} {us[name]:.1f} us ({entry['over_first'][name]:.2f}x)"
                                                for name in us))
     ratios = {name: statistics.geometric_mean([r["over_first"][name] for r in results if name in r["over_first"]])
-              for name in names if any(name in r["over_first"] for r in results)}
+              for name in [*names, *(f"{n} tiled" for n in names)] if any(name in r["over_first"] for r in results)}
     log("kernels: geometric mean over the first: " + ", ".join(f"{n} {r:.3f}" for n, r in ratios.items()))
-    write_result(args.out, {"libraries": libraries, "threads": args.threads, "rounds": args.rounds,
+    write_result(args.out, {"libraries": libraries, "threads": args.threads, "rounds": args.rounds, "tiled": args.tiled,
                             "stack_bytes": STACK_BYTES, "geomean_over_first": ratios, "results": results})
 
 

@@ -64,6 +64,7 @@ def test_int8_and_int4_products_equal_float64(rows, k, n):
 
 
 vnni = pytest.mark.skipif(not cpu_kernels.has_w8a8(), reason="no AVX-512 VNNI on this CPU: w8a8 keeps AQT's path")
+w4a8_kernel = pytest.mark.skipif(not cpu_kernels.has_w4a8(), reason="no AVX-512 or AVX2 here: w4a8 takes the int4 kernel")
 
 
 @vnni
@@ -88,7 +89,7 @@ def test_w8a8_products_are_the_per_token_integer_products_aqt_computes(rows, k, 
     np.testing.assert_allclose(got, aqt, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
-@vnni
+@w4a8_kernel
 @pytest.mark.parametrize("rows, k, n, size", [(1, 576, 576, 32), (3, 576, 192, 64), (5, 1536, 576, 32),
                                               (17, 128, 64, 128), (64, 64, 128, 32)])
 def test_w4a8_products_are_each_groups_integer_products(rows, k, n, size):
@@ -121,7 +122,7 @@ def test_w4a8_products_are_each_groups_integer_products(rows, k, n, size):
 @pytest.mark.parametrize("name", ["w4a8-g32", "w4a8-g32-asym+embed-int4-g32-asym"])
 def test_a_w4a8_decoder_computes_what_its_plain_path_does(tiny, name):
     """w4a8 rows take the int4 kernel on the rounded activations; tiled (engines of few rows) the
-    integer kernel, where the CPU has VNNI; prefill undoes the tiles. All compute the plain path's logits."""
+    integer kernel (AVX-512 or AVX2); prefill undoes the tiles. All compute the plain path's logits."""
     config, params, _ = tiny
     q = _quantized(params, name)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, 5)), jnp.int32)
@@ -130,9 +131,9 @@ def test_a_w4a8_decoder_computes_what_its_plain_path_does(tiny, name):
     np.testing.assert_allclose(forward(q, tokens), plain, atol=2e-5 * float(jnp.abs(plain).max()))
     assert forward.lower(q, tokens).as_text().count("press_int4") == 7 + ("embed" in name)
     tiled = matmul.native_float(q, decoder.PROJECTIONS)
-    assert tiled["layers"]["up"]["spec"].tiled == cpu_kernels.has_w8a8()
+    assert tiled["layers"]["up"]["spec"].tiled == cpu_kernels.has_w4a8()
     np.testing.assert_allclose(forward(tiled, tokens), plain, atol=2e-5 * float(jnp.abs(plain).max()))
-    if cpu_kernels.has_w8a8():
+    if cpu_kernels.has_w4a8():
         text = forward.lower(tiled, tokens).as_text()
         assert text.count("press_w4a8") == 5 and text.count("press_int4") == 2 + ("embed" in name)  # k, v: 32 wide
         assert _float_copies(forward.lower(tiled, tokens).compile().as_text(), q) == []
@@ -146,7 +147,7 @@ def test_a_w4a8_decoder_computes_what_its_plain_path_does(tiny, name):
     outputs = []
     for served in (q, matmul.single_device(q)):
         with Engine(served, config, tiny[2], max_slots=4, max_seq_len=64, compilation_cache=False) as engine:
-            assert engine.params["layers"]["up"]["spec"].tiled == (served is q and cpu_kernels.has_w8a8())
+            assert engine.params["layers"]["up"]["spec"].tiled == (served is q and cpu_kernels.has_w4a8())
             outputs.append([o.token_ids for o in engine.generate(["Hello there", "The for statement"],
                                                                   SamplingParams(max_new_tokens=6))])
     assert outputs[0] == outputs[1]

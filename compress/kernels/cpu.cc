@@ -29,8 +29,8 @@
 //   tiled   (the `tiled` attribute of the f32, bf16, int8 and int4 calls) the same arrays with each
 //           16-row block of a narrow matrix (int4: each group's S/2 byte rows) stored as its 64-column
 //           tiles one after another, so the loops read it in order (kTileRows below).
-//   w4a8    (press_w4a8_matmul, AVX-512 VNNI) int4's arrays, its tiles reordered for vpdpbusd, and x
-//           rounded to int8 per group of S inputs: integer products per group (see its section)
+//   w4a8    (press_w4a8_matmul, AVX-512 or AVX2) int4's arrays, its tiles reordered for 4-byte integer
+//           dot products, and x rounded to int8 per group of S inputs: integer products per group
 // N must be a multiple of 16. Work is shared between the calling thread and the kernels' own
 // spinning workers (below; parts claimed from an atomic counter, so the caller never waits on a
 // part nobody has started): a wide matrix (N >= 4096, the LM head) by ranges of columns, a narrow
@@ -43,8 +43,8 @@
 // the layer's keys and values read where they lie in the KV cache; see the section's comment.
 //
 // Built by compress/kernels/cpu.py with the machine's own compiler (-O3 -march=native): AVX-512
-// where the CPU has it, else AVX2 with FMA and F16C (the matmuls, attention and argmax; w8a8 and
-// w4a8 need AVX-512 VNNI), else the same loops in plain C++ for the compiler to vectorise.
+// where the CPU has it, else AVX2 with FMA and F16C (the matmuls, attention, argmax and w4a8; w8a8
+// needs AVX-512 VNNI), else the same loops in plain C++ for the compiler to vectorise (no w4a8).
 
 #include <algorithm>
 #include <cmath>
@@ -215,6 +215,37 @@ struct Simd {
     lo = _mm512_permutexvar_ps(b, table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
   }
+  // Integer vectors (w4a8): 16 int32 lanes, each holding four bytes of one column.
+  using I = __m512i;
+  template <int R> static constexpr int kPassI = 4;  // vectors a pass over a w4a8 tile: all 64 columns
+  static I load_i(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static I bytes(char v) { return _mm512_set1_epi8(v); }
+  static I words(int32_t v) { return _mm512_set1_epi32(v); }
+  static I izero() { return _mm512_setzero_si512(); }
+  static I bit_xor(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I bit_and(I a, I b) { return _mm512_and_si512(a, b); }
+  static I shift_right4(I a) { return _mm512_srli_epi16(a, 4); }
+  static I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static int32_t isum(I a) { return _mm512_reduce_add_epi32(a); }
+  static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  static I to_int(F a) { return _mm512_cvtps_epi32(a); }  // the default rounding: to nearest, ties to even
+  static F abs(F a) { return _mm512_abs_ps(a); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static void store_codes(int8_t* p, I codes) {  // 16 int32 in -127..127 as bytes
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(codes));
+  }
+  // acc + in each lane the four unsigned bytes of u times the four signed bytes of s: vpdpbusd,
+  // else (AVX-512 without VNNI) vpmaddubsw and vpmaddwd, exact while no pair of products
+  // exceeds int16 (w4a8: u <= 15, |s| <= 127).
+  static I dot4(I acc, I u, I s) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+  }
 };
 #elif defined(PRESS_AVX2)
 struct Simd {
@@ -280,6 +311,39 @@ struct Simd {
     const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
     hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+  }
+  // Integer vectors (w4a8): 8 int32 lanes, each holding four bytes of one column. A w4a8 pass
+  // keeps R x P accumulators, two broadcasts a row and the nibbles within 16 registers.
+  using I = __m256i;
+  template <int R> static constexpr int kPassI = R == 1 ? 8 : R == 2 ? 4 : 2;
+  static I load_i(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I bytes(char v) { return _mm256_set1_epi8(v); }
+  static I words(int32_t v) { return _mm256_set1_epi32(v); }
+  static I izero() { return _mm256_setzero_si256(); }
+  static I bit_xor(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I bit_and(I a, I b) { return _mm256_and_si256(a, b); }
+  static I shift_right4(I a) { return _mm256_srli_epi16(a, 4); }
+  static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I isub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static int32_t isum(I a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  }
+  static F to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  static I to_int(F a) { return _mm256_cvtps_epi32(a); }  // the default rounding: to nearest, ties to even
+  static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static void store_codes(int8_t* p, I codes) {  // 8 int32 in -127..127 as bytes (the packs saturate nothing)
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+  }
+  // acc + in each lane the four unsigned bytes of u times the four signed bytes of s (vpdpbusd's
+  // sum) by vpmaddubsw and vpmaddwd, as llama.cpp's AVX2 Q4 x Q8 products: exact while no pair of
+  // products exceeds int16 (w4a8: u <= 15, |s| <= 127, a pair at most 3810).
+  static I dot4(I acc, I u, I s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
   }
 };
 #endif
@@ -952,6 +1016,35 @@ ffi::Error Int4Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
   return ffi::Error::Success();
 }
 
+#ifdef PRESS_SIMD
+// One row of activations to int8 codes (w8a8's rows, w4a8's groups): step = max|x| / 127 (1 for a
+// row of zeros), codes = round-half-even(x / step) clipped to +-127, and the codes' sum.
+inline void quantize_row(const float* x, int64_t K, int8_t* codes, float* step_out, int32_t* sum_out) {
+  constexpr int L = Simd::kLanes;
+  Simd::F top = Simd::zero();
+  int64_t k = 0;
+  for (; k + L <= K; k += L) top = Simd::max(top, Simd::abs(Simd::load(x + k)));
+  float most = Simd::max_lane(top);
+  for (; k < K; ++k) most = std::max(most, std::fabs(x[k]));
+  const float step = most > 0.0f ? most / 127.0f : 1.0f;
+  const Simd::F vstep = Simd::set1(step), lo = Simd::set1(-127.0f), hi = Simd::set1(127.0f);
+  Simd::I total = Simd::izero();
+  int32_t tail = 0;
+  for (k = 0; k + L <= K; k += L) {
+    const Simd::I code = Simd::to_int(Simd::min(Simd::max(Simd::div(Simd::load(x + k), vstep), lo), hi));
+    total = Simd::iadd(total, code);
+    Simd::store_codes(codes + k, code);
+  }
+  for (; k < K; ++k) {
+    const int32_t code = static_cast<int32_t>(std::nearbyint(std::clamp(x[k] / step, -127.0f, 127.0f)));
+    codes[k] = static_cast<int8_t>(code);
+    tail += code;
+  }
+  *step_out = step;
+  *sum_out = Simd::isum(total) + tail;
+}
+#endif
+
 // ---- w8a8: int8 weights times int8 activations on integer dot products (AVX-512 VNNI)
 //
 // Where a step carries 16-64 rows the float kernels above are bound by their multiplies, not by
@@ -1035,33 +1128,6 @@ void w8a8_part(const int32_t* xq, int64_t M, int64_t K, const int8_t* q, int64_t
   }
 }
 
-// One row of activations to int8 codes: step = max|x| / 127 (1 for a row of zeros), codes =
-// round-half-even(x / step) clipped to +-127, and the codes' sum.
-inline void quantize_row(const float* x, int64_t K, int8_t* codes, float* step_out, int32_t* sum_out) {
-  __m512 top = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  float most = _mm512_reduce_max_ps(top);
-  for (; k < K; ++k) most = std::max(most, std::fabs(x[k]));
-  const float step = most > 0.0f ? most / 127.0f : 1.0f;
-  const __m512 vstep = _mm512_set1_ps(step), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  __m512i total = _mm512_setzero_si512();
-  int32_t tail = 0;
-  for (k = 0; k + 16 <= K; k += 16) {
-    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vstep), lo), hi);
-    const __m512i code = _mm512_cvtps_epi32(v);  // the default rounding: to nearest, ties to even
-    total = _mm512_add_epi32(total, code);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
-  }
-  for (; k < K; ++k) {
-    const int32_t code = static_cast<int32_t>(std::nearbyint(std::clamp(x[k] / step, -127.0f, 127.0f)));
-    codes[k] = static_cast<int8_t>(code);
-    tail += code;
-  }
-  *step_out = step;
-  *sum_out = _mm512_reduce_add_epi32(total) + tail;
-}
-
 ffi::Error W8A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
   Int8Call call;
@@ -1116,86 +1182,95 @@ ffi::Error W8A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buff
   return ffi::Error::Success();
 }
 
-// ---- w4a8: packed int4 groups times int8 activations per group (AVX-512 VNNI), tiled codes
+#endif  // PRESS_VNNI
+
+// ---- w4a8: packed int4 groups times int8 activations per group (integer products), tiled codes
 //
 // The w4a8-gN schemes keep int4-gN's stored weights and quantize each group of N activations of
 // a row to int8 with its own step (max |x| / 127, round half to even: quantize_row), as GGUF's
-// Q4_1 meets Q8_1 activations. A group's products are then integer sums: vpdpbusd takes the
-// codes' unsigned nibbles (u = code + 8, 0..15: the stored nibble with its top bit flipped) and
-// four activation codes at a time, 64 products an instruction, where the float int4 loops above
-// convert every nibble to float (bound by those conversions at one row, not by the bytes).
+// Q4_1 meets Q8_1 activations. A group's products are then integer sums of the codes' unsigned
+// nibbles (u = code + 8, 0..15: the stored nibble with its top bit flipped) times four activation
+// codes at a time (Simd::dot4: vpdpbusd on AVX-512 VNNI, 64 products an instruction; vpmaddubsw
+// and vpmaddwd on AVX2, as llama.cpp's Q4_1 x Q8_1), where the float int4 loops above convert
+// every nibble to float (bound by those conversions at one row, not by the bytes).
 //   y[m, n] = sum_g step[m, g] * (scale[g, n] * (usum - 8 csum) + csum * constant[g, n])
 // usum: the group's sum of u times the codes, csum: the sum of the codes, constant: 8 scale +
 // offset for asymmetric groups (w = scale * u + offset), else 0 (w = scale * (u - 8)).
 // Layout (compress/quant/matmul.py w4a8_tile): int4's tiles (a group's J = N/2 byte rows of 64
-// columns, one run), each ordered [J/4 quads][4 vectors of 16 columns][16 columns][4 byte rows],
-// so that a vector's 32-bit lane holds one column's four byte rows of a quad: its low nibbles
-// meet the codes of inputs 4j.. 4j + 3 and its high nibbles those of J + 4j .. + 3.
+// columns, one run), each ordered [J/4 quads][64 columns][4 byte rows], so that a vector's 32-bit
+// lane holds one column's four byte rows of a quad: its low nibbles meet the codes of inputs
+// 4j .. 4j + 3 and its high nibbles those of J + 4j .. + 3.
+#ifdef PRESS_SIMD
+constexpr int kW4Vectors = kTileCols / Simd::kLanes;  // integer vectors across a tile's 64 columns
+constexpr int64_t kW4VectorBytes = 4 * Simd::kLanes;  // each lane four byte rows of one column
 
-// A tile's unsigned nibbles, split into low and high halves: unpacked[2 (4 j + v)] and [... + 1].
-inline void w4a8_unpack(const int8_t* tile, int64_t J, int64_t ahead, __m512i* unpacked) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88)), low = _mm512_set1_epi8(0x0F);
+// A tile's unsigned nibbles, split into low and high halves: unpacked[2 (kW4Vectors j + v)] and [... + 1].
+inline void w4a8_unpack(const int8_t* tile, int64_t J, int64_t ahead, Simd::I* unpacked) {
+  const Simd::I flip = Simd::bytes(static_cast<char>(0x88)), low = Simd::bytes(0x0F);
   for (int64_t j = 0; j < J / 4; ++j) {
     const int8_t* at = tile + j * 256;
     for (int line = 0; line < 256; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + ahead + line), _MM_HINT_T0);
-    for (int v = 0; v < 4; ++v) {
-      const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(at + 64 * v), flip);
-      unpacked[2 * (4 * j + v)] = _mm512_and_si512(u, low);
-      unpacked[2 * (4 * j + v) + 1] = _mm512_and_si512(_mm512_srli_epi16(u, 4), low);
+    for (int v = 0; v < kW4Vectors; ++v) {
+      const Simd::I u = Simd::bit_xor(Simd::load_i(at + kW4VectorBytes * v), flip);
+      unpacked[2 * (kW4Vectors * j + v)] = Simd::bit_and(u, low);
+      unpacked[2 * (kW4Vectors * j + v) + 1] = Simd::bit_and(Simd::shift_right4(u), low);
     }
   }
 }
 
-// Rows m0 .. m0 + R of one tile: its nibbles unpacked here (kUnpacked false: a block of rows that
-// is the whole batch) or read from `unpacked` (w4a8_unpack's, shared by every block of rows).
+// Rows m0 .. m0 + R of one tile, in passes of Simd::kPassI<R> vectors of columns: its nibbles
+// unpacked here (kUnpacked false: a block of rows that is the whole batch) or read from
+// `unpacked` (w4a8_unpack's, shared by every block of rows).
 template <int R, bool kUnpacked = false>
 inline void w4a8_tile(const int8_t* codes, const float* step, const int32_t* csum, int64_t K, int64_t G, int64_t S,
                       const int8_t* tile, const uint16_t* scale, const uint16_t* offset, bool zero_point, float* y,
                       int64_t ldy, int64_t m0, int64_t g, int64_t N, int64_t c, int64_t ahead,
-                      const __m512i* unpacked = nullptr) {
+                      const Simd::I* unpacked = nullptr) {
+  constexpr int P = Simd::template kPassI<R>, L = Simd::kLanes;
   const int64_t J = S / 2;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x88)), low = _mm512_set1_epi8(0x0F);
-  __m512i acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
+  const Simd::I flip = Simd::bytes(static_cast<char>(0x88)), low = Simd::bytes(0x0F);
   const int32_t* xq[R];
   for (int r = 0; r < R; ++r) xq[r] = reinterpret_cast<const int32_t*>(codes + (m0 + r) * K + g * S);
-  for (int64_t j = 0; j < J / 4; ++j) {
-    const int8_t* at = tile + j * 256;
-    if constexpr (!kUnpacked)
-      for (int line = 0; line < 256; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + ahead + line), _MM_HINT_T0);
-    __m512i lo_codes[R], hi_codes[R];
-    for (int r = 0; r < R; ++r) {
-      lo_codes[r] = _mm512_set1_epi32(xq[r][j]);
-      hi_codes[r] = _mm512_set1_epi32(xq[r][J / 4 + j]);
-    }
-    for (int v = 0; v < 4; ++v) {
-      __m512i lo, hi;
-      if constexpr (kUnpacked) {
-        lo = unpacked[2 * (4 * j + v)], hi = unpacked[2 * (4 * j + v) + 1];
-      } else {
-        const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(at + 64 * v), flip);
-        lo = _mm512_and_si512(u, low), hi = _mm512_and_si512(_mm512_srli_epi16(u, 4), low);
+  for (int p0 = 0; p0 < kW4Vectors; p0 += P) {
+    Simd::I acc[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < P; ++v) acc[r][v] = Simd::izero();
+    for (int64_t j = 0; j < J / 4; ++j) {
+      const int8_t* at = tile + j * 256;
+      if constexpr (!kUnpacked)
+        if (p0 == 0)
+          for (int line = 0; line < 256; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + ahead + line), _MM_HINT_T0);
+      Simd::I lo_codes[R], hi_codes[R];
+      for (int r = 0; r < R; ++r) {
+        lo_codes[r] = Simd::words(xq[r][j]);
+        hi_codes[r] = Simd::words(xq[r][J / 4 + j]);
       }
-      for (int r = 0; r < R; ++r)
-        acc[r][v] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][v], lo, lo_codes[r]), hi, hi_codes[r]);
+      for (int v = 0; v < P; ++v) {
+        Simd::I lo, hi;
+        if constexpr (kUnpacked) {
+          lo = unpacked[2 * (kW4Vectors * j + p0 + v)], hi = unpacked[2 * (kW4Vectors * j + p0 + v) + 1];
+        } else {
+          const Simd::I u = Simd::bit_xor(Simd::load_i(at + kW4VectorBytes * (p0 + v)), flip);
+          lo = Simd::bit_and(u, low), hi = Simd::bit_and(Simd::shift_right4(u), low);
+        }
+        for (int r = 0; r < R; ++r) acc[r][v] = Simd::dot4(Simd::dot4(acc[r][v], lo, lo_codes[r]), hi, hi_codes[r]);
+      }
     }
-  }
-  for (int v = 0; v < 4; ++v) {
-    const int64_t at = g * N + c + 16 * v;
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + at)));
-    __m512 constant = _mm512_setzero_ps();
-    if (zero_point) {
-      constant = _mm512_mul_ps(_mm512_set1_ps(8.0f), s);
-      if (offset)
-        constant = _mm512_add_ps(constant, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + at))));
-    }
-    for (int r = 0; r < R; ++r) {
-      const int32_t cs = csum[(m0 + r) * G + g];
-      const __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], _mm512_set1_epi32(8 * cs)));
-      const __m512 group = _mm512_fmadd_ps(s, sums, _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(cs)), constant));
-      float* ym = y + (m0 + r) * ldy + c + 16 * v;
-      _mm512_storeu_ps(ym, _mm512_fmadd_ps(_mm512_set1_ps(step[(m0 + r) * G + g]), group, _mm512_loadu_ps(ym)));
+    for (int v = 0; v < P; ++v) {
+      const int64_t at = g * N + c + L * (p0 + v);
+      const Simd::F s = Simd::load_half(scale + at);
+      Simd::F constant = Simd::zero();
+      if (zero_point) {
+        constant = Simd::mul(Simd::set1(8.0f), s);
+        if (offset) constant = Simd::add(constant, Simd::load_half(offset + at));
+      }
+      for (int r = 0; r < R; ++r) {
+        const int32_t cs = csum[(m0 + r) * G + g];
+        const Simd::F sums = Simd::to_float(Simd::isub(acc[r][v], Simd::words(8 * cs)));
+        const Simd::F group = Simd::fmadd(s, sums, Simd::mul(Simd::set1(static_cast<float>(cs)), constant));
+        float* ym = y + (m0 + r) * ldy + c + L * (p0 + v);
+        Simd::store(ym, Simd::fmadd(Simd::set1(step[(m0 + r) * G + g]), group, Simd::load(ym)));
+      }
     }
   }
 }
@@ -1233,7 +1308,7 @@ ffi::Error W4A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buff
              [=](int64_t c0, int64_t c1, int64_t g0, int64_t g1, float* out, int64_t ldy, int64_t p, int64_t parts) {
                for (int64_t m = 0; m < M; ++m) std::memset(out + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
                if (g1 > g0) prefetch_start(qp, N, g0 * J, (g0 + 1) * J, c0, c1);
-               std::vector<__m512i> unpacked(M > 4 ? 2 * J : 0);  // lo and hi of J / 4 x 4 vectors
+               std::vector<Simd::I> unpacked(M > 4 ? 2 * (J / 4) * kW4Vectors : 0);  // lo and hi of each vector
                for (int64_t g = g0; g < g1; ++g) {
                  const bool last = g + 1 == g1;
                  const int64_t ahead = last ? next.offset(qp + g * J * N, J * N, p, parts) : J * N;
@@ -1249,7 +1324,7 @@ ffi::Error W4A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buff
                      continue;
                    }
                    w4a8_unpack(tile, J, ahead, unpacked.data());  // once, for every block of rows
-                   const __m512i* u = unpacked.data();
+                   const Simd::I* u = unpacked.data();
                    int64_t m0 = 0;
                    for (; m0 + 4 <= M; m0 += 4)
                      w4a8_tile<4, true>(cp, stp, csp, K, G, S, tile, sp, op, zero_point, out, ldy, m0, g, N, c, ahead, u);
@@ -1264,7 +1339,7 @@ ffi::Error W4A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buff
              });
   return ffi::Error::Success();
 }
-#endif
+#endif  // PRESS_SIMD
 
 // ---- decode attention: a few query positions per row against the KV cache, read in place
 //
@@ -1644,7 +1719,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_attention_s8, AttentionS8,
 
 #ifdef PRESS_VNNI
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w8a8_matmul, W8A8Matmul, bind_int8_weights().Ret<F32>().Attr<int64_t>("threads"));
+#endif
 
+#ifdef PRESS_SIMD
 XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w4a8_matmul, W4A8Matmul,
                               ffi::Ffi::Bind()
                                   .Arg<F32>()
@@ -1659,6 +1736,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w4a8_matmul, W4A8Matmul,
                                   .Attr<bool>("zero_point")
                                   .Attr<bool>("has_offset"));
 #endif
+
+// Whether this build has the w4a8 kernel (AVX-512 or AVX2: its integer products), for the Python side.
+extern "C" int press_cpu_kernels_w4a8() {
+#ifdef PRESS_SIMD
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Whether this build has the w8a8 kernel (the CPU has AVX-512 VNNI), for the Python side.
 extern "C" int press_cpu_kernels_vnni() {

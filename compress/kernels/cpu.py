@@ -135,7 +135,8 @@ def _load() -> ctypes.CDLL | None:
         if not os.path.exists(path):
             _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(path)
-        targets = _TARGETS + (("press_w8a8_matmul", "press_w4a8_matmul") if library.press_cpu_kernels_vnni() else ())
+        targets = _TARGETS + (("press_w8a8_matmul",) if library.press_cpu_kernels_vnni() else ()) \
+            + (("press_w4a8_matmul",) if _w4a8_in(library) else ())
         for target in targets:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
         for name in ("press_workers_selftest", "press_kernel_workers"):
@@ -147,7 +148,8 @@ def _load() -> ctypes.CDLL | None:
     avx2 = getattr(library, "press_cpu_kernels_avx2", None)  # absent from a library built before it
     isa = "AVX-512" if library.press_cpu_kernels_avx512() else "AVX2" if avx2 and avx2() else "portable C++"
     _isa = isa
-    isa += ", VNNI w8a8 and w4a8" if library.press_cpu_kernels_vnni() else ", no w8a8/w4a8 kernels (no AVX-512 VNNI)"
+    isa += ", VNNI w8a8" if library.press_cpu_kernels_vnni() else ", no w8a8 kernel (no AVX-512 VNNI)"
+    isa += ", w4a8" if _w4a8_in(library) else ", no w4a8 kernel"
     workers = library.press_kernel_workers()
     _status = f"loaded ({isa}, {workers} worker thread{'s' * (workers != 1)}) from {path}"
     _path = path
@@ -188,6 +190,20 @@ def has_w8a8() -> bool:
     """Whether the w8a8 kernel is built here (the CPU has AVX-512 VNNI's integer dot products)."""
     library = _load()
     return library is not None and bool(library.press_cpu_kernels_vnni())
+
+
+def _w4a8_in(library: ctypes.CDLL) -> bool:
+    """Whether a loaded library has the w4a8 kernel: AVX-512 or AVX2 (a library built before its
+    AVX2 path says so by VNNI alone)."""
+    w4a8 = getattr(library, "press_cpu_kernels_w4a8", None)
+    return bool(w4a8()) if w4a8 is not None else bool(library.press_cpu_kernels_vnni())
+
+
+def has_w4a8() -> bool:
+    """Whether the w4a8 kernel is built here: integer products of int4 codes and int8 activations
+    (vpdpbusd on AVX-512 VNNI; vpmaddubsw and vpmaddwd on other AVX-512 and on AVX2 CPUs)."""
+    library = _load()
+    return library is not None and _w4a8_in(library)
 
 
 def w8a8_usable(rows: int, k: int, out_width: int) -> bool:
@@ -275,7 +291,7 @@ def w4a8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.
     """The w4a8-gN schemes' product: each group of S activations of a row of x quantized to int8
     with its own step (max |x| / 127, round half to even), times int4_matmul's packed codes in
     the w4a8 tiled layout (compress/quant/matmul.py `w4a8_tile`), on integer dot products (AVX-512
-    VNNI: has_w8a8) -> [M, N] float32. Operands as int4_matmul's; S % 8 == 0, N % 64 == 0, N < WIDE."""
+    or AVX2: has_w4a8) -> [M, N] float32. Operands as int4_matmul's; S % 8 == 0, N % 64 == 0, N < WIDE."""
     return _int4_call("press_w4a8_matmul", x, q, scale, offset, zero_point, layer, after)
 
 

@@ -293,7 +293,7 @@ def w4a8_tile(q: jnp.ndarray, lead: int = 0, inverse: bool = False) -> jnp.ndarr
 
 def w4a8_tileable(group: int, n: int) -> bool:
     """Whether the w4a8 kernel takes packed codes of groups of `group` inputs and n outputs."""
-    return group % 8 == 0 and n % TILE_COLS == 0 and n < cpu_kernels.WIDE and cpu_kernels.has_w8a8()
+    return group % 8 == 0 and n % TILE_COLS == 0 and n < cpu_kernels.WIDE and cpu_kernels.has_w4a8()
 
 
 def tileable(k: int, n: int) -> bool:

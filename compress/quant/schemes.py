@@ -13,8 +13,8 @@
                   dynamically, one scale per token; the matmul itself is int8 x int8.
   w4a8-gN[-asym]  int4-gN[-asym] weights and int8 activations quantized dynamically, one
                   step per group of N inputs of a token (GGUF's Q4_1 against Q8_1): each
-                  group's product is int4 x int8 (AVX-512 VNNI's dot products where the CPU
-                  has them, for decoding; compress/kernels/cpu.cc).
+                  group's product is int4 x int8 (integer dot products on AVX-512 or AVX2
+                  CPUs, for decoding; compress/kernels/cpu.cc).
   smooth-w8a8     w8a8 after SmoothQuant (compress/quant/smooth.py): calibration text sets
                   per-channel factors that move activation outliers into the weights.
   kv-int8         an int8 key/value cache with one scale per token and key/value head.
