@@ -8,7 +8,8 @@ projection shapes as a stack of layers larger than the last-level cache (int8 wi
 output; w8a8, the same weights against activations quantized per row in the call, in each library
 that has integer dot products and as AQT's path on XLA, which w8a8 takes without them; int4
 groups of 32 with scales and offsets; w4a8, the same codes in its own tiled layout against
-activations quantized per group of 32, in each library that has it; float32 and bfloat16 up to 24 rows), a jitted scan calling the kernel
+activations quantized per group of 32, and w8a8-g32, the int8 weights so, in each library that has
+them; float32 and bfloat16 up to 24 rows), a jitted scan calling the kernel
 once per layer with the next layer's prefetch hint (none for w8a8), as the decoder does; and
 decode attention over a float32 and an int8 cache of 30 layers x 512 slots at SmolLM2's heads
 (9 query heads on 3 of 64 dimensions), 1 and 16 rows. One thread by default (`--threads`), so
@@ -40,7 +41,7 @@ SHAPES = {"q/o": (576, 576), "gate/up": (576, 1536), "down": (1536, 576)}
 STACK_BYTES = 96 << 20  # each stack spans at least this much, beyond a 32 MB last-level cache
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, SLOTS = 9, 3, 64, 30, 512
 TARGETS = ("press_int8_matmul", "press_int4_matmul", "press_f32_matmul", "press_bf16_matmul", "press_attention_f32",
-           "press_attention_s8", "press_w8a8_matmul", "press_w4a8_matmul")  # w8a8, w4a8: not in every library
+           "press_attention_s8", "press_w8a8_matmul", "press_w4a8_matmul", "press_w8a8g_matmul")  # not in every library
 XLA_PEER = "AQT on XLA"  # w8a8's plain path (compress/quant/aqt_matmul.py), timed beside the kernel
 
 
@@ -59,9 +60,11 @@ def _built_library(isa: str) -> tuple[str | None, str | None]:
 
 
 def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: list[str],
-           with_bf16: list[str], tiled: bool = False, with_w4a8: tuple[str, ...] = ()) -> list[tuple[str, dict, int, dict]]:
+           with_bf16: list[str], tiled: bool = False, with_w4a8: tuple[str, ...] = (),
+           with_w8a8g: tuple[str, ...] = ()) -> list[tuple[str, dict, int, dict]]:
     """(label, what it measures, calls per scan, {variant: (jitted scan, its operands)}) for each
-    case; w8a8 cases for the libraries in `with_w8a8` only (w4a8: `with_w4a8`), bfloat16 weights for those in `with_bf16`;
+    case; w8a8 cases for the libraries in `with_w8a8` only (w4a8: `with_w4a8`, w8a8-g32: `with_w8a8g`), bfloat16
+    weights for those in `with_bf16`;
     tiled: a "NAME tiled" variant of each library's int8, int4, float32 and bfloat16 matmuls."""
     import jax
     import jax.numpy as jnp
@@ -98,6 +101,9 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
         return call("press_w4a8_matmul", name, (x.shape[0], q.shape[3]), x, q, s, o, i, q, i + 1, zero_point=True,
                     has_offset=True)
 
+    def w8a8g(name, x, i, q, s):  # each group of 32 inputs quantized to int8 in the call, integer dot products
+        return call("press_w8a8g_matmul", name, (x.shape[0], q.shape[2]), x, q, s, i, q, i + 1, group=np.int64(32))
+
     def aqt_w8a8(name, x, i, q, s):  # AQT's per-token int8 activations and its integer dot on XLA
         from compress.quant import aqt_matmul
 
@@ -129,18 +135,21 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
             "f32": (jnp.asarray(rng.standard_normal((layers["f32"], k, n), np.float32)),),
             "bf16": (jnp.asarray(rng.standard_normal((layers["bf16"], k, n), np.float32), jnp.bfloat16),),
         }
-        bodies = {"int8": int8, "int4": int4, "f32": f32, "bf16": bf16, "w8a8": w8a8, "w4a8": w4a8}
+        bodies = {"int8": int8, "int4": int4, "f32": f32, "bf16": bf16, "w8a8": w8a8, "w4a8": w4a8, "w8a8g": w8a8g}
         layers["w8a8"], stacks["w8a8"], bytes_per_layer["w8a8"] = layers["int8"], stacks["int8"], bytes_per_layer["int8"]
         layers["w4a8"], bytes_per_layer["w4a8"] = layers["int4"], bytes_per_layer["int4"]
         stacks["w4a8"] = (matmul.w4a8_tile(stacks["int4"][0], 1), *stacks["int4"][1:])
-        for kind in ("int8", "w8a8", "int4", "w4a8", "f32", "bf16"):
-            among = {"w8a8": with_w8a8, "w4a8": list(with_w4a8), "bf16": with_bf16}.get(kind, names)
+        layers["w8a8g"], bytes_per_layer["w8a8g"] = layers["int8"], bytes_per_layer["int8"]
+        stacks["w8a8g"] = (matmul.w8a8g_tile(stacks["int8"][0], 1, 32, lead=1), stacks["int8"][1])
+        for kind in ("int8", "w8a8", "w8a8g", "int4", "w4a8", "f32", "bf16"):
+            among = {"w8a8": with_w8a8, "w4a8": list(with_w4a8), "w8a8g": list(with_w8a8g),
+                     "bf16": with_bf16}.get(kind, names)
             if not among:
                 continue
             fns = {name: (fn, stacks[kind]) for name, fn in scans(layers[kind], bodies[kind], among).items()}
             if kind == "w8a8":  # the path w8a8 takes without the kernel, as the peer
                 fns[XLA_PEER] = (scans(layers[kind], aqt_w8a8, [XLA_PEER])[XLA_PEER], stacks[kind])
-            elif tiled and kind != "w4a8" and matmul.tileable(k, n):
+            elif tiled and kind not in ("w4a8", "w8a8g") and matmul.tileable(k, n):
                 body = lambda name, *operands, body=bodies[kind]: body(name[: -len(" tiled")], *operands,  # noqa: E731
                                                                        tiled=True)
                 tiles = tiled_stacks(kind, stacks[kind])
@@ -202,7 +211,7 @@ def main() -> None:
         raise SystemExit("kernels: no library to measure (see the lines above)")
     import jax
 
-    w8a8, bf16, w4a8 = [], [], []  # the libraries with the w8a8 kernel, with bfloat16 weights, with w4a8
+    w8a8, bf16, w4a8, w8a8g = [], [], [], []  # the libraries with the w8a8 kernel, bfloat16 weights, w4a8, w8a8-gN
     for name, path in libraries.items():
         library = ctypes.CDLL(path)  # its own copy of the kernels, workers included
         for target in TARGETS:
@@ -215,10 +224,12 @@ def main() -> None:
             bf16.append(name)
         if hasattr(library, "press_w4a8_matmul"):
             w4a8.append(name)
+        if hasattr(library, "press_w8a8g_matmul"):
+            w8a8g.append(name)
     names = list(libraries)
     results = []
     for label, what, calls, fns in _cases(names, args.threads, [int(r) for r in args.rows.split(",")], w8a8, bf16,
-                                          args.tiled, tuple(w4a8)):
+                                          args.tiled, tuple(w4a8), tuple(w8a8g)):
         if args.only not in label:
             continue
         times = {name: [] for name in fns}

@@ -35,7 +35,7 @@ from common import log, write_result
 
 SCHEMES = ("int8,kv-int8,int8+kv-int8,w8a8,smooth-w8a8,int4-g64,int4-g32,int4-g64-asym,int4-g32-asym,gptq-int4-g64,"
            "gptq-int4-g32,gptq-int4-g64-asym,int8+embed-int8,int4-g32-asym+embed-int4-g32-asym,"
-           "gptq-int4-g32+embed-int4-g32-asym,w4a8-g32-asym,w4a8-g32-asym+embed-int4-g32-asym")
+           "gptq-int4-g32+embed-int4-g32-asym,w4a8-g32-asym,w4a8-g32-asym+embed-int4-g32-asym,w8a8-g32,w8a8-g32+embed-int8")
 ENCODER_SCHEMES = "int8,w8a8,int4-g64,int4-g32,int4-g32-asym"
 
 

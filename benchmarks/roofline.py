@@ -42,9 +42,10 @@ import numpy as np
 from common import log, write_result
 from decode import PROMPTS
 
-# press's scheme and llama.cpp's type at the same bits; w4a8 also rounds its activations as Q4_1's
-# dot products do (to 8 bits per group of 32: Q8_1).
-PAIRS = {"int8+embed-int8": "Q8_0", "int4-g32-asym+embed-int4-g32-asym": "Q4_1", "w4a8-g32-asym+embed-int4-g32-asym": "Q4_1"}
+# press's scheme and llama.cpp's type at the same bits; w4a8 and w8a8-g32 also round their activations
+# as Q4_1's and Q8_0's dot products do (to 8 bits per group of 32: Q8_1, Q8_0).
+PAIRS = {"int8+embed-int8": "Q8_0", "w8a8-g32+embed-int8": "Q8_0", "int4-g32-asym+embed-int4-g32-asym": "Q4_1",
+         "w4a8-g32-asym+embed-int4-g32-asym": "Q4_1"}
 FLOAT = {"fp32": None, "bf16": "bfloat16"}  # the model itself, its weights in this dtype (computed in float32)
 LLAMA_FTYPES = {"Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
 

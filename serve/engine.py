@@ -117,8 +117,8 @@ MAX_FILLING = 2
 # Weights (float, int8, int4) are stored in the CPU kernels' tiled layout (compress/quant/matmul.py `tile`) when no
 # decode step carries more rows than this (max_slots x (1 + draft tokens), no chunks beside rows): the
 # engine's fp32 step took 0.64-0.91x the time tiled at 1-5 rows but 1.04-1.09x at 8-24
-# (compress/kernels/cpu.cc kTileRows). w4a8's integer kernel reads only a layout of its own, which
-# every engine stores (native_float's own_layouts).
+# (compress/kernels/cpu.cc kTileRows). w4a8's and w8a8-gN's integer kernels read only layouts of their
+# own, which every engine stores (native_float's own_layouts).
 TILED_ROWS = 5
 
 

@@ -63,8 +63,20 @@ def test_int8_and_int4_products_equal_float64(rows, k, n):
                 cpu_kernels.int4_matmul(jnp.asarray(x), tiled, gscale, offset, zero_point, 1, tiled=True), got)
 
 
+def _rounded_per_group(x, size):
+    """x [M, K] with each group of `size` inputs rounded to int8 with its own step (max |x| / 127,
+    half to even, as the kernels round), in float64."""
+    rows, k = x.shape
+    step = np.abs(x.reshape(rows, k // size, size)).max(axis=-1, keepdims=True) / np.float32(127)
+    step[step == 0] = 1
+    codes = np.clip(np.round(x.reshape(rows, k // size, size) / step.astype(np.float32)), -127, 127)
+    return (codes * step).reshape(rows, k).astype(np.float64)
+
+
 vnni = pytest.mark.skipif(not cpu_kernels.has_w8a8(), reason="no AVX-512 VNNI on this CPU: w8a8 keeps AQT's path")
 w4a8_kernel = pytest.mark.skipif(not cpu_kernels.has_w4a8(), reason="no AVX-512 or AVX2 here: w4a8 takes the int4 kernel")
+w8a8g_kernel = pytest.mark.skipif(not cpu_kernels.has_w8a8g(),
+                                  reason="no AVX2 or AVX-512 VNNI here: w8a8-gN takes the int8 kernel")
 
 
 @vnni
@@ -100,11 +112,7 @@ def test_w4a8_products_are_each_groups_integer_products(rows, k, n, size):
     x = rng.standard_normal((rows, k)).astype(np.float32)
     x[0, 3] = 40.0  # an outlier: its group's step is large, the other groups keep theirs
     x[-1, :size] = 0.0  # a group of zeros: step 1, every code 0
-    xg = x.reshape(rows, k // size, size).astype(np.float64)
-    step = np.abs(x.reshape(rows, k // size, size)).max(axis=-1, keepdims=True) / np.float32(127)
-    step[step == 0] = 1
-    codes = np.clip(np.round(x.reshape(xg.shape) / step.astype(np.float32)), -127, 127)  # half to even, as the kernel
-    rounded = (codes * step).reshape(rows, k)
+    rounded = _rounded_per_group(x, size)
     for zero_point in (False, True):
         packed, scale, offset, w = _int4_case(rng, 2, k // size, size, n, zero_point)
         want = rounded @ w[1]
@@ -117,6 +125,61 @@ def test_w4a8_products_are_each_groups_integer_products(rows, k, n, size):
         np.testing.assert_allclose(plain, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
         hinted = cpu_kernels.w4a8_matmul(jnp.asarray(x), tiled, scale, offset, zero_point, 1, after=(tiled, 0))
         np.testing.assert_array_equal(hinted, got)
+
+
+@w8a8g_kernel
+@pytest.mark.parametrize("rows, k, n, size", [(1, 576, 576, 32), (3, 576, 192, 64), (5, 1536, 576, 32),
+                                              (17, 128, 64, 128), (64, 64, 128, 32)])
+def test_w8a8g_products_are_each_groups_integer_products(rows, k, n, size):
+    """The w8a8-gN kernel rounds each group of `size` activations to int8 codes with its own step
+    and sums codes times the int8 weights in integers: float64 math on the same codes, and the
+    plain path (the activations rounded, then int8's product), give the same numbers."""
+    rng = np.random.default_rng(rows + k + n + size)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[0, 3] = 40.0  # an outlier: its group's step is large, the other groups keep theirs
+    x[-1, :size] = 0.0  # a group of zeros: step 1, every code 0
+    q = rng.integers(-127, 128, (3, k, n)).astype(np.int8)
+    q[1, 0, :4] = [-127, 127, -127, 127]  # the codes' ends, where a sign trick could overflow
+    scale = ((rng.random((3, n)) + 0.5) / 100).astype(np.float32)
+    want = (_rounded_per_group(x, size) @ q[1].astype(np.float64)) * scale[1]
+    tiled = matmul.w8a8g_tile(jnp.asarray(q), 1, size, lead=1)
+    assert not np.array_equal(tiled, q) and np.array_equal(matmul.w8a8g_tile(tiled, 1, size, lead=1, inverse=True), q)
+    got = jax.jit(cpu_kernels.w8a8g_matmul, static_argnums=3)(jnp.asarray(x), tiled, scale, size, 1)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    stored = {"qkernel": jnp.asarray(q[1]), "scale": jnp.asarray(scale[1][None])}  # as quantize_kernel stores them
+    plain = matmul.spec_of(schemes.get(f"w8a8-g{size}")).plain_einsum(stored, jnp.asarray(x), "mk,kn->mn")
+    np.testing.assert_allclose(plain, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    hinted = cpu_kernels.w8a8g_matmul(jnp.asarray(x), tiled, scale, size, 1, after=(tiled, 0))
+    np.testing.assert_array_equal(hinted, got)
+
+
+def test_a_w8a8g_decoder_computes_what_its_plain_path_does(tiny):
+    """w8a8-g32 rows take the int8 kernel on the rounded activations; in its own tiled layout
+    (every engine stores it where the kernel is built) the integer kernel; prefill undoes the
+    tiles. All compute the plain path's logits, and QAT rounds the activations the same way."""
+    config, params, _ = tiny
+    q = _quantized(params, "w8a8-g32")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, 5)), jnp.int32)
+    forward = jax.jit(lambda p, t: decoder.forward(p, t, config).logits)
+    plain = forward(matmul.single_device(q), tokens)
+    np.testing.assert_allclose(forward(q, tokens), plain, atol=2e-5 * float(jnp.abs(plain).max()))
+    assert forward.lower(q, tokens).as_text().count("press_int8") == 7
+    tiled = matmul.native_float(q, None, own_layouts=decoder.PROJECTIONS)
+    assert tiled["layers"]["up"]["spec"].tiled == cpu_kernels.has_w8a8g()
+    np.testing.assert_allclose(forward(tiled, tokens), plain, atol=2e-5 * float(jnp.abs(plain).max()))
+    if cpu_kernels.has_w8a8g():
+        text = forward.lower(tiled, tokens).as_text()
+        assert text.count("press_w8a8g") == 5 and text.count("press_int8") == 2  # k, v: 32 wide
+        assert _float_copies(forward.lower(tiled, tokens).compile().as_text(), q) == []
+    long = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 40)), jnp.int32)  # 80 rows
+    want = forward(matmul.single_device(q), long)
+    np.testing.assert_allclose(forward(tiled, long), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    fake = dataclasses.replace(q["layers"]["up"]["spec"], fake=True, tiled=False)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, config.embed_dim)), jnp.float32)
+    kernel = jnp.asarray(np.random.default_rng(3).standard_normal((config.embed_dim, 64)), jnp.float32) / 10
+    np.testing.assert_allclose(fake.plain_einsum({"kernel": kernel}, x, "mk,kn->mn"),
+                               aqt_matmul.fake_quant_einsum("mk,kn->mn", packed_int4.quantize_activations(x, 1, 32),
+                                                            kernel, 8), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["w4a8-g32", "w4a8-g32-asym+embed-int4-g32-asym"])

@@ -15,8 +15,8 @@ from compress.kernels import cpu as cpu_kernels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXACTNESS = ["tests/test_cpu_kernels.py", "tests/test_decode_attention.py", "tests/test_sampling.py",
              "-k", "products_equal_float64 or the_kernel_equals_float64 or greedy_is_jnp_argmax"]
-# w4a8's integer products (vpmaddubsw and vpmaddwd on AVX2); the portable loops have no w4a8 kernel.
-EXTRA = {"avx2": " or w4a8_products", "portable": ""}
+# w4a8's and w8a8-gN's integer products (vpmaddubsw and vpmaddwd on AVX2); the portable loops have neither.
+EXTRA = {"avx2": " or w4a8_products or w8a8g_products", "portable": ""}
 NAMES = {"avx2": "AVX2", "portable": "portable C++"}  # what instruction_set() says each built library runs
 
 

@@ -67,7 +67,7 @@ def test_quantize_command_refuses_bad_requests(int8_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("scheme", ["int4-g64+kv-int8", "int4-g32-asym", "w8a8", "w4a8-g32-asym"])
+@pytest.mark.parametrize("scheme", ["int4-g64+kv-int8", "int4-g32-asym", "w8a8", "w4a8-g32-asym", "w8a8-g32"])
 def test_every_scheme_stores_reloads_and_serves(scheme, tiny_dir, tmp_path):
     out = str(tmp_path / scheme)
     summary = quantize_model(tiny_dir, scheme, out)

@@ -246,6 +246,12 @@ struct Simd {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 #endif
   }
+#ifdef __AVX512VNNI__
+  // acc + in each lane the four signed bytes of w times the four signed bytes of x, plus
+  // kSignedBias times the sum of x's four (w8a8-gN): vpdpbusd on w with its top bit flipped (w + 128).
+  static constexpr int32_t kSignedBias = 128;
+  static I dot4s(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, _mm512_xor_si512(w, bytes(static_cast<char>(0x80))), x); }
+#endif
 };
 #elif defined(PRESS_AVX2)
 struct Simd {
@@ -345,6 +351,11 @@ struct Simd {
   static I dot4(I acc, I u, I s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
   }
+  // acc + in each lane the four signed bytes of w times the four signed bytes of x (w8a8-gN): |x|
+  // times w with x's sign, as llama.cpp's AVX2 Q8 x Q8 products; exact for codes in -127..127 (a
+  // pair at most 32,258 in size).
+  static constexpr int32_t kSignedBias = 0;
+  static I dot4s(I acc, I w, I x) { return dot4(acc, _mm256_abs_epi8(x), _mm256_sign_epi8(w, x)); }
 };
 #endif
 
@@ -1339,6 +1350,103 @@ ffi::Error W4A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buff
              });
   return ffi::Error::Success();
 }
+
+// ---- w8a8-gN: int8 weights (a scale per output) times int8 activations per group, tiled codes
+//
+// The w8a8-gN schemes keep int8's stored weights and quantize each group of N activations of a row
+// to int8 with its own step, as GGUF's Q8_0 x Q8_0 products do: a group's products are integer
+// sums (Simd::dot4s), where the int8 kernel above widens every weight to float (on AVX2, 8 at a
+// time: bound by those conversions at one row). y[m, n] = scale[n] sum_g step[m, g] isum[m, g, n].
+// Layout (compress/quant/matmul.py w8a8g_tile): each group's N/4 quads of input rows, per 64
+// columns one run [N/4 quads][64 columns][4 input rows], so a vector's 32-bit lane holds one
+// column's four inputs of a quad. Built with AVX2 and with AVX-512 VNNI (AVX-512BW has no vpsignb).
+#if defined(PRESS_AVX2) || defined(PRESS_VNNI)
+#define PRESS_W8A8G 1
+
+template <int R>
+inline void w8a8g_tile(const int8_t* codes, const float* step, const int32_t* csum, int64_t K, int64_t G, int64_t S,
+                       const int8_t* tile, const float* scale, float* y, int64_t ldy, int64_t m0, int64_t g,
+                       int64_t c, int64_t ahead) {
+  constexpr int P = Simd::template kPassI<R>, L = Simd::kLanes;
+  const int32_t* xq[R];
+  for (int r = 0; r < R; ++r) xq[r] = reinterpret_cast<const int32_t*>(codes + (m0 + r) * K + g * S);
+  for (int p0 = 0; p0 < kW4Vectors; p0 += P) {
+    Simd::I acc[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < P; ++v) acc[r][v] = Simd::izero();
+    for (int64_t j = 0; j < S / 4; ++j) {
+      const int8_t* at = tile + j * 256;
+      if (p0 == 0)
+        for (int line = 0; line < 256; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + ahead + line), _MM_HINT_T0);
+      Simd::I x[R];
+      for (int r = 0; r < R; ++r) x[r] = Simd::words(xq[r][j]);
+      for (int v = 0; v < P; ++v) {
+        const Simd::I w = Simd::load_i(at + kW4VectorBytes * (p0 + v));
+        for (int r = 0; r < R; ++r) acc[r][v] = Simd::dot4s(acc[r][v], w, x[r]);
+      }
+    }
+    for (int v = 0; v < P; ++v) {
+      const Simd::F s = Simd::load(scale + c + L * (p0 + v));
+      for (int r = 0; r < R; ++r) {
+        const int32_t bias = Simd::kSignedBias * csum[(m0 + r) * G + g];
+        const Simd::F sums = Simd::to_float(Simd::isub(acc[r][v], Simd::words(bias)));
+        float* ym = y + (m0 + r) * ldy + c + L * (p0 + v);
+        Simd::store(ym, Simd::fmadd(Simd::mul(Simd::set1(step[(m0 + r) * G + g]), s), sums, Simd::load(ym)));
+      }
+    }
+  }
+}
+
+ffi::Error W8A8GMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S8> next_q, ffi::Buffer<ffi::S32> next_layer,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t group) {
+  auto dims = q.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("press w8a8-g kernel: codes must be [L, K, N]");
+  const int64_t K = dims[1], N = dims[2], S = group, M = x.element_count() / std::max<int64_t>(K, 1);
+  if (auto error = check(M, N); error.failure()) return error;
+  if (S <= 0 || S % 4 || K % S || N % kTileCols || N >= kWide || scale.element_count() != dims[0] * N)
+    return ffi::Error::InvalidArgument("press w8a8-g kernel: tiled codes need groups of a multiple of 4 dividing K, "
+                                       "N % 64 == 0, N < " + std::to_string(kWide) + " and a scale per output");
+  int64_t l;
+  if (auto error = layer_of(layer, dims[0], &l); error.failure()) return error;
+  const int64_t G = K / S;
+  const float* xp = x.typed_data();
+  const int8_t* qp = q.typed_data() + l * K * N;
+  const float* sp = scale.typed_data() + l * N;
+  float* yp = y->typed_data();
+  std::vector<int8_t> codes(M * K);
+  std::vector<float> steps(M * G);
+  std::vector<int32_t> csums(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g)
+      quantize_row(xp + m * K + g * S, S, codes.data() + m * K + g * S, &steps[m * G + g], &csums[m * G + g]);
+  const int8_t* cp = codes.data();
+  const float* stp = steps.data();
+  const int32_t* csp = csums.data();
+  const NextWeights next = next_weights(next_q, next_layer);
+  split_work(thread_count(threads, K * N, M), M, N, G, yp,
+             [=](int64_t c0, int64_t c1, int64_t g0, int64_t g1, float* out, int64_t ldy, int64_t p, int64_t parts) {
+               for (int64_t m = 0; m < M; ++m) std::memset(out + m * ldy + c0, 0, sizeof(float) * (c1 - c0));
+               if (g1 > g0) prefetch_start(qp, N, g0 * S, (g0 + 1) * S, c0, c1);
+               for (int64_t g = g0; g < g1; ++g) {
+                 const bool last = g + 1 == g1;
+                 const int64_t ahead = last ? next.offset(qp + g * S * N, S * N, p, parts) : S * N;
+                 for (int64_t c = c0; c < c1; c += kTile) {
+                   const int8_t* tile = qp + g * S * N + c * S;
+                   int64_t m0 = 0;
+                   for (; m0 + 4 <= M; m0 += 4) w8a8g_tile<4>(cp, stp, csp, K, G, S, tile, sp, out, ldy, m0, g, c, ahead);
+                   switch (M - m0) {
+                     case 3: w8a8g_tile<3>(cp, stp, csp, K, G, S, tile, sp, out, ldy, m0, g, c, ahead); break;
+                     case 2: w8a8g_tile<2>(cp, stp, csp, K, G, S, tile, sp, out, ldy, m0, g, c, ahead); break;
+                     case 1: w8a8g_tile<1>(cp, stp, csp, K, G, S, tile, sp, out, ldy, m0, g, c, ahead); break;
+                     default: break;
+                   }
+                 }
+               }
+             });
+  return ffi::Error::Success();
+}
+#endif  // PRESS_W8A8G
 #endif  // PRESS_SIMD
 
 // ---- decode attention: a few query positions per row against the KV cache, read in place
@@ -1736,6 +1844,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w4a8_matmul, W4A8Matmul,
                                   .Attr<bool>("zero_point")
                                   .Attr<bool>("has_offset"));
 #endif
+
+#ifdef PRESS_W8A8G
+XLA_FFI_DEFINE_HANDLER_SYMBOL(press_w8a8g_matmul, W8A8GMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<S8>()
+                                  .Arg<F32>()
+                                  .Arg<S32>()
+                                  .Arg<S8>()
+                                  .Arg<S32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("group"));
+#endif
+
+// Whether this build has the w8a8-gN kernel (AVX2, or AVX-512 with VNNI), for the Python side.
+extern "C" int press_cpu_kernels_w8a8g() {
+#ifdef PRESS_W8A8G
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // Whether this build has the w4a8 kernel (AVX-512 or AVX2: its integer products), for the Python side.
 extern "C" int press_cpu_kernels_w4a8() {

@@ -136,7 +136,8 @@ def _load() -> ctypes.CDLL | None:
             _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(path)
         targets = _TARGETS + (("press_w8a8_matmul",) if library.press_cpu_kernels_vnni() else ()) \
-            + (("press_w4a8_matmul",) if _w4a8_in(library) else ())
+            + (("press_w4a8_matmul",) if _w4a8_in(library) else ()) \
+            + (("press_w8a8g_matmul",) if _w8a8g_in(library) else ())
         for target in targets:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
         for name in ("press_workers_selftest", "press_kernel_workers"):
@@ -150,6 +151,7 @@ def _load() -> ctypes.CDLL | None:
     _isa = isa
     isa += ", VNNI w8a8" if library.press_cpu_kernels_vnni() else ", no w8a8 kernel (no AVX-512 VNNI)"
     isa += ", w4a8" if _w4a8_in(library) else ", no w4a8 kernel"
+    isa += ", w8a8-gN" if _w8a8g_in(library) else ", no w8a8-gN kernel"
     workers = library.press_kernel_workers()
     _status = f"loaded ({isa}, {workers} worker thread{'s' * (workers != 1)}) from {path}"
     _path = path
@@ -197,6 +199,19 @@ def _w4a8_in(library: ctypes.CDLL) -> bool:
     AVX2 path says so by VNNI alone)."""
     w4a8 = getattr(library, "press_cpu_kernels_w4a8", None)
     return bool(w4a8()) if w4a8 is not None else bool(library.press_cpu_kernels_vnni())
+
+
+def _w8a8g_in(library: ctypes.CDLL) -> bool:
+    """Whether a loaded library has the w8a8-gN kernel (AVX2, or AVX-512 with VNNI)."""
+    w8a8g = getattr(library, "press_cpu_kernels_w8a8g", None)
+    return w8a8g is not None and bool(w8a8g())
+
+
+def has_w8a8g() -> bool:
+    """Whether the w8a8-gN kernel is built here: integer products of int8 weights and int8
+    activations per group (vpsignb, vpmaddubsw and vpmaddwd on AVX2; vpdpbusd on AVX-512 VNNI)."""
+    library = _load()
+    return library is not None and _w8a8g_in(library)
 
 
 def has_w4a8() -> bool:
@@ -263,6 +278,15 @@ def w8a8_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, layer=0) -> 
     (AQT's per-token numerics), times q[layer] int8 [K, N] * scale[layer] [N], on integer dot
     products -> [M, N] float32; q and scale stacked [L, K, N], [L, N] (read in place) or not."""
     return _int8_weights_call("press_w8a8_matmul", x, q, scale, layer)
+
+
+def w8a8g_matmul(x: jnp.ndarray, q: jnp.ndarray, scale: jnp.ndarray, group: int, layer=0, after=None) -> jnp.ndarray:
+    """The w8a8-gN schemes' product: each group of `group` activations of a row of x [M, K]
+    quantized to int8 with its own step (max |x| / 127, round half to even), times int8_matmul's
+    weights in the w8a8-gN tiled layout (compress/quant/matmul.py `w8a8g_tile`) with a scale per
+    output, on integer dot products (AVX2, or AVX-512 VNNI: has_w8a8g) -> [M, N] float32.
+    group % 4 == 0 dividing K, N % 64 == 0, N < WIDE; after: as int8_matmul's."""
+    return _int8_weights_call("press_w8a8g_matmul", x, q, scale, layer, *_next_operands(after), group=int(group))
 
 
 def _int8_weights_call(target: str, x, q, scale, layer, *extra, **attributes) -> jnp.ndarray:

@@ -52,6 +52,15 @@ class MatmulSpec:
     input_shape: tuple[int, ...] | None = None  # group-wise: the kernel's contracted axes
     native: bool = True  # small-batch matmuls on a CPU may run the native kernels (single-device placement)
     tiled: bool = False  # qkernel's codes in the kernels' tiled layout (`tile`, by `native_float`)
+    activation_group: int | None = None  # w8a8-gN: inputs per activation step (int8 weights per output)
+
+    @property
+    def rounding_group(self) -> int | None:
+        """Inputs per step of the activations' int8 rounding before an integer-weight product
+        (w4a8: its weight groups; w8a8-gN: activation_group), or None (w8a8 rounds per token, in AQT)."""
+        if self.activation_group is not None:
+            return self.activation_group
+        return self.group_size if self.activation_bits is not None else None
 
     @property
     def whole_keys(self) -> tuple[str, ...]:
@@ -60,7 +69,7 @@ class MatmulSpec:
         copied out of it on every step."""
         if not self.native or self.fake:
             return ()
-        if self.activation_bits is None or self.group_size is not None:  # w4a8: the int4 kernels' (or its own)
+        if self.activation_bits is None or self.rounding_group is not None:  # w4a8, w8a8-gN: their own or int4's/int8's
             return _STORED
         w8a8 = self.activation_bits == 8 and self.weight_bits == 8
         return _STORED if w8a8 and cpu_kernels.has_w8a8() else ()
@@ -82,10 +91,10 @@ class MatmulSpec:
     def plain_einsum(self, p: dict[str, Any], x: jnp.ndarray, equation: str) -> jnp.ndarray:
         """`einsum` in plain JAX (AQT, packed int4), for any batch and placement."""
         activation_bits = self.activation_bits
-        if self.group_size is not None and activation_bits is not None:  # w4a8: x rounded per group first
+        if self.rounding_group is not None:  # w4a8, w8a8-gN: x rounded per group first
             n_in = _contracted(equation)[2]
             x = (packed_int4.quantize_activations_ste if self.fake else packed_int4.quantize_activations)(
-                x, n_in, self.group_size)
+                x, n_in, self.rounding_group)
             activation_bits = None
         if self.fake:
             return aqt_matmul.fake_quant_einsum(equation, x, p["kernel"], self.weight_bits, self.group_size,
@@ -93,7 +102,9 @@ class MatmulSpec:
         if self.group_size is None:
             q = p["qkernel"]
             if self.tiled:  # one layer's (einsum slices the stack first)
-                q = tile(q, _contracted(equation)[2], inverse=True)
+                n_in = _contracted(equation)[2]
+                q = w8a8g_tile(q, n_in, self.activation_group, inverse=True) if self.activation_group \
+                    else tile(q, n_in, inverse=True)
             return aqt_matmul.int_weight_einsum(equation, x, q, p["scale"], bits=self.weight_bits,
                                                 activation_bits=activation_bits)
         # Plain JAX, not AQT: see compress/quant/packed_int4.py for why and what it measured.
@@ -149,7 +160,7 @@ def _native_shape(spec: MatmulSpec, p: dict[str, Any], x: jnp.ndarray, equation:
             return None
         k, n = 2 * q.shape[lead] * q.shape[lead + 1], math.prod(q.shape[lead + 2 :])
     m = math.prod(x.shape[: x.ndim - n_in])
-    if spec.activation_bits is not None and spec.group_size is None:
+    if spec.activation_bits is not None and spec.rounding_group is None:
         usable = cpu_kernels.w8a8_usable(m, k, n)
     else:
         usable = cpu_kernels.usable(m, n)
@@ -169,8 +180,14 @@ def _native_einsum(spec: MatmulSpec, equation: str, shape: tuple[int, ...], stor
     stacked = _is_stack(spec, q, n_in, equation)
     layers = q.shape[0] if stacked else 1
     out_dims = q.shape[int(stacked) + (n_in if spec.group_size is None else 2) :]
-    if spec.activation_bits is not None and spec.group_size is None:  # w8a8: int8 activations per row
+    if spec.activation_bits is not None and spec.rounding_group is None:  # w8a8: int8 activations per row
         y = cpu_kernels.w8a8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer)
+    elif spec.activation_group is not None and spec.tiled:  # w8a8-gN on integer dot products
+        y = cpu_kernels.w8a8g_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n),
+                                     spec.activation_group, layer, after)
+    elif spec.activation_group is not None:  # w8a8-gN without them: the same rounded activations, float products
+        y = cpu_kernels.int8_matmul(packed_int4.quantize_activations(x.reshape(m, k), 1, spec.activation_group),
+                                    q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer, after)
     elif spec.group_size is None:
         y = cpu_kernels.int8_matmul(x.reshape(m, k), q.reshape(layers, k, n), stored["scale"].reshape(layers, n), layer,
                                     after, tiled=spec.tiled)
@@ -291,14 +308,39 @@ def w4a8_tile(q: jnp.ndarray, lead: int = 0, inverse: bool = False) -> jnp.ndarr
     return jnp.transpose(q.reshape(*shape[:lead], *blocks), (*range(lead), *order)).reshape(shape)
 
 
+def tileable_columns(n: int) -> bool:
+    """Whether n outputs make whole tiles of the kernels' narrow path (the wide one splits columns)."""
+    return n % TILE_COLS == 0 and n < cpu_kernels.WIDE
+
+
+def w8a8g_tile(q: jnp.ndarray, n_in: int, group: int, lead: int = 0, inverse: bool = False) -> jnp.ndarray:
+    """int8 codes [*lead, *inputs, *outputs] (the first n_in axes after the lead ones contracted,
+    K of them) in the w8a8-gN kernel's tiled layout (inverse: back), the shape kept: each group of
+    `group` inputs, per 64 columns, one run [group/4 quads][64 columns][4 inputs], so that one
+    32-bit lane holds four inputs of one column (compress/kernels/cpu.cc, w8a8-gN)."""
+    shape = q.shape
+    k, n = math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])
+    b = lead
+    if not inverse:  # [G, quads, 4, N/64, 64] -> [G, N/64, quads, 64, 4]
+        blocks, order = (k // group, group // 4, 4, n // TILE_COLS, TILE_COLS), (b, b + 3, b + 1, b + 4, b + 2)
+    else:  # [G, N/64, quads, 64, 4] -> [G, quads, 4, N/64, 64]
+        blocks, order = (k // group, n // TILE_COLS, group // 4, TILE_COLS, 4), (b, b + 2, b + 4, b + 1, b + 3)
+    return jnp.transpose(q.reshape(*shape[:lead], *blocks), (*range(lead), *order)).reshape(shape)
+
+
+def w8a8g_tileable(group: int, k: int, n: int) -> bool:
+    """Whether the w8a8-gN kernel takes int8 codes [k, n] with activation groups of `group` inputs."""
+    return group % 4 == 0 and k % group == 0 and tileable_columns(n) and cpu_kernels.has_w8a8g()
+
+
 def w4a8_tileable(group: int, n: int) -> bool:
     """Whether the w4a8 kernel takes packed codes of groups of `group` inputs and n outputs."""
-    return group % 8 == 0 and n % TILE_COLS == 0 and n < cpu_kernels.WIDE and cpu_kernels.has_w4a8()
+    return group % 8 == 0 and tileable_columns(n) and cpu_kernels.has_w4a8()
 
 
 def tileable(k: int, n: int) -> bool:
     """Whether the kernels take a [k, n] matrix tiled: whole tiles, narrower than the wide path."""
-    return k % TILE_ROWS == 0 and n % TILE_COLS == 0 and n < cpu_kernels.WIDE
+    return k % TILE_ROWS == 0 and tileable_columns(n)
 
 
 def _float_plain(equation: str, kernel: jnp.ndarray, x: jnp.ndarray, layer, tiled: bool = False) -> jnp.ndarray:
@@ -344,7 +386,8 @@ def native_float(params: Any, projections: dict[str, str] | None = None,
     the kernels can take tiled, float, int8 or packed int4 (weight-only), are stored in their
     tiled layout (`tile`), a copy made here (PRESS_TILED_WEIGHTS=0 keeps rows).
     own_layouts: the same for projections whose integer kernel reads only a layout of its own
-    (w4a8: `w4a8_tile`), stored in it for an engine of any width (the plain path undoes it).
+    (w4a8: `w4a8_tile`, w8a8-gN: `w8a8g_tile`), stored in it for an engine of any width (the
+    plain path undoes it).
 
     A decoder's tied float embedding table (`embed` [V, D] without an `lm_head`) becomes the
     head's kernel, its transpose [D, V] with a FloatSpec, as `press quantize` stores a quantized
@@ -386,9 +429,19 @@ def native_float(params: Any, projections: dict[str, str] | None = None,
                 return {**node, "spec": FloatSpec()}
             return {**node, "kernel": tile(kernel, *axes), "spec": FloatSpec(tiled=True)}
         w4a8 = isinstance(spec, MatmulSpec) and spec.group_size is not None and spec.activation_bits is not None
+        w8a8g = isinstance(spec, MatmulSpec) and spec.activation_group is not None
         if isinstance(spec, MatmulSpec) and spec.native and not spec.fake and not spec.tiled \
-                and (spec.activation_bits is None or w4a8) and (own if w4a8 else tiling or {}).get(name) is not None:
+                and (spec.activation_bits is None or w4a8 or w8a8g) \
+                and (own if w4a8 or w8a8g else tiling or {}).get(name) is not None:
             q = node["qkernel"]
+            if w8a8g:  # its own layout where its kernel runs; else rows (the int8 kernel on rounded activations)
+                _, rhs, n_in = _contracted(own[name])
+                lead = q.ndim - len(rhs)
+                k, n = math.prod(q.shape[lead : lead + n_in]), math.prod(q.shape[lead + n_in :])
+                if lead in (0, 1) and w8a8g_tileable(spec.activation_group, k, n):
+                    return {**node, "qkernel": w8a8g_tile(q, n_in, spec.activation_group, lead),
+                            "spec": dataclasses.replace(spec, tiled=True)}
+                return node
             if spec.group_size is None and spec.weight_bits == 8 and (axes := tiled_shape(name, q)) is not None:
                 return {**node, "qkernel": tile(q, *axes), "spec": dataclasses.replace(spec, tiled=True)}
             if spec.group_size is not None:  # packed int4 [*lead, G, S/2, *outputs]
@@ -399,7 +452,7 @@ def native_float(params: Any, projections: dict[str, str] | None = None,
                 if spec.activation_bits is not None:  # w4a8: its own layout, where its kernel runs
                     if lead in (0, 1) and w4a8_tileable(spec.group_size, n):
                         return {**node, "qkernel": w4a8_tile(q, lead), "spec": tiled}
-                elif lead in (0, 1) and n % TILE_COLS == 0 and n < cpu_kernels.WIDE:
+                elif lead in (0, 1) and tileable_columns(n):  # int4: a tile is a group's byte rows
                     return {**node, "qkernel": tile(q, 2, lead, rows=q.shape[lead + 1]), "spec": tiled}
         return {key: walk(value, key) for key, value in node.items()}
 
@@ -418,4 +471,5 @@ def single_device(params: Any) -> Any:
 
 def spec_of(scheme: Scheme) -> MatmulSpec:
     """The spec of a scheme's stored projections (group-wise ones add their input shape)."""
-    return MatmulSpec(scheme.weight_bits, scheme.group_size, scheme.zero_point, scheme.activation_bits)
+    return MatmulSpec(scheme.weight_bits, scheme.group_size, scheme.zero_point, scheme.activation_bits,
+                      activation_group=scheme.activation_group)

@@ -15,6 +15,10 @@
                   step per group of N inputs of a token (GGUF's Q4_1 against Q8_1): each
                   group's product is int4 x int8 (integer dot products on AVX-512 or AVX2
                   CPUs, for decoding; compress/kernels/cpu.cc).
+  w8a8-gN         int8 weights (per output channel) and int8 activations quantized dynamically,
+                  one step per group of N inputs of a token (as GGUF's Q8_0 rounds them): each
+                  group's product is int8 x int8 (integer dot products on AVX2 and AVX-512 VNNI
+                  CPUs, for decoding; compress/kernels/cpu.cc).
   smooth-w8a8     w8a8 after SmoothQuant (compress/quant/smooth.py): calibration text sets
                   per-channel factors that move activation outliers into the weights.
   kv-int8         an int8 key/value cache with one scale per token and key/value head.
@@ -53,6 +57,7 @@ class Scheme:
     zero_point: bool = False  # asymmetric groups: a float offset per group as well
     calibration: str | None = None  # None: round to nearest; 'gptq': GPTQ; 'smoothquant': smoothed, then rounded
     activation_bits: int | None = None  # dynamic activation quantization: per token (w8a8), per group (w4a8)
+    activation_group: int | None = None  # inputs per activation step of w8a8-gN (w4a8's are its weight groups)
     kv_bits: int | None = None  # integer key/value cache
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT  # fnmatch patterns of projections left float
     embed: "Scheme | None" = None  # the embedding table's and the LM head's grid (None: both float)
@@ -95,6 +100,8 @@ def _weight_schemes() -> dict[str, Scheme]:
                    group_size=n, activation_bits=8),
             Scheme(f"w4a8-g{n}-asym", 4, f"int4-g{n}-asym weights and int8 activations, a step per {n} inputs (dynamic)",
                    group_size=n, zero_point=True, activation_bits=8),
+            Scheme(f"w8a8-g{n}", 8, f"int8 weights per output channel and int8 activations, a step per {n} inputs "
+                   "(dynamic)", activation_bits=8, activation_group=n),
             Scheme(f"gptq-int4-g{n}", 4, f"int4 weights, a scale per {n} inputs, integers chosen by GPTQ",
                    group_size=n, calibration="gptq"),
             Scheme(f"gptq-int4-g{n}-asym", 4, f"int4 weights, a scale and offset per {n} inputs, chosen by GPTQ",
