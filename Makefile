@@ -94,7 +94,8 @@ bench: install $(VENV)/.bench
 		--prefix-cache-blocks 0 --out bench-results/server-rag-no-prefix-cache.json
 	$(BIN)/python benchmarks/hostile_clients.py --well-behaved 8 --seconds 60 --max-slots 16 --out bench-results/hostile.json
 	$(BIN)/python benchmarks/roofline.py --out bench-results/roofline.json
-	$(BIN)/python benchmarks/decode.py --batches 1,16,64 --new-tokens 64 --schemes int8,w8a8,int8+embed-int8,int4-g32-asym,w4a8-g32-asym \
+	$(BIN)/python benchmarks/first_token.py --out bench-results/first-token.json
+	$(BIN)/python benchmarks/decode.py --batches 1,16,64 --new-tokens 64 --schemes int8,w8a8,w8a8-g32,int8+embed-int8,int4-g32-asym,w4a8-g32-asym \
 		--work out/roofline --no-peers --out bench-results/decode-schemes.json
 	$(BIN)/python benchmarks/decode.py --batches 1,16,64 --new-tokens 64 --no-peers --float-xla \
 		--out bench-results/decode-float.json
