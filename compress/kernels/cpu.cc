@@ -1054,6 +1054,20 @@ inline void quantize_row(const float* x, int64_t K, int8_t* codes, float* step_o
   *step_out = step;
   *sum_out = Simd::isum(total) + tail;
 }
+
+// Rows x [M, K] rounded group by group (S inputs each, quantize_row): codes [M, K], and per row
+// and group [M, K / S] the step and the codes' sum (w4a8's and w8a8-gN's activations).
+struct GroupCodes {
+  std::vector<int8_t> codes;
+  std::vector<float> steps;
+  std::vector<int32_t> sums;
+  GroupCodes(const float* x, int64_t M, int64_t K, int64_t S) : codes(M * K), steps(M * (K / S)), sums(M * (K / S)) {
+    const int64_t G = K / S;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g)
+        quantize_row(x + m * K + g * S, S, codes.data() + m * K + g * S, &steps[m * G + g], &sums[m * G + g]);
+  }
+};
 #endif
 
 // ---- w8a8: int8 weights times int8 activations on integer dot products (AVX-512 VNNI)
@@ -1304,15 +1318,10 @@ ffi::Error W4A8Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buff
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data()) + l * G * N;
   const uint16_t* op = has_offset ? reinterpret_cast<const uint16_t*>(offset.typed_data()) + l * G * N : nullptr;
   float* yp = y->typed_data();
-  std::vector<int8_t> codes(M * K);
-  std::vector<float> steps(M * G);
-  std::vector<int32_t> csums(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      quantize_row(xp + m * K + g * S, S, codes.data() + m * K + g * S, &steps[m * G + g], &csums[m * G + g]);
-  const int8_t* cp = codes.data();
-  const float* stp = steps.data();
-  const int32_t* csp = csums.data();
+  const GroupCodes rounded(xp, M, K, S);
+  const int8_t* cp = rounded.codes.data();
+  const float* stp = rounded.steps.data();
+  const int32_t* csp = rounded.sums.data();
   const NextWeights next = next_weights(next_q, next_layer);
   const int64_t J = S / 2;
   split_work(thread_count(threads, K * N / 2, M), M, N, G, yp,
@@ -1414,15 +1423,10 @@ ffi::Error W8A8GMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q, ffi::Buf
   const int8_t* qp = q.typed_data() + l * K * N;
   const float* sp = scale.typed_data() + l * N;
   float* yp = y->typed_data();
-  std::vector<int8_t> codes(M * K);
-  std::vector<float> steps(M * G);
-  std::vector<int32_t> csums(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g)
-      quantize_row(xp + m * K + g * S, S, codes.data() + m * K + g * S, &steps[m * G + g], &csums[m * G + g]);
-  const int8_t* cp = codes.data();
-  const float* stp = steps.data();
-  const int32_t* csp = csums.data();
+  const GroupCodes rounded(xp, M, K, S);
+  const int8_t* cp = rounded.codes.data();
+  const float* stp = rounded.steps.data();
+  const int32_t* csp = rounded.sums.data();
   const NextWeights next = next_weights(next_q, next_layer);
   split_work(thread_count(threads, K * N, M), M, N, G, yp,
              [=](int64_t c0, int64_t c1, int64_t g0, int64_t g1, float* out, int64_t ldy, int64_t p, int64_t parts) {
