@@ -279,18 +279,24 @@ class FloatSpec:
 TILE_ROWS, TILE_COLS = 16, 64  # compress/kernels/cpu.cc kTileRows, kTileCols
 
 
+def _permuted(q: jnp.ndarray, lead: int, blocks: tuple[int, ...], order: tuple[int, ...],
+              inverse: bool) -> jnp.ndarray:
+    """q [*lead, ...] viewed as [*lead, *blocks] with the blocks' axes put in `order` (inverse: a
+    tiled q put back), its shape kept: every layout below is one such permutation."""
+    if inverse:
+        blocks, order = tuple(blocks[i] for i in order), tuple(order.index(i) for i in range(len(order)))
+    axes = (*range(lead), *(lead + i for i in order))
+    return jnp.transpose(q.reshape(*q.shape[:lead], *blocks), axes).reshape(q.shape)
+
+
 def tile(kernel: jnp.ndarray, n_in: int, lead: int = 0, inverse: bool = False, rows: int = TILE_ROWS) -> jnp.ndarray:
     """A kernel's numbers in the CPU kernels' tiled layout (inverse: back), its shape kept.
     Viewed as [*lead axes, K, N] (the first n_in axes after the lead ones are contracted), it
     becomes [*lead, K / rows, N / 64, rows, 64]: each rows x 64 tile the kernel reads is one
     contiguous run (compress/kernels/cpu.cc says what it measured). Float and int8 kernels take
     tiles of 16 rows; packed int4 codes [G, S/2, N], tiles of a group's S/2 byte rows."""
-    shape = kernel.shape
-    k, n = math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])
-    blocks = (k // rows, rows, n // TILE_COLS, TILE_COLS)
-    if inverse:
-        blocks = (blocks[0], blocks[2], blocks[1], blocks[3])
-    return kernel.reshape(*shape[:lead], *blocks).swapaxes(-3, -2).reshape(shape)
+    k, n = math.prod(kernel.shape[lead : lead + n_in]), math.prod(kernel.shape[lead + n_in :])
+    return _permuted(kernel, lead, (k // rows, rows, n // TILE_COLS, TILE_COLS), (0, 2, 1, 3), inverse)
 
 
 def w4a8_tile(q: jnp.ndarray, lead: int = 0, inverse: bool = False) -> jnp.ndarray:
@@ -298,14 +304,9 @@ def w4a8_tile(q: jnp.ndarray, lead: int = 0, inverse: bool = False) -> jnp.ndarr
     kernel's tiled layout (inverse: back), the shape kept: `tile`'s runs of a group's J byte rows
     of 64 columns, each ordered [J/4, 4 vectors of 16 columns, 16 columns, 4 byte rows], so that
     one 32-bit lane holds four byte rows of one column (compress/kernels/cpu.cc, w4a8)."""
-    shape = q.shape
-    g, j, n = shape[lead], shape[lead + 1], math.prod(shape[lead + 2 :])
-    b = lead
-    if not inverse:
-        blocks, order = (g, j // 4, 4, n // TILE_COLS, 4, 16), (b, b + 3, b + 1, b + 4, b + 5, b + 2)
-    else:
-        blocks, order = (g, n // TILE_COLS, j // 4, 4, 16, 4), (b, b + 2, b + 5, b + 1, b + 3, b + 4)
-    return jnp.transpose(q.reshape(*shape[:lead], *blocks), (*range(lead), *order)).reshape(shape)
+    g, j, n = q.shape[lead], q.shape[lead + 1], math.prod(q.shape[lead + 2 :])
+    # [G, J/4, 4, N/64, 4, 16] -> [G, N/64, J/4, 4, 16, 4]
+    return _permuted(q, lead, (g, j // 4, 4, n // TILE_COLS, 4, 16), (0, 3, 1, 4, 5, 2), inverse)
 
 
 def tileable_columns(n: int) -> bool:
@@ -318,14 +319,9 @@ def w8a8g_tile(q: jnp.ndarray, n_in: int, group: int, lead: int = 0, inverse: bo
     K of them) in the w8a8-gN kernel's tiled layout (inverse: back), the shape kept: each group of
     `group` inputs, per 64 columns, one run [group/4 quads][64 columns][4 inputs], so that one
     32-bit lane holds four inputs of one column (compress/kernels/cpu.cc, w8a8-gN)."""
-    shape = q.shape
-    k, n = math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])
-    b = lead
-    if not inverse:  # [G, quads, 4, N/64, 64] -> [G, N/64, quads, 64, 4]
-        blocks, order = (k // group, group // 4, 4, n // TILE_COLS, TILE_COLS), (b, b + 3, b + 1, b + 4, b + 2)
-    else:  # [G, N/64, quads, 64, 4] -> [G, quads, 4, N/64, 64]
-        blocks, order = (k // group, n // TILE_COLS, group // 4, TILE_COLS, 4), (b, b + 2, b + 4, b + 1, b + 3)
-    return jnp.transpose(q.reshape(*shape[:lead], *blocks), (*range(lead), *order)).reshape(shape)
+    k, n = math.prod(q.shape[lead : lead + n_in]), math.prod(q.shape[lead + n_in :])
+    # [G, quads, 4, N/64, 64] -> [G, N/64, quads, 64, 4]
+    return _permuted(q, lead, (k // group, group // 4, 4, n // TILE_COLS, TILE_COLS), (0, 3, 1, 4, 2), inverse)
 
 
 def w8a8g_tileable(group: int, k: int, n: int) -> bool:
@@ -408,14 +404,17 @@ def native_float(params: Any, projections: dict[str, str] | None = None,
             and table.dtype in cpu_kernels.FLOAT_WEIGHTS and (projections is not None or table.dtype != jnp.float32):
         params = {**params, "embed": {"kernel": table.T, "spec": FloatSpec()}}
 
-    def tiled_shape(name, array):
-        """(contracted axes, lead axes) of a projection the kernels can take tiled, or None."""
-        equation = (tiling or {}).get(name)
-        if equation is None:
-            return None
+    def shape_of(equation, array):
+        """(contracted axes, lead axes, K, N) of a projection's [*lead, *inputs, *outputs] array."""
         _, rhs, n_in = _contracted(equation)
         lead = array.ndim - len(rhs)
-        k, n = math.prod(array.shape[lead : lead + n_in]), math.prod(array.shape[lead + n_in :])
+        return n_in, lead, math.prod(array.shape[lead : lead + n_in]), math.prod(array.shape[lead + n_in :])
+
+    def tiled_shape(name, array):
+        """(contracted axes, lead axes) of a projection the kernels can take tiled, or None."""
+        if (tiling or {}).get(name) is None:
+            return None
+        n_in, lead, k, n = shape_of(tiling[name], array)
         return (n_in, lead) if lead in (0, 1) and tileable(k, n) else None
 
     def walk(node, name=None):
@@ -435,9 +434,7 @@ def native_float(params: Any, projections: dict[str, str] | None = None,
                 and (own if w4a8 or w8a8g else tiling or {}).get(name) is not None:
             q = node["qkernel"]
             if w8a8g:  # its own layout where its kernel runs; else rows (the int8 kernel on rounded activations)
-                _, rhs, n_in = _contracted(own[name])
-                lead = q.ndim - len(rhs)
-                k, n = math.prod(q.shape[lead : lead + n_in]), math.prod(q.shape[lead + n_in :])
+                n_in, lead, k, n = shape_of(own[name], q)
                 if lead in (0, 1) and w8a8g_tileable(spec.activation_group, k, n):
                     return {**node, "qkernel": w8a8g_tile(q, n_in, spec.activation_group, lead),
                             "spec": dataclasses.replace(spec, tiled=True)}
