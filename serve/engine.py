@@ -156,6 +156,18 @@ def _buckets(smallest: int, largest: int) -> list[int]:
     return out
 
 
+def held_back(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that `stop` starts with, short of all of `stop`: what a
+    stream holds back while the text may be starting a stop string. Only the places where `stop`
+    has the text's last character are tried (the former loop tried every length)."""
+    k = min(len(stop) - 1, len(text))
+    while text and (k := stop.rfind(text[-1], 0, k) + 1) > 0:  # stop[k - 1] is the text's last character
+        if text.endswith(stop[:k]):
+            return k
+        k -= 1
+    return 0
+
+
 def enable_compilation_cache(directory: str | None = None) -> str | None:
     """Point JAX's persistent compilation cache at `directory` unless the user already set one."""
     if jax.config.jax_compilation_cache_dir:
@@ -615,6 +627,8 @@ class Engine:
                  adapter: str | None = None) -> Request:
         params = params or SamplingParams()
         params.validate()
+        if params.stop_token_ids and max(params.stop_token_ids) >= self.config.vocab_size:
+            raise InputError(f"stop_token_ids must be in [0, {self.config.vocab_size}), got {max(params.stop_token_ids)}")
         which = self.adapter_index(adapter)
         ids = self.encode(prompt)
         self.check_fits(len(ids), params.max_new_tokens)
@@ -1151,7 +1165,7 @@ class Engine:
             self.stats["cancelled"] += 1
             return self._release(slot, "cancelled")
         p = r.params
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_id_set:
             return self._release(slot, "stop")
         r.token_ids.append(token)
         self.stats["generated_tokens"] += 1
@@ -1169,10 +1183,7 @@ class Engine:
         # Hold back a partial multi-byte character and anything that may start a stop string.
         safe = len(text) - (1 if text.endswith("\ufffd") else 0)
         for s in p.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
+            safe = min(safe, len(text) - held_back(text, s))
         if safe > r._emitted:
             r._emit(text[r._emitted : safe])
             r._emitted = safe

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import Any
 
-from serve.sampling import SamplingParams
+from serve.sampling import MAX_STOP_TOKEN_IDS, SamplingParams
 
 
 class ApiError(Exception):
@@ -115,8 +115,8 @@ def _sampling(body: dict) -> tuple[dict, int | None, bool, bool]:
     # top_p 0 keeps only the most likely token (the nucleus always holds one); the engine wants > 0.
     fields["top_p"] = 1.0 if top_p is None else max(float(top_p), 1e-9)
     top_k = body.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < -1):
-        raise _bad("top_k", "an integer >= 0 (0 or -1 switch it off)", top_k)
+    if top_k is not None and (not _is_int(top_k) or not -1 <= top_k < 2**31):
+        raise _bad("top_k", "an integer in [0, 2**31) (0 or -1 switch it off)", top_k)
     fields["top_k"] = max(top_k or 0, 0)
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
@@ -129,7 +129,8 @@ def _sampling(body: dict) -> tuple[dict, int | None, bool, bool]:
         raise _bad("stop", "a non-empty string or a list of them", body["stop"])
     fields["stop"] = tuple(stop or ())
     stop_ids = body.get("stop_token_ids")
-    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids)):
+    if stop_ids is not None and (not isinstance(stop_ids, list) or len(stop_ids) <= MAX_STOP_TOKEN_IDS
+                                 and not all(_is_int(t) and t >= 0 for t in stop_ids)):  # longer: SamplingParams says
         raise _bad("stop_token_ids", "a list of token ids", stop_ids)
     fields["stop_token_ids"] = tuple(stop_ids or ())
     ignore_eos = body.get("ignore_eos")
@@ -223,8 +224,17 @@ def sampling_params(request: ParsedRequest, prompt_len: int, max_seq_len: int) -
     max_new = request.max_tokens if request.max_tokens is not None else max(max_seq_len - prompt_len, 1)
     try:
         return SamplingParams(max_new_tokens=max_new, **request.sampling)
-    except ValueError as e:  # checked above; a safety net that still names the problem
-        raise ApiError(400, str(e), code="invalid_value") from e
+    except ValueError as e:  # SamplingParams' own limits (stop), or a safety net
+        raise ApiError(400, str(e), param=param_of(e), code="invalid_value") from e
+
+
+def param_of(error: ValueError) -> str | None:
+    """The request field a SamplingParams or engine error names: its message starts with the field."""
+    field = str(error).split(" ", 1)[0]
+    return {"max_new_tokens": "max_tokens"}.get(field, field) if field in _PARAM_FIELDS else None
+
+
+_PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 # --- responses

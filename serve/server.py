@@ -387,7 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, str(e), code="rate_limit_exceeded", type="rate_limit_error") from None
         except ValueError as e:
-            raise ApiError(400, str(e), code="invalid_value") from None
+            raise ApiError(400, str(e), param=api.param_of(e), code="invalid_value") from None
         for r in requests:
             r.add_done_callback(self.server.metrics.observe)
         head = {"id": response_id, "object": "chat.completion" if chat else "text_completion",

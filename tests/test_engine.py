@@ -86,6 +86,27 @@ def test_stop_strings_end_the_text_before_the_match(engine):
     assert "".join(engine.stream(PROMPTS[1], SamplingParams(max_new_tokens=32, stop=(stop,)))) == out.text
 
 
+def test_held_back_is_the_longest_end_of_the_text_a_stop_starts_with():
+    import random
+
+    from serve.engine import held_back
+
+    def every_length(text, stop):  # the loop it replaced
+        return next((k for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])), 0)
+
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 9)))
+        stop = "".join(rng.choice("abc") for _ in range(rng.randint(1, 9)))
+        assert held_back(text, stop) == every_length(text, stop), (text, stop)
+    assert held_back("the end is ne", "near") == 2 and held_back("near", "near") == 0
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(engine):
+    with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 49152\)"):
+        engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=2, stop_token_ids=(3, 10**20)))
+
+
 def test_seeded_sampling_repeats_whatever_the_batch_mates(engine):
     params = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     alone = engine.generate(PROMPTS[0], params)[0]

@@ -80,6 +80,10 @@ def test_same_seed_same_tokens_regardless_of_row():
         (dict(seed=True), "seed"),
         (dict(stop_token_ids=("3",)), "stop_token_ids"),
         (dict(ignore_eos="no"), "ignore_eos"),
+        (dict(stop=tuple(f"s{i}" for i in range(17))), "stop takes at most 16"),  # matched after every token
+        (dict(stop=("x" * 257,)), "stop takes at most 16 strings of at most 256"),
+        (dict(stop=("fine", "a\ud800")), "stop holds a lone surrogate"),
+        (dict(stop_token_ids=[1] * 1025), "stop_token_ids takes at most 1024"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs, field):
@@ -112,3 +116,8 @@ def test_greedy_is_jnp_argmax_ties_nans_and_all(native, vocab):
     assert fn(jnp.asarray(logits[:1])).shape == (1,)
     hlo = fn.lower(jnp.asarray(logits)).compile().as_text()
     assert ("press_argmax" in hlo) == (native and cpu_kernels.available())
+
+
+def test_stop_token_ids_are_looked_up_as_a_set():
+    params = SamplingParams(stop_token_ids=[7, 3, 7])
+    assert params.stop_token_ids == (7, 3, 7) and params.stop_id_set == {3, 7}
