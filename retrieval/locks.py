@@ -18,10 +18,11 @@ saves replace files by atomic renames (retrieval/store.py), so a search never wa
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import threading
 from typing import Callable, Iterator
+
+from compress import file_locks
 
 
 class ReadWriteLock:
@@ -70,56 +71,18 @@ class ReadWriteLock:
 LOCK_FILE = "write.lock"
 
 
-class _DirectoryLock:
-    """The flock of one directory's lock file, re-entrant within a process (see directory_lock)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.threads = threading.RLock()  # flock does not exclude threads sharing one descriptor
-        self.depth = 0  # nested holds by the thread holding `threads`
-        self.fd: int | None = None
-
-
-_directory_locks: dict[str, _DirectoryLock] = {}
-_directory_locks_guard = threading.Lock()
-
-
 @contextlib.contextmanager
 def directory_lock(directory: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold `directory`'s writer lock: one holder at a time across processes and threads.
 
-    An exclusive `fcntl.flock` on DIRECTORY/write.lock (created if missing, never deleted:
-    deleting a lock file others may hold open would let two holders in). The kernel drops the
-    lock when its holder exits, however it exits, so a killed writer leaves no stale lock.
-    Re-entrant in the holding thread, so a command can hold it around load, update and save.
-    POSIX only; on NFS, Linux maps flock to byte-range locks, which the server arbitrates.
+    compress/file_locks.py's exclusive flock on DIRECTORY/write.lock (created if missing, never
+    deleted); the kernel drops it when its holder exits, however it exits, so a killed writer
+    leaves no stale lock. Re-entrant in the holding thread, so a command can hold it around
+    load, update and save.
 
     Args:
       directory: an existing directory.
       on_wait: called once, before blocking, if another holder has the lock.
     """
-    path = os.path.join(os.path.realpath(directory), LOCK_FILE)
-    with _directory_locks_guard:
-        lock = _directory_locks.setdefault(path, _DirectoryLock(path))
-    with lock.threads:
-        if lock.depth == 0:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if on_wait is not None:
-                        on_wait()
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(fd)
-                raise
-            lock.fd = fd
-        lock.depth += 1
-        try:
-            yield
-        finally:
-            lock.depth -= 1
-            if lock.depth == 0:
-                fd, lock.fd = lock.fd, None
-                os.close(fd)  # closing the last descriptor of the open file releases the flock
+    with file_locks.exclusive(os.path.join(os.path.realpath(directory), LOCK_FILE), on_wait):
+        yield

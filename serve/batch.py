@@ -14,6 +14,9 @@ order, not input order):
   {"id", "text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason"}
 A killed job loses at most the requests in flight. Rerunning the same command resumes: ids
 already in the output are skipped, after a torn last line (a run killed mid-write) is cut off.
+One job writes an output at a time (an flock on it, compress/file_locks.py): a second job on
+it, in another process or thread, is refused at once (InputError, exit status 2 from the
+command, before the model loads); two at once had each written every result.
 
 Errors: one line cannot stop the job or touch another line. A line that cannot run (bad JSON
 or UTF-8, no id, a duplicate id, neither prompt nor messages, bad sampling values, a lone
@@ -55,6 +58,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from compress import file_locks
 from compress.errors import InputError
 from serve.sampling import SamplingParams
 
@@ -312,6 +316,23 @@ def run_batch(
             raise InputError(f"{what} {other} is the input file; pass another path")
     if os.path.abspath(errors_path) == os.path.abspath(output_path):
         raise InputError(f"the errors file and the output are the same file ({output_path})")
+    with sole_writer(output_path):
+        return _run_batch(engine, input_path, output_path, errors_path, defaults, progress, window, shard, done_in,
+                          result_line)
+
+
+def sole_writer(output_path: str):
+    """Hold OUTPUT's writer lock (compress/file_locks.py) for a job, or InputError at once if another
+    job holds it: two jobs on one output each skip only the ids already there when they start,
+    so both wrote every result (and one could cut the other's line in writing as torn)."""
+    return file_locks.exclusive(output_path, refuse=InputError(
+        f"{output_path} is being written by another press batch job (or another process of this one); run one "
+        "job per output: once that one ends, rerunning this command resumes where it stopped"))
+
+
+def _run_batch(engine, input_path: str, output_path: str, errors_path: str, defaults: SamplingParams, progress: bool,
+               window: int | None, shard: tuple[int, int], done_in: Sequence[str], result_line) -> dict:
+    """run_batch's job, its output's writer lock held."""
     index, count = shard
     window = window or WINDOW_PER_SLOT * engine.max_slots
     if getattr(engine, "max_queued", None) is not None:  # never more in flight than the engine accepts
@@ -497,19 +518,8 @@ def merge_parts(output_path: str, errors_path: str, count: int) -> None:
         raise InputError(f"{', '.join(missing)} missing: every process of a multi-host job writes its part beside "
                          f"{output_path}, which must be on a filesystem every host sees; the parts are kept, and "
                          "rerunning the job merges them")
-    done = read_done_ids(output_path)
-    with open(output_path, "ab") as out:
-        for part in outputs:
-            with open(part, "rb") as f:
-                for raw in f:
-                    if not raw.strip() or not raw.endswith(b"\n"):  # a torn last line: that request runs again
-                        continue
-                    key = id_key(json.loads(raw)["id"])
-                    if key not in done:
-                        done.add(key)
-                        out.write(raw)
-        out.flush()
-        os.fsync(out.fileno())
+    with sole_writer(output_path):
+        _append_parts(output_path, outputs)
     lines = []
     for part in errors:
         with open(part, "rb") as f:
@@ -523,6 +533,23 @@ def merge_parts(output_path: str, errors_path: str, count: int) -> None:
     os.replace(staged, errors_path)
     for part in errors + outputs:
         os.remove(part)
+
+
+def _append_parts(output_path: str, outputs: Sequence[str]) -> None:
+    """Append the parts' result lines whose id is not yet in OUTPUT to it, synced to disk."""
+    done = read_done_ids(output_path)
+    with open(output_path, "ab") as out:
+        for part in outputs:
+            with open(part, "rb") as f:
+                for raw in f:
+                    if not raw.strip() or not raw.endswith(b"\n"):  # a torn last line: that request runs again
+                        continue
+                    key = id_key(json.loads(raw)["id"])
+                    if key not in done:
+                        done.add(key)
+                        out.write(raw)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def total_summary(summaries: Sequence[dict], output_path: str, errors_path: str) -> dict:

@@ -10,6 +10,7 @@ What the files hold, how a job resumes and how it splits over devices and hosts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 def run_config(config: BatchConfig) -> int:
     import jax
 
-    from serve.batch import default_errors_path, offline_engine, run_batch
+    from serve.batch import default_errors_path, offline_engine, run_batch, sole_writer
 
     if not os.path.isfile(config.input):
         raise FileNotFoundError(f"{config.input}: no such input file")
@@ -139,9 +140,12 @@ def run_config(config: BatchConfig) -> int:
         # First exchange now, while initialize() has the processes in step: opening the CPU
         # collectives gives up after 30 s, while the exchanges once open wait as long as a share takes.
         _check_same_job(config, errors)
-    engine = offline_engine(config.model, config.max_slots, config.max_seq_len, multi_process=count > 1,
-                            adapters=config.adapters or None, draft=config.draft, draft_tokens=config.draft_tokens)
-    with engine:
+    # One job per output, refused before the model loads (run_batch takes the lock again; a
+    # multi-host job's processes each lock their part there, process 0 the output to merge).
+    with sole_writer(config.output) if count == 1 else contextlib.nullcontext(), \
+            offline_engine(config.model, config.max_slots, config.max_seq_len, multi_process=count > 1,
+                           adapters=config.adapters or None, draft=config.draft,
+                           draft_tokens=config.draft_tokens) as engine:
         if count == 1:
             summary = run_batch(engine, config.input, config.output, errors, config.sampling,
                                 progress=config.progress)
