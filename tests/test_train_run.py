@@ -101,6 +101,22 @@ def test_sigterm_then_kill_9_then_a_rerun_give_the_losses_of_an_uninterrupted_ru
     assert _losses(out) == want  # exactly: the same state, the same batches, the same compiled step
 
 
+def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path):
+    out = tmp_path / "busy"
+    first = _press_train(out, "steps=100000")  # another process, long enough to be running throughout
+    try:
+        _wait_for_step(first, out, 2)
+        with pytest.raises(InputError, match="in use by another training run"):
+            train(_config(out))  # two at once had both run to the end, each step logged twice
+        assert sorted(_losses(out)) == list(range(1, max(_losses(out)) + 1))  # the refused one wrote nothing
+    finally:
+        first.kill()  # -9: the kernel drops its lock
+        first.communicate(timeout=60)
+    with Checkpointer(out / "checkpoints") as ckpt:
+        saved = ckpt.latest_step() or 0  # a save in flight at the kill is not committed
+    assert train(_config(out, f"steps={saved + 1}")).stopped == "done"  # free again: it resumes
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "diverge"
     # Adam moves every weight by about the learning rate: 1e30 leaves nothing finite after one update.

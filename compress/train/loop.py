@@ -21,6 +21,7 @@ What a run does, in order:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -35,7 +36,7 @@ import jax
 import numpy as np
 
 from compress import config as cfg
-from compress import distributed
+from compress import distributed, file_locks
 from compress import pretrained
 from compress import sharding as shd
 from compress.checkpoint import Checkpointer
@@ -53,6 +54,7 @@ from compress.train.step import init_train_state, make_train_step
 from compress.train.state import TrainState
 
 CHECKPOINTS_DIR = "checkpoints"
+RUN_LOCK = "run.lock"  # held by the run writing the directory, never deleted
 EXPORT_DIR = "hf"
 DATA_ITEM = "data"
 
@@ -174,8 +176,27 @@ def train(config: TrainConfig, *, loss_fn: LossFn | None = None, log: Callable[[
 
 
 def run(config: RunConfig, recipe: Callable[[Any], Recipe], *, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Run (or resume) a training job: `recipe(mesh)` says what it trains; `config` how long and where."""
+    """Run (or resume) a training job: `recipe(mesh)` says what it trains; `config` how long and
+    where. One run at a time in an `out` directory: another is refused at once (InputError)."""
     distributed.initialize(config)
+    with _sole_run(config.out):
+        return _run(config, recipe, log)
+
+
+def _sole_run(out: str):
+    """Process 0's hold on out/run.lock (compress/file_locks.py) for the whole run: a second run into
+    the same directory would save its checkpoints, metrics and export among the first's (two
+    `press train` at once both finished, every step logged twice in one metrics.jsonl). A
+    multi-host job's other processes write beside their process 0, under its hold."""
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    os.makedirs(out, exist_ok=True)
+    return file_locks.exclusive(os.path.join(out, RUN_LOCK), refuse=InputError(
+        f"{out} is in use by another training run (press train, distill or finetune); wait for it to end (then "
+        "rerunning this command resumes from its checkpoint), or train into another out directory"))
+
+
+def _run(config: RunConfig, recipe: Callable[[Any], Recipe], log: Callable[[str], None] | None) -> TrainResult:
     checkpointer = None
     if config.save_every:
         import grain
