@@ -122,3 +122,21 @@ def test_smooth_w8a8_is_calibrated_stored_and_served(tiny_dir, tmp_path):
     with Engine(stored.params, stored.config, stored.tokenizer, max_slots=2, max_seq_len=128) as a, \
             Engine(in_memory, float_model.config, float_model.tokenizer, max_slots=2, max_seq_len=128) as b:
         assert [o.token_ids for o in a.generate(PROMPTS[:2], params)] == [o.token_ids for o in b.generate(PROMPTS[:2], params)]
+
+
+def test_a_model_another_process_wrote_meanwhile_is_kept(tmp_path):
+    from compress.formats import quantized
+    from tests.tiny_decoder import tiny_decoder
+
+    config, params, _ = tiny_decoder()
+    qparams = quantize_params(params, decoder.PROJECTIONS, schemes.get("int8"))
+    out = tmp_path / "q"
+
+    class Racing:  # another press quantize renames its finished model to OUT while this one writes
+        def save_pretrained(self, directory):
+            out.mkdir()
+            (out / "config.json").write_text("{}")
+
+    with pytest.raises(FileExistsError, match="written by another process meanwhile"):
+        quantized.save(qparams, config, schemes.get("int8"), str(out), tokenizer=Racing())
+    assert sorted(os.listdir(tmp_path)) == ["q"] and os.listdir(out) == ["config.json"]  # its model kept, no leftovers

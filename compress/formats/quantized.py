@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -72,15 +73,26 @@ def save(qparams: Any, config: decoder.DecoderConfig, scheme: schemes.Scheme, di
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".press-quantize-")
-    os.chmod(tmp, 0o755)
-    tensors = {_name(path): np.asarray(jax.device_get(leaf)) for path, leaf in jax.tree.flatten_with_path(qparams)[0]}
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "press", KEY: scheme.name})
-    hf_config = {**hf_decoder.config_to_hf(config), KEY: {**scheme.storage(), "format": FORMAT}}
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    os.replace(tmp, directory)
+    try:
+        os.chmod(tmp, 0o755)
+        tensors = {_name(path): np.asarray(jax.device_get(leaf))
+                   for path, leaf in jax.tree.flatten_with_path(qparams)[0]}
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "press", KEY: scheme.name})
+        hf_config = {**hf_decoder.config_to_hf(config), KEY: {**scheme.storage(), "format": FORMAT}}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if os.path.isdir(directory) and os.listdir(directory):  # another writer renamed its model there first
+                raise FileExistsError(f"{directory} was written by another process meanwhile; it is kept as that "
+                                      "process wrote it: choose a new --out") from None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written model left beside the output
+        raise
 
 
 def load(directory: str, scheme: schemes.Scheme, *, mesh: Mesh | None = None, dtype: str = "float32"):
