@@ -167,6 +167,21 @@ def test_a_cache_refuses_another_teacher_tokenizer_data_or_k_and_is_left_as_it_w
     with pytest.raises(InputError, match=r"is not empty and holds no teacher cache"):
         tc.write_cache(config, params, tokenizer, small, str(tmp_path / "busy"), k=2, teacher_name="tiny")
 
+    # Another process writing the same directory holds its lock: this writer is refused, the cache untouched.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom compress import file_locks\n"
+                               f"with file_locks.exclusive({os.path.join(directory, tc.LOCK)!r}):\n"
+                               "    print('held', flush=True); time.sleep(300)"],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match="being written by another press teacher-cache"):
+            tc.write_cache(config, params, tokenizer, data, directory, k=K, teacher_name="tiny", batch_size=3)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _manifest(directory) == before[1]
+
 
 def test_a_distillation_run_gets_only_a_complete_cache_of_its_teacher_tokenizer_seq_len_and_k(teacher, cache, tmp_path):
     config, params, tokenizer = teacher

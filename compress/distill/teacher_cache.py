@@ -15,6 +15,7 @@ passes over the documents, 1 for each once), in the pipeline's order, each row s
 teacher's outputs for it. A cache directory holds:
 
   manifest.json       what the cache holds and how far the writer got (below)
+  write.lock          held by the one writer at a time (compress/file_locks.py; never deleted)
   inputs/, targets/, segment_ids/, positions/     zarr3 int32 [N, T]: the pipeline's rows
   loss_mask/          zarr3 float32 [N, T]
   teacher_ids/        zarr3 int32 [N, T, k]: the teacher's k most likely next tokens, most likely first
@@ -63,6 +64,7 @@ import numpy as np
 import tensorstore as ts
 
 from compress import config as cfg
+from compress import file_locks
 from compress.data.pipeline import BATCH_KEYS, DataConfig, train_batches
 from compress.data.sources import ChatDocument, TextDocument, read_sources
 from compress.distill.losses import top_k
@@ -72,6 +74,7 @@ from compress.models import decoder
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = "write.lock"  # held by the writer (compress/file_locks.py), never deleted
 TEACHER_KEYS = ("teacher_ids", "teacher_log_probs")
 # Every array of a cache: (dtype, rank); ranks 2 are [N, T], ranks 3 [N, T, k].
 ARRAYS = {
@@ -207,59 +210,66 @@ def write_cache(
         "k": k,
         "seq_len": data.seq_len,
     }
-    manifest = _read_manifest(directory)
-    if manifest is not None:
-        _refuse_another_cache(manifest, identity, directory)
-        if manifest["complete"]:
-            log(f"{directory} already holds this complete cache ({manifest['rows']} rows); nothing to do")
-            return _summary(directory, manifest, resumed_from=manifest["rows"], written=0, done=True, started=started)
-        log(f"resuming {directory} at row {manifest['rows_done']} of {manifest['rows']}")
-    else:
-        _require_new(directory)
-        count = _count_rows(data, tokenizer, documents)
-        if count == 0:
-            raise InputError(f"{', '.join(data.sources)}: no packed rows to cache (the documents hold no tokens)")
-        log(f"{count} rows of {data.seq_len} tokens to cache in {directory}")
-        manifest = {**identity, "rows": count, "rows_done": 0, "tokens_done": 0, "complete": False}
-        os.makedirs(directory, exist_ok=True)
-        _write_manifest(directory, manifest)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InputError(f"{directory} is a file; give a new or empty directory for the teacher cache")
+    os.makedirs(directory, exist_ok=True)
+    # One writer: two at once would each count, create and commit the arrays (another data config's
+    # shapes over the first's) and move rows_done under each other.
+    with file_locks.exclusive(os.path.join(directory, LOCK), refuse=InputError(
+            f"{directory} is being written by another press teacher-cache; wait for it to end (rerunning then "
+            "continues or confirms its cache), or give another directory")):
+        manifest = _read_manifest(directory)
+        if manifest is not None:
+            _refuse_another_cache(manifest, identity, directory)
+            if manifest["complete"]:
+                log(f"{directory} already holds this complete cache ({manifest['rows']} rows); nothing to do")
+                return _summary(directory, manifest, resumed_from=manifest["rows"], written=0, done=True, started=started)
+            log(f"resuming {directory} at row {manifest['rows_done']} of {manifest['rows']}")
+        else:
+            _require_new(directory)
+            count = _count_rows(data, tokenizer, documents)
+            if count == 0:
+                raise InputError(f"{', '.join(data.sources)}: no packed rows to cache (the documents hold no tokens)")
+            log(f"{count} rows of {data.seq_len} tokens to cache in {directory}")
+            manifest = {**identity, "rows": count, "rows_done": 0, "tokens_done": 0, "complete": False}
+            _write_manifest(directory, manifest)
 
-    resumed_from = manifest["rows_done"]
-    arrays = _open_arrays(directory, manifest, create_rows=batch_size if resumed_from == 0 else None)
-    forward = _teacher_top_k(teacher_config, k)
-    batches = iter(train_batches(data, tokenizer, shard_index=0, shard_count=1, documents=documents))
-    pending = None  # (rows committed once its writes finish, tokens, write futures)
-    last_log = time.perf_counter()
-    try:
-        start = resumed_from
-        for rows in _row_batches(batches, batch_size, skip=resumed_from):
-            n = len(rows["inputs"])
-            if start + n > manifest["rows"]:
-                raise RuntimeError(f"the pipeline gave more than the {manifest['rows']} rows it counted (it should be "
-                                   "deterministic; this is a bug)")
-            teacher = forward(teacher_params, _pad_rows(rows, batch_size))  # dispatched; runs while we commit
+        resumed_from = manifest["rows_done"]
+        arrays = _open_arrays(directory, manifest, create_rows=batch_size if resumed_from == 0 else None)
+        forward = _teacher_top_k(teacher_config, k)
+        batches = iter(train_batches(data, tokenizer, shard_index=0, shard_count=1, documents=documents))
+        pending = None  # (rows committed once its writes finish, tokens, write futures)
+        last_log = time.perf_counter()
+        try:
+            start = resumed_from
+            for rows in _row_batches(batches, batch_size, skip=resumed_from):
+                n = len(rows["inputs"])
+                if start + n > manifest["rows"]:
+                    raise RuntimeError(f"the pipeline gave more than the {manifest['rows']} rows it counted (it should be "
+                                       "deterministic; this is a bug)")
+                teacher = forward(teacher_params, _pad_rows(rows, batch_size))  # dispatched; runs while we commit
+                if pending is not None:
+                    _commit(directory, manifest, *pending)
+                outputs = {**rows, "teacher_ids": np.asarray(teacher.ids)[:n],
+                           "teacher_log_probs": np.asarray(teacher.log_probs)[:n].astype(np.float16)}
+                futures = [arrays[name][start : start + n].write(value) for name, value in outputs.items()]
+                start += n
+                pending = (start, int(np.count_nonzero(rows["segment_ids"])), futures)
+                if time.perf_counter() - last_log > 10:
+                    log(f"row {start} of {manifest['rows']} ({100 * start / manifest['rows']:.0f}%)")
+                    last_log = time.perf_counter()
             if pending is not None:
                 _commit(directory, manifest, *pending)
-            outputs = {**rows, "teacher_ids": np.asarray(teacher.ids)[:n],
-                       "teacher_log_probs": np.asarray(teacher.log_probs)[:n].astype(np.float16)}
-            futures = [arrays[name][start : start + n].write(value) for name, value in outputs.items()]
-            start += n
-            pending = (start, int(np.count_nonzero(rows["segment_ids"])), futures)
-            if time.perf_counter() - last_log > 10:
-                log(f"row {start} of {manifest['rows']} ({100 * start / manifest['rows']:.0f}%)")
-                last_log = time.perf_counter()
-        if pending is not None:
-            _commit(directory, manifest, *pending)
-    finally:
-        batches.close()  # stops the pipeline's prefetch thread
-    if manifest["rows_done"] != manifest["rows"]:
-        raise RuntimeError(f"the pipeline gave {manifest['rows_done']} rows where it counted {manifest['rows']} "
-                           "(it should be deterministic; this is a bug)")
-    manifest["complete"] = True
-    _write_manifest(directory, manifest)
-    log(f"wrote {manifest['rows']} rows of teacher top-{k} to {directory}")
-    return _summary(directory, manifest, resumed_from=resumed_from, written=manifest["rows"] - resumed_from,
-                    done=False, started=started)
+        finally:
+            batches.close()  # stops the pipeline's prefetch thread
+        if manifest["rows_done"] != manifest["rows"]:
+            raise RuntimeError(f"the pipeline gave {manifest['rows_done']} rows where it counted {manifest['rows']} "
+                               "(it should be deterministic; this is a bug)")
+        manifest["complete"] = True
+        _write_manifest(directory, manifest)
+        log(f"wrote {manifest['rows']} rows of teacher top-{k} to {directory}")
+        return _summary(directory, manifest, resumed_from=resumed_from, written=manifest["rows"] - resumed_from,
+                        done=False, started=started)
 
 
 @functools.lru_cache(maxsize=8)
@@ -374,7 +384,7 @@ def _data_keys(data: dict) -> dict:
 
 
 def _require_new(directory: str) -> None:
-    if os.path.isdir(directory) and os.listdir(directory):
+    if os.path.isdir(directory) and set(os.listdir(directory)) - {LOCK}:
         raise InputError(f"{directory} is not empty and holds no teacher cache (no {MANIFEST}); give a new or empty "
                          "directory")
     if os.path.exists(directory) and not os.path.isdir(directory):
