@@ -541,7 +541,13 @@ def config_from_args(args, schema: type[T] | None = None, extra_overrides: Seque
 
 
 def _as_yaml(value: Any) -> str:
-    """A parsed value as override text that reads back as the same value."""
+    """A parsed value as override text that reads back as the same value. Strings are written as
+    YAML's own double-quoted scalars: JSON's spelling leaves DEL, C1 controls, U+FFFF and lone
+    surrogates bare, which YAML's reader refuses (a query then kept its JSON quotes) or folds
+    (NEL became a space)."""
     if isinstance(value, tuple):
         value = list(value)
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        return yaml.dump(value, Dumper=_Dumper, allow_unicode=True, default_flow_style=True, default_style='"',
+                         width=float("inf")).strip()
     return json.dumps(value, ensure_ascii=False)

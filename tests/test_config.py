@@ -316,3 +316,18 @@ def test_dict_fields_update_their_default_entries_from_yaml_and_overrides(tmp_pa
     assert cfg.from_dict(_WithDicts, cfg.to_dict(loaded)) == loaded  # dump and read back
     with pytest.raises(cfg.ConfigError, match=r"sizes\.width.*expected int"):
         cfg.load(_WithDicts, None, ["sizes.width=wide"])
+
+
+@pytest.mark.parametrize("text", ["del\x7f", "nel\x85 end", "c1\x9b", "nonchar\uffff", "caf\udce9", "emoji 😀",
+                                  "a\nb\tc", "hello: world", "it's \"q\"", "  lead", "\\u0041", "yes", "1", "null"])
+def test_command_line_words_reach_the_config_exactly(text):
+    # A flag's or a bare word's text, as argparse gives it (a non-UTF-8 byte of argv as a lone surrogate):
+    # JSON's spelling of it was read back by YAML with its quotes kept, or NEL folded to a space.
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cfg.add_config_arguments(parser, Job, positional="name")
+    assert cfg.config_from_args(parser.parse_args([text])).name == text
+    flags = cfg.add_config_arguments(argparse.ArgumentParser(), Lora)
+    flags.flag("--targets", key="targets", nargs="+")
+    assert cfg.config_from_args(flags.parser.parse_args(["--targets", text, "v"])).targets == (text, "v")
