@@ -41,13 +41,14 @@ import json
 import os
 from typing import Any, Iterable, Iterator
 
-from compress.errors import InputError
+from compress.errors import InputError, check_json_unicode
 from compress.data import corpus
 
 PYDOC_TOPICS = "pydoc:topics"
 TEXT_SUFFIXES = (".txt", ".text", ".rst")
 MARKDOWN_SUFFIXES = (".md", ".markdown")
 JSONL_SUFFIXES = (".jsonl",)
+SURROGATE_HINT = "a \\u escape of a surrogate must pair a high one with a low one"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,9 @@ def read_jsonl_file(path: str, rel: str, text_field: str = "text", root: str | N
             elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
                 raise InputError(f"{where}: 'id' must be a non-empty string or an integer, got {doc_id!r}")
             title = obj.get("title") if isinstance(obj.get("title"), str) else None
+            for key, value in obj.items():  # the text, id, title and metadata alike
+                check_json_unicode(key, f"{where}: a field's name", SURROGATE_HINT)
+                check_json_unicode(value, f"{where}: field {key!r}", SURROGATE_HINT)
             metadata = {k: v for k, v in obj.items() if k not in (text_field, "id")}
             metadata["line"] = number
             yield Document(str(doc_id), text, rel, title, "none", metadata, id_root)
@@ -172,6 +176,7 @@ def read_path(path: str, *, text_field: str = "text", root: str | None = None) -
     files = list(_walk(path)) if os.path.isdir(path) else [path]
     for file in files:
         rel = os.path.relpath(os.path.realpath(file), root)
+        _check_name(file, rel)
         lower = file.lower()
         if lower.endswith(JSONL_SUFFIXES):
             yield from read_jsonl_file(file, rel, text_field, root)
@@ -180,6 +185,19 @@ def read_path(path: str, *, text_field: str = "text", root: str | None = None) -
         else:
             suffixes = ", ".join(TEXT_SUFFIXES + MARKDOWN_SUFFIXES + JSONL_SUFFIXES)
             raise InputError(f"{file}: unsupported file type; press reads {suffixes} (or a directory of them)")
+
+
+def _check_name(file: str, rel: str) -> None:
+    """InputError unless the file's path (its documents' id and source) is UTF-8: Python gives a name
+    of other bytes as lone surrogates, which no tokenizer or SQLite text takes (a TypeError deep in
+    the tokenizer was the index's answer)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(file).decode("utf-8", "backslashreplace")
+        raise InputError(f"{shown}: the file's path is not UTF-8 (its documents' ids are their paths); rename it "
+                         "or leave it out") from None
+
 
 
 def read_documents(paths: Iterable[str], *, text_field: str = "text", root: str | None = None) -> list[Document]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from compress.errors import InputError
+from compress.errors import InputError, check_unicode
 from compress.formats import registry
 from compress import sharding as shd
 from compress.formats.hf_bert import load_encoder
@@ -129,6 +129,7 @@ class SentenceEncoder:
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         """Character (start, end) of each of `text`'s tokens, special tokens excluded, untruncated."""
+        check_unicode(text, "the text")
         with self._tokenizer_lock:
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False,
                                      verbose=False)
@@ -197,6 +198,9 @@ class SentenceEncoder:
         out = np.zeros((len(texts), self.config.embed_dim), np.float32)
         if not texts:
             return out
+        for i, text in enumerate(texts):  # a query of bytes that are not UTF-8 (argv) raised a TypeError
+            if isinstance(text, str):
+                check_unicode(text, f"text {i}" if len(texts) > 1 else "the text")
         with self._tokenizer_lock:
             ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
         # Longest first, so each batch holds similar lengths and pads little.

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from compress.errors import InputError
+from compress.errors import InputError, check_unicode
 from retrieval import store
 from retrieval.chunking import Chunk, ChunkingConfig, chunk_document
 from retrieval.documents import Document
@@ -383,6 +383,9 @@ class Retriever:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InputError(f"k={k!r}; it must be a positive integer")
         queries = list(queries)
+        for i, query in enumerate(queries):
+            if isinstance(query, str):
+                check_unicode(query, f"query {i}" if len(queries) > 1 else "the query")
         vectors = self.encode(queries)  # [q, D], outside the lock
         exact = self.exact if exact is None else exact
         hybrid = self.hybrid if hybrid is None else hybrid

@@ -59,7 +59,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from compress import file_locks
-from compress.errors import InputError
+from compress.errors import InputError, check_json_unicode
 from serve.sampling import SamplingParams
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -125,21 +125,8 @@ def check_text(value: Any, where: str) -> None:
     JSON may spell one ("\\ud800" unpaired) but no UTF-8 text can hold it: tokenizers reject
     it (a TypeError in Hugging Face's fast ones) and it cannot be written back out.
     """
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise LineError(
-                f"'{where}' holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start}): a \\u escape "
-                "of a surrogate must pair a high one with a low one; fix or drop it"
-            ) from None
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            check_text(item, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_text(key, f"{where} (a key)")
-            check_text(item, f"{where}.{key}")
+    check_json_unicode(value, where, "a \\u escape of a surrogate must pair a high one with a low one; fix or drop it",
+                       LineError, quote=True)
 
 
 def _check_sampling_type(name: str, value: Any) -> None:

@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compress.errors import InputError
+from compress.errors import InputError, check_unicode
 from compress import pretrained
 from compress import sharding as shd
 from compress.formats.tokenizer import cache_root
@@ -85,7 +85,7 @@ from compress.models.attention import KVCache
 from serve import prefix_cache as pc
 from serve import speculative
 from serve.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
-from serve.requests import EngineBusy, Prompt, Request, RequestOutput, check_unicode
+from serve.requests import EngineBusy, Prompt, Request, RequestOutput
 from serve.scheduler import FairQueue
 from serve.sampling import SamplingParams, sample
 

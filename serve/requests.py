@@ -24,14 +24,6 @@ class EngineBusy(RuntimeError):
     """The engine's queue is full (Engine.max_queued): retry later."""
 
 
-def check_unicode(text: str, what: str) -> None:
-    """InputError naming the position of a lone surrogate (text that no UTF-8 encoder accepts)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}); "
-                         "send valid Unicode text") from None
-
 
 @dataclasses.dataclass
 class RequestOutput:

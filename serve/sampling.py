@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from compress.errors import check_unicode
 from compress.kernels import cpu as cpu_kernels
 
 # top-k / top-p choose among at most this many highest-scoring tokens: a full sort of a
@@ -73,11 +74,7 @@ class SamplingParams:
             raise ValueError(f"stop takes at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters each, "
                              f"got {len(self.stop)} (the longest {max(map(len, self.stop))} characters)")
         for s in self.stop:
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"stop holds a lone surrogate (U+{ord(s[e.start]):04X}); send valid Unicode text") \
-                    from None
+            check_unicode(s, "stop")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} token ids, got {len(self.stop_token_ids)}")
         if any(not _integer(t) or t < 0 for t in self.stop_token_ids):

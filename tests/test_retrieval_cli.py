@@ -73,6 +73,9 @@ def test_build_search_add_remove(corpus, encoder_dir, capsys):
             assert bikes[h["start"] : h["end"]] == h["text"]
     code, out, _ = press(capsys, "index", "search", "--index", "idx", "sourdough", "-k", "2")
     assert code == 0 and out.startswith("1. ") and "\n2. " in out and "chars" in out
+    # A query of bytes that are not UTF-8 (a Latin-1 terminal's "café"; Python reads argv with surrogateescape)
+    code, _, err = press(capsys, "index", "search", "--index", "idx", os.fsdecode(b"caf\xe9"))
+    assert code == 2 and "the query holds a lone surrogate (U+DCE9 at character 3)" in err, err
 
     # Add: one new file, one changed; the rest unchanged.
     with open("docs/notes/bikes.txt", "w") as f:

@@ -83,6 +83,10 @@ def test_read_documents_ids_sources_and_metadata(corpus):
         ('[1, 2]\n', "text", r"bad\.jsonl:1: expected a JSON object, got list"),
         ('{"text": "a", "id": 1}\n{"text": "b", "id": "1"}\n', "text", r"document id '1' comes twice"),
         ('{"text": "a", "id": true}\n', "text", r"bad\.jsonl:1: 'id' must be a non-empty string or an integer"),
+        # valid JSON but no UTF-8 text: the tokenizer or SQLite raised an internal error
+        ('{"text": "ok"}\n{"text": "a\\ud800b"}\n', "text", r"bad\.jsonl:2: field 'text' holds a lone surrogate \(U\+D800"),
+        ('{"text": "a", "id": "x\\udfff"}\n', "text", r"bad\.jsonl:1: field 'id' holds a lone surrogate"),
+        ('{"text": "a", "tags": ["x", {"k": "\\udc80"}]}\n', "text", r"field 'tags'\[1\]\.k holds a lone surrogate"),
     ],
 )
 def test_bad_jsonl_names_the_file_line_and_field(tmp_path, content, field, message):
@@ -118,6 +122,13 @@ def test_bad_paths_are_named(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8"):
         read_documents([str(tmp_path / "latin1.txt")])
+    # A file name of other bytes than UTF-8 (Python gives them as lone surrogates): the tokenizer raised a TypeError
+    (tmp_path / "names").mkdir()
+    (tmp_path / "names" / "fine.txt").write_text("fine")
+    with open(os.path.join(os.fsencode(tmp_path / "names"), b"caf\xe9.txt"), "w") as f:
+        f.write("text")
+    with pytest.raises(ValueError, match=r"names/caf\\xe9\.txt: the file's path is not UTF-8"):
+        read_documents([str(tmp_path / "names")])
 
 
 def _check_chunks(doc: Document, chunks, encoder, config: ChunkingConfig):

@@ -38,7 +38,7 @@ from typing import Any, Sequence, Union
 from compress.data.corpus import is_held_out, pydoc_topics, read_text_file
 from compress.data.docstrings import STDLIB_SOURCE, ModuleDocstrings, stdlib_modules
 from compress.data.instructions import PYDOC_QA_SOURCE, pydoc_qa
-from compress.errors import InputError
+from compress.errors import InputError, check_unicode
 
 PYDOC_SOURCE = "pydoc"
 BUILTIN_SOURCES = (PYDOC_SOURCE, STDLIB_SOURCE, PYDOC_QA_SOURCE)
@@ -206,13 +206,8 @@ def _string(value: Any, where: str, field: str) -> str:
     """`value` if it is a string every tokenizer can encode; an InputError naming `field` otherwise."""
     if not isinstance(value, str):
         raise InputError(f"{where}: {field} must be a string, got {_json_type(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates
-        raise InputError(
-            f"{where}: {field} holds a lone surrogate (\\u{ord(value[e.start]):04x} at character {e.start}), "
-            f"which is not text; fix the escapes in that line"
-        ) from None
+    check_unicode(value, f"{where}: {field}", "a \\u escape of a surrogate must pair a high one with a low one; "
+                  "fix the escapes in that line")
     return value
 
 
