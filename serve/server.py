@@ -280,6 +280,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_json(self) -> dict:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower() or "Content-Length" not in self.headers:
             raise ApiError(411, "send the JSON body with a Content-Length header", code="length_required")
+        if len(set(self.headers.get_all("Content-Length"))) > 1:  # which one ends the body? (request smuggling)
+            raise ApiError(400, f"conflicting Content-Length headers {self.headers.get_all('Content-Length')}; send one",
+                           code="invalid_request")  # the body unread: the connection closes after the answer
         try:
             length = int(self.headers["Content-Length"])
         except ValueError:

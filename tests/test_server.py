@@ -230,6 +230,16 @@ def test_malformed_requests(server):
     conn.close()
     status, answer = post(server, "/v1/nothing-here", {})
     assert status == 404 and answer["error"]["code"] == "not_found"
+    # Two lengths: which one ends the body is a proxy's guess against ours (request smuggling).
+    body = b'{"prompt": "hi", "max_tokens": 2}'
+    sock = socket.create_connection(server.server_address, timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                 + b"\r\nContent-Length: 5\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer = b""
+    while chunk := sock.recv(65536):  # answered, then closed: the rest is never read as a request
+        answer += chunk
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 400") and b"conflicting Content-Length" in answer and answer.count(b"HTTP/1.1") == 1
 
 
 def test_prompt_longer_than_the_context_is_400(engine, client):
