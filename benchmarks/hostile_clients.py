@@ -50,7 +50,7 @@ EXPECTED = {"disconnect": {"hung_up"}, "disconnect_stream": {"hung_up_after_firs
 METRIC_PREFIXES = ("press_cancelled_requests_total", "press_rejected_requests_total", "press_requests_total",
                    "press_queue_depth", "press_slots_in_use", "press_requests_in_flight", "press_engine_",
                    "press_preempted_requests_total", "press_prefill_chunks_total", "press_decode_rows_total",
-                   "press_prefill_chunk_tokens_total")
+                   "press_prefill_chunk_tokens_total", "press_rows_moved_total")
 
 
 class Outcomes:
@@ -344,7 +344,7 @@ def main() -> None:
                 lines = drain(url)
                 after = counter_values(lines)
                 for name, value in after.items():  # what the engine did in this phase's segments
-                    if name.startswith(("press_engine_", "press_decode_rows", "press_prefill_chunk")):
+                    if name.startswith(("press_engine_", "press_decode_rows", "press_prefill_chunk", "press_rows_moved")):
                         engine_work[phase][name] = engine_work[phase].get(name, 0.0) + value - before.get(name, 0.0)
                 before = after
         client.close()

@@ -18,6 +18,7 @@
                                               row bucket) and rows generating in them (kind="busy")
   press_prefill_chunk_tokens_total{kind}      tokens of those chunks: computed (padded to a chunk size)
                                               and prompt tokens
+  press_rows_moved_total                      busy rows moved down to freed ones for a smaller row bucket
   press_draft_tokens_total                    tokens a draft model proposed (speculative decoding only)
   press_draft_accepted_tokens_total           of those, tokens the model kept
   press_draft_acceptance_rate                 kept over proposed, since start
@@ -64,6 +65,8 @@ class ServerMetrics:
               registry=registry).set_function(lambda: engine.stats["preempted"])
         Gauge("press_prefill_chunks_total", "prompt chunks written by decode steps (chunked prefill)",
               registry=registry).set_function(lambda: engine.stats["prefill_chunks"])
+        Gauge("press_rows_moved_total", "busy rows moved down to freed ones for a smaller row bucket",
+              registry=registry).set_function(lambda: engine.stats["rows_moved"])
         rows = Gauge("press_decode_rows_total", "rows decode steps computed (padded) and rows generating in them",
                      ["kind"], registry=registry)
         chunk_tokens = Gauge("press_prefill_chunk_tokens_total", "tokens of prompt chunks computed (padded) and "

@@ -147,3 +147,33 @@ def test_nine_rows_decode_on_the_12_row_bucket_warmup_compiled_and_as_each_alone
         assert engine.stats["decode_rows"] == 12 * engine.stats["decode_steps"]  # 9 busy rows: the 12 bucket
         alone = [engine.generate(p, sampling)[0] for p in prompts]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def _churn(engine):
+    """Token ids of requests that leave busy rows above freed ones: four prompted together (rows 0-3),
+    two of them short; then, while the long ones decode, a prompt filled in chunks beside them."""
+    sampling = [SamplingParams(max_new_tokens=n, temperature=0.8, top_k=20, seed=i, ignore_eos=True)
+                for i, n in enumerate((2, 30, 3, 40))]
+    first = engine.generate([f"question {i} about the language" for i in range(4)], sampling)
+    started = threading.Event()
+    short = engine.submit("a b c", SamplingParams(max_new_tokens=3, ignore_eos=True))
+    long = engine.submit("d e f", SamplingParams(max_new_tokens=40, ignore_eos=True))
+    threading.Thread(target=lambda: (next(long.deltas(), None), started.set()), daemon=True).start()
+    assert started.wait(120)
+    filled = engine.submit("g h " * 40, SamplingParams(max_new_tokens=5, ignore_eos=True))  # 3 chunks
+    return [o.token_ids for o in first] + [r.result(120).token_ids for r in (short, long, filled)]
+
+
+@pytest.mark.parametrize("kv_cache", [None, "int8"])  # int8: the scales move with their rows
+def test_busy_rows_move_down_to_a_smaller_bucket_and_generate_what_they_would_have(tiny, kv_cache):
+    config, params, tokenizer = tiny
+    kwargs = dict(max_slots=4, max_seq_len=256, kv_cache=kv_cache)
+    with Engine(params, config, tokenizer, compact_rows=False, **kwargs) as still:
+        want = _churn(still)
+        assert still.stats["rows_moved"] == 0
+    with Engine(params, config, tokenizer, **kwargs) as moving:
+        got = _churn(moving)
+        # rows 1 and 3 left busy by rows 0 and 2: row 3 moves to 0, and both decode in 2 rows, not 4
+        assert moving.stats["rows_moved"] >= 1
+        assert moving.stats["decode_rows"] < still.stats["decode_rows"]
+    assert got == want

@@ -354,3 +354,14 @@ def test_a_quantized_draft_directory_is_loaded_like_the_target(exported, tmp_pat
         assert spec.draft_params["layers"]["q"]["qkernel"].dtype == jnp.int8  # served from its integers
         assert _greedy(spec, prompts, (20, 20, 20)) == want
         assert spec.acceptance_rate > 0.3
+
+
+def test_rows_moved_down_take_their_draft_rows_along(tiny, drafts):
+    config, params, tokenizer = tiny
+    sampling = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (2, 30, 3, 40)]
+    prompts = [f"question {i} about the language" for i in range(4)]
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=256) as plain:
+        want = [o.token_ids for o in plain.generate(prompts, sampling)]
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=256, draft=drafts["close"], draft_tokens=3) as spec:
+        assert [o.token_ids for o in spec.generate(prompts, sampling)] == want
+        assert spec.stats["rows_moved"] >= 1  # rows 0 and 2 end first: row 3 moves to row 0, its draft row too

@@ -44,6 +44,7 @@ class ServeConfig:
     share_cap: bool = True  # while others hold or want rows, a request gets no row beyond its fair share
     prefill_delay: float = 1.0  # while decoding, new prompts wait this x the last prefill's time (batched prefills)
     chunked_prefill: bool = True  # short prompts arriving alone are written by the decode steps, a chunk a step
+    compact_rows: bool = True  # busy rows move down into freed ones when a step can then compute fewer rows
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
@@ -97,7 +98,7 @@ def make_engine(config: ServeConfig):
                                   share_cap=config.share_cap,
                                   prefill_delay=config.prefill_delay, adapters=config.adapters or None,
                                   chunked_prefill=config.chunked_prefill, draft=config.draft,
-                                  draft_tokens=config.draft_tokens)
+                                  draft_tokens=config.draft_tokens, compact_rows=config.compact_rows)
 
 
 def run_config(config: ServeConfig) -> int:
