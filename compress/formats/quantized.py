@@ -24,13 +24,14 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from compress import file_locks
 from compress.formats import hf_decoder
 from compress.formats.safetensors_file import SafetensorsSet, save_file
 from compress.formats.tensor_source import FormatError
@@ -66,13 +67,45 @@ def scheme_of(directory: str) -> schemes.Scheme | None:
     return scheme.with_keep_float(info.get("keep_float", schemes.DEFAULT_KEEP_FLOAT))
 
 
+STAGING = ".press-quantize-"  # a model being written, beside its --out, with its writer's lock file
+
+
+def _remove_stale(parent: str, own: str) -> None:
+    """Remove the staging directories in `parent` but `own` whose writer is gone (killed with -9: its
+    lock is free); a live writer holds its lock from before its directory exists until after the
+    rename (and this process's own, re-entrant, would not tell)."""
+    class Held(Exception):
+        pass
+
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if not name.startswith(STAGING) or name.endswith(".lock") or path == own or not os.path.isdir(path):
+            continue
+        try:
+            with file_locks.exclusive(path + ".lock", refuse=Held()):
+                shutil.rmtree(path, ignore_errors=True)
+                os.remove(path + ".lock")
+        except (Held, OSError):
+            pass
+
+
 def save(qparams: Any, config: decoder.DecoderConfig, scheme: schemes.Scheme, directory: str, tokenizer=None) -> None:
     """Write a quantized model directory (written beside, then renamed: never half a model)."""
     if os.path.exists(directory):
         raise FileExistsError(f"{directory} already exists; choose a new --out or delete it")
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".press-quantize-")
+    tmp = os.path.join(parent, f"{STAGING}{uuid.uuid4().hex[:12]}")
+    with file_locks.exclusive(tmp + ".lock"):  # taken before the directory exists: see _remove_stale
+        os.mkdir(tmp)
+        _remove_stale(parent, tmp)
+        try:
+            _write(qparams, config, scheme, directory, tokenizer, tmp)
+        finally:
+            os.remove(tmp + ".lock")
+
+
+def _write(qparams, config, scheme, directory: str, tokenizer, tmp: str) -> None:
     try:
         os.chmod(tmp, 0o755)
         tensors = {_name(path): np.asarray(jax.device_get(leaf))
