@@ -50,7 +50,7 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from serve import openai_protocol as api
 from serve.engine import EngineBusy
@@ -224,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
                                       "data": [self._model_card(name) for name in (engine.name, *engine.adapters)]})
             elif path.startswith("/v1/models/"):
                 self._only(method, "GET")
-                name = path.removeprefix("/v1/models/")
+                name = unquote(path.removeprefix("/v1/models/"))  # clients percent-encode an id's "/" and non-ASCII
                 self._check_model(name)
                 self._send_json(200, self._model_card(name))
             elif path in ("/v1/completions", "/v1/chat/completions"):

@@ -154,6 +154,10 @@ def test_stream_wire_format(server):
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
+    encoded = "".join(f"%{b:02X}" for b in MODEL.encode())  # every byte percent-encoded, as a client may send it
+    with urllib.request.urlopen(urllib.request.Request(f"{server.url}/v1/models/{encoded}",
+                                                       headers={"Authorization": f"Bearer {KEY}"}), timeout=30) as r:
+        assert json.load(r)["id"] == MODEL
     with urllib.request.urlopen(f"{server.url}/health", timeout=30) as r:  # no key needed
         assert json.load(r) == {"status": "ok"}
 
