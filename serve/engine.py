@@ -22,7 +22,10 @@ Scheduling (continuous batching): a background thread loops; each turn it prefil
 requests into free rows, then runs one decode step for all active rows. A finished row is
 freed at once and a waiting request is prefilled into it on the next turn, so one long
 request never holds a batch of short ones hostage. Requests with different sampling
-settings share a step (serve/sampling.py samples row by row).
+settings share a step (serve/sampling.py samples row by row). A step computes every row up
+to the highest busy one (padded to a row bucket), so when rows end below busy ones, the busy
+ones move down (their keys and values copied once) as soon as that lets the step compute a
+smaller bucket (`compact_rows`).
 
 Chunked prefill: while rows are decoding, a short prompt that arrives alone (the usual case
 for a server) is not prefilled by a call of its own, which would stall every decoding row
