@@ -117,6 +117,12 @@ CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get
 # two alternated pairs of runs) but the hostile benchmark's ratio went to 1.94x (1.25-1.76x with
 # 2): the prompts of clients about to hang up held more rows. BENCHMARKS.md, "Server under load".
 MAX_FILLING = 2
+# A short prompt that arrives while MAX_FILLING rows are being filled waits up to this many decode
+# steps for a chunk turn before a batched prefill (which stalls every row) takes it: arrivals
+# come one or two a step, so a turn is soon free, and a client that leaves meanwhile (the
+# hostile benchmark's hang-ups) costs nothing at all. Beside the hostile clients, 55-69 batched
+# prefills a minute took 8-12 s of a 2-core engine's time (BENCHMARKS.md, "Hostile clients").
+CHUNK_WAIT_STEPS = 4
 # Weights (float, int8, int4) are stored in the CPU kernels' tiled layout (compress/quant/matmul.py `tile`) when no
 # decode step carries more rows than this (max_slots x (1 + draft tokens), no chunks beside rows): the
 # engine's fp32 step took 0.64-0.91x the time tiled at 1-5 rows but 1.04-1.09x at 8-24
@@ -245,6 +251,7 @@ class Engine:
         draft: Any = None,
         draft_tokens: int = 4,
         compact_rows: bool = True,
+        chunk_wait_steps: int = CHUNK_WAIT_STEPS,
     ):
         if max_slots < 1:
             raise InputError(f"max_slots must be at least 1, got {max_slots}")
@@ -287,12 +294,14 @@ class Engine:
         self.preempt = preempt  # a submission above its fair share of rows gives one up to one below it
         self.share_cap = share_cap  # ... and gets no row beyond it while others hold or want rows
         self.compact_rows = compact_rows  # busy rows moved down when they then fit a smaller row bucket (_compact)
+        self.chunk_wait_steps = chunk_wait_steps  # steps a short prompt may wait for a chunk turn (CHUNK_WAIT_STEPS)
         if not 0 <= prefill_delay <= 100:
             raise InputError(f"prefill_delay must be between 0 and 100, got {prefill_delay}")
         # While rows are decoding, new prompts wait prefill_delay x the last admission's seconds after
         # it, so arrivals are prefilled together (one call) instead of stalling every step for one each.
         self.prefill_delay = prefill_delay
         self._last_admission = (0.0, 0.0)  # (when it ended, its seconds)
+        self._step_seconds = 0.0  # the last plain decode step's
         if compilation_cache:
             enable_compilation_cache()
         self._cache = self._new_cache(config)
@@ -881,17 +890,22 @@ class Engine:
                                                        self.max_slots, self.preempt and batch, self.share_cap)
             for group in victims:
                 self._waiting.put_front(group, self._preempt(group))
-            chunked = []
+            chunked, deferred = [], []
+            patience = self.chunk_wait_steps * self._step_seconds
+            now = time.perf_counter()
             for request in admitted:
                 rest = len(request.context_ids) - BLOCK * reusable_blocks(
                     self.prefix_cache.cached_blocks(request.block_keys), len(request.prompt_ids))
-                if len(chunked) < chunk_room and rest <= CHUNKED_MAX_TOKENS:
-                    chunked.append(request)
-            admitted = [r for r in admitted if r not in chunked]
-            if not batch:  # not yet: back to the head of their queues, in order
-                for request in reversed(admitted):
-                    self._waiting.put_front(request.group, request)
-                admitted = []
+                if self.chunked_prefill and decoding and rest <= CHUNKED_MAX_TOKENS:
+                    if len(chunked) < chunk_room:
+                        chunked.append(request)
+                    elif now - request.submitted < patience:  # waits for a chunk turn (CHUNK_WAIT_STEPS)
+                        deferred.append(request)
+            # Not yet (with batch=False, every one not filled in chunks): back to the head of their queues, in order.
+            back = [r for r in admitted if r in deferred or (not batch and r not in chunked)]
+            admitted = [r for r in admitted if r not in chunked and r not in back]
+            for request in reversed(back):
+                self._waiting.put_front(request.group, request)
         for r in gone:
             self.stats["cancelled"] += 1
             r._finish("cancelled")
@@ -1141,8 +1155,9 @@ class Engine:
             width, self._adapter_rows if self._bank is not None else None, chunk,
         )
         nxt = np.asarray(nxt)
+        self._step_seconds = time.perf_counter() - start
         self.stats["decode_steps"] += 1
-        self.stats["decode_seconds"] += time.perf_counter() - start
+        self.stats["decode_seconds"] += self._step_seconds
         self.stats["decode_rows"] += rows
         self.stats["decode_rows_busy"] += len(decoding)
         if chunk is not None:

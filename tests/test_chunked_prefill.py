@@ -177,3 +177,24 @@ def test_busy_rows_move_down_to_a_smaller_bucket_and_generate_what_they_would_ha
         assert moving.stats["rows_moved"] >= 1
         assert moving.stats["decode_rows"] < still.stats["decode_rows"]
     assert got == want
+
+
+@pytest.mark.parametrize("wait_steps", [50, 0])
+def test_short_prompts_beyond_the_filling_rows_wait_for_a_chunk_turn(tiny, wait_steps):
+    # Three short prompts at once while a row decodes: two are filled in chunks at once (MAX_FILLING);
+    # the third waits a step or two for its turn instead of a batched prefill that stalls every row.
+    config, params, tokenizer = tiny
+    assert engine_lib.MAX_FILLING == 2
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=128, prefix_cache_blocks=0,
+                chunk_wait_steps=wait_steps) as engine:
+        started = threading.Event()
+        long = engine.submit("a b c", SamplingParams(max_new_tokens=40, ignore_eos=True))
+        threading.Thread(target=lambda: (next(long.deltas(), None), started.set()), daemon=True).start()
+        assert started.wait(60)
+        short = engine.submit_many([f"question {i}" for i in range(3)], [SamplingParams(max_new_tokens=3)] * 3)
+        got = [r.result(60).token_ids for r in short]
+        assert engine.stats["prefills"] == (1 if wait_steps else 2)  # the long one's; without waiting, one more
+        assert engine.stats["prefill_chunks"] == (3 if wait_steps else 2)
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=128, prefix_cache_blocks=0) as alone:
+        assert got == [o.token_ids for o in alone.generate([f"question {i}" for i in range(3)],
+                                                           SamplingParams(max_new_tokens=3))]

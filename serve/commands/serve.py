@@ -45,6 +45,7 @@ class ServeConfig:
     prefill_delay: float = 1.0  # while decoding, new prompts wait this x the last prefill's time (batched prefills)
     chunked_prefill: bool = True  # short prompts arriving alone are written by the decode steps, a chunk a step
     compact_rows: bool = True  # busy rows move down into freed ones when a step can then compute fewer rows
+    chunk_wait_steps: int = 4  # decode steps a short prompt may wait for a chunk turn before a batched prefill
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
@@ -98,7 +99,8 @@ def make_engine(config: ServeConfig):
                                   share_cap=config.share_cap,
                                   prefill_delay=config.prefill_delay, adapters=config.adapters or None,
                                   chunked_prefill=config.chunked_prefill, draft=config.draft,
-                                  draft_tokens=config.draft_tokens, compact_rows=config.compact_rows)
+                                  draft_tokens=config.draft_tokens, compact_rows=config.compact_rows,
+                                  chunk_wait_steps=config.chunk_wait_steps)
 
 
 def run_config(config: ServeConfig) -> int:
