@@ -33,7 +33,9 @@ and read all the weights again for a few tokens; it is written up to CHUNK token
 its row by the decode step itself (compress/models/decode_step.py), and starts decoding the
 step after its last chunk. A chunk is padded to the smallest of CHUNK_SIZES that holds it: on
 a CPU a step's matmuls cost about what its rows do, and the rest of a chat prompt after its
-cached prefix is often a few tokens. Groups of prompts and long ones still get a batched prefill.
+cached prefix is often a few tokens. At most MAX_FILLING rows are filled at once; a short prompt
+beyond them waits up to CHUNK_WAIT_STEPS steps for its turn. Groups of prompts that have waited
+that long, and long prompts, get a batched prefill.
 
 Prefix caching (serve/prefix_cache.py): the KV of every prompt's 16-token blocks is kept in
 a pool of prefix_cache_blocks blocks on the device (least recently used evicted), and a
