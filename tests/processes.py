@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+from typing import Iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +32,18 @@ def run_job(arguments: list[str], processes: int, env: dict[str, str], timeout: 
             if p.poll() is None:
                 p.kill()
     return [p.returncode for p in started], logs
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path: str) -> Iterator[None]:
+    """compress/file_locks.py's lock of `path` held by another process (a writer at work) until the
+    block ends, when that process is killed with -9."""
+    code = ("import time\nfrom compress import file_locks\n"
+            f"with file_locks.exclusive({os.fspath(path)!r}):\n    print('held', flush=True)\n    time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

@@ -143,10 +143,8 @@ def test_a_model_another_process_wrote_meanwhile_is_kept(tmp_path):
 
 
 def test_a_writer_killed_mid_write_leaves_nothing_once_another_writes(tmp_path):
-    import subprocess
-    import sys
-
     from compress.formats import quantized
+    from tests.processes import lock_held_elsewhere
     from tests.tiny_decoder import tiny_decoder
 
     config, params, tokenizer = tiny_decoder()
@@ -156,15 +154,6 @@ def test_a_writer_killed_mid_write_leaves_nothing_once_another_writes(tmp_path):
     (dead / "model.safetensors").write_bytes(b"half")
     (tmp_path / f"{dead.name}.lock").write_text("")
     live.mkdir()  # another writer still at work: it holds its lock
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom compress import file_locks\n"
-                               f"with file_locks.exclusive({str(live) + '.lock'!r}):\n"
-                               "    print('held', flush=True); time.sleep(300)"],
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(f"{live}.lock"):
         quantized.save(qparams, config, schemes.get("int8"), str(tmp_path / "model"), tokenizer=tokenizer)
-    finally:
-        holder.kill()
-        holder.wait()
     assert sorted(os.listdir(tmp_path)) == sorted(["model", live.name, f"{live.name}.lock"])

@@ -26,6 +26,7 @@ from compress.distill.losses import top_k
 from compress.errors import InputError
 from compress.models import decoder
 from serve import cli
+from tests.processes import lock_held_elsewhere
 from tests.tiny_decoder import export_tiny_decoder, tiny_decoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,18 +169,9 @@ def test_a_cache_refuses_another_teacher_tokenizer_data_or_k_and_is_left_as_it_w
         tc.write_cache(config, params, tokenizer, small, str(tmp_path / "busy"), k=2, teacher_name="tiny")
 
     # Another process writing the same directory holds its lock: this writer is refused, the cache untouched.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom compress import file_locks\n"
-                               f"with file_locks.exclusive({os.path.join(directory, tc.LOCK)!r}):\n"
-                               "    print('held', flush=True); time.sleep(300)"],
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(InputError, match="being written by another press teacher-cache"):
-            tc.write_cache(config, params, tokenizer, data, directory, k=K, teacher_name="tiny", batch_size=3)
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_held_elsewhere(os.path.join(directory, tc.LOCK)), \
+            pytest.raises(InputError, match="being written by another press teacher-cache"):
+        tc.write_cache(config, params, tokenizer, data, directory, k=K, teacher_name="tiny", batch_size=3)
     assert _manifest(directory) == before[1]
 
 
