@@ -34,8 +34,8 @@ its row by the decode step itself (compress/models/decode_step.py), and starts d
 step after its last chunk. A chunk is padded to the smallest of CHUNK_SIZES that holds it: on
 a CPU a step's matmuls cost about what its rows do, and the rest of a chat prompt after its
 cached prefix is often a few tokens. At most MAX_FILLING rows are filled at once; a short prompt
-beyond them waits up to CHUNK_WAIT_STEPS steps for its turn. Groups of prompts that have waited
-that long, and long prompts, get a batched prefill.
+beyond them may wait a few steps for its turn (`chunk_wait_steps`, off by default); the others,
+and long prompts, get a batched prefill.
 
 Prefix caching (serve/prefix_cache.py): the KV of every prompt's 16-token blocks is kept in
 a pool of prefix_cache_blocks blocks on the device (least recently used evicted), and a
@@ -119,12 +119,14 @@ CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get
 # two alternated pairs of runs) but the hostile benchmark's ratio went to 1.94x (1.25-1.76x with
 # 2): the prompts of clients about to hang up held more rows. BENCHMARKS.md, "Server under load".
 MAX_FILLING = 2
-# A short prompt that arrives while MAX_FILLING rows are being filled waits up to this many decode
-# steps for a chunk turn before a batched prefill (which stalls every row) takes it: arrivals
-# come one or two a step, so a turn is soon free, and a client that leaves meanwhile (the
-# hostile benchmark's hang-ups) costs nothing at all. Beside the hostile clients, 55-69 batched
-# prefills a minute took 8-12 s of a 2-core engine's time (BENCHMARKS.md, "Hostile clients").
-CHUNK_WAIT_STEPS = 4
+# With chunk_wait_steps = N > 0, a short prompt that arrives while MAX_FILLING rows are being
+# filled waits up to N decode steps for a chunk turn before a batched prefill (which stalls every
+# row) takes it, and a client that leaves meanwhile costs nothing. Beside the hostile clients
+# (N = 4) batched prefills took 3.9 s of a minute instead of 7.6-12.3 s and the well-behaved p95
+# ratio was 2.03-2.06x against 2.25x; but the saturated 32-client load, whose rows free up several
+# at a time, answered 152 requests a minute against 185 without it (one run each; BENCHMARKS.md,
+# "Hostile clients"). So 0 (off) is the default.
+CHUNK_WAIT_STEPS = 0
 # Weights (float, int8, int4) are stored in the CPU kernels' tiled layout (compress/quant/matmul.py `tile`) when no
 # decode step carries more rows than this (max_slots x (1 + draft tokens), no chunks beside rows): the
 # engine's fp32 step took 0.64-0.91x the time tiled at 1-5 rows but 1.04-1.09x at 8-24
@@ -296,7 +298,7 @@ class Engine:
         self.preempt = preempt  # a submission above its fair share of rows gives one up to one below it
         self.share_cap = share_cap  # ... and gets no row beyond it while others hold or want rows
         self.compact_rows = compact_rows  # busy rows moved down when they then fit a smaller row bucket (_compact)
-        self.chunk_wait_steps = chunk_wait_steps  # steps a short prompt may wait for a chunk turn (CHUNK_WAIT_STEPS)
+        self.chunk_wait_steps = chunk_wait_steps  # steps a short prompt may wait for a chunk turn (0: none)
         if not 0 <= prefill_delay <= 100:
             raise InputError(f"prefill_delay must be between 0 and 100, got {prefill_delay}")
         # While rows are decoding, new prompts wait prefill_delay x the last admission's seconds after
@@ -901,7 +903,7 @@ class Engine:
                 if self.chunked_prefill and decoding and rest <= CHUNKED_MAX_TOKENS:
                     if len(chunked) < chunk_room:
                         chunked.append(request)
-                    elif now - request.submitted < patience:  # waits for a chunk turn (CHUNK_WAIT_STEPS)
+                    elif now - request.submitted < patience:  # waits for a chunk turn (chunk_wait_steps)
                         deferred.append(request)
             # Not yet (with batch=False, every one not filled in chunks): back to the head of their queues, in order.
             back = [r for r in admitted if r in deferred or (not batch and r not in chunked)]

@@ -45,7 +45,8 @@ class ServeConfig:
     prefill_delay: float = 1.0  # while decoding, new prompts wait this x the last prefill's time (batched prefills)
     chunked_prefill: bool = True  # short prompts arriving alone are written by the decode steps, a chunk a step
     compact_rows: bool = True  # busy rows move down into freed ones when a step can then compute fewer rows
-    chunk_wait_steps: int = 4  # decode steps a short prompt may wait for a chunk turn before a batched prefill
+    chunk_wait_steps: int = 0  # decode steps a short prompt may wait for a chunk turn before a batched prefill
+    # (4 halved the prefill stalls beside hanging-up clients but cost a saturated load a sixth of its throughput)
     warmup: bool = False  # compile every batch/length shape before listening (cached for the next start)
     index: str | None = None  # ground chat completions in this retrieval index (press index build)
     rag_k: int = 4  # sources retrieved per chat request (with index)
