@@ -18,10 +18,11 @@ One job writes an output at a time (an flock on it, compress/file_locks.py): a s
 it, in another process or thread, is refused at once (InputError, exit status 2 from the
 command, before the model loads); two at once had each written every result.
 
-Errors: one line cannot stop the job or touch another line. A line that cannot run (bad JSON
-or UTF-8, no id, a duplicate id, neither prompt nor messages, bad sampling values, a lone
-surrogate in any text, too long for the context, the tokenizer or the engine failing on it,
-a result that cannot be written) goes to the errors file as
+Errors: one line cannot stop the job or touch another line. A line that cannot run (longer
+than max_line_bytes, 8 MiB by default, which is never read whole; bad JSON or UTF-8, no id, a
+duplicate id, neither prompt nor messages, bad sampling values, a lone surrogate in any text,
+too long for the context, the tokenizer or the engine failing on it, a result that cannot be
+written) goes to the errors file as
 {"line": N (1-based), "id": ... or null, "error": message} and the job goes on. Each run
 rewrites that file, so it lists exactly the lines still not done; a rerun retries only them.
 Every input line is accounted for in the summary:
@@ -52,11 +53,12 @@ host sees. A job killed at any point, merge included, resumes by rerunning the s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from compress import file_locks
 from compress.errors import InputError, check_json_unicode
@@ -68,6 +70,8 @@ POLL_SECONDS = 0.02  # how long to wait on one request before checking the other
 PROGRESS_SECONDS = 0.1  # least time between two progress bar updates
 COUNTS = ("lines", "blank", "skipped", "ok", "errors", "requests", "generated_tokens")  # a summary's counts
 FINISHED = ("stop", "length")  # finish reasons of a result; any other ('error', 'cancelled') is not done
+MAX_LINE_BYTES = 8 * 1024 * 1024  # an input line beyond this is an error, never read whole (the server's body limit)
+SKIP_BYTES = 1024 * 1024  # how much of a line beyond the limit is read at a time, to find its end
 
 
 class LineError(ValueError):
@@ -75,6 +79,26 @@ class LineError(ValueError):
 
 
 # --- reading the input and the previous output
+
+
+def bounded_lines(f, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None, int]]:
+    """(1-based number, raw line, its bytes) for each line of the binary file `f`, holding no more
+    than `limit` bytes of a line in memory: a longer line comes as (number, None, its bytes), read
+    past a block at a time. A last line without its newline counts as a line."""
+    for number in itertools.count(1):
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield number, raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = f.readline(SKIP_BYTES)
+            if not raw:
+                break
+            size += len(raw)
+        yield number, None, size
 
 
 def parse_line(obj: Any) -> tuple[Any, Any, dict]:
@@ -274,6 +298,7 @@ def run_batch(
     shard: tuple[int, int] = (0, 1),
     done_in: Sequence[str] = (),
     result_line: Callable[[dict, Any], dict | None] | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> dict:
     """Run the JSONL job `input_path` through `engine`, appending results to `output_path`.
 
@@ -292,6 +317,8 @@ def run_batch(
         None to write nothing (fn has kept the result elsewhere; it still counts as ok). A
         ValueError or TypeError it raises sends the line to the errors file. Default: the result
         line above (press batch's).
+      max_line_bytes: a longer input line goes to the errors file without being read whole (a
+        line of gigabytes would otherwise take the job's memory, and every rerun's).
     Returns:
       The summary: lines, blank, skipped, ok, errors (ok + skipped + errors + blank == lines),
       requests (sent to the engine), generated_tokens, wall_seconds, tokens_per_second,
@@ -305,7 +332,7 @@ def run_batch(
         raise InputError(f"the errors file and the output are the same file ({output_path})")
     with sole_writer(output_path):
         return _run_batch(engine, input_path, output_path, errors_path, defaults, progress, window, shard, done_in,
-                          result_line)
+                          result_line, max_line_bytes)
 
 
 def sole_writer(output_path: str):
@@ -318,7 +345,8 @@ def sole_writer(output_path: str):
 
 
 def _run_batch(engine, input_path: str, output_path: str, errors_path: str, defaults: SamplingParams, progress: bool,
-               window: int | None, shard: tuple[int, int], done_in: Sequence[str], result_line) -> dict:
+               window: int | None, shard: tuple[int, int], done_in: Sequence[str], result_line,
+               max_line_bytes: int) -> dict:
     """run_batch's job, its output's writer lock held."""
     index, count = shard
     window = window or WINDOW_PER_SLOT * engine.max_slots
@@ -330,7 +358,7 @@ def _run_batch(engine, input_path: str, output_path: str, errors_path: str, defa
     counts = dict.fromkeys(COUNTS, 0)
     first_line: dict[str, int] = {}  # id key -> the line that used it first
     in_flight: list[tuple[int, Any, dict, Any]] = []  # (line, id, input object, Request)
-    bar = _Progress(input_path, shard) if progress else None
+    bar = _Progress(input_path, shard, max_line_bytes) if progress else None
     start = time.perf_counter()
 
     # Binary files: every line is encoded whole before it is written, so a line that cannot be
@@ -379,12 +407,17 @@ def _run_batch(engine, input_path: str, output_path: str, errors_path: str, defa
             show()
 
         try:
-            for number, raw in enumerate(lines, 1):
+            for number, raw, size in bounded_lines(lines, max_line_bytes):
                 if number % count != index:
-                    if count > 1:  # another process's line: its id still makes a later one here a duplicate
+                    if count > 1 and raw is not None:  # another process's line: its id makes a later one here a duplicate
                         _note_id(raw, number, first_line)
                     continue
                 counts["lines"] += 1
+                if raw is None:
+                    error(number, f"the line is {size} bytes, beyond the limit of {max_line_bytes} (max_line_bytes); "
+                                  "it was not read")
+                    show()
+                    continue
                 if not raw.strip():
                     counts["blank"] += 1
                     continue
@@ -549,13 +582,14 @@ def total_summary(summaries: Sequence[dict], output_path: str, errors_path: str)
 class _Progress:
     """A rich progress bar on stderr: lines handled of this shard's non-blank lines, live tokens/s."""
 
-    def __init__(self, input_path: str, shard: tuple[int, int]):
+    def __init__(self, input_path: str, shard: tuple[int, int], max_line_bytes: int):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         index, count = shard
         with open(input_path, "rb") as f:
-            total = sum(1 for number, raw in enumerate(f, 1) if number % count == index and raw.strip())
+            total = sum(1 for number, raw, _ in bounded_lines(f, max_line_bytes)
+                        if number % count == index and (raw is None or raw.strip()))
         self.progress = Progress(
             TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[rate]}"), console=Console(stderr=True),

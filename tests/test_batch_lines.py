@@ -3,6 +3,7 @@ UTF-8, a tokenizer or engine failure, a result that cannot be written), the othe
 it is numbered in the errors file, and a rerun retries only it. On the real SmolLM2."""
 
 import dataclasses
+import io
 import json
 
 import pytest
@@ -59,12 +60,12 @@ class _Borrowed:
         pass
 
 
-def _press_batch(engine, monkeypatch, capsys, root) -> tuple[int, dict]:
+def _press_batch(engine, monkeypatch, capsys, root, *settings: str) -> tuple[int, dict]:
     """`press batch` on root/in.jsonl with the module's engine: (exit status, summary)."""
     monkeypatch.setattr(Engine, "from_pretrained", lambda *args, **kwargs: _Borrowed(engine))
     status = cli.main(["batch", "--model", "smollm2-135m-instruct", "--input", str(root / "in.jsonl"),
                        "--output", str(root / "out.jsonl"), "--max-new-tokens", str(DEFAULTS.max_new_tokens),
-                       "--no-progress"])
+                       "--no-progress", *settings])
     return status, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -171,3 +172,48 @@ def test_engine_faults_stay_on_their_line_and_a_rerun_retries_only_them(engine, 
     assert (s["ok"], s["skipped"], s["errors"]) == (len(faults), len(good), 0)
     assert (tmp_path / "out.errors.jsonl").read_bytes() == b""
     assert sorted(r["id"] for r in _read(tmp_path / "out.jsonl")) == [x["id"] for x in lines]
+
+
+class _Reads(io.BytesIO):
+    """A binary file that records the longest piece any one readline returned."""
+
+    longest = 0
+
+    def readline(self, size=-1):
+        piece = super().readline(size)
+        self.longest = max(self.longest, len(piece))
+        return piece
+
+
+@pytest.mark.parametrize("limit", [1, 5, 6, 7, 64])
+def test_bounded_lines_never_hold_more_than_the_limit(limit):
+    lines = [b"", b"a", b"abcde", b"abcdef", b"x" * 200, b"", b"tail" * 3]
+    for end in (b"\n", b""):  # the last line with and without its newline
+        data = b"\n".join(lines) + end
+        f = _Reads(data)
+        got = list(batch.bounded_lines(f, limit))
+        want = [(n, raw, len(raw)) for n, raw in enumerate(data.splitlines(keepends=True), 1)]
+        assert [(n, size) for n, _, size in got] == [(n, size) for n, _, size in want]
+        for (_, raw, _), (_, whole, _) in zip(got, want):
+            assert raw == (whole if len(whole.rstrip(b"\n")) <= limit else None)
+        assert f.longest <= max(limit + 1, batch.SKIP_BYTES)
+
+
+def test_a_line_beyond_the_limit_is_an_error_and_never_read_whole(engine, tmp_path, monkeypatch, capsys):
+    """A line of gigabytes would take the job's memory, and every rerun's: beyond max_line_bytes it
+    goes to the errors file unread, the lines after it run, and the last line may be one too."""
+    huge = json.dumps({"id": "huge", "prompt": "Say maybe.", "note": "x" * 10_000}).encode()  # 10 kB; press batch ignores other keys
+    good = [{"id": "before", "prompt": "Say yes."}, {"id": "after", "prompt": "Say no."}]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join([json.dumps(good[0]).encode(), huge, json.dumps(good[1]).encode(),
+                                                    huge.replace(b"huge", b"last")]))
+    status, s = _press_batch(engine, monkeypatch, capsys, tmp_path, "max_line_bytes=4096")
+    assert status == 1 and (s["lines"], s["ok"], s["errors"], s["requests"]) == (4, 2, 2, 2)
+    assert sorted(r["id"] for r in _read(tmp_path / "out.jsonl")) == ["after", "before"]
+    errors = _read(tmp_path / "out.errors.jsonl")
+    assert [(e["line"], e["id"]) for e in errors] == [(2, None), (4, None)]
+    assert errors[0]["error"] == (f"the line is {len(huge) + 1} bytes, beyond the limit of 4096 (max_line_bytes); "
+                                  "it was not read")
+    assert f"the line is {len(huge)} bytes" in errors[1]["error"]  # the last line, without a newline
+
+    status, s = _press_batch(engine, monkeypatch, capsys, tmp_path, "max_line_bytes=16384")  # a higher limit
+    assert status == 0 and (s["ok"], s["skipped"], s["errors"]) == (2, 2, 0)

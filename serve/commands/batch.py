@@ -40,6 +40,7 @@ class BatchConfig:
     draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf)
     draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
     progress: bool = True  # a progress bar and a summary line on stderr
+    max_line_bytes: int = 8 * 1024 * 1024  # a longer input line goes to the errors file, never read whole (serve.batch)
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host pods: one process per host)
     # With distributed, where JAX cannot detect the cluster (None: detected, or JAX_COORDINATOR_ADDRESS):
     coordinator_address: str | None = None  # host:port of process 0, the same on every process
@@ -47,7 +48,7 @@ class BatchConfig:
     process_id: int | None = None  # this process's index, 0 .. num_processes - 1
 
     def __post_init__(self):
-        cfg.require_at_least(self, 1, "max_slots", "max_seq_len")
+        cfg.require_at_least(self, 1, "max_slots", "max_seq_len", "max_line_bytes")
         check_draft_fields(self)
         distributed.check_cluster_fields(self)
 
@@ -148,7 +149,7 @@ def run_config(config: BatchConfig) -> int:
                            draft_tokens=config.draft_tokens) as engine:
         if count == 1:
             summary = run_batch(engine, config.input, config.output, errors, config.sampling,
-                                progress=config.progress)
+                                progress=config.progress, max_line_bytes=config.max_line_bytes)
         else:
             summary = _run_part(engine, config, errors, index, count)
         summary.update(engine.draft_stats())  # this process's engine: its rows, its acceptance
@@ -169,7 +170,7 @@ def _run_part(engine, config: BatchConfig, errors: str, index: int, count: int) 
     try:
         report = run_batch(engine, config.input, part_path(config.output, index), part_path(errors, index),
                            config.sampling, progress=config.progress, shard=(index, count),
-                           done_in=(config.output,))
+                           done_in=(config.output,), max_line_bytes=config.max_line_bytes)
     except Exception as e:  # noqa: BLE001 - re-raised below, after the exchanges
         failure, report = e, {"failed": f"process {index}: {type(e).__name__}: {e}"}
     reports = _allgather_json(report)  # every part is complete after this
