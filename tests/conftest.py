@@ -38,3 +38,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402 - after the environment above, which jax reads when first imported
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, an EOS token and tied
+    embeddings, exported once as a Hugging Face directory (tests/tiny_decoder.py). Read only:
+    a test that writes beside a model exports its own."""
+    from tests.tiny_decoder import export_tiny_decoder
+
+    return export_tiny_decoder(str(tmp_path_factory.mktemp("tiny-chat") / "tiny"), with_eos=True,
+                               tie_word_embeddings=True)

@@ -14,7 +14,6 @@ from serve.engine import Engine
 from serve.sampling import SamplingParams
 from tests.devices import xla_flags
 from tests.processes import run_job
-from tests.tiny_decoder import export_tiny_decoder
 
 DEFAULTS = SamplingParams(max_new_tokens=4)
 ENGINE = {"max_slots": 1, "max_seq_len": 64}  # one row: a request's numbers do not depend on its neighbours
@@ -33,24 +32,16 @@ def _read(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, exported as a Hugging Face directory."""
-    return export_tiny_decoder(str(tmp_path_factory.mktemp("batch") / "tiny"), with_eos=True,
-                               tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_dir):
-    with Engine.from_pretrained(tiny_dir, **ENGINE) as e:
+def tiny_engine(tiny_chat_dir):
+    with Engine.from_pretrained(tiny_chat_dir, **ENGINE) as e:
         yield e
 
 
 @pytest.mark.slow
-def test_two_processes_leave_the_output_of_one(tiny_dir, tiny_engine, tmp_path):
+def test_two_processes_leave_the_output_of_one(tiny_chat_dir, tiny_engine, tmp_path):
     _write_lines(tmp_path / "in.jsonl", LINES)
-    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    codes, logs = run_job(["batch", "--model", tiny_dir, "--input", str(tmp_path / "in.jsonl"),
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}  # one device; the rest as conftest set it
+    codes, logs = run_job(["batch", "--model", tiny_chat_dir, "--input", str(tmp_path / "in.jsonl"),
                            "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", str(DEFAULTS.max_new_tokens),
                            "--max-slots", str(ENGINE["max_slots"]), "--max-seq-len", str(ENGINE["max_seq_len"]),
                            "--no-progress"], 2, env)

@@ -14,7 +14,6 @@ from serve import batch
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 from tests.devices import xla_flags
-from tests.tiny_decoder import export_tiny_decoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = SamplingParams(max_new_tokens=3)
@@ -23,21 +22,14 @@ LINES = [{"id": i, "prompt": f"Item number {i} is"} for i in range(6)]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return export_tiny_decoder(str(tmp_path_factory.mktemp("writers") / "tiny"), with_eos=True,
-                               tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_dir):
-    with Engine.from_pretrained(tiny_dir, **ENGINE) as e:
+def tiny_engine(tiny_chat_dir):
+    with Engine.from_pretrained(tiny_chat_dir, **ENGINE) as e:
         yield e
 
 
-def _press_batch(tiny_dir, tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "serve.cli", "batch", "--model", tiny_dir,
+def _press_batch(tiny_chat_dir, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}  # one device; the rest as conftest set it
+    return subprocess.run([sys.executable, "-m", "serve.cli", "batch", "--model", tiny_chat_dir,
                            "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
                            "--max-new-tokens", str(DEFAULTS.max_new_tokens), "--max-slots", str(ENGINE["max_slots"]),
                            "--max-seq-len", str(ENGINE["max_seq_len"]), "--no-progress"],
@@ -48,7 +40,7 @@ def _ids(path) -> list:
     return [json.loads(line)["id"] for line in path.read_bytes().decode().splitlines()]
 
 
-def test_a_second_process_on_the_same_output_is_refused_then_resumes(tiny_dir, tiny_engine, tmp_path):
+def test_a_second_process_on_the_same_output_is_refused_then_resumes(tiny_chat_dir, tiny_engine, tmp_path):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in LINES))
     writing, release = threading.Event(), threading.Event()
 
@@ -64,7 +56,7 @@ def test_a_second_process_on_the_same_output_is_refused_then_resumes(tiny_dir, t
     thread.start()
     try:
         assert writing.wait(300)
-        second = _press_batch(tiny_dir, tmp_path)  # another process, while the first job writes
+        second = _press_batch(tiny_chat_dir, tmp_path)  # another process, while the first job writes
         assert second.returncode == 2, second.stderr
         assert "is being written by another press batch job" in second.stderr and "Traceback" not in second.stderr
         with pytest.raises(InputError, match="being written by another"):  # another thread of this process
@@ -75,7 +67,7 @@ def test_a_second_process_on_the_same_output_is_refused_then_resumes(tiny_dir, t
         thread.join()
     assert first["ok"] == len(LINES) and sorted(_ids(tmp_path / "out.jsonl")) == list(range(len(LINES)))
 
-    again = _press_batch(tiny_dir, tmp_path)  # once the first has ended: it resumes, nothing left to do
+    again = _press_batch(tiny_chat_dir, tmp_path)  # once the first has ended: it resumes, nothing left to do
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == len(LINES)
     assert sorted(_ids(tmp_path / "out.jsonl")) == list(range(len(LINES)))  # every id once

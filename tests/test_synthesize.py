@@ -26,7 +26,6 @@ from serve.sampling import SamplingParams
 from tests.devices import xla_flags
 from tests.processes import REPO
 from tests.test_batch_lines import _Borrowed
-from tests.tiny_decoder import export_tiny_decoder
 
 ENGINE = {"max_slots": 4, "max_seq_len": 256}
 SAMPLING = SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.95, seed=0)  # the data defaults, shorter
@@ -80,26 +79,19 @@ def _messages(line: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer and chat template, exported as a Hugging Face directory."""
-    return export_tiny_decoder(str(tmp_path_factory.mktemp("teacher") / "tiny"), with_eos=True,
-                               tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
-    with Engine.from_pretrained(tiny_dir, **ENGINE) as e:
+def engine(tiny_chat_dir):
+    with Engine.from_pretrained(tiny_chat_dir, **ENGINE) as e:
         yield e
 
 
-def _config(root, tiny_dir, **fields) -> SynthesizeConfig:
+def _config(root, tiny_chat_dir, **fields) -> SynthesizeConfig:
     return SynthesizeConfig(**{"prompts": str(root / "prompts.jsonl"), "out": str(root / "data.jsonl"),
-                               "teacher": ModelConfig(name=tiny_dir), "sampling": SAMPLING, "system": SYSTEM,
+                               "teacher": ModelConfig(name=tiny_chat_dir), "sampling": SAMPLING, "system": SYSTEM,
                                "progress": False, **fields})
 
 
 @pytest.fixture(scope="module")
-def job(engine, tiny_dir, tmp_path_factory):
+def job(engine, tiny_chat_dir, tmp_path_factory):
     """The mixed job run once through `press synthesize` (with the module's engine): (root, good, status, summary)."""
     probe = engine.generate(_messages({"prompt": "Say one word."}), SamplingParams(max_new_tokens=2))[0].token_ids
     assert len(probe) == 2 and probe[1] != probe[0]  # the greedy answer goes on past its first token
@@ -109,13 +101,13 @@ def job(engine, tiny_dir, tmp_path_factory):
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setattr(Engine, "from_pretrained", lambda *args, **kwargs: _Borrowed(engine))
-        status = cli.main(["synthesize", "--teacher", tiny_dir, "--prompts", str(root / "prompts.jsonl"),
+        status = cli.main(["synthesize", "--teacher", tiny_chat_dir, "--prompts", str(root / "prompts.jsonl"),
                            "--out", str(root / "data.jsonl"), "--system", SYSTEM, "--no-progress",
                            "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.95", "--seed", "0"])
     return root, good, status, json.loads(stdout.getvalue().strip().splitlines()[-1])
 
 
-def test_every_prompt_gets_one_chat_example_and_truncated_ones_are_kept_apart(job, tiny_dir):
+def test_every_prompt_gets_one_chat_example_and_truncated_ones_are_kept_apart(job, tiny_chat_dir):
     root, good, status, summary = job
     kept, truncated = _read(root / "data.jsonl"), _read(root / "data.truncated.jsonl")
     assert [line["id"] for line in kept] == ["stop"]  # the only answer that ended by itself
@@ -125,7 +117,7 @@ def test_every_prompt_gets_one_chat_example_and_truncated_ones_are_kept_apart(jo
         asked = _messages(next(g for i, g in enumerate(good) if g.get("id", 2) == line["id"]))
         assert set(line) == {"id", "messages", "teacher", "finish_reason"}
         assert line["messages"][:-1] == asked and line["messages"][-1]["role"] == "assistant"
-        assert line["teacher"] == tiny_dir
+        assert line["teacher"] == tiny_chat_dir
     assert sorted(os.listdir(root)) == ["data.errors.jsonl", "data.jsonl", "data.truncated.jsonl", "prompts.jsonl"]
     assert status == 1  # some lines are in the errors file
 
@@ -171,22 +163,22 @@ def test_bad_lines_go_to_the_errors_file_by_their_line_in_the_prompts_file(job):
     assert s["ok"] + s["truncated"] + s["skipped"] + s["failed"] == s["answers"]
 
 
-def test_a_rerun_writes_nothing_twice_and_lists_the_bad_lines_again(job, engine, tiny_dir, tmp_path):
+def test_a_rerun_writes_nothing_twice_and_lists_the_bad_lines_again(job, engine, tiny_chat_dir, tmp_path):
     root, _, _, _ = job
     for name in ("prompts.jsonl", "data.jsonl", "data.truncated.jsonl", "data.errors.jsonl"):
         (tmp_path / name).write_bytes((root / name).read_bytes())
     generated = engine.stats["generated_tokens"]
-    s = synthesize(engine, _config(tmp_path, tiny_dir))
+    s = synthesize(engine, _config(tmp_path, tiny_chat_dir))
     assert (s["ok"], s["truncated"], s["skipped"], s["requests"], s["errors"]) == (0, 0, 4, 0, len(BAD))
     assert engine.stats["generated_tokens"] == generated
     for name in ("data.jsonl", "data.truncated.jsonl", "data.errors.jsonl"):
         assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), name
 
 
-def test_keep_truncated_writes_them_to_the_output(job, engine, tiny_dir, tmp_path):
+def test_keep_truncated_writes_them_to_the_output(job, engine, tiny_chat_dir, tmp_path):
     root, _, _, _ = job
     (tmp_path / "prompts.jsonl").write_bytes((root / "prompts.jsonl").read_bytes())
-    s = synthesize(engine, _config(tmp_path, tiny_dir, keep_truncated=True))
+    s = synthesize(engine, _config(tmp_path, tiny_chat_dir, keep_truncated=True))
     assert (s["ok"], s["truncated"], s["truncated_file"]) == (4, 0, None)
     expected = _read(root / "data.jsonl") + _read(root / "data.truncated.jsonl")
     assert sorted(_read(tmp_path / "data.jsonl"), key=lambda r: str(r["id"])) == \
@@ -197,9 +189,9 @@ def test_keep_truncated_writes_them_to_the_output(job, engine, tiny_dir, tmp_pat
 PLAIN = "What is a tuple?\n\n  Why use a set?  \nWhat does zip do?\n"  # one prompt a line; ids 1, 3, 4
 
 
-def test_several_samples_of_a_text_file_differ_and_are_each_the_teachers(engine, tiny_dir, tmp_path):
+def test_several_samples_of_a_text_file_differ_and_are_each_the_teachers(engine, tiny_chat_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text(PLAIN)
-    config = _config(tmp_path, tiny_dir, prompts=str(tmp_path / "prompts.txt"), samples_per_prompt=2,
+    config = _config(tmp_path, tiny_chat_dir, prompts=str(tmp_path / "prompts.txt"), samples_per_prompt=2,
                      keep_truncated=True)
     s = synthesize(engine, config)
     assert (s["prompts"], s["blank"], s["answers"], s["ok"], s["errors"]) == (3, 1, 6, 6, 0)
@@ -226,16 +218,16 @@ def _prompts(count: int) -> bytes:
 STOP_SOME = "in"  # ends half of the tiny teacher's answers to these prompts; the other half are cut
 
 
-def _resumable_config(root, tiny_dir):
-    return _config(root, tiny_dir, sampling=dataclasses.replace(SAMPLING, stop=(STOP_SOME,)))
+def _resumable_config(root, tiny_chat_dir):
+    return _config(root, tiny_chat_dir, sampling=dataclasses.replace(SAMPLING, stop=(STOP_SOME,)))
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(engine, tiny_dir, tmp_path_factory):
+def uninterrupted(engine, tiny_chat_dir, tmp_path_factory):
     """The lines of OUT and TRUNCATED of a 10-prompt job run in one go (some answers stop, some are cut)."""
     root = tmp_path_factory.mktemp("whole")
     (root / "prompts.jsonl").write_bytes(_prompts(10))
-    synthesize(engine, _resumable_config(root, tiny_dir))
+    synthesize(engine, _resumable_config(root, tiny_chat_dir))
     return sorted((root / "data.jsonl").read_bytes().splitlines()), \
         sorted((root / "data.truncated.jsonl").read_bytes().splitlines())
 
@@ -248,23 +240,23 @@ def _assert_the_uninterrupted_lines(root, uninterrupted):
     assert sorted(os.listdir(root)) == ["data.errors.jsonl", "data.jsonl", "data.truncated.jsonl", "prompts.jsonl"]
 
 
-def test_a_run_on_part_of_the_prompts_then_on_all_of_them_gives_every_id_once(engine, tiny_dir, tmp_path,
+def test_a_run_on_part_of_the_prompts_then_on_all_of_them_gives_every_id_once(engine, tiny_chat_dir, tmp_path,
                                                                             uninterrupted):
     (tmp_path / "prompts.jsonl").write_bytes(_prompts(4))
-    first = synthesize(engine, _resumable_config(tmp_path, tiny_dir))
+    first = synthesize(engine, _resumable_config(tmp_path, tiny_chat_dir))
     (tmp_path / "prompts.jsonl").write_bytes(_prompts(10))
-    s = synthesize(engine, _resumable_config(tmp_path, tiny_dir))
+    s = synthesize(engine, _resumable_config(tmp_path, tiny_chat_dir))
     assert first["ok"] + first["truncated"] == 4 and (s["skipped"], s["requests"]) == (4, 6)
     _assert_the_uninterrupted_lines(tmp_path, uninterrupted)
 
 
-def test_torn_last_lines_of_a_killed_run_are_answered_again(engine, tiny_dir, tmp_path, uninterrupted):
+def test_torn_last_lines_of_a_killed_run_are_answered_again(engine, tiny_chat_dir, tmp_path, uninterrupted):
     (tmp_path / "prompts.jsonl").write_bytes(_prompts(10))
     kept, truncated = uninterrupted
     (tmp_path / "data.jsonl").write_bytes(b"".join(line + b"\n" for line in kept[:-1]) + kept[-1][:20])
     (tmp_path / "data.truncated.jsonl").write_bytes(b"".join(line + b"\n" for line in truncated[:-1]) +
                                                     truncated[-1][:-3])
-    s = synthesize(engine, _resumable_config(tmp_path, tiny_dir))
+    s = synthesize(engine, _resumable_config(tmp_path, tiny_chat_dir))
     assert (s["requests"], s["skipped"]) == (2, 8)
     _assert_the_uninterrupted_lines(tmp_path, uninterrupted)
 
@@ -287,12 +279,12 @@ KILLED = textwrap.dedent("""
 """)
 
 
-def test_a_job_killed_with_sigkill_resumes_to_the_lines_of_an_uninterrupted_one(engine, tiny_dir, tmp_path,
+def test_a_job_killed_with_sigkill_resumes_to_the_lines_of_an_uninterrupted_one(engine, tiny_chat_dir, tmp_path,
                                                                                uninterrupted):
     (tmp_path / "prompts.jsonl").write_bytes(_prompts(10))
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": xla_flags(1)}
-    argv = ["synthesize", "--teacher", tiny_dir, "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
+    argv = ["synthesize", "--teacher", tiny_chat_dir, "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
             str(tmp_path / "data.jsonl"), "--system", SYSTEM, "--max-new-tokens", "6", "--temperature", "0.7",
             "--top-p", "0.95", "--seed", "0", "--stop", STOP_SOME, "--max-slots",
             str(ENGINE["max_slots"]), "--max-seq-len", str(ENGINE["max_seq_len"]), "--no-progress"]
@@ -303,6 +295,6 @@ def test_a_job_killed_with_sigkill_resumes_to_the_lines_of_an_uninterrupted_one(
     assert sum(written) == 7 and min(written) > 0, written
     assert any(name.endswith(".synthesize-requests") for name in os.listdir(tmp_path))  # left behind
 
-    s = synthesize(engine, _resumable_config(tmp_path, tiny_dir))
+    s = synthesize(engine, _resumable_config(tmp_path, tiny_chat_dir))
     assert (s["skipped"], s["requests"]) == (7, 3)
     _assert_the_uninterrupted_lines(tmp_path, uninterrupted)
