@@ -15,7 +15,8 @@ Sources, and the document id each one gets:
                          every other field is kept as metadata. The line number is kept as
                          metadata "line".
   a directory            every file above found under it, recursively, in sorted order;
-                         hidden files and directories (".name") are skipped.
+                         hidden files and directories (".name") are skipped, and so is
+                         whatever is not a regular file (a named pipe, a dangling link).
   pydoc:topics           `pydoc_data.topics.topics`, the CPython language reference shipped
                          with Python: one document per topic, id = the topic name
                          ("nonlocal", "assignment", ...), source "pydoc:topics/NAME".
@@ -143,11 +144,16 @@ def pydoc_documents() -> list[Document]:
 
 
 def _walk(directory: str) -> Iterator[str]:
+    """The files to read under `directory`: regular files (or links to them) of a known suffix. A
+    named pipe called notes.md would block its reader for good, holding the index's writer lock
+    all the while, and a dangling link cannot be read: both are passed over."""
     for current, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(TEXT_SUFFIXES + MARKDOWN_SUFFIXES + JSONL_SUFFIXES):
-                yield os.path.join(current, name)
+            path = os.path.join(current, name)
+            if not name.startswith(".") and name.lower().endswith(TEXT_SUFFIXES + MARKDOWN_SUFFIXES + JSONL_SUFFIXES) \
+                    and os.path.isfile(path):
+                yield path
 
 
 def check_path(path: str) -> None:

@@ -131,6 +131,18 @@ def test_bad_paths_are_named(tmp_path):
         read_documents([str(tmp_path / "names")])
 
 
+def test_a_folder_is_read_without_its_pipes_and_dangling_links(tmp_path):
+    # A named pipe called notes.md blocked `press index add` for good (holding the index's writer lock).
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\nreal text")
+    os.mkfifo(tmp_path / "docs" / "pipe.md")
+    os.symlink(tmp_path / "nowhere.txt", tmp_path / "docs" / "gone.txt")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "b.md").write_text("linked text")
+    os.symlink(tmp_path / "kept" / "b.md", tmp_path / "docs" / "link.md")  # a live link is read (its id: its target)
+    assert [d.doc_id for d in read_documents([str(tmp_path / "docs")])] == ["docs/a.md", "kept/b.md"]
+
+
 def _check_chunks(doc: Document, chunks, encoder, config: ChunkingConfig):
     spans = [s for s in encoder.token_spans(doc.text) if s[1] > s[0]]
     covered = set()
