@@ -173,6 +173,26 @@ def test_an_oversized_prompt_is_refused_from_its_head(served, monkeypatch):
     assert status == 400 and tokenized == []
 
 
+def test_more_messages_than_the_context_holds_are_refused_before_the_template(served, monkeypatch):
+    # 200,000 empty messages (a 6.6 MB body) took 3.8 s in the chat template before their 400.
+    server, engine = served
+    rendered = []
+    real = engine.tokenizer.__class__.apply_chat_template
+
+    def counting(self, messages, *args, **kwargs):
+        rendered.append(len(messages))
+        return real(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer.__class__, "apply_chat_template", counting)
+    many = [{"role": "user", "content": ""}] * 4097
+    status, _, body = _request(server, "/v1/chat/completions", {"messages": many, "max_tokens": 2})
+    assert status == 400 and "the messages are 4097, more than the engine's context of 4096 tokens" in \
+        body["error"]["message"]
+    assert rendered == []
+    status, _, body = _request(server, "/v1/chat/completions", {"messages": many[:3], "max_tokens": 2})
+    assert status == 200 and rendered == [3]
+
+
 def test_encoding_never_holds_up_decoding(served):
     """A long encode (its lock held) does not stop requests already generating."""
     _, engine = served
@@ -231,6 +251,15 @@ def test_metrics_count_requests_tokens_and_status(served):
     assert float(lines['press_decode_rows_total{kind="busy"}']) == 4
     assert float(lines['press_decode_rows_total{kind="computed"}']) == 4
     assert float(lines['press_prefill_chunk_tokens_total{kind="computed"}']) == 0  # nothing decoded beside it
+
+
+def test_metrics_count_the_rows_moved(served):
+    # Two rows at once; the first ends, so the second moves down to row 0 and decodes in a 1-row step.
+    server, engine = served
+    engine.generate(["Hello", "Hello there"], [SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=8)])
+    status, _, text = _request(server, "/metrics", None, method="GET")
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert status == 200 and float(lines["press_rows_moved_total"]) == engine.stats["rows_moved"] == 1
 
 
 def test_sigterm_drains_requests_in_flight(tiny, tmp_path):
