@@ -23,6 +23,11 @@ import threading
 from typing import Callable, Iterator
 
 
+class Held(Exception):
+    """The lock is another holder's: for `exclusive(path, refuse=Held(path))` where a caller
+    only skips the work (a sweep of what dead writers left)."""
+
+
 class _Lock:
     """The flock of one path, and who in this process holds it."""
 

@@ -74,18 +74,15 @@ def _remove_stale(parent: str, own: str) -> None:
     """Remove the staging directories in `parent` but `own` whose writer is gone (killed with -9: its
     lock is free); a live writer holds its lock from before its directory exists until after the
     rename (and this process's own, re-entrant, would not tell)."""
-    class Held(Exception):
-        pass
-
     for name in os.listdir(parent):
         path = os.path.join(parent, name)
         if not name.startswith(STAGING) or name.endswith(".lock") or path == own or not os.path.isdir(path):
             continue
         try:
-            with file_locks.exclusive(path + ".lock", refuse=Held()):
+            with file_locks.exclusive(path + ".lock", refuse=file_locks.Held(path)):
                 shutil.rmtree(path, ignore_errors=True)
                 os.remove(path + ".lock")
-        except (Held, OSError):
+        except (file_locks.Held, OSError):
             pass
 
 
