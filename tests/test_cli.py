@@ -1,5 +1,6 @@
 """The `press` command: model listing, config errors before any work, and a real generation."""
 
+import dataclasses
 import json
 
 import pytest
@@ -171,3 +172,23 @@ def test_generate_streams_chat_text(capsys):
     assert cli.main(["generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "40"]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out and "tokens/s" in captured.err
+
+
+def test_serve_settings_reach_the_engine(monkeypatch):
+    """Every `press serve` setting the engine takes arrives there by its name (key=value words)."""
+    import inspect
+
+    from compress import config as cfg
+    from serve.commands import serve as serve_command
+    from serve.engine import Engine
+
+    seen = {}
+    monkeypatch.setattr(Engine, "from_pretrained", lambda name, **kwargs: seen.update(kwargs, name=name))
+    config = cfg.config_from_args(cli.parse(
+        ["serve", "--model", "some/dir", "chunk_wait_steps=4", "compact_rows=false", "share_cap=false", "preempt=false",
+         "prefill_delay=0.5", "chunked_prefill=false", "prefix_cache_blocks=0", "max_slots=3", "max_queued=5"]))
+    serve_command.make_engine(config)
+    assert (seen["name"], seen["chunk_wait_steps"], seen["compact_rows"], seen["max_queued"]) == ("some/dir", 4, False, 5)
+    engine_settings = set(inspect.signature(Engine.__init__).parameters)
+    shared = [f.name for f in dataclasses.fields(config) if f.name in engine_settings and f.name != "adapters"]
+    assert len(shared) >= 10 and {name: seen[name] for name in shared} == {name: getattr(config, name) for name in shared}
