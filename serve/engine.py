@@ -2,6 +2,7 @@
 
   engine = Engine.from_pretrained("smollm2-135m-instruct", max_slots=8)
   # or with a draft model (speculative decoding): ..., draft="out/distill-smollm2/hf", draft_tokens=4)
+  # or drafting by lookups in each request's own context: ..., draft="ngram")
   outputs = engine.generate(["Hello", [{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=32))
   for delta in engine.stream("Once upon a time", SamplingParams(temperature=0.8, seed=1)):
       print(delta, end="")
@@ -53,6 +54,10 @@ past each row's index and cuts both caches back to the kept tokens. A step in wh
 lacks those K + 1 slots (within K tokens of the context's end) is a plain decode step that
 the draft's cache follows. With a draft, prompts are never filled in chunks and adapters are
 refused. engine.stats counts drafted_tokens and accepted_tokens (`acceptance_rate`).
+draft="ngram" needs no model: each row proposes the tokens that followed its last 2-3 tokens
+earlier in its own prompt and output (prompt lookup), which pays where answers quote their
+context (retrieval, summaries, code); a step in which no row finds a proposal, or one that
+writes a prompt chunk, is a plain one, so prompts are still filled in chunks beside it.
 
 Careless and hostile input: prompts are checked before they cost anything (text that is not
 valid Unicode, a text too long for the context judged from its head before the rest is
@@ -273,8 +278,13 @@ class Engine:
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
         # Speculative decoding (serve/speculative.py): a draft of the same vocabulary proposes
         # draft_tokens tokens a step for the target to check in one pass.
-        self.draft_params, self.draft_config, self.draft_name = self._read_draft(draft)
-        if draft is not None and single:
+        # draft="ngram" is no model: each row looks its proposal up in its own context (a lookup).
+        self.lookup = isinstance(draft, str) and draft == speculative.LOOKUP
+        model_draft = None if self.lookup else draft
+        self.draft_params, self.draft_config, self.draft_name = self._read_draft(model_draft)
+        if self.lookup:
+            self.draft_name = speculative.LOOKUP
+        if model_draft is not None and single:
             self.draft_params = matmul.native_float(self.draft_params, decoder.PROJECTIONS if max_slots == 1 else None,
                                                      own_layouts=decoder.PROJECTIONS)
         if draft is not None:
@@ -285,7 +295,8 @@ class Engine:
             if adapters:
                 raise InputError(f"adapters ({', '.join(adapters)}) cannot be served with a draft model "
                                  f"({self.draft_name}): serve them without --draft, or the draft without adapters")
-            self.max_seq_len = min(self.max_seq_len, self.draft_config.max_position_embeddings)
+            if model_draft is not None:
+                self.max_seq_len = min(self.max_seq_len, self.draft_config.max_position_embeddings)
         self.draft_tokens = draft_tokens if draft is not None else 0
         self.eos_ids = frozenset(int(e) for e in config.eos_token_ids)
         self.mesh = mesh
@@ -309,7 +320,7 @@ class Engine:
         if compilation_cache:
             enable_compilation_cache()
         self._cache = self._new_cache(config)
-        self._draft_cache = self._new_cache(self.draft_config) if draft is not None else None
+        self._draft_cache = self._new_cache(self.draft_config) if model_draft is not None else None
         # KV of prompt prefixes kept between requests (serve/prefix_cache.py); 0 blocks switches it off.
         if prefix_cache_blocks < 0:
             raise InputError(f"prefix_cache_blocks must be >= 0, got {prefix_cache_blocks}")
@@ -328,10 +339,12 @@ class Engine:
         self._draft_prefill = jax.jit(self._draft_prefill_fn, donate_argnums=1)
         self._draft_feed = jax.jit(self._draft_feed_fn, donate_argnums=1, static_argnums=(4, 5))
         self._speculate = jax.jit(self._speculate_fn, donate_argnums=(2, 3), static_argnums=(11, 12))
+        self._check = jax.jit(self._check_fn, donate_argnums=1, static_argnums=(9, 10))
         # Short prompts arriving while rows decode are written a chunk per decode step (module docstring);
         # not with adapters, whose per-row factors are gathered for whole rows of a batch, nor with a
-        # draft, whose steps check several tokens per row.
-        self.chunked_prefill = chunked_prefill and self._bank is None and draft is None
+        # draft model, whose cache would need the chunks too (a lookup's steps take none: a step with
+        # a chunk to write is a plain one).
+        self.chunked_prefill = chunked_prefill and self._bank is None and model_draft is None
         self._filling: collections.deque[int] = collections.deque()  # rows being filled, first served first
         self._slots: list[Request | None] = [None] * max_slots
         self._next_token = np.zeros(max_slots, np.int32)  # the token each row feeds next
@@ -374,7 +387,9 @@ class Engine:
         if model.quantization is not None and "kv_cache" not in kwargs:
             # A directory quantized with '+kv-int8' (or 'kv-int8') is served with an int8 cache.
             kwargs["kv_cache"] = "int8" if schemes.get(model.quantization).kv_bits else None
-        if draft is not None:
+        if draft == speculative.LOOKUP:  # no model to load
+            kwargs["draft"] = draft
+        elif draft is not None:
             kwargs["draft"] = pretrained.load_decoder(draft, mesh=mesh, param_dtype=param_dtype or dtype, dtype=dtype)
         return cls(model.params, model.config, model.tokenizer, mesh=mesh, name=name_or_path, **kwargs)
 
@@ -540,6 +555,12 @@ class Engine:
         return speculative.step(params, self.config, draft_params, self.draft_config, cache, draft_cache, prev[:rows],
                                 cur[:rows], seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows],
                                 top_p[:rows], k=self.draft_tokens, width=width)
+
+    def _check_fn(self, params, cache, cur, drafts, seeds, counts, temperature, top_k, top_p, rows: int, width: int):
+        """A lookup's speculative step for rows [0, rows): the target checks drafts [max_slots, K]
+        after cur [max_slots] in one pass. Returns (tokens [rows, K + 1], kept [rows], the cache)."""
+        return speculative.check(params, self.config, cache, cur[:rows], drafts[:rows], None, seeds[:rows],
+                                 counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows], width=width)
 
     def _decode_fn(self, params, cache, pool, tokens, seeds, counts, temperature, top_k, top_p, rows: int, width: int,
                    adapter_rows=None, chunk=None):
@@ -776,6 +797,12 @@ class Engine:
                     self._draft_cache = self._draft_feed(self.draft_params, self._draft_cache, zeros(np.int32),
                                                          zeros(np.int32), r, w)
                     n += 2
+                elif self.lookup:
+                    _, _, self._cache = self._check(self.params, self._cache, zeros(np.int32),
+                                                    np.zeros((self.max_slots, self.draft_tokens), np.int32),
+                                                    zeros(np.uint32), zeros(np.int32), zeros(np.float32),
+                                                    zeros(np.int32), np.ones(self.max_slots, np.float32), r, w)
+                    n += 1
         for r in _buckets(1, self.max_slots):  # a prefill's rows are a power of two (`_prefill`)
             sampling = (np.full(r, self.max_slots, np.int32),  # all padding rows: nothing written
                         np.zeros(r, np.uint32), np.zeros(r, np.int32), np.zeros(r, np.float32), np.zeros(r, np.int32),
@@ -1147,9 +1174,13 @@ class Engine:
         if not active:
             return
         rows = row_bucket(max(active) + 1, self.max_slots)
-        if self.draft_config is not None and all(self._index[i] + self.draft_tokens + 1 <= self.max_seq_len
-                                                 for i in active):
-            return self._speculative_step(active, rows)
+        if (self.draft_config is not None or (self.lookup and chunk is None)) and \
+                all(self._index[i] + self.draft_tokens + 1 <= self.max_seq_len for i in active):
+            if self.draft_config is not None:
+                return self._speculative_step(active, rows)
+            proposals = {i: speculative.lookup(self._slots[i].context_ids, self.draft_tokens) for i in active}
+            if any(proposals.values()):  # else a plain step: checking K + 1 tokens a row costs more
+                return self._lookup_step(active, rows, proposals)
         # A plain step: no draft, or some row lacks the K + 1 slots a speculative step writes
         # (a request within K tokens of the context's end; it ends before it could speculate again).
         decoding = [i for i in active if i not in self._filling]
@@ -1203,7 +1234,29 @@ class Engine:
         tokens, kept, self._cache, self._draft_cache = self._speculate(
             self.params, self.draft_params, self._cache, self._draft_cache, self._prev_token, self._next_token,
             *self._row_settings(active), rows, width)
-        tokens, kept = jax.device_get((tokens, kept))  # [rows, K + 1], [rows]
+        self._take_checked(active, rows, start, *jax.device_get((tokens, kept)), drafted=set(active))
+
+    def _lookup_step(self, active: list[int], rows: int, proposals: dict[int, list[int]]) -> None:
+        """One speculative step whose drafts are lookups (`proposals`: row -> up to K tokens, padded
+        by repeating them; a row with none proposes its last token again). Only rows that found
+        a proposal count in drafted_tokens and accepted_tokens."""
+        k = self.draft_tokens
+        drafts = np.zeros((self.max_slots, k), np.int32)
+        for i in active:
+            drafts[i] = np.resize(proposals[i] or [int(self._next_token[i])], k)
+        end = max(int(self._index[i]) for i in active) + k + 1
+        width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
+        start = time.perf_counter()
+        tokens, kept, self._cache = self._check(self.params, self._cache, self._next_token, drafts,
+                                                *self._row_settings(active), rows, width)
+        self._take_checked(active, rows, start, *jax.device_get((tokens, kept)),
+                           drafted={i for i in active if proposals[i]})
+
+    def _take_checked(self, active: list[int], rows: int, start: float, tokens: np.ndarray, kept: np.ndarray,
+                      drafted: set[int]) -> None:
+        """Accept a speculative step's tokens [rows, K + 1] of which kept [rows] were drafted, one by
+        one until one ends its request; the rows in `drafted` count in the acceptance rate."""
+        k = self.draft_tokens
         self.stats["decode_steps"] += 1
         self.stats["speculative_steps"] += 1
         self.stats["decode_seconds"] += time.perf_counter() - start
@@ -1212,8 +1265,9 @@ class Engine:
         for i in active:
             request, n = self._slots[i], int(kept[i])
             self._index[i] += n + 1
-            self.stats["drafted_tokens"] += k
-            self.stats["accepted_tokens"] += n
+            if i in drafted:
+                self.stats["drafted_tokens"] += k
+                self.stats["accepted_tokens"] += n
             try:
                 for token in tokens[i, : n + 1]:
                     self._accept(i, int(token))
@@ -1231,7 +1285,7 @@ class Engine:
     def draft_stats(self) -> dict:
         """Speculative decoding so far, for reports: the draft, the tokens it proposes a step, the
         tokens it proposed and those the target kept, and their ratio; {} without a draft."""
-        if self.draft_config is None:
+        if not self.draft_tokens:
             return {}
         rate = self.acceptance_rate
         return {"draft": self.draft_name, "draft_tokens": self.draft_tokens,

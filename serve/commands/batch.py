@@ -37,7 +37,8 @@ class BatchConfig:
     max_slots: int = 16  # requests decoded together
     max_seq_len: int = 1024  # prompt + generated tokens per request
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> PEFT LoRA directory (a line's "adapter")
-    draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf)
+    draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf;
+    # "ngram": no model, proposals looked up in each request's own context)
     draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
     progress: bool = True  # a progress bar and a summary line on stderr
     max_line_bytes: int = 8 * 1024 * 1024  # a longer input line goes to the errors file, never read whole (serve.batch)
@@ -71,7 +72,8 @@ def add_draft_flags(flags) -> None:
     """--draft MODEL --draft-tokens K: speculative decoding (press generate, batch and serve)."""
     flags.flag("--draft", key="draft", metavar="MODEL",
                help="a draft model with the target's tokenizer (a distilled student, a quantized copy): it proposes "
-                    "tokens the model checks in one pass; bundled name, Hugging Face directory, .gguf or quantized directory")
+                    "tokens the model checks in one pass; bundled name, Hugging Face directory, .gguf or quantized "
+                    "directory; or 'ngram': no model, each request's tokens looked up in its own prompt and output")
     flags.flag("--draft-tokens", key="draft_tokens", type=int, metavar="K", help="tokens the draft proposes per step")
 
 
