@@ -622,7 +622,7 @@ class Engine:
                     raise InputError(f"message {i} needs string 'role' and 'content' fields, got {m!r}")
                 for field in ("role", "content"):
                     check_unicode(m[field], f"message {i} {field}")
-            self._check_length(sum(len(m["content"]) for m in prompt), "the messages")
+            self.check_length(sum(len(m["content"]) for m in prompt), "the messages")
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
             ids = self._tokenize(text, "the messages", add_special_tokens=False)
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
@@ -635,15 +635,17 @@ class Engine:
             raise InputError("the prompt encodes to no tokens")
         return ids
 
-    def _check_length(self, chars: int, what: str) -> None:
+    def check_length(self, chars: int, what: str) -> None:
+        """InputError if a text of `chars` characters could not fit the context whatever its tokens
+        (for callers that would spend work on a text before the engine sees it)."""
         if chars > self.max_seq_len * MAX_CHARS_PER_TOKEN:
-            raise InputError(f"{what} is {chars} characters, more than the engine's context of {self.max_seq_len} "
+            raise InputError(f"{what}: {chars} characters, more than the engine's context of {self.max_seq_len} "
                              f"tokens could hold (at most {self.max_seq_len * MAX_CHARS_PER_TOKEN} characters)")
 
     def _tokenize(self, text: str, what: str, **kwargs) -> list[int]:
         """Token ids of text; a text whose head alone overflows the context is refused untokenized."""
         check_unicode(text, what)
-        self._check_length(len(text), what)
+        self.check_length(len(text), what)
         head = self.max_seq_len * HEAD_CHARS_PER_TOKEN
         try:
             if len(text) > head:

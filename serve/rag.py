@@ -140,6 +140,9 @@ class RagPipeline:
         if last is None or not isinstance(messages[last].get("content"), str):
             raise InputError("grounding needs a user message with text content to retrieve for")
         question = messages[last]["content"]
+        # A question the context cannot hold is refused before the encoder tokenizes it whole (a
+        # 7.8 MB one took 11.8 s there before the engine refused it).
+        self.engine.check_length(len(question), "the question")
         hits, best = self.retrieve(question, k)
         sources = [Source(i + 1, h) for i, h in enumerate(hits)]
         system = [{"role": "system", "content": self.system_prompt}]

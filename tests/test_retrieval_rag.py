@@ -83,6 +83,17 @@ def test_sources_are_dropped_until_the_prompt_fits(retriever, tiny_engine):
         pipeline.ground(question, max_new_tokens=tiny_engine.max_seq_len)
 
 
+def test_a_question_the_context_cannot_hold_is_refused_before_retrieval(retriever, tiny_engine, monkeypatch):
+    # A 7.8 MB question spent 11.8 s in the encoder's tokenizer before the engine refused it.
+    searched = []
+    monkeypatch.setattr(retriever, "search", lambda *args, **kwargs: searched.append(args))
+    pipeline = RagPipeline(retriever, tiny_engine, min_score=-1.0)
+    huge = "bicycle chain " * (tiny_engine.max_seq_len * 5)  # 14 characters a word: beyond 64 a token
+    with pytest.raises(ValueError, match=r"^the question: 71680 characters, more than the engine's context of 1024"):
+        pipeline.ground([{"role": "user", "content": huge}])
+    assert searched == []
+
+
 def test_answer_generates_from_numbered_sources(retriever, tiny_engine):
     pipeline = RagPipeline(retriever, tiny_engine, k=2, min_score=-1.0)
     answer = pipeline.answer("Why does sourdough rise slowly?", sampling=SHORT)
