@@ -10,7 +10,9 @@ machine's own speed falls on both alike:
      - slowloris: a handful of connections sending their headers one byte a second, never finishing;
      - fanout_16: one /v1/completions request of 16 prompts, max_tokens 64 each (200 expected);
      - fanout_10000: one of 10,000 prompts (400 expected: beyond the server's max_prompts);
-     - oversized: a ~7.9 MB prompt, under the body limit but far beyond the context (400 expected, quickly).
+     - oversized: a ~7.9 MB prompt, under the body limit but far beyond the context (400 expected, quickly);
+     - stop_flood: a completion with 300,000 stop strings, a 5.9 MB body (400 expected: beyond the
+       16 a request may give; before that limit one such request stalled the engine for 78 s).
 The figures: well-behaved p50/p95 latency and errors in each phase, the p95 ratio (goal: at most
 1.5 with no well-behaved error), what each hostile kind got back (status codes), and the server's
 cancellation and rejection counters from GET /metrics, and what the engine computed in each
@@ -41,12 +43,15 @@ from server_load import QUESTIONS, free_port, start_server, wait_ready
 HOST = "127.0.0.1"
 P95_GOAL = 1.5  # well-behaved p95 with the hostile clients over without, at most
 OVERSIZED_CHARS = 7_900_000  # the JSON body stays under the server's 8 MiB limit
+STOP_FLOOD = 300_000  # stop strings in one stop_flood request
 SLOW_BYTE_SECONDS = 1.0
 # (kind, seconds between two attempts of one loop): each kind's own pacing.
-PACING = {"disconnect": 0.5, "disconnect_stream": 0.5, "fanout_16": 1.0, "fanout_10000": 2.0, "oversized": 2.0}
+PACING = {"disconnect": 0.5, "disconnect_stream": 0.5, "fanout_16": 1.0, "fanout_10000": 2.0, "oversized": 2.0,
+          "stop_flood": 2.0}
 # What each kind should get; anything else is counted under "unexpected".
 EXPECTED = {"disconnect": {"hung_up"}, "disconnect_stream": {"hung_up_after_first_event"},
-            "slowloris": {"still_open"}, "fanout_16": {"200"}, "fanout_10000": {"400"}, "oversized": {"400"}}
+            "slowloris": {"still_open"}, "fanout_16": {"200"}, "fanout_10000": {"400"}, "oversized": {"400"},
+            "stop_flood": {"400"}}
 METRIC_PREFIXES = ("press_cancelled_requests_total", "press_rejected_requests_total", "press_requests_total",
                    "press_queue_depth", "press_slots_in_use", "press_requests_in_flight", "press_engine_",
                    "press_preempted_requests_total", "press_prefill_chunks_total", "press_decode_rows_total",
@@ -204,6 +209,8 @@ def hostile_threads(port: int, model: str, stop_at: float, slow: int, outcomes: 
     fan10k = fanout_body(model, 10_000, 16)
     oversized = json.dumps({"model": model, "prompt": "lorem ipsum " * (OVERSIZED_CHARS // 12),
                             "max_tokens": 16}).encode()
+    stop_flood = json.dumps({"model": model, "prompt": QUESTIONS[0], "max_tokens": 16,
+                             "stop": [f"stop word {i}" for i in range(STOP_FLOOD)]}).encode()
 
     def complete(kind: str, body: bytes, timeout: float):
         def attempt():
@@ -217,6 +224,7 @@ def hostile_threads(port: int, model: str, stop_at: float, slow: int, outcomes: 
         "fanout_16": complete("fanout_16", fan16, 300),
         "fanout_10000": complete("fanout_10000", fan10k, 60),
         "oversized": complete("oversized", oversized, 60),
+        "stop_flood": complete("stop_flood", stop_flood, 60),
     }
     threads = [threading.Thread(target=paced_loop, args=(kind, attempt, stop_at), name=f"hostile-{kind}")
                for kind, attempt in loops.items()]

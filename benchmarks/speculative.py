@@ -1,17 +1,20 @@
-"""Speculative decoding at batch 1: the press engine with and without a draft model, in one run.
+"""Speculative decoding at batch 1: the press engine with and without a draft, in one run.
 
 The target is SmolLM2-135M-Instruct (fp32, the bundled GGUF dequantized); the draft is any model
 `--model` takes with the same tokenizer (a student `press distill` wrote, a `press quantize`
-directory; the target itself shows the cost of a draft that is always right). Each engine is
-warmed up (`Engine.warmup` and one short untimed request) before it is timed. Every chat prompt
-(decode.py's eight, in SmolLM2's template) generates exactly `--new-tokens` greedy tokens (EOS
-ignored), one request at a time. Reported: tokens/s end to end (prefill included) and while
+directory; the target itself shows the cost of a draft that is always right), or `ngram`, the
+lookup draft that proposes from each request's own context. Each engine is warmed up
+(`Engine.warmup` and one short untimed request) before it is timed. Every chat prompt generates
+exactly `--new-tokens` greedy tokens (EOS ignored), one request at a time. The prompts
+(`--task`): `chat`, decode.py's eight questions; `rag`, eight questions about a statement of
+the language reference, each with that statement's section (pydoc_data.topics, its first 900
+characters) as the numbered source, as `press serve --index` puts it in front of a question. Reported: tokens/s end to end (prefill included) and while
 decoding (after the first token), their ratios draft over plain, the acceptance rate of the
 timed requests, tokens per target pass, and whether the two engines' tokens are identical
 (greedy speculative decoding must give exactly the target's; the script exits 1 if they differ).
 
   .venv/bin/python benchmarks/speculative.py --draft out/distill-smollm2/hf [--draft-tokens 4] [--prompts 8]
-      [--new-tokens 128] [--out bench-results/speculative.json]
+      [--new-tokens 128] [--task chat|rag] [--out bench-results/speculative.json]
 """
 
 from __future__ import annotations
@@ -24,6 +27,25 @@ from common import log, write_result
 from decode import PROMPTS
 
 TARGET = "smollm2-135m-instruct"
+RAG_TOPICS = ("assert", "pass", "del", "return", "break", "continue", "global", "nonlocal")
+SOURCE_CHARS = 900
+
+
+def rag_chats() -> list[list[dict]]:
+    """A question about each of RAG_TOPICS' statements with its section as source [1], in
+    serve/rag.py's prompt (its system prompt, then the numbered sources and the question)."""
+    from compress.data import corpus
+    from serve.rag import SYSTEM_PROMPT
+
+    topics = corpus.pydoc_topics()
+    chats = []
+    for name in RAG_TOPICS:
+        source = topics[name][:SOURCE_CHARS].strip()
+        question = f"What does the {name} statement do, and what is its syntax?"
+        chats.append([{"role": "system", "content": SYSTEM_PROMPT},
+                      {"role": "user", "content": f"Sources:\n\n[1] (pydoc:topics/{name})\n{source}\n\n"
+                                                  f"Question: {question}"}])
+    return chats
 
 
 def run(target: str, draft: str | None, draft_tokens: int, chats: list, lengths: list[int], new_tokens: int) -> dict:
@@ -66,7 +88,7 @@ def run(target: str, draft: str | None, draft_tokens: int, chats: list, lengths:
         "token_ids": [o.token_ids for o in outputs],
     }
     if draft:
-        result["acceptance_rate"] = stats["accepted_tokens"] / stats["drafted_tokens"]
+        result["acceptance_rate"] = stats["accepted_tokens"] / stats["drafted_tokens"] if stats["drafted_tokens"] else None
         result["tokens_per_target_pass"] = sum(len(o.token_ids) - 1 for o in outputs) / stats["decode_steps"]
     log(f"{label}: {result['tokens_per_s']:.1f} tokens/s ({result['decode_tokens_per_s']:.1f} decoding)")
     return result
@@ -82,21 +104,28 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=TARGET, help="the model served (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--draft", required=True, help="the draft: a directory (distilled, quantized), name or .gguf")
+    parser.add_argument("--draft", required=True,
+                        help="the draft: a directory (distilled, quantized), name or .gguf; or ngram (lookups)")
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"chat prompts, 1..{len(PROMPTS)}")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--task", choices=("chat", "rag"), default="chat", help="the prompts (see above)")
     parser.add_argument("--out", default="bench-results/speculative.json")
     args = parser.parse_args()
     if not 1 <= args.prompts <= len(PROMPTS):
         parser.error(f"--prompts must be 1..{len(PROMPTS)}")
+    if args.task == "rag" and args.prompts > len(RAG_TOPICS):
+        parser.error(f"--task rag has {len(RAG_TOPICS)} prompts")
 
     from compress.formats.registry import resolve
     from compress.formats.tokenizer import load_tokenizer
 
-    chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS[: args.prompts]]
+    chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS] if args.task == "chat" else rag_chats()
+    chats = chats[: args.prompts]
     tokenizer = load_tokenizer(resolve(args.target))
-    lengths = [len(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)) for chat in chats]
+    # Text first, then ids: with tokenize=True, newer transformers return a dict (whose len is 2).
+    lengths = [len(tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+                             add_special_tokens=False)["input_ids"]) for chat in chats]
     plain = run(args.target, None, args.draft_tokens, chats, lengths, args.new_tokens)
     drafted = run(args.target, args.draft, args.draft_tokens, chats, lengths, args.new_tokens)
     differences = [first_difference(a, b) for a, b in zip(plain.pop("token_ids"), drafted.pop("token_ids"))]
@@ -104,6 +133,7 @@ def main() -> None:
         "target": args.target,
         "draft": args.draft,
         "draft_tokens": args.draft_tokens,
+        "task": args.task,
         "batch": 1,
         "prompts": args.prompts,
         "new_tokens": args.new_tokens,
