@@ -232,12 +232,13 @@ def _cut_torn_last_line(path: str) -> None:
 
 
 def offline_engine(model, max_slots: int, max_seq_len: int, *, multi_process: bool = False, name: str = "press batch",
-                   adapters: dict[str, str] | None = None, draft: str | None = None, draft_tokens: int = 4):
+                   adapters: dict[str, str] | None = None, draft: str | None = None, draft_tokens: int = 4,
+                   draft_max_rows: int | None = None):
     """The engine of an offline job (press batch, press synthesize) over this process's devices:
     with several, rows are decoded over all of them (max_slots rounded up to a multiple, said on
     stderr). `model` is a ModelConfig. With `multi_process`, a mesh is made even on one local
-    device (the default device may be another host's). `draft` (a model name or path) decodes
-    speculatively, draft_tokens a step."""
+    device (the default device may be another host's). `draft` (a model name or path, or "ngram")
+    decodes speculatively, draft_tokens a step, while at most draft_max_rows rows are busy."""
     import jax
 
     from compress import sharding as shd
@@ -253,7 +254,7 @@ def offline_engine(model, max_slots: int, max_seq_len: int, *, multi_process: bo
                              f"a multiple of the {len(local)} devices\n")
     return Engine.from_pretrained(model.name, dtype=model.dtype, param_dtype=model.param_dtype, mesh=mesh,
                                   max_slots=slots, max_seq_len=max_seq_len, adapters=adapters, draft=draft,
-                                  draft_tokens=draft_tokens)
+                                  draft_tokens=draft_tokens, draft_max_rows=draft_max_rows)
 
 
 def default_errors_path(output_path: str) -> str:

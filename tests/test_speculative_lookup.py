@@ -11,6 +11,7 @@ import pytest
 
 from compress.models import decoder
 from serve import cli, speculative
+from serve import engine as engine_lib
 from serve.engine import Engine
 from serve.sampling import SamplingParams
 from tests import compiles
@@ -54,12 +55,32 @@ def test_greedy_output_is_the_targets(tiny, engine_settings):
     settings = {"max_slots": 4, "max_seq_len": 256, **engine_settings}
     with Engine(params, config, tokenizer, **settings) as plain:
         want = _generate(plain)
-    with Engine(params, config, tokenizer, draft=speculative.LOOKUP, draft_tokens=3, **settings) as spec:
+    with Engine(params, config, tokenizer, draft=speculative.LOOKUP, draft_tokens=3, draft_max_rows=4,
+                **settings) as spec:  # every step may speculate (four rows keep different numbers of tokens)
         assert _generate(spec) == want
         stats, rate = spec.stats, spec.acceptance_rate
     assert stats["speculative_steps"] > 0 and stats["drafted_tokens"] > 0 and 0 < rate <= 1
     assert stats["decode_steps"] < max(LENGTHS) - 1  # some steps gained several tokens
     assert spec.draft_stats()["draft"] == "ngram" and spec.draft_config is None  # no draft model, no draft cache
+
+
+def test_on_a_cpu_lookups_speculate_only_while_few_rows_are_busy(tiny):
+    # A check of K + 1 tokens a row is compute-bound on a CPU: 4 busy rows decoded 0.67x as fast with
+    # lookups on SmolLM2. Four rows of equal length stay busy to the end: no speculative step.
+    config, params, tokenizer = tiny
+    prompts, lengths = PROMPTS[:3] * 2, (12,) * 6
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=256, draft=speculative.LOOKUP) as spec:
+        assert spec.draft_max_rows == engine_lib.LOOKUP_CPU_ROWS == 2
+        want = _generate(spec, prompts, lengths)
+        # six prompts: four rows busy (plain steps), then two (lookups)
+        assert 0 < spec.stats["speculative_steps"] < spec.stats["decode_steps"]
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=256, draft=speculative.LOOKUP,
+                draft_max_rows=1) as one:
+        assert _generate(one, prompts[:4], lengths[:4]) == want[:4] and one.stats["speculative_steps"] == 0
+    with Engine(params, config, tokenizer, max_slots=4, max_seq_len=256, draft=(params, config)) as drafted:
+        assert drafted.draft_max_rows == 4  # a model draft: no limit unless given
+    with pytest.raises(ValueError, match="draft_max_rows must be a positive integer"):
+        Engine(params, config, tokenizer, max_slots=4, draft=speculative.LOOKUP, draft_max_rows=0)
 
 
 def test_rows_filled_in_chunks_beside_lookups_stay_exact(tiny):
@@ -92,7 +113,7 @@ def test_sampled_tokens_have_the_targets_distribution(tiny, settings):
     prompt, n = [1, 2, 3, 1, 2], 4096
     want = _enumerated(params, config, prompt, settings)
     with Engine(params, config, tokenizer, max_slots=256, max_seq_len=64, prefix_cache_blocks=0,
-                draft=speculative.LOOKUP, draft_tokens=2) as engine:
+                draft=speculative.LOOKUP, draft_tokens=2, draft_max_rows=256) as engine:
         outs = engine.generate([prompt] * n, [SamplingParams(max_new_tokens=3, seed=s, **settings) for s in range(n)])
         assert 0.02 < engine.acceptance_rate < 0.8 and engine.stats["speculative_steps"] > 0
     counts = np.zeros(want.shape)

@@ -40,6 +40,8 @@ class BatchConfig:
     draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf;
     # "ngram": no model, proposals looked up in each request's own context)
     draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
+    draft_max_rows: int | None = None  # speculate only while at most this many rows are busy (None: 2 for ngram
+    # on a CPU, else no limit)
     progress: bool = True  # a progress bar and a summary line on stderr
     max_line_bytes: int = 8 * 1024 * 1024  # a longer input line goes to the errors file, never read whole (serve.batch)
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host pods: one process per host)
@@ -148,7 +150,7 @@ def run_config(config: BatchConfig) -> int:
     with sole_writer(config.output) if count == 1 else contextlib.nullcontext(), \
             offline_engine(config.model, config.max_slots, config.max_seq_len, multi_process=count > 1,
                            adapters=config.adapters or None, draft=config.draft,
-                           draft_tokens=config.draft_tokens) as engine:
+                           draft_tokens=config.draft_tokens, draft_max_rows=config.draft_max_rows) as engine:
         if count == 1:
             summary = run_batch(engine, config.input, config.output, errors, config.sampling,
                                 progress=config.progress, max_line_bytes=config.max_line_bytes)

@@ -53,6 +53,8 @@ class ServeConfig:
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # model name -> PEFT LoRA directory
     draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf)
     draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
+    draft_max_rows: int | None = None  # speculate only while at most this many rows are busy (None: 2 for ngram
+    # on a CPU, else no limit)
 
     def __post_init__(self):
         check_draft_fields(self)
@@ -100,7 +102,8 @@ def make_engine(config: ServeConfig):
                                   share_cap=config.share_cap,
                                   prefill_delay=config.prefill_delay, adapters=config.adapters or None,
                                   chunked_prefill=config.chunked_prefill, draft=config.draft,
-                                  draft_tokens=config.draft_tokens, compact_rows=config.compact_rows,
+                                  draft_tokens=config.draft_tokens, draft_max_rows=config.draft_max_rows,
+                                  compact_rows=config.compact_rows,
                                   chunk_wait_steps=config.chunk_wait_steps)
 
 
