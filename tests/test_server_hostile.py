@@ -153,16 +153,21 @@ def test_sampling_settings_beyond_their_limits_are_a_400_naming_them(served, fie
     assert engine.running == 0 and engine.queued == 0 and "Traceback" not in capfd.readouterr().err
 
 
+def _lengths_passed(monkeypatch, obj, method: str) -> list[int]:
+    """The len() of the first argument of every call of obj's `method` from now on (it still runs)."""
+    real, lengths = getattr(type(obj), method), []
+
+    def counting(self, first, *args, **kwargs):
+        lengths.append(len(first))
+        return real(self, first, *args, **kwargs)
+
+    monkeypatch.setattr(type(obj), method, counting)
+    return lengths
+
+
 def test_an_oversized_prompt_is_refused_from_its_head(served, monkeypatch):
     server, engine = served
-    tokenized = []
-    real = engine.tokenizer.__class__.__call__
-
-    def counting(self, text, *args, **kwargs):
-        tokenized.append(len(text))
-        return real(self, text, *args, **kwargs)
-
-    monkeypatch.setattr(engine.tokenizer.__class__, "__call__", counting)
+    tokenized = _lengths_passed(monkeypatch, engine.tokenizer, "__call__")
     prompt = "press " * 400_000  # 2.4 MB, about 800k tokens
     status, _, body = _request(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
     assert status == 400 and "more than the engine's context of 4096" in body["error"]["message"]
@@ -176,14 +181,7 @@ def test_an_oversized_prompt_is_refused_from_its_head(served, monkeypatch):
 def test_more_messages_than_the_context_holds_are_refused_before_the_template(served, monkeypatch):
     # 200,000 empty messages (a 6.6 MB body) took 3.8 s in the chat template before their 400.
     server, engine = served
-    rendered = []
-    real = engine.tokenizer.__class__.apply_chat_template
-
-    def counting(self, messages, *args, **kwargs):
-        rendered.append(len(messages))
-        return real(self, messages, *args, **kwargs)
-
-    monkeypatch.setattr(engine.tokenizer.__class__, "apply_chat_template", counting)
+    rendered = _lengths_passed(monkeypatch, engine.tokenizer, "apply_chat_template")
     many = [{"role": "user", "content": ""}] * 4097
     status, _, body = _request(server, "/v1/chat/completions", {"messages": many, "max_tokens": 2})
     assert status == 400 and "the messages are 4097, more than the engine's context of 4096 tokens" in \
