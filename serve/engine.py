@@ -1202,8 +1202,9 @@ class Engine:
             proposals = {i: speculative.lookup(self._slots[i].context_ids, self.draft_tokens) for i in active}
             if any(proposals.values()):  # else a plain step: checking K + 1 tokens a row costs more
                 return self._lookup_step(active, rows, proposals)
-        # A plain step: no draft, or some row lacks the K + 1 slots a speculative step writes
-        # (a request within K tokens of the context's end; it ends before it could speculate again).
+        # A plain step: no draft; more rows busy than draft_max_rows; some row lacks the K + 1 slots a
+        # speculative step writes (a request within K tokens of the context's end; it ends before it
+        # could speculate again); or a lookup draft with a chunk to write or no proposal in any row.
         decoding = [i for i in active if i not in self._filling]
         end = max([int(self._index[i]) + 1 for i in decoding] + ([int(chunk["start"] + chunk["length"])] if chunk else []))
         width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
