@@ -66,9 +66,12 @@ def run(target: str, draft: str | None, draft_tokens: int, chats: list, lengths:
         # Every prompt bucket, whole or after the chat template's cached prefix (the prefix cache is on).
         buckets = sorted({*lengths, 16, 32, 64})
         programs = engine.warmup(prompt_lengths=buckets, prefix_lengths=engine.chat_prefix_lengths())
-        # One untimed request (see serve/decode_speed.py), of another chat: a timed prompt's blocks in the
-        # prefix cache would make its prefill one of a prefix length not compiled.
-        engine.generate([{"role": "user", "content": "Hello!"}], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        # Each timed chat once untimed (see serve/decode_speed.py), then the prefix cache emptied: the
+        # timed prefills then reuse the prefixes these did, at lengths compiled here (the grounded
+        # prompts share a longer prefix than the chat template's, which warmup does not know of).
+        for chat in chats:
+            engine.generate(chat, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        engine.prefix_cache.clear()
         log(f"{label}: {programs} programs compiled in {time.perf_counter() - start:.1f} s; timing")
         before = dict(engine.stats)
         outputs, wall = [], 0.0
