@@ -57,7 +57,7 @@ MAX_DRAFT_TOKENS = 16  # K; a longer proposal is almost never kept whole, and ea
 LOOKUP = "ngram"  # the draft that is no model: prompt lookup in each request's own context (`lookup`)
 LOOKUP_NGRAM = 3  # the longest n-gram a lookup matches
 # ... and the shortest: single tokens recur too often to predict what follows (on SmolLM2 at batch 1,
-# 0.38 of proposed tokens kept with 1-grams against 0.52 without, and 1.1-1.3x slower decoding).
+# 0.38 of proposed tokens kept with 1-grams against 0.52 without, and 1.1-1.2x slower decoding).
 LOOKUP_MIN_NGRAM = 2
 CERTAIN = -1e30  # a proposal's logits off its token: softmax gives them exactly 0 (finite, so no NaN)
 
