@@ -1199,7 +1199,7 @@ class Engine:
                 and all(self._index[i] + self.draft_tokens + 1 <= self.max_seq_len for i in active):
             if self.draft_config is not None:
                 return self._speculative_step(active, rows)
-            proposals = {i: speculative.lookup(self._slots[i].context_ids, self.draft_tokens) for i in active}
+            proposals = {i: self._lookup_proposal(self._slots[i]) for i in active}
             if any(proposals.values()):  # else a plain step: checking K + 1 tokens a row costs more
                 return self._lookup_step(active, rows, proposals)
         # A plain step: no draft; more rows busy than draft_max_rows; some row lacks the K + 1 slots a
@@ -1257,6 +1257,12 @@ class Engine:
             self.params, self.draft_params, self._cache, self._draft_cache, self._prev_token, self._next_token,
             *self._row_settings(active), rows, width)
         self._take_checked(active, rows, start, *jax.device_get((tokens, kept)), drafted=set(active))
+
+    def _lookup_proposal(self, r: Request) -> list[int]:
+        """A lookup draft's proposal for a request: what followed its last tokens earlier in its context."""
+        if r.ngrams is None:
+            r.ngrams = speculative.Ngrams()
+        return r.ngrams.follow(r.prompt_ids, r.token_ids).propose(self.draft_tokens)
 
     def _lookup_step(self, active: list[int], rows: int, proposals: dict[int, list[int]]) -> None:
         """One speculative step whose drafts are lookups (`proposals`: row -> up to K tokens, padded

@@ -70,6 +70,7 @@ class Request:
         self.preemptions = 0  # times it gave up its row to another submission and was prefilled again
         self.adapter = 0  # the engine's adapter it runs (1-based; 0: the base model)
         self.filled: int | None = None  # while filled in chunks: tokens of context_ids in its row
+        self.ngrams = None  # with a lookup draft, its context's n-grams (serve/speculative.py Ngrams)
 
     @property
     def context_ids(self) -> list[int]:

@@ -42,6 +42,7 @@ Axes: B rows, K draft tokens, V vocabulary, S cache slots.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, Sequence
 
 import jax
@@ -213,20 +214,54 @@ def certain(tokens: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
     return jnp.where(jax.nn.one_hot(tokens, vocab_size, dtype=bool), 0.0, CERTAIN)
 
 
+class Ngrams:
+    """A growing token sequence with where each of its n-grams (min_ngram .. max_ngram tokens)
+    starts, for prompt lookup: a step's proposal is a few dictionary reads, where a scan of the
+    context took 0.2 ms at 400 tokens and 1 ms at 8,000 (numpy, every row, every step)."""
+
+    def __init__(self, max_ngram: int = LOOKUP_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.tokens: list[int] = []
+        self._starts: dict[tuple[int, ...], list[int]] = {}  # n-gram -> its starts, in order
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, tokens: Sequence[int]) -> Ngrams:
+        seq, starts = self.tokens, self._starts
+        for token in tokens:
+            seq.append(int(token))
+            end = len(seq)
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                starts.setdefault(tuple(seq[end - n :]), []).append(end - n)
+        return self
+
+    def follow(self, prompt: Sequence[int], generated: Sequence[int]) -> Ngrams:
+        """Extend by what it lacks of prompt + generated, a request's context (both only grow)."""
+        have = len(self.tokens)
+        if have < len(prompt):
+            self.extend(prompt[have:])
+            have = len(prompt)
+        return self.extend(generated[have - len(prompt) :])
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens that followed an earlier occurrence of the last n tokens, for n from
+        max_ngram down to min_ngram; [] when none recurs. Of the earlier occurrences the latest with
+        k tokens after it is taken, else the earliest (the most after it)."""
+        seq, end = self.tokens, len(self.tokens)
+        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
+            starts = self._starts[tuple(seq[end - n :])]  # its last start is the last n tokens themselves
+            if len(starts) < 2:
+                continue
+            latest = bisect.bisect_right(starts, end - n - k, 0, len(starts) - 1)  # those with k tokens after
+            at = starts[latest - 1] if latest else starts[0]
+            return seq[at + n : at + n + k]
+        return []
+
+
 def lookup(context: Sequence[int], k: int, max_ngram: int = LOOKUP_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM) -> list[int]:
-    """Prompt lookup (n-gram) drafting: up to k tokens that followed an earlier occurrence of the
-    context's last n tokens, for n from max_ngram down to min_ngram; [] when none recurs. Of the
-    earlier occurrences the latest with k tokens after it is taken, else the earliest (the most
-    after it)."""
-    seq = np.asarray(context, np.int64)
-    for n in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every n-gram before the last one's start
-        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-        if hits.size:
-            full = hits[hits + n + k <= len(seq)]
-            at = (full[-1] if full.size else hits[0]) + n
-            return seq[at : at + k].tolist()
-    return []
+    """`Ngrams.propose` for a context given whole."""
+    return Ngrams(max_ngram, min_ngram).extend(context).propose(k)
 
 
 def check_vocabulary(target: str, config: decoder.DecoderConfig, tokenizer: Any, draft: str,

@@ -49,6 +49,45 @@ def test_lookup_proposes_what_followed_the_last_tokens_before(context, k, min_ng
     assert speculative.LOOKUP_MIN_NGRAM == 2
 
 
+def _scan(context, k, max_ngram, min_ngram):
+    """Prompt lookup as a scan of the whole context (numpy): the reference for speculative.Ngrams."""
+    seq = np.asarray(context, np.int64)
+    for n in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every n-gram before the last one's start
+        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        if hits.size:
+            full = hits[hits + n + k <= len(seq)]
+            at = (full[-1] if full.size else hits[0]) + n
+            return seq[at : at + k].tolist()
+    return []
+
+
+@pytest.mark.parametrize("vocab", [2, 3, 8])
+def test_ngrams_propose_as_a_scan_of_the_whole_context_would(vocab):
+    # Grown a token at a time (as a request's context grows), at every length and k.
+    rng = np.random.default_rng(vocab)
+    for max_ngram, min_ngram in ((3, 2), (3, 1), (4, 2)):
+        for _ in range(20):
+            context = rng.integers(0, vocab, 40).tolist()
+            ngrams = speculative.Ngrams(max_ngram, min_ngram)
+            for end in range(len(context)):
+                ngrams.extend(context[end : end + 1])
+                for k in (1, 2, 4):
+                    assert ngrams.propose(k) == _scan(context[: end + 1], k, max_ngram, min_ngram), (context[: end + 1], k)
+
+
+def test_ngrams_follow_a_request_whose_context_grows():
+    prompt, generated = [1, 2, 3, 4], []
+    ngrams = speculative.Ngrams()
+    for token in [1, 2, 3, 9, 1, 2]:
+        generated.append(token)
+        assert ngrams.follow(prompt, generated).tokens == prompt + generated
+    assert ngrams.propose(3) == [3, 9, 1]  # the latest (1, 2) with 3 tokens after it
+    assert ngrams.follow(prompt, generated).propose(3) == [3, 9, 1]  # nothing new: nothing added
+    late = speculative.Ngrams().follow(prompt[:2], [])
+    assert late.follow(prompt, generated).tokens == prompt + generated  # the rest of the prompt first
+
+
 @pytest.mark.parametrize("engine_settings", [{}, {"kv_cache": "int8", "prefix_cache_blocks": 0}])
 def test_greedy_output_is_the_targets(tiny, engine_settings):
     config, params, tokenizer = tiny
