@@ -1246,12 +1246,15 @@ class Engine:
                 except Exception as e:  # noqa: BLE001
                     self._fail_row(row, e)
 
+    def _speculative_width(self, active: list[int]) -> int:
+        """The cache slots a speculative step attends over (a bucket): up to the K + 1 it writes a row."""
+        end = max(int(self._index[i]) for i in active) + self.draft_tokens + 1
+        return min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
+
     def _speculative_step(self, active: list[int], rows: int) -> None:
         """One speculative step for every active row (serve/speculative.py): 1 to K + 1 tokens each,
         accepted one by one until one ends the request."""
-        k = self.draft_tokens
-        end = max(int(self._index[i]) for i in active) + k + 1
-        width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
+        width = self._speculative_width(active)
         start = time.perf_counter()
         tokens, kept, self._cache, self._draft_cache = self._speculate(
             self.params, self.draft_params, self._cache, self._draft_cache, self._prev_token, self._next_token,
@@ -1272,8 +1275,7 @@ class Engine:
         drafts = np.zeros((self.max_slots, k), np.int32)
         for i in active:
             drafts[i] = np.resize(proposals[i] or [int(self._next_token[i])], k)
-        end = max(int(self._index[i]) for i in active) + k + 1
-        width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
+        width = self._speculative_width(active)
         start = time.perf_counter()
         tokens, kept, self._cache = self._check(self.params, self._cache, self._next_token, drafts,
                                                 *self._row_settings(active), rows, width)
