@@ -192,3 +192,37 @@ def test_serve_settings_reach_the_engine(monkeypatch):
     engine_settings = set(inspect.signature(Engine.__init__).parameters)
     shared = [f.name for f in dataclasses.fields(config) if f.name in engine_settings and f.name != "adapters"]
     assert len(shared) >= 10 and {name: seen[name] for name in shared} == {name: getattr(config, name) for name in shared}
+
+
+def test_batch_settings_reach_the_engine(monkeypatch, tmp_path):
+    """Every `press batch` setting the engine takes arrives there by its name, the model's too."""
+    import inspect
+
+    from compress import config as cfg
+    import jax
+
+    from serve.commands import batch as batch_command
+    from serve.engine import Engine
+
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def from_pretrained(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise Loaded
+
+    monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    config = cfg.config_from_args(cli.parse(
+        ["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--model", "some/dir",
+         "draft=ngram", "draft_tokens=2", "draft_max_rows=3", "max_slots=8", "max_seq_len=96", "model.dtype=bfloat16"]))
+    with pytest.raises(Loaded):
+        batch_command.run_config(config)
+    assert (seen["name"], seen["draft"], seen["draft_tokens"], seen["draft_max_rows"]) == ("some/dir", "ngram", 2, 3)
+    assert (seen["dtype"], seen["max_seq_len"]) == ("bfloat16", 96)
+    assert (seen["mesh"] is None) == (len(jax.local_devices()) == 1)  # several devices: rows over all of them
+    engine_settings = set(inspect.signature(Engine.__init__).parameters)
+    shared = [f.name for f in dataclasses.fields(config) if f.name in engine_settings and f.name != "adapters"]
+    assert len(shared) >= 5 and {name: seen[name] for name in shared} == {name: getattr(config, name) for name in shared}
