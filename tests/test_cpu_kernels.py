@@ -35,7 +35,7 @@ def _int4_case(rng, layers, groups, size, n, zero_point):
     return packed, scale, offset, w.reshape(layers, groups * size, n)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 64])
 @pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (128, 80), (576, 192), (64, 4112)])  # 4112: split by columns
 def test_int8_and_int4_products_equal_float64(rows, k, n):
     rng = np.random.default_rng(rows * 1000 + n)
@@ -481,8 +481,9 @@ def test_params_loaded_onto_a_mesh_keep_the_plain_path(tmp_path, tiny):
     assert specs(on_mesh) and not any(s.native for s in specs(on_mesh)) and all(s.native for s in specs(alone))
 
 
-@pytest.mark.parametrize("rows, dtype", [(1, "float32"), (4, "float32"), (7, "float32"), (24, "float32"),
-                                         (1, "bfloat16"), (7, "bfloat16"), (64, "bfloat16")])  # bf16: up to 64 rows
+@pytest.mark.parametrize("rows, dtype", [(1, "float32"), (2, "float32"), (4, "float32"), (7, "float32"),
+                                         (24, "float32"), (1, "bfloat16"), (2, "bfloat16"), (4, "bfloat16"),
+                                         (7, "bfloat16"), (64, "bfloat16")])  # bf16: up to 64 rows
 @pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (576, 192), (64, 4112)])
 def test_float_products_equal_float64(rows, k, n, dtype):
     """float32 weights, and bfloat16 ones widened to float32 (exact), against float64."""

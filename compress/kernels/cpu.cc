@@ -170,6 +170,8 @@ struct Simd {
   // chains to fill them: int8 weights in passes of 2 vectors ran at 5-64 rows in 0.71-0.88x the
   // time of 1, float32 at 8-24 rows in 0.99-1.10x (so it keeps 1).
   template <typename W, int R> static constexpr int kNarrowPass = R < 4 ? 4 : sizeof(W) == 1 ? 2 : 1;
+  // Passes where a call's rows are one block alone (weight_tiles): as elsewhere.
+  template <int R> static constexpr int kSolePass = kPass<R>;
   // int4: the same, with two nibble vectors and the table; 16 columns a pass at 4 rows ran 0.81-0.90x
   // the time of 64 at 4-64 rows (benchmarks/kernel_calls.py --libraries, one thread, Zen 4), and on
   // Zen 5 32 columns ran 0.76-0.83x the time of 16.
@@ -262,6 +264,14 @@ struct Simd {
   template <int R> static constexpr int kPass = R == 1 ? 8 : R <= 3 ? 4 : 2;
   // Narrow passes: already 16 columns at 4 rows; 8 ran slower.
   template <typename W, int R> static constexpr int kNarrowPass = kPass<R>;
+  // A call whose rows are one block alone (a batch-1 speculative check of K + 1 <= 4 tokens, a
+  // step of 2-4 rows): at 4 rows 3 vectors a pass (12 accumulators, 4 broadcasts, the weights
+  // read as the FMAs' memory operands), at 2 rows 6. Float32 weights at 4 rows took 0.78-0.82x
+  // the time of 2 vectors tiled (0.92-0.95x untiled), at 2 rows 0.85-0.88x the time of 4 tiled
+  // (0.81-0.94x untiled); bfloat16 0.87-1.02x; int8 (its own passes) the same
+  // (benchmarks/kernel_calls.py --libraries, one thread, Zen 2). In larger calls, whose blocks of 4
+  // rows meet each tile in turn, 3 vectors ran 1.16-1.25x slower at 8 and 16 rows: kPass there.
+  template <int R> static constexpr int kSolePass = R == 4 ? 3 : R == 2 ? 6 : kPass<R>;
   // int4: 2 R broadcasts and two nibble vectors beside the accumulators; at 4 rows 2 vectors a pass
   // (16 columns, as AVX-512's) ran 0.71-0.79x the time of 1, though they spill a register or two.
   template <int R> static constexpr int kPass4 = R <= 2 ? 4 : 2;
@@ -430,9 +440,9 @@ __attribute__((always_inline)) inline void weight_pass(const float* x, int64_t K
 }
 #endif
 
-// kNarrow: passes of Simd::kNarrowPass vectors (see there).
+// kNarrow: passes of Simd::kNarrowPass vectors (see there); kSole: Simd::kSolePass, for rows that are one block alone.
 // tiled: q holds 16 x 64 tiles (see kTileRows), each contiguous, instead of rows of N.
-template <typename W, int R, int V, bool kNarrow = false>
+template <typename W, int R, int V, bool kNarrow = false, bool kSole = false>
 __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K, const W* q, int64_t N, float* y,
                                                        int64_t ldy, int64_t m0, int64_t k0, int64_t depth, int64_t c,
                                                        int64_t ahead, bool tiled) {
@@ -445,7 +455,8 @@ __attribute__((always_inline)) inline void weight_tile(const float* x, int64_t K
   // hardware's prefetcher follows its rows; benchmarks/kernel_calls.py, one thread, Zen 4); at 16 rows
   // the prefetches are worth 1.07-1.5x.
   constexpr bool kPrefetch = !(std::is_same_v<W, float> && R == 1);
-  constexpr int L = Simd::kLanes, U = 16 * V / L, most = kNarrow ? Simd::template kNarrowPass<W, R> : Simd::kPass<R>;
+  constexpr int L = Simd::kLanes, U = 16 * V / L;
+  constexpr int most = kSole ? Simd::template kSolePass<R> : kNarrow ? Simd::template kNarrowPass<W, R> : Simd::kPass<R>;
   constexpr int P = most < U ? most : U, full = U / P * P;
   for (int u = 0; u < full; u += P)
     weight_pass<W, R, P>(x, K, row + L * u, stride, y, ldy, m0, k0, depth, c + L * u, ahead,
@@ -604,7 +615,8 @@ constexpr int64_t kTile = 64;
 template <typename W, int R>
 void weight_tiles(const float* x, int64_t K, const W* q, int64_t N, float* y, int64_t ldy, int64_t k0,
                   int64_t depth, int64_t c0, int64_t c1, int64_t ahead, bool tiled) {
-  for (int64_t c = c0; c < c1; c += kTile) weight_tile<W, R, 4>(x, K, q, N, y, ldy, 0, k0, depth, c, ahead, tiled);
+  for (int64_t c = c0; c < c1; c += kTile)
+    weight_tile<W, R, 4, false, true>(x, K, q, N, y, ldy, 0, k0, depth, c, ahead, tiled);
 }
 
 // y[:, c0:c1] (row stride ldy) = the products over inputs [k0, k1) (zeroed first; not scaled),
