@@ -145,6 +145,12 @@ CHUNK_WAIT_STEPS = 0
 # (compress/kernels/cpu.cc kTileRows). w4a8's and w8a8-gN's integer kernels read only layouts of their
 # own, which every engine stores (native_float's own_layouts).
 TILED_ROWS = 5
+# A tied float32 table becomes the head's kernel (compress/quant/matmul.py native_float) in engines of
+# at most this many rows, tiled or not: SmolLM2 fp32's plain step of 2 rows took 44.8 ms against 62.2
+# with XLA's dot, of 4 rows 59.4 against 68.3, of 8 rows 66.7 against 82.0 but its lookup check of 24
+# rows 171.7 against 160.5 (benchmarks/check_cost.py, 2 Zen 2 cores); and at 16 the server's hostile
+# benchmark lost p95 with it (native_float).
+FLOAT_TABLE_SLOTS = 4
 
 
 def power_of_two_at_least(n: int, minimum: int = 1) -> int:
@@ -280,7 +286,8 @@ class Engine:
         step_rows = max_slots * (1 + max(proposed, 0))
         tiled = step_rows <= TILED_ROWS and (max_slots == 1 or not chunked_prefill)
         projections = decoder.PROJECTIONS if tiled else None
-        self.params = matmul.native_float(params, projections, own_layouts=decoder.PROJECTIONS) if single else params
+        self.params = matmul.native_float(params, projections, own_layouts=decoder.PROJECTIONS,
+                                          float_table=tiled or max_slots <= FLOAT_TABLE_SLOTS) if single else params
         self.config, self.tokenizer, self.name = config, tokenizer, name
         self.max_slots = max_slots
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)

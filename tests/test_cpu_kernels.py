@@ -508,6 +508,25 @@ def test_float_products_equal_float64(rows, k, n, dtype):
             jax.block_until_ready(cpu_kernels.f32_matmul(jnp.asarray(x), w, 1, tiled=True))
 
 
+def test_engines_of_few_rows_read_a_float32_table_through_the_kernel(tiny):
+    """An fp32 tied table is the head's kernel where an engine has at most FLOAT_TABLE_SLOTS rows,
+    tiled or not (a 2-row step took 0.72x the time so), and stays on XLA's dot in wider engines;
+    the tokens are the same either way."""
+    from serve.engine import FLOAT_TABLE_SLOTS, Engine
+    from serve.sampling import SamplingParams
+
+    config, params, tokenizer = tiny
+    assert matmul.native_float(params)["embed"] is params["embed"]  # the default: with projections only
+    assert isinstance(matmul.native_float(params, float_table=True)["embed"]["spec"], matmul.FloatSpec)
+    outputs = {}
+    for slots in (1, FLOAT_TABLE_SLOTS, FLOAT_TABLE_SLOTS + 1):  # tiled; untiled (chunked prefill); wider
+        with Engine(params, config, tokenizer, max_slots=slots, max_seq_len=64) as engine:
+            assert isinstance(engine.params["embed"], dict) == (slots <= FLOAT_TABLE_SLOTS), slots
+            outputs[slots] = [o.token_ids for o in engine.generate(["a b c", "hello"] * 2,
+                                                                   SamplingParams(max_new_tokens=6, ignore_eos=True))]
+    assert outputs[1] == outputs[FLOAT_TABLE_SLOTS] == outputs[FLOAT_TABLE_SLOTS + 1]
+
+
 @pytest.mark.parametrize("dtype, tiled", [("float32", False), ("bfloat16", False), ("float32", True),
                                           ("bfloat16", True)])
 def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(tiny, dtype, tiled):

@@ -373,7 +373,7 @@ _float_native.defvjp(_float_native_fwd, _float_native_bwd)
 
 
 def native_float(params: Any, projections: dict[str, str] | None = None,
-                 own_layouts: dict[str, str] | None = None) -> Any:
+                 own_layouts: dict[str, str] | None = None, float_table: bool | None = None) -> Any:
     """`params` with a FloatSpec on every float projection without a spec (a dict holding a float
     `kernel`), for decoding on a CPU where the native kernels are built; unchanged elsewhere, or
     with PRESS_FLOAT_KERNELS=0 (XLA's dot, to compare).
@@ -390,10 +390,11 @@ def native_float(params: Any, projections: dict[str, str] | None = None,
     table (compress/models/decoder.py reads either): the kernels read [K, N] weights, and XLA's
     dot of `x @ table.T` converted a bfloat16 table to a float32 copy (113 MB written and read)
     at every step, and streamed an fp32 one at ~30 GB/s. A lookup reads the columns it needs. An
-    fp32 table moves only with `projections` (engines of few rows): a batch-1 step took 0.91x
-    the time with it, but beside the server's own threads under the hostile-client benchmark
-    (16 slots) the well-behaved p95 ratio was 1.88-2.24x in three runs with it, 1.46-1.51x in
-    two without (BENCHMARKS.md, "Hostile clients")."""
+    fp32 table moves only where `float_table` says (None: with `projections`, engines of few rows):
+    a batch-1 step took 0.91x the time with it, and a step of 2 rows 0.72x, of 4 rows 0.87x (the
+    engine's own choice, serve/engine.py FLOAT_TABLE_SLOTS), but beside the server's own threads
+    under the hostile-client benchmark (16 slots) the well-behaved p95 ratio was 1.88-2.24x in
+    three runs with it, 1.46-1.51x in two without (BENCHMARKS.md, "Hostile clients")."""
     if not cpu_kernels.available():
         return params
     floats = os.environ.get("PRESS_FLOAT_KERNELS", "1") != "0"
@@ -401,7 +402,8 @@ def native_float(params: Any, projections: dict[str, str] | None = None,
     own = {**(own_layouts or {}), **(tiling or {})} if os.environ.get("PRESS_TILED_WEIGHTS", "1") != "0" else {}
     table = params.get("embed") if isinstance(params, dict) else None
     if floats and "lm_head" not in params and hasattr(table, "dtype") and table.ndim == 2 \
-            and table.dtype in cpu_kernels.FLOAT_WEIGHTS and (projections is not None or table.dtype != jnp.float32):
+            and table.dtype in cpu_kernels.FLOAT_WEIGHTS \
+            and (table.dtype != jnp.float32 or (projections is not None if float_table is None else float_table)):
         params = {**params, "embed": {"kernel": table.T, "spec": FloatSpec()}}
 
     def shape_of(equation, array):
