@@ -49,3 +49,19 @@ def decode_step_seconds(engine, rows: int, width: int, chunk=None) -> float:
                                        width, None, chunk)
     np.asarray(nxt)
     return time.perf_counter() - start
+
+
+def check_step_seconds(engine, rows: int, width: int, k: int) -> float:
+    """The wall time of one call of an engine's jitted lookup check (serve/engine.py `_check`):
+    `rows` of its slots each checking k draft tokens after its last one, attending `width` slots,
+    greedy; as decode_step_seconds, for timing only."""
+    import numpy as np
+
+    e = engine
+    zeros = lambda dtype: np.zeros(e.max_slots, dtype)  # noqa: E731
+    start = time.perf_counter()
+    tokens, _, e._cache = e._check(e.params, e._cache, zeros(np.int32), np.zeros((e.max_slots, k), np.int32),
+                                   zeros(np.uint32), zeros(np.int32), zeros(np.float32), zeros(np.int32),
+                                   np.ones(e.max_slots, np.float32), rows, width)
+    np.asarray(tokens)
+    return time.perf_counter() - start

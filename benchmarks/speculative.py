@@ -1,11 +1,12 @@
-"""Speculative decoding at batch 1: the press engine with and without a draft, in one run.
+"""Speculative decoding at batch 1 (or `--batch`): the press engine with and without a draft, in one run.
 
 The target is SmolLM2-135M-Instruct (fp32, the bundled GGUF dequantized); the draft is any model
 `--model` takes with the same tokenizer (a student `press distill` wrote, a `press quantize`
 directory; the target itself shows the cost of a draft that is always right), or `ngram`, the
 lookup draft that proposes from each request's own context. Each engine is warmed up
 (`Engine.warmup` and one short untimed request) before it is timed. Every chat prompt generates
-exactly `--new-tokens` greedy tokens (EOS ignored), one request at a time. The prompts
+exactly `--new-tokens` greedy tokens (EOS ignored), one request at a time (`--batch` at a time,
+all submitted together, the draft speculating at every row: its `draft_max_rows`). The prompts
 (`--task`): `chat`, decode.py's eight questions; `rag`, eight questions about a statement of
 the language reference, each with that statement's section (pydoc_data.topics, its first 900
 characters) as the numbered source, as `press serve --index` puts it in front of a question. Reported: tokens/s end to end (prefill included) and while
@@ -14,7 +15,7 @@ timed requests, tokens per target pass, and whether the two engines' tokens are 
 (greedy speculative decoding must give exactly the target's; the script exits 1 if they differ).
 
   .venv/bin/python benchmarks/speculative.py --draft out/distill-smollm2/hf [--draft-tokens 4] [--prompts 8]
-      [--new-tokens 128] [--task chat|rag] [--out bench-results/speculative.json]
+      [--new-tokens 128] [--task chat|rag] [--batch 1] [--out bench-results/speculative.json]
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def rag_chats() -> list[list[dict]]:
     return chats
 
 
-def run(target: str, draft: str | None, draft_tokens: int, chats: list, lengths: list[int], new_tokens: int) -> dict:
-    """Generate for each chat (of `lengths` tokens) alone through an engine (with `draft`, or
-    none); timings and tokens."""
+def run(target: str, draft: str | None, draft_tokens: int, chats: list, lengths: list[int], new_tokens: int,
+        batch: int = 1) -> dict:
+    """Generate for the chats (of `lengths` tokens) `batch` at a time through an engine (with
+    `draft`, speculating at every row busy, or none); timings and tokens."""
     from serve.engine import Engine, power_of_two_at_least
     from serve.sampling import SamplingParams
 
@@ -59,8 +61,8 @@ def run(target: str, draft: str | None, draft_tokens: int, chats: list, lengths:
     # Slots for the longest prompt's bucket, its tokens and one speculative step past them.
     max_seq_len = power_of_two_at_least(power_of_two_at_least(max(lengths), 16) + new_tokens + draft_tokens + 1)
     start = time.perf_counter()
-    with Engine.from_pretrained(target, max_slots=1, max_seq_len=max_seq_len, draft=draft,
-                                draft_tokens=draft_tokens) as engine:
+    with Engine.from_pretrained(target, max_slots=batch, max_seq_len=max_seq_len, draft=draft,
+                                draft_tokens=draft_tokens, draft_max_rows=batch if draft else None) as engine:
         log(f"{label}: loaded in {time.perf_counter() - start:.1f} s; compiling")
         start = time.perf_counter()
         # Every prompt bucket, whole or after the chat template's cached prefix (the prefix cache is on).
@@ -69,22 +71,25 @@ def run(target: str, draft: str | None, draft_tokens: int, chats: list, lengths:
         # Each timed chat once untimed (see serve/decode_speed.py), then the prefix cache emptied: the
         # timed prefills then reuse the prefixes these did, at lengths compiled here (the grounded
         # prompts share a longer prefix than the chat template's, which warmup does not know of).
-        for chat in chats:
-            engine.generate(chat, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        groups = [chats[i : i + batch] for i in range(0, len(chats), batch)]
+        for group in groups:
+            engine.generate(group, SamplingParams(max_new_tokens=4, ignore_eos=True))
         engine.prefix_cache.clear()
         log(f"{label}: {programs} programs compiled in {time.perf_counter() - start:.1f} s; timing")
         before = dict(engine.stats)
-        outputs, wall = [], 0.0
-        for chat in chats:
+        outputs, wall, decoding = [], 0.0, 0.0
+        for group in groups:
             start = time.perf_counter()
-            outputs.append(engine.generate(chat, greedy)[0])
+            done = engine.generate(group, greedy)
             wall += time.perf_counter() - start
+            # Decoding: from the last row's first token to the last row's end (all submitted at once).
+            decoding += max(o.total_seconds for o in done) - max(o.time_to_first_token for o in done)
+            outputs.extend(done)
         stats = {key: engine.stats[key] - before[key] for key in ("drafted_tokens", "accepted_tokens", "decode_steps")}
     tokens = sum(len(o.token_ids) for o in outputs)
-    decoding = sum(o.total_seconds - o.time_to_first_token for o in outputs)
     result = {
         "tokens_per_s": tokens / wall,
-        "decode_tokens_per_s": sum(len(o.token_ids) - 1 for o in outputs) / decoding,
+        "decode_tokens_per_s": sum(len(o.token_ids) - 1 for o in outputs) / decoding,  # at batch > 1, roughly
         "wall_s": wall,
         "tokens": tokens,
         "target_passes": stats["decode_steps"],  # decode steps of the target (each one pass over its weights)
@@ -113,6 +118,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"chat prompts, 1..{len(PROMPTS)}")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--task", choices=("chat", "rag"), default="chat", help="the prompts (see above)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (the draft speculates at all)")
     parser.add_argument("--out", default="bench-results/speculative.json")
     args = parser.parse_args()
     if not 1 <= args.prompts <= len(PROMPTS):
@@ -129,15 +135,15 @@ def main() -> None:
     # Text first, then ids: with tokenize=True, newer transformers return a dict (whose len is 2).
     lengths = [len(tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
                              add_special_tokens=False)["input_ids"]) for chat in chats]
-    plain = run(args.target, None, args.draft_tokens, chats, lengths, args.new_tokens)
-    drafted = run(args.target, args.draft, args.draft_tokens, chats, lengths, args.new_tokens)
+    plain = run(args.target, None, args.draft_tokens, chats, lengths, args.new_tokens, args.batch)
+    drafted = run(args.target, args.draft, args.draft_tokens, chats, lengths, args.new_tokens, args.batch)
     differences = [first_difference(a, b) for a, b in zip(plain.pop("token_ids"), drafted.pop("token_ids"))]
     result = {
         "target": args.target,
         "draft": args.draft,
         "draft_tokens": args.draft_tokens,
         "task": args.task,
-        "batch": 1,
+        "batch": args.batch,
         "prompts": args.prompts,
         "new_tokens": args.new_tokens,
         "greedy": True,
