@@ -115,6 +115,9 @@ bench: install $(VENV)/.bench
 	$(BIN)/python benchmarks/speculative_draft.py --work out/draft
 	$(BIN)/python benchmarks/speculative.py --draft out/draft/student-int8+embed-int8 --draft-tokens 3 \
 		--out bench-results/speculative-student.json
+	$(BIN)/python benchmarks/check_cost.py --out bench-results/check-cost.json
+	$(BIN)/python benchmarks/speculative.py --draft ngram --draft-tokens 3 --task rag \
+		--out bench-results/speculative-ngram-k3-rag-fp32.json
 	$(BIN)/python benchmarks/quant.py --windows 16 --out bench-results/quant.json
 	$(BIN)/python benchmarks/gptq_ablation.py --out bench-results/gptq-ablation.json
 	$(BIN)/python benchmarks/retrieve.py --vectors 100000 --queries 1000 --out bench-results/retrieval.json

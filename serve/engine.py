@@ -128,8 +128,9 @@ CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get
 # 2): the prompts of clients about to hang up held more rows. BENCHMARKS.md, "Server under load".
 MAX_FILLING = 2
 # A lookup draft's steps speculate on a CPU only while at most this many rows are busy: on 2 Zen 2
-# cores (SmolLM2 fp32, K=2, grounded answers) 1 row decoded 1.38x faster with lookups, 2 rows 1.2x,
-# and 4 rows 0.67x (a check of 12 tokens took 143 ms against a plain 4-row step's 76).
+# cores (SmolLM2 fp32, K=2, benchmarks/speculative.py --batch) grounded answers decoded 1.42x faster
+# with lookups at 1 row, 1.35x at 2 and 1.24x at 4, but chat answers 0.86x at 4 rows (a check of 12
+# tokens costs 1.5 plain 4-row steps: benchmarks/check_cost.py).
 LOOKUP_CPU_ROWS = 2
 # With chunk_wait_steps = N > 0, a short prompt that arrives while MAX_FILLING rows are being
 # filled waits up to N decode steps for a chunk turn before a batched prefill (which stalls every
