@@ -232,7 +232,7 @@ def _cut_torn_last_line(path: str) -> None:
 
 
 def offline_engine(model, max_slots: int, max_seq_len: int, *, multi_process: bool = False, name: str = "press batch",
-                   adapters: dict[str, str] | None = None, draft: str | None = None, draft_tokens: int = 4,
+                   adapters: dict[str, str] | None = None, draft: str | None = None, draft_tokens: int | None = None,
                    draft_max_rows: int | None = None):
     """The engine of an offline job (press batch, press synthesize) over this process's devices:
     with several, rows are decoded over all of them (max_slots rounded up to a multiple, said on

@@ -132,6 +132,12 @@ MAX_FILLING = 2
 # with lookups at 1 row, 1.35x at 2 and 1.24x at 4, but chat answers 0.86x at 4 rows (a check of 12
 # tokens costs 1.5 plain 4-row steps: benchmarks/check_cost.py).
 LOOKUP_CPU_ROWS = 2
+# Tokens a draft proposes a step unless told (draft_tokens=None): DRAFT_TOKENS, but LOOKUP_CPU_TOKENS for a
+# lookup draft on a CPU, where a batch-1 check of K + 1 tokens costs 1.28 / 1.48 / 1.94 plain steps at
+# K = 2 / 3 / 4 (benchmarks/check_cost.py, 2 Zen 2 cores) and grounded answers decoded 1.46x faster at
+# K=3, 1.42x at K=2 (and, before the kernels' wider passes for 4 rows, 1.27x at K=4).
+DRAFT_TOKENS = 4
+LOOKUP_CPU_TOKENS = 3
 # With chunk_wait_steps = N > 0, a short prompt that arrives while MAX_FILLING rows are being
 # filled waits up to N decode steps for a chunk turn before a batched prefill (which stalls every
 # row) takes it, and a client that leaves meanwhile costs nothing. Beside the hostile clients
@@ -272,7 +278,7 @@ class Engine:
         adapters: Mapping[str, str | dict] | None = None,
         chunked_prefill: bool = True,
         draft: Any = None,
-        draft_tokens: int = 4,
+        draft_tokens: int | None = None,
         draft_max_rows: int | None = None,
         compact_rows: bool = True,
         chunk_wait_steps: int = CHUNK_WAIT_STEPS,
@@ -283,6 +289,10 @@ class Engine:
         # kernels (compress/quant/matmul.py FloatSpec); a mesh keeps XLA's sharded matmuls. Where
         # no step carries more than TILED_ROWS rows, the weights are stored tiled for them.
         single = mesh is None or mesh.size == 1
+        cpu = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()) == "cpu"
+        lookup = isinstance(draft, str) and draft == speculative.LOOKUP
+        if draft_tokens is None:
+            draft_tokens = LOOKUP_CPU_TOKENS if lookup and cpu else DRAFT_TOKENS
         proposed = draft_tokens if draft is not None and isinstance(draft_tokens, int) else 0  # checked below
         step_rows = max_slots * (1 + max(proposed, 0))
         tiled = step_rows <= TILED_ROWS and (max_slots == 1 or not chunked_prefill)
@@ -295,7 +305,7 @@ class Engine:
         # Speculative decoding (serve/speculative.py): a draft of the same vocabulary proposes
         # draft_tokens tokens a step for the target to check in one pass.
         # draft="ngram" is no model: each row looks its proposal up in its own context (a lookup).
-        self.lookup = isinstance(draft, str) and draft == speculative.LOOKUP
+        self.lookup = lookup
         model_draft = None if self.lookup else draft
         self.draft_params, self.draft_config, self.draft_name = self._read_draft(model_draft)
         if self.lookup:
@@ -322,7 +332,6 @@ class Engine:
             raise InputError(f"draft_max_rows must be a positive integer (or None for the default), got "
                              f"{draft_max_rows!r}")
         if draft_max_rows is None:
-            cpu = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()) == "cpu"
             draft_max_rows = LOOKUP_CPU_ROWS if self.lookup and cpu else max_slots
         self.draft_max_rows = draft_max_rows
         self.eos_ids = frozenset(int(e) for e in config.eos_token_ids)

@@ -103,6 +103,22 @@ def test_greedy_output_is_the_targets(tiny, engine_settings):
     assert spec.draft_stats()["draft"] == "ngram" and spec.draft_config is None  # no draft model, no draft cache
 
 
+def test_draft_tokens_default_by_the_draft(tiny):
+    # A lookup's check of 5 tokens costs about two plain steps on a CPU: 3 tokens a step there.
+    config, params, tokenizer = tiny
+    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=64, draft=speculative.LOOKUP) as lookups:
+        assert lookups.draft_tokens == engine_lib.LOOKUP_CPU_TOKENS == 3
+    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=64, draft=(params, config)) as drafted:
+        assert drafted.draft_tokens == engine_lib.DRAFT_TOKENS == 4
+    with Engine(params, config, tokenizer, max_slots=1, max_seq_len=64, draft=speculative.LOOKUP,
+                draft_tokens=2) as told:
+        assert told.draft_tokens == 2
+    from compress import config as cfg
+
+    for argv in (["generate", "--prompt", "hi"], ["batch", "--input", "in.jsonl", "--output", "out.jsonl"], ["serve"]):
+        assert cfg.config_from_args(cli.parse([*argv, "--draft", "ngram"])).draft_tokens is None, argv[0]  # the engine's
+
+
 def test_on_a_cpu_lookups_speculate_only_while_few_rows_are_busy(tiny):
     # A check of K + 1 tokens a row is compute-bound on a CPU: 4 busy rows decoded 0.67x as fast with
     # lookups on SmolLM2. Four rows of equal length stay busy to the end: no speculative step.

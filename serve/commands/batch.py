@@ -39,7 +39,7 @@ class BatchConfig:
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> PEFT LoRA directory (a line's "adapter")
     draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf;
     # "ngram": no model, proposals looked up in each request's own context)
-    draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
+    draft_tokens: int | None = None  # tokens the draft proposes per step (None: 3 for ngram on a CPU, else 4)
     draft_max_rows: int | None = None  # speculate only while at most this many rows are busy (None: 2 for ngram
     # on a CPU, else no limit)
     progress: bool = True  # a progress bar and a summary line on stderr
@@ -80,9 +80,9 @@ def add_draft_flags(flags) -> None:
 
 
 def check_draft_fields(config) -> None:
-    """For a config's __post_init__: ValueError unless draft_tokens is in [1, MAX_DRAFT_TOKENS] and
+    """For a config's __post_init__: ValueError unless draft_tokens is None or in [1, MAX_DRAFT_TOKENS] and
     draft, if set, is a non-empty name and comes without adapters."""
-    if not 1 <= config.draft_tokens <= MAX_DRAFT_TOKENS:
+    if config.draft_tokens is not None and not 1 <= config.draft_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(f"draft_tokens must be in [1, {MAX_DRAFT_TOKENS}], got {config.draft_tokens}")
     if config.draft is not None and not config.draft:
         raise ValueError("draft is empty: name a draft model (or draft=null for none)")

@@ -33,7 +33,7 @@ class GenerateConfig:
     max_seq_len: int = 2048  # KV-cache slots (prompt + new tokens), capped by the model's context
     stream: bool = True  # print text as it is generated (ignored with --json)
     draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf)
-    draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
+    draft_tokens: int | None = None  # tokens the draft proposes per step (None: 3 for ngram on a CPU, else 4)
 
     def __post_init__(self):
         check_draft_fields(self)
@@ -113,7 +113,7 @@ def run_generate(config: GenerateConfig, *, as_json: bool, out=None) -> dict:
         if config.draft is not None:
             rate = report["acceptance_rate"]
             drafted = (f"; draft acceptance {'-' if rate is None else f'{rate:.2f}'} ({report['accepted_tokens']} of "
-                       f"{report['drafted_tokens']} drafted tokens kept, {config.draft_tokens} a step)")
+                       f"{report['drafted_tokens']} drafted tokens kept, {report['draft_tokens']} a step)")
         sys.stderr.write(
             f"[{len(result.token_ids)} tokens, {result.finish_reason}; prompt {len(result.prompt_token_ids)} tokens; "
             f"first token after {result.time_to_first_token:.2f} s; "

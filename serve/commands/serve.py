@@ -52,7 +52,7 @@ class ServeConfig:
     rag_k: int = 4  # sources retrieved per chat request (with index)
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # model name -> PEFT LoRA directory
     draft: str | None = None  # a draft model of the same tokenizer for speculative decoding (name, directory, .gguf)
-    draft_tokens: int = 4  # tokens the draft proposes per step (with draft)
+    draft_tokens: int | None = None  # tokens the draft proposes per step (None: 3 for ngram on a CPU, else 4)
     draft_max_rows: int | None = None  # speculate only while at most this many rows are busy (None: 2 for ngram
     # on a CPU, else no limit)
 
