@@ -481,8 +481,8 @@ def test_params_loaded_onto_a_mesh_keep_the_plain_path(tmp_path, tiny):
     assert specs(on_mesh) and not any(s.native for s in specs(on_mesh)) and all(s.native for s in specs(alone))
 
 
-@pytest.mark.parametrize("rows, dtype", [(1, "float32"), (2, "float32"), (4, "float32"), (7, "float32"),
-                                         (24, "float32"), (1, "bfloat16"), (2, "bfloat16"), (4, "bfloat16"),
+@pytest.mark.parametrize("rows, dtype", [(1, "float32"), (2, "float32"), (4, "float32"), (5, "float32"),
+                                         (7, "float32"), (9, "float32"), (24, "float32"), (1, "bfloat16"), (2, "bfloat16"), (4, "bfloat16"),
                                          (7, "bfloat16"), (64, "bfloat16")])  # bf16: up to 64 rows
 @pytest.mark.parametrize("k, n", [(64, 16), (96, 48), (576, 192), (64, 4112)])
 def test_float_products_equal_float64(rows, k, n, dtype):

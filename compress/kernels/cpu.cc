@@ -611,6 +611,18 @@ void int4_tile(const float* x, int64_t K, const int8_t* q, int64_t N, int64_t S,
 
 constexpr int64_t kTile = 64;
 
+// Float weights in calls of 5-15 rows: blocks of rows as even as they go (5 rows as 3 + 2, 9 as 3 + 3 + 3)
+// where 4 + 1 and 4 + 4 + 1 had been. On AVX2 a block of 4 takes four passes over a tile (Simd::kPass)
+// and one of 1 or 2 rows about what one of 3 does: float32 at 5 rows took 0.70-0.71x the time tiled
+// (0.68-0.80x in rows), at 6 and 9 rows 0.90-0.94x, 8 and 17 the same; int8 (narrow passes) at 6 rows
+// ran 1.02-1.05x slower, so it keeps blocks of 4 (benchmarks/kernel_calls.py --libraries, one thread,
+// Zen 2). AVX-512's passes take a whole tile at any rows (not measured there: unchanged).
+#ifdef PRESS_AVX2
+constexpr bool kEvenBlocks = true;
+#else
+constexpr bool kEvenBlocks = false;
+#endif
+
 // weight_tile<W, R, 4> for the 64-column tiles of [c0, c1) one after another, rows 0 .. R - 1.
 template <typename W, int R>
 void weight_tiles(const float* x, int64_t K, const W* q, int64_t N, float* y, int64_t ldy, int64_t k0,
@@ -652,12 +664,15 @@ void weight_part(const float* x, int64_t M, int64_t K, const W* q, int64_t N, fl
     }
     for (int64_t c = c0; c < c1; c += kTile) {  // the tile's converted weights reused by every block of rows
       const int64_t vecs = std::min(kTile, c1 - c) / 16;
-      for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, M - m0);
+      const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+      for (int64_t b = 0, m0 = 0; b < blocks; ++b) {
+        const int64_t rows = kEvenBlocks && !narrow ? (M - m0 + blocks - b - 1) / (blocks - b)  // as even as they go
+                                                    : std::min(kRowBlock, M - m0);
         if (narrow)
           PRESS_DISPATCH(NarrowTile::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead, tiled)
         else
           PRESS_DISPATCH(Tile::template run, rows, vecs, x, K, q, N, y, ldy, m0, k, depth, c, ahead, tiled)
+        m0 += rows;
       }
     }
   }
