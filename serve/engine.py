@@ -133,9 +133,9 @@ MAX_FILLING = 2
 # tokens costs 1.5 plain 4-row steps: benchmarks/check_cost.py).
 LOOKUP_CPU_ROWS = 2
 # Tokens a draft proposes a step unless told (draft_tokens=None): DRAFT_TOKENS, but LOOKUP_CPU_TOKENS for a
-# lookup draft on a CPU, where a batch-1 check of K + 1 tokens costs 1.28 / 1.48 / 1.94 plain steps at
-# K = 2 / 3 / 4 (benchmarks/check_cost.py, 2 Zen 2 cores) and grounded answers decoded 1.46x faster at
-# K=3, 1.42x at K=2 (and, before the kernels' wider passes for 4 rows, 1.27x at K=4).
+# lookup draft on a CPU, where a batch-1 check of K + 1 tokens costs 1.3 / 1.5 / 1.6 plain steps at
+# K = 2 / 3 / 4 (benchmarks/check_cost.py, 2 Zen 2 cores) and grounded answers decoded 1.42x / 1.46x /
+# 1.47x faster; with more rows busy a larger K costs more (4 rows: 1.5 / 2.0 / 2.6 steps).
 DRAFT_TOKENS = 4
 LOOKUP_CPU_TOKENS = 3
 # With chunk_wait_steps = N > 0, a short prompt that arrives while MAX_FILLING rows are being
