@@ -224,9 +224,6 @@ class Ngrams:
         self.tokens: list[int] = []
         self._starts: dict[tuple[int, ...], list[int]] = {}  # n-gram -> its starts, in order
 
-    def __len__(self) -> int:
-        return len(self.tokens)
-
     def extend(self, tokens: Sequence[int]) -> Ngrams:
         seq, starts = self.tokens, self._starts
         for token in tokens:

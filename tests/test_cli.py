@@ -198,9 +198,9 @@ def test_batch_settings_reach_the_engine(monkeypatch, tmp_path):
     """Every `press batch` setting the engine takes arrives there by its name, the model's too."""
     import inspect
 
-    from compress import config as cfg
     import jax
 
+    from compress import config as cfg
     from serve.commands import batch as batch_command
     from serve.engine import Engine
 
