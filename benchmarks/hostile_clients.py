@@ -16,11 +16,12 @@ machine's own speed falls on both alike:
 The figures: well-behaved p50/p95 latency and errors in each phase, the p95 ratio (goal: at most
 1.5 with no well-behaved error), what each hostile kind got back (status codes), and the server's
 cancellation and rejection counters from GET /metrics, and what the engine computed in each
-phase (steps, seconds, rows and chunk tokens computed and busy). Exit status 1 if a
-well-behaved request failed.
+phase (steps, seconds, rows and chunk tokens computed and busy), and the CPU seconds the server
+and the clients spent in each. Exit status 1 if a well-behaved request failed. --kinds runs only
+some hostile kinds, to see what each costs.
 
   .venv/bin/python benchmarks/hostile_clients.py [--well-behaved 8] [--seconds 60] [--rounds 2]
-      [--max-slots 16] [--slow 4] [--out bench-results/hostile.json]
+      [--max-slots 16] [--slow 4] [--kinds disconnect,fanout_16,...] [--out bench-results/hostile.json]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import collections
 import http.client
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -78,7 +80,9 @@ class Outcomes:
     def report(self) -> dict:
         out = {}
         for kind in EXPECTED:
-            counts = self.counts.get(kind, collections.Counter())
+            if kind not in self.counts:
+                continue
+            counts = self.counts[kind]
             entry = {"outcomes": dict(counts),
                      "unexpected": sum(n for o, n in counts.items() if o not in EXPECTED[kind])}
             if self.seconds.get(kind):
@@ -204,7 +208,8 @@ def slowloris(port: int, connections: int, stop_at: float, outcomes: Outcomes) -
             s.close()
 
 
-def hostile_threads(port: int, model: str, stop_at: float, slow: int, outcomes: Outcomes) -> list[threading.Thread]:
+def hostile_threads(port: int, model: str, stop_at: float, slow: int, outcomes: Outcomes,
+                    kinds=tuple(EXPECTED)) -> list[threading.Thread]:
     fan16 = fanout_body(model, 16, 64)
     fan10k = fanout_body(model, 10_000, 16)
     oversized = json.dumps({"model": model, "prompt": "lorem ipsum " * (OVERSIZED_CHARS // 12),
@@ -227,8 +232,10 @@ def hostile_threads(port: int, model: str, stop_at: float, slow: int, outcomes: 
         "stop_flood": complete("stop_flood", stop_flood, 60),
     }
     threads = [threading.Thread(target=paced_loop, args=(kind, attempt, stop_at), name=f"hostile-{kind}")
-               for kind, attempt in loops.items()]
-    threads.append(threading.Thread(target=slowloris, args=(port, slow, stop_at, outcomes), name="hostile-slowloris"))
+               for kind, attempt in loops.items() if kind in kinds]
+    if "slowloris" in kinds:
+        threads.append(threading.Thread(target=slowloris, args=(port, slow, stop_at, outcomes),
+                                        name="hostile-slowloris"))
     return threads
 
 
@@ -293,6 +300,15 @@ def drain(url: str, seconds: float = 30) -> list[str]:
     return lines
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) the server process and this one (the clients) have spent so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (int(fields[11]) + int(fields[12])) / ticks, own.user + own.system
+
+
 def metrics_lines(url: str) -> list[str]:
     import urllib.request
 
@@ -311,10 +327,15 @@ def main() -> None:
     parser.add_argument("--max-slots", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32, help="of each well-behaved request")
     parser.add_argument("--slow", type=int, default=4, help="slowloris connections")
+    parser.add_argument("--kinds", default=",".join(EXPECTED),
+                        help="the hostile kinds to run, comma-separated (default: all of them)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a press serve setting (e.g. prefill_delay=1.0); repeatable")
     parser.add_argument("--out", default="bench-results/hostile.json")
     args = parser.parse_args()
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if unknown := set(kinds) - set(EXPECTED):
+        parser.error(f"--kinds: unknown {sorted(unknown)}; the kinds are {', '.join(EXPECTED)}")
 
     import openai
 
@@ -339,16 +360,20 @@ def main() -> None:
         outcomes = Outcomes()
         segments: dict[str, list[dict]] = {"baseline": [], "hostile": []}
         engine_work: dict[str, dict[str, float]] = {"baseline": {}, "hostile": {}}
+        cpu: dict[str, dict[str, float]] = {"baseline": {}, "hostile": {}}  # CPU seconds each process spent
         part = args.seconds / args.rounds
         before = counter_values(metrics_lines(url))
         for r in range(args.rounds):
             for phase in ("baseline", "hostile"):
                 log(f"hostile_clients: {phase} {r + 1}/{args.rounds}, {args.well_behaved} well-behaved clients"
                     f"{' beside hostile ones' if phase == 'hostile' else ''} for {part:g} s")
-                extra = (hostile_threads(port, args.model, time.perf_counter() + part, args.slow, outcomes)
+                extra = (hostile_threads(port, args.model, time.perf_counter() + part, args.slow, outcomes, kinds)
                          if phase == "hostile" else ())
+                cpu_before = cpu_seconds(server.pid)
                 segments[phase].append(well_behaved_clients(client, args.model, args.well_behaved, part,
                                                             args.max_tokens, extra))
+                for who, (start, end) in zip(("server", "clients"), zip(cpu_before, cpu_seconds(server.pid))):
+                    cpu[phase][who] = cpu[phase].get(who, 0.0) + end - start
                 lines = drain(url)
                 after = counter_values(lines)
                 for name, value in after.items():  # what the engine did in this phase's segments
@@ -389,7 +414,9 @@ def main() -> None:
         "goal": f"well-behaved p95 ratio <= {P95_GOAL} and no well-behaved error",
         "goal_met": ratio is not None and ratio <= P95_GOAL and not baseline["errors"] and not hostile["errors"],
         "hostile": outcomes.report(),
+        "hostile_kinds": list(kinds),
         "engine_by_phase": engine_work,
+        "cpu_seconds_by_phase": cpu,
         "metrics": lines,
         "server_tracebacks": stderr.count("Traceback (most recent call last)"),
         "server_exit": server.returncode,
