@@ -1,11 +1,11 @@
-"""The float kernel against XLA's dot, one projection at a time: where FLOAT_ROWS comes from.
+"""The float kernel against XLA's dot, one projection at a time: where float_rows() comes from.
 
 Each of SmolLM2-135M's projection shapes as a stack of 30 random float32 layers; rows of
 activations 1..64 against one layer of it, read in place by the kernel (`f32_matmul`) or sliced
 and multiplied by XLA (`x @ w[layer]`, what the decoder ran before), both jitted, the median of
 `--repeats` calls on each of two layers, alternating. Reported: microseconds each, the weights'
 GB/s and XLA's time over the kernel's (above 1: the kernel is faster). compress/quant/matmul.py
-uses the kernel up to FLOAT_ROWS rows.
+uses the kernel up to `float_rows()` rows (by the kernels' instruction set).
 
   .venv/bin/python benchmarks/float_kernel.py [--rows 1,4,8,16,24,32,48,64] [--out bench-results/float-kernel.json]
 """
@@ -31,7 +31,7 @@ def main() -> None:
     import numpy as np
 
     from compress.kernels import cpu as cpu_kernels
-    from compress.quant.matmul import FLOAT_ROWS
+    from compress.quant.matmul import float_rows
 
     log(f"float_kernel: {cpu_kernels.status()}")
     xla = jax.jit(lambda x, w, layer: x @ jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False))
@@ -53,7 +53,7 @@ def main() -> None:
             log(f"float_kernel: {k}x{n} rows {m}: XLA {row['xla_us']:.0f} us, kernel {row['kernel_us']:.0f} us "
                 f"({row['xla_over_kernel']:.2f}x)")
             results.append(row)
-    write_result(args.out, {"float_rows": FLOAT_ROWS, "layers": 30, "results": results})
+    write_result(args.out, {"float_rows": float_rows(), "instruction_set": cpu_kernels.instruction_set(), "layers": 30, "results": results})
 
 
 if __name__ == "__main__":

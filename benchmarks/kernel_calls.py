@@ -156,8 +156,8 @@ def _cases(names: list[str], threads: int, matmul_rows: list[int], with_w8a8: li
                 fns.update({name: (fn, tiles) for name, fn in
                             scans(layers[kind], body, [f"{name} tiled" for name in among]).items()})
             for rows in matmul_rows:
-                if kind in ("f32", "bf16") and rows > 24:
-                    continue  # compress/quant/matmul.py FLOAT_ROWS: more rows stay on XLA's dot
+                if kind == "f32" and rows > matmul.float_rows():
+                    continue  # more rows stay on XLA's dot (compress/quant/matmul.py float_rows)
                 x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
                 what = {"kernel": kind, "shape": label, "k": k, "n": n, "rows": rows, "bytes": bytes_per_layer[kind]}
                 cases.append((f"{kind} {label} {k}x{n} rows {rows}", what, layers[kind],

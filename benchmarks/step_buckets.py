@@ -1,13 +1,16 @@
 """What a serving decode step costs by its rows and the prompt chunk it carries, one run.
 
 The engine's own jitted decode step (serve/engine.py `_decode`) on SmolLM2-135M-Instruct, fp32,
-16 slots, 64 attended slots, at each row count alone and with a chunk of each size; the median
+`--slots` slots (16), 64 attended slots, at each row count alone and with a chunk of each size; the median
 of `--repeats` calls after two calls of each shape (the first compiles it). This is what `row_buckets` and
 `CHUNK_SIZES` trade against compiled programs (BENCHMARKS.md, "Server under load"); it also
 times `Engine.warmup` for `--warmup-slots` slots on a fresh compilation cache.
 
   .venv/bin/python benchmarks/step_buckets.py [--rows 8,12,16] [--chunks 8,16,32] [--repeats 7]
-      [--warmup-slots 32] [--out bench-results/step-buckets.json]
+      [--slots 16] [--float-rows N] [--warmup-slots 32] [--out bench-results/step-buckets.json]
+
+--float-rows sets the rows up to which float32 matmuls take the float kernel (compress/quant/matmul.py
+`float_rows`, by default this CPU's) for the steps timed, to compare the two paths.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def main() -> None:
     parser.add_argument("--rows", default="8,12,16")
     parser.add_argument("--chunks", default="8,16,32")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--slots", type=int, default=16, help="the engine's rows (max_slots)")
+    parser.add_argument("--float-rows", type=int, default=None,
+                        help="rows up to which float32 matmuls take the float kernel (default: this CPU's)")
     parser.add_argument("--warmup-slots", type=int, default=32, help="0: do not time a warmup")
     parser.add_argument("--out", default="bench-results/step-buckets.json")
     args = parser.parse_args()
@@ -34,15 +40,21 @@ def main() -> None:
 
     jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())  # a fresh cache: the warmup compiles
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from compress.kernels import cpu as cpu_kernels
+    from compress.quant import matmul
     from serve.engine import Engine
 
-    result = {"model": args.model, "slots": 16, "width": 64, "steps_ms": {}}
-    with Engine.from_pretrained(args.model, max_slots=16, max_seq_len=256) as e:
+    if args.float_rows is not None:
+        matmul.FLOAT_ROWS[cpu_kernels.instruction_set()] = args.float_rows
+    result = {"model": args.model, "slots": args.slots, "width": 64, "float_rows": matmul.float_rows(),
+              "instruction_set": cpu_kernels.instruction_set(), "steps_ms": {}}
+    with Engine.from_pretrained(args.model, max_slots=args.slots, max_seq_len=256) as e:
         def step(rows: int, size: int | None) -> float:
             chunk = None if size is None else e._chunk(np.zeros(size, np.int32), e.max_slots, 1, 0, [])
             return decode_step_seconds(e, rows, 64, chunk)
 
-        cases = [(r, c) for r in map(int, args.rows.split(",")) for c in (None, *map(int, args.chunks.split(",")))]
+        chunks = [int(c) for c in args.chunks.split(",") if c]
+        cases = [(r, c) for r in map(int, args.rows.split(",")) for c in (None, *chunks)]
         for _ in range(2):  # the first call compiles; the first after all of them still ran slow
             for case in cases:
                 step(*case)

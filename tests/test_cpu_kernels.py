@@ -578,8 +578,8 @@ def test_a_float_decoder_served_on_a_cpu_streams_its_weights_through_the_kernel(
         op = line.split("=", 1)[-1].lstrip()
         if "dynamic-slice(" in op and op.startswith(f"{kind}["):  # no layer's matrix is sliced out of its stack
             assert np.prod([int(d) for d in op[len(kind) + 1 : op.index("]")].split(",")]) < smallest, line
-    # Prefill (more rows than FLOAT_ROWS, or BF16_ROWS) stays on XLA's dot, and reads the same table.
-    rows = matmul.FLOAT_ROWS if dtype == "float32" else matmul.BF16_ROWS
+    # Prefill (more rows than float_rows(), or BF16_ROWS) stays on XLA's dot, and reads the same table.
+    rows = matmul.float_rows() if dtype == "float32" else matmul.BF16_ROWS
     long = jnp.asarray(np.arange(2 * rows).reshape(2, -1) * 7, jnp.int32)
     long_cache = decoder.init_cache(config, 2, 64)
     assert target not in step.lower(served, long, long_cache).as_text()

@@ -228,10 +228,22 @@ def _native_bwd(spec, equation, shape, residuals, g):
 _native_einsum.defvjp(_native_fwd, _native_bwd)
 
 
-# Rows up to which the float kernel beats XLA's dot (benchmarks/float_kernel.py, 2 Zen 4 cores): on
-# SmolLM2's projections 5.5-7.5x at one row, 1.0-2.4x at 24, 0.65-0.88x at 64, where the rows
-# make it compute-bound and XLA's blocked matmul reuses the weights better.
-FLOAT_ROWS = 24
+# Rows up to which the float kernel beats XLA's dot (benchmarks/float_kernel.py), by the path the
+# kernels' library runs: on 2 Zen 4 cores (AVX-512), on SmolLM2's projections 5.5-7.5x at one row,
+# 1.0-2.4x at 24, 0.65-0.88x at 64, where the rows make it compute-bound and XLA's blocked matmul
+# reuses the weights better; on 2 Zen 2 cores (AVX2) 2.0-2.7x at 16, 1.2-1.6x at 32, 40 and 64,
+# so there every row count the kernel takes (a serving step's rows plus a prompt chunk: 12 rows
+# with a 16-token chunk took 161 ms against 251 on XLA's dot, benchmarks/step_buckets.py). Elsewhere
+# (the portable C++ path) 24, unmeasured.
+FLOAT_ROWS = {"AVX-512": 24, "AVX2": cpu_kernels.MAX_ROWS}
+FLOAT_ROWS_ELSEWHERE = 24
+
+
+def float_rows() -> int:
+    """Rows of activations up to which a float32 matmul takes the float kernel on this CPU."""
+    return FLOAT_ROWS.get(cpu_kernels.instruction_set(), FLOAT_ROWS_ELSEWHERE)
+
+
 # bfloat16 weights take the kernel at every row count it has (cpu_kernels.MAX_ROWS): XLA's dot
 # converts each layer to float32 first, and a 48- or 64-row step of SmolLM2 took 276 and 302 ms
 # there against 118 and 146 on the kernel (one run, 2 Zen 4 cores; 32 rows: 76 against 69).
@@ -242,7 +254,7 @@ BF16_ROWS = cpu_kernels.MAX_ROWS
 @dataclasses.dataclass(frozen=True)
 class FloatSpec:
     """The matmul of a float projection in a model served on a CPU (`native_float`): float32
-    activations of 1 to FLOAT_ROWS rows against its float32 kernel (BF16_ROWS against a
+    activations of 1 to `float_rows()` rows against its float32 kernel (BF16_ROWS against a
     bfloat16 one) on the native kernel, read in place from the layer stack (`whole_keys`);
     anything else (prefill, larger batches, other dtypes) is XLA's einsum of the same numbers.
     Gradients are the plain einsum's, to the kernel as well.
@@ -263,7 +275,7 @@ class FloatSpec:
         lead = int(layer is not None)
         m = math.prod(x.shape[: x.ndim - n_in])
         k, n = math.prod(kernel.shape[lead : lead + n_in]), math.prod(kernel.shape[lead + n_in :])
-        rows = FLOAT_ROWS if kernel.dtype == jnp.float32 else BF16_ROWS
+        rows = float_rows() if kernel.dtype == jnp.float32 else BF16_ROWS
         if (x.dtype == jnp.float32 and kernel.dtype in cpu_kernels.FLOAT_WEIGHTS and kernel.ndim == len(rhs) + lead
                 and m <= rows and cpu_kernels.usable(m, n)):
             return _float_native(equation, (m, k, n, n_in, bool(lead), self.tiled), kernel, x,
