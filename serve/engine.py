@@ -24,8 +24,8 @@ requests into free rows, then runs one decode step for all active rows. A finish
 freed at once and a waiting request is prefilled into it on the next turn, so one long
 request never holds a batch of short ones hostage. Requests with different sampling
 settings share a step (serve/sampling.py samples row by row). A step computes every row up
-to the highest busy one (padded to a row bucket), so when rows end below busy ones, the busy
-ones move down (their keys and values copied once) as soon as that lets the step compute a
+to the highest decoding one (padded to a row bucket; a row being filled in chunks is computed
+only as its chunk), so when rows end below busy ones, the busy ones move down (their keys and values copied once) as soon as that lets the step compute a
 smaller bucket (`compact_rows`).
 
 Chunked prefill: while rows are decoding, a short prompt that arrives alone (the usual case
@@ -115,18 +115,27 @@ MAX_CHARS_PER_TOKEN = 64  # beyond max_seq_len * this, a prompt is refused befor
 # RAG-style load's by nearly two thirds (BENCHMARKS.md); 0 switches it off.
 DEFAULT_PREFIX_BLOCKS = 256
 MAX_STORED_BLOCKS = 64  # blocks of one prompt stored for reuse (its first 1,024 tokens)
-CHUNK = 2 * BLOCK  # prompt tokens a decode step writes into a row being filled (chunked prefill)
+CHUNK = BLOCK  # prompt tokens a decode step writes into a row being filled (chunked prefill)
 # What a chunk is padded to, the smaller that holds it. On a CPU a step's matmuls cost about what
-# its rows do once compute-bound (fp32 SmolLM2, 2 cores, 8 rows: 29.5 ms alone, 45 with an 8-token
-# chunk, 73 with a 32-token one), and a chat prompt's rest after its cached prefix is often a few
-# tokens. Each size is one more decode program per row and slot bucket (so no 16-token size).
+# its rows do once compute-bound, and a chat prompt's rest after its cached prefix is often a few
+# tokens; each size is one more decode program per row and slot bucket. Chunks were up to 32 tokens
+# (sizes 8 and 32) until a short completion's 9 tokens, padded to 32, were found to make up a good
+# part of what hanging-up clients cost (benchmarks/hostile_clients.py). fp32 SmolLM2, 8 decoding rows:
+# on 2 Zen 4 cores 29.5 ms alone, +15.6 with an 8-token chunk, +24.6 with 16, +43.6 with 32; on 2
+# Zen 2 cores 76 ms alone, +30, +64 and +159 (benchmarks/step_buckets.py): a 16-token chunk costs
+# no more a token than a 32-token one, so prompts of 17-32 tokens take two steps for what one
+# took, and those of 9-16 half what they did.
 CHUNK_SIZES = (BLOCK // 2, CHUNK)
-CHUNKED_MAX_TOKENS = 4 * CHUNK  # longer prompts (after their cached prefix) get a batched prefill
+CHUNKED_MAX_TOKENS = 128  # longer prompts (after their cached prefix) get a batched prefill
 # Rows filled in chunks at once (one chunk a step, the oldest first); more arrivals at once get a
 # batched prefill, which stalls every row. 4 helped the 32-client chat load (p95 13-16% lower in
-# two alternated pairs of runs) but the hostile benchmark's ratio went to 1.94x (1.25-1.76x with
-# 2): the prompts of clients about to hang up held more rows. BENCHMARKS.md, "Server under load".
-MAX_FILLING = 2
+# two alternated pairs of runs) but once sent the hostile benchmark's ratio to 1.94x (1.25-1.76x
+# with 2): rows waiting for their chunk were computed as decoding rows in every step. They no
+# longer are (a step's rows end at the highest decoding one, `_step`); with that, on 2 Zen 2 cores,
+# 4 against 2 answered the 32-client load's 213 requests against 191 (p95 13.0 s against 14.7) and
+# beside the hostile clients the batched prefills fell from 63 a minute (8.6 s) to 23 (3.3 s), p95
+# ratio 2.09x against 2.14x (one run each; BENCHMARKS.md, "Hostile clients").
+MAX_FILLING = 4
 # A lookup draft's steps speculate on a CPU only while at most this many rows are busy: on 2 Zen 2
 # cores (SmolLM2 fp32, K=2, benchmarks/speculative.py --batch) grounded answers decoded 1.42x faster
 # with lookups at 1 row, 1.35x at 2 and 1.24x at 4, but chat answers 0.86x at 4 rows (a check of 12
@@ -602,21 +611,26 @@ class Engine:
                    adapter_rows=None, chunk=None):
         """One token for rows [0, rows), attending over slots [0, width); with `chunk` (a dict of
         tokens [one of CHUNK_SIZES], row, length, start and store_ids [CHUNK / BLOCK]) also the next tokens of
-        the prompt filling that row, whose full blocks go to pool blocks store_ids. The row's
-        sampled token follows the chunk (its first token, when the chunk is the prompt's last).
-        Returns (tokens [rows], the cache, the pool)."""
+        the prompt filling that row (any row: it need not be below `rows`), whose full blocks go to
+        pool blocks store_ids. Returns (tokens [rows], the cache, the pool); with a chunk, tokens
+        [rows + 1], the last sampled after the chunk (its row's first token, when the chunk is the
+        prompt's last)."""
         params = self._with_adapters(params, None if adapter_rows is None else adapter_rows[:rows])
+        settings = (seeds, counts, temperature, top_k, top_p)
         if chunk is None:
             out = decoder.forward(params, tokens[:rows, None], self.config, cache=cache, attend_len=width)
             logits, cache = out.logits[:, -1], out.cache
+            settings = tuple(a[:rows] for a in settings)
         else:
             step = decode_step.forward_step(params, tokens[:rows], cache, self.config, attend_len=width,
                                             chunk=decode_step.Chunk(chunk["tokens"], chunk["row"], chunk["length"]))
-            logits, cache = step.logits.at[chunk["row"]].set(step.chunk_logits), step.cache
+            logits, cache = jnp.concatenate([step.logits, step.chunk_logits[None]]), step.cache
             if pool is not None:
                 pool = pc.scatter(pool, cache, chunk["store_ids"][None], chunk["start"][None], chunk["row"][None])
-        nxt = sample(logits, seeds[:rows], counts[:rows], temperature[:rows], top_k[:rows], top_p[:rows],
-                     cache.native)  # one device: the native argmax (serve/sampling.py greedy)
+            # The chunk's row samples with its own settings, as row `rows` (its decode token, where the
+            # row lies below `rows`, is never read).
+            settings = tuple(jnp.concatenate([a[:rows], a[chunk["row"]][None]]) for a in settings)
+        nxt = sample(logits, *settings, cache.native)  # one device: the native argmax (serve/sampling.py greedy)
         return nxt, cache, pool
 
     def _load_prefix_fn(self, cache, pool, row, prefix_ids):
@@ -1211,7 +1225,9 @@ class Engine:
         active = [i for i, r in enumerate(self._slots) if r is not None]
         if not active:
             return
-        rows = row_bucket(max(active) + 1, self.max_slots)
+        decoding = [i for i in active if i not in self._filling]
+        # Rows being filled lie above the decoding ones (`_admit`): a chunk's row is not computed as a row.
+        rows = row_bucket(max(decoding, default=0) + 1, self.max_slots)
         if (self.draft_config is not None or (self.lookup and chunk is None)) and len(active) <= self.draft_max_rows \
                 and all(self._index[i] + self.draft_tokens + 1 <= self.max_seq_len for i in active):
             if self.draft_config is not None:
@@ -1222,7 +1238,6 @@ class Engine:
         # A plain step: no draft; more rows busy than draft_max_rows; some row lacks the K + 1 slots a
         # speculative step writes (a request within K tokens of the context's end; it ends before it
         # could speculate again); or a lookup draft with a chunk to write or no proposal in any row.
-        decoding = [i for i in active if i not in self._filling]
         end = max([int(self._index[i]) + 1 for i in decoding] + ([int(chunk["start"] + chunk["length"])] if chunk else []))
         width = min(power_of_two_at_least(end, MIN_SEQ_BUCKET), self.max_seq_len)
         seeds, counts, temperature, top_k, top_p = self._row_settings(active)
@@ -1259,7 +1274,7 @@ class Engine:
                 self._stop_filling(row)
                 self._next_token[row] = r.context_ids[-1]
                 try:
-                    self._accept(row, int(nxt[row]))
+                    self._accept(row, int(nxt[-1]))
                 except Exception as e:  # noqa: BLE001
                     self._fail_row(row, e)
 
