@@ -11,7 +11,10 @@ compiles it), the shapes called in turn round by round. Reported: milliseconds p
 per target pass a draft must reach to pay.
 
   .venv/bin/python benchmarks/check_cost.py [--target DIR] [--slots 1,2,4] [--tokens 1,2,3,4]
-      [--repeats 9] [--out bench-results/check-cost.json]
+      [--repeats 9] [--float-table-slots N] [--out bench-results/check-cost.json]
+
+--float-table-slots sets the engine widths up to which a tied float32 table is the head's kernel
+(serve/engine.py FLOAT_TABLE_SLOTS; 0: XLA's dot at every width), to compare the two heads.
 """
 
 from __future__ import annotations
@@ -30,14 +33,20 @@ def main() -> None:
     parser.add_argument("--slots", default="1,2,4", help="engines of these many rows, every row busy")
     parser.add_argument("--tokens", default="1,2,3,4", help="draft tokens K a check takes a row (it runs K + 1)")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--float-table-slots", type=int, default=None,
+                        help="engines of up to this many rows read a tied float32 table on the kernel")
     parser.add_argument("--out", default="bench-results/check-cost.json")
     args = parser.parse_args()
     slots = [int(s) for s in args.slots.split(",")]
     tokens = [int(k) for k in args.tokens.split(",")]
 
+    from serve import engine as engine_lib
     from serve.engine import Engine
 
-    result = {"target": args.target, "width": WIDTH, "repeats": args.repeats, "engines": []}
+    if args.float_table_slots is not None:
+        engine_lib.FLOAT_TABLE_SLOTS = args.float_table_slots
+    result = {"target": args.target, "width": WIDTH, "repeats": args.repeats,
+              "float_table_slots": engine_lib.FLOAT_TABLE_SLOTS, "engines": []}
     for rows in slots:
         with Engine.from_pretrained(args.target, max_slots=rows, max_seq_len=256, draft="ngram",
                                     draft_tokens=max(tokens), draft_max_rows=rows) as engine:
